@@ -1,0 +1,59 @@
+"""Replica-allocation policies, one file each, behind one registry.
+
+    from symi_sim.policies import get_policy, available_policies
+    placement = get_policy("symi-balanced").plan(load_LE, cluster, previous=None)
+
+numpy only: no simpy, no torch, no file I/O (the executor imports this package unchanged).
+A name may carry a rebalance period as a suffix: `flexmoe-50` is get_policy("flexmoe", rebalance_every=50).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Any
+
+from symi_sim.policies.base import Policy, check_load
+
+# Each module defines POLICY, a Policy subclass; listing order is the order of available_policies().
+_POLICY_MODULES = (
+    "static",
+    "symi",
+)
+
+_REGISTRY: dict[str, type[Policy]] = {}
+for _module in _POLICY_MODULES:
+    _cls = importlib.import_module(f"symi_sim.policies.{_module}").POLICY
+    _REGISTRY[_cls.name] = _cls
+
+
+def available_policies() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_policy(name: str, **config: Any) -> Policy:
+    """The policy `name` with options `config`; ValueError naming the valid choices otherwise."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        match = re.fullmatch(r"(.+)-(\d+)", name)
+        if match and match.group(1) in _REGISTRY and _has_field(_REGISTRY[match.group(1)], "rebalance_every"):
+            cls = _REGISTRY[match.group(1)]
+            config = {"rebalance_every": int(match.group(2)), **config}
+        else:
+            raise ValueError(f"unknown policy {name!r}; choices: {', '.join(available_policies())}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for policy {cls.name!r}; options: {sorted(fields) or 'none'}")
+    try:
+        return cls(**config)
+    except TypeError as exc:
+        raise ValueError(f"policy {cls.name!r}: {exc}") from None
+
+
+def _has_field(cls: type[Policy], field: str) -> bool:
+    return any(f.name == field for f in dataclasses.fields(cls))
+
+
+__all__ = ["Policy", "available_policies", "check_load", "get_policy"]

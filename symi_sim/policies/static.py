@@ -1,0 +1,31 @@
+"""DeepSpeed-MoE's static placement: equal replicas per expert, never moved, tokens over capacity dropped.
+
+Slot p holds expert p % E, so the r = R/E replicas of an expert sit on different GPUs (as DeepSpeed's
+expert-parallel groups do) and every GPU holds slots_per_gpu distinct experts when E >= slots_per_gpu.
+When E does not divide R, the first R % E experts get one replica more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from symi_sim.cluster import Cluster
+from symi_sim.placement import Placement
+from symi_sim.policies.base import Policy
+
+
+@dataclass
+class StaticPolicy(Policy):
+    name: ClassVar[str] = "static"
+    needs_popularity: ClassVar[bool] = False
+
+    def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
+        num_layers, num_experts = load_LE.shape
+        phy2log_R = np.arange(cluster.num_slots, dtype=np.int64) % num_experts
+        return Placement.even(np.tile(phy2log_R, (num_layers, 1)), num_experts)
+
+
+POLICY = StaticPolicy

@@ -1,0 +1,162 @@
+"""Loads + placement -> tokens per slot and per GPU, and the tokens dropped at a capacity factor (numpy).
+
+Legend: L MoE layers, E logical experts, R physical slots, G GPUs.
+
+Splitting: expert e's tokens go to its replicas in proportion to `share`, in whole tokens: each slot gets
+floor(load * share) and the leftover tokens go one each to the replicas with the largest fractional parts
+(ties: lower slot index). Shadowed experts (FasterMoE) are computed where their tokens come from: spread
+evenly over all GPUs, outside the slots, never dropped.
+
+Capacity (`capacity_mode`), with A = assignments per layer (k x tokens; by default the layer's total load):
+  slot  every slot buffers ceil(capacity_factor * A / R) tokens; what an expert sends a slot beyond that drops
+        (DeepSpeed's and the paper's semantics).
+  gpu   every GPU buffers ceil(capacity_factor * A / G) tokens shared by its slots; a GPU over budget serves
+        each of its slots in proportion to what it was sent (whole tokens, largest remainders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from symi_sim.placement import Placement
+
+CAPACITY_MODES = ("slot", "gpu")
+
+
+@dataclass(frozen=True)
+class Routing:
+    assigned_LR: np.ndarray      # tokens sent to each slot
+    served_LR: np.ndarray        # tokens each slot computes (<= assigned)
+    shadow_LG: np.ndarray        # shadowed-expert tokens computed on each GPU
+    dropped_LE: np.ndarray       # tokens of each expert dropped
+    gpu_load_LG: np.ndarray      # tokens sent to each GPU (slots + shadows), before capacity
+    gpu_served_LG: np.ndarray    # tokens each GPU computes
+    num_assignments_L: np.ndarray  # A: k x tokens per layer
+
+    @property
+    def dropped_fraction(self) -> float:
+        total = float(self.num_assignments_L.sum())
+        return float(self.dropped_LE.sum()) / total if total > 0 else 0.0
+
+    @property
+    def dropped_fraction_L(self) -> np.ndarray:
+        return self.dropped_LE.sum(axis=1) / np.maximum(self.num_assignments_L, 1)
+
+    @property
+    def imbalance_L(self) -> np.ndarray:
+        """[L] max/mean tokens sent per GPU (1.0 = perfectly balanced; 1.0 for an empty layer)."""
+        return _max_over_mean(self.gpu_load_LG)
+
+    @property
+    def served_imbalance_L(self) -> np.ndarray:
+        """[L] max/mean tokens computed per GPU after capacity."""
+        return _max_over_mean(self.gpu_served_LG)
+
+
+def split_tokens(load_LE: np.ndarray, placement: Placement) -> np.ndarray:
+    """Whole tokens per slot. load_LE [L, E] integer counts -> assigned_LR [L, R] int64 (shadows get 0)."""
+    load_LE = np.asarray(load_LE, dtype=np.int64)
+    num_layers, num_experts = load_LE.shape
+    phy2log_LR = placement.phy2log_LR
+    if placement.shadow_LE is not None:
+        load_LE = np.where(placement.shadow_LE, 0, load_LE)
+    expert_load_LR = np.take_along_axis(load_LE, phy2log_LR, axis=1)
+    exact_LR = expert_load_LR * placement.share_LR
+    base_LR = np.floor(exact_LR + 1e-9).astype(np.int64)
+    frac_LR = exact_LR - base_LR
+    given_LE = np.zeros_like(load_LE)
+    layer_LR = np.broadcast_to(np.arange(num_layers)[:, None], phy2log_LR.shape)
+    np.add.at(given_LE, (layer_LR, phy2log_LR), base_LR)
+    leftover_LE = load_LE - given_LE
+    if not leftover_LE.any():
+        return base_LR
+    # rank replicas of each expert by descending fractional part, lower slot first on ties
+    group_R = (layer_LR * num_experts + phy2log_LR).ravel()
+    slot_R = np.broadcast_to(np.arange(phy2log_LR.shape[1])[None, :], phy2log_LR.shape).ravel()
+    order = np.lexsort((slot_R, -frac_LR.ravel(), group_R))
+    sorted_group = group_R[order]
+    first = np.searchsorted(sorted_group, sorted_group, side="left")
+    rank_sorted = np.arange(order.size) - first
+    rank = np.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    extra = rank < leftover_LE.ravel()[group_R]
+    return base_LR + extra.reshape(base_LR.shape)
+
+
+def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capacity_factor: float | None = 1.0,
+          capacity_mode: str = "slot", num_assignments_L: np.ndarray | None = None) -> Routing:
+    """Route one step's expert loads through a placement.
+
+    load_LE: [L, E] tokens routed to each expert (integers >= 0); capacity_factor None means dropless.
+    num_assignments_L: [L] k x tokens, the capacity reference (default: load_LE.sum(1)).
+    """
+    if capacity_mode not in CAPACITY_MODES:
+        raise ValueError(f"unknown capacity mode {capacity_mode!r}; choices: {', '.join(CAPACITY_MODES)}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity factor must be > 0, got {capacity_factor!r}")
+    load_LE = np.asarray(load_LE)
+    if load_LE.shape != (placement.num_layers, placement.num_experts):
+        raise ValueError(
+            f"load shape {load_LE.shape} does not match the placement's [layers, experts] "
+            f"{(placement.num_layers, placement.num_experts)}"
+        )
+    load_LE = load_LE.astype(np.int64)
+    num_layers, num_slots = placement.phy2log_LR.shape
+    if num_slots % slots_per_gpu:
+        raise ValueError(f"{num_slots} slots do not divide into GPUs of {slots_per_gpu} slots")
+    num_gpus = num_slots // slots_per_gpu
+    if num_assignments_L is None:
+        num_assignments_L = load_LE.sum(axis=1)
+    num_assignments_L = np.asarray(num_assignments_L, dtype=np.int64)
+
+    assigned_LR = split_tokens(load_LE, placement)
+    shadow_LG = np.zeros((num_layers, num_gpus), dtype=np.int64)
+    if placement.shadow_LE is not None:
+        shadow_tokens_L = np.where(placement.shadow_LE, load_LE, 0).sum(axis=1)
+        base_L, rest_L = np.divmod(shadow_tokens_L, num_gpus)
+        shadow_LG = base_L[:, None] + (np.arange(num_gpus)[None, :] < rest_L[:, None])
+
+    if capacity_factor is None:
+        served_LR = assigned_LR
+    elif capacity_mode == "slot":
+        cap_L = np.ceil(capacity_factor * num_assignments_L / num_slots).astype(np.int64)
+        served_LR = np.minimum(assigned_LR, cap_L[:, None])
+    else:
+        budget_L = np.ceil(capacity_factor * num_assignments_L / num_gpus).astype(np.int64)
+        served_LR = _fit_gpu_budget(assigned_LR, budget_L, slots_per_gpu)
+
+    dropped_LE = np.zeros_like(load_LE)
+    layer_LR = np.broadcast_to(np.arange(num_layers)[:, None], assigned_LR.shape)
+    np.add.at(dropped_LE, (layer_LR, placement.phy2log_LR), assigned_LR - served_LR)
+    gpu_load_LG = assigned_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
+    gpu_served_LG = served_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
+    return Routing(assigned_LR, served_LR, shadow_LG, dropped_LE, gpu_load_LG, gpu_served_LG, num_assignments_L)
+
+
+def _fit_gpu_budget(assigned_LR: np.ndarray, budget_L: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+    """Scale each over-budget GPU's slots down to the budget, in whole tokens by largest remainders."""
+    num_layers, num_slots = assigned_LR.shape
+    a_LGS = assigned_LR.reshape(num_layers, -1, slots_per_gpu)
+    demand_LG = a_LGS.sum(axis=2)
+    budget_LG = np.broadcast_to(budget_L[:, None], demand_LG.shape)
+    over_LG = demand_LG > budget_LG
+    if not over_LG.any():
+        return assigned_LR.copy()
+    scale_LG = np.where(over_LG, budget_LG / np.maximum(demand_LG, 1), 1.0)
+    exact_LGS = a_LGS * scale_LG[..., None]
+    base_LGS = np.floor(exact_LGS + 1e-9).astype(np.int64)
+    leftover_LG = np.where(over_LG, budget_LG - base_LGS.sum(axis=2), 0)
+    # rank slots within a GPU by descending fractional part (stable: lower slot first)
+    order_LGS = np.argsort(-(exact_LGS - base_LGS), axis=2, kind="stable")
+    rank_LGS = np.empty_like(order_LGS)
+    np.put_along_axis(rank_LGS, order_LGS, np.arange(slots_per_gpu)[None, None, :], axis=2)
+    served_LGS = base_LGS + (rank_LGS < leftover_LG[..., None])
+    served_LGS = np.minimum(served_LGS, a_LGS)
+    return served_LGS.reshape(num_layers, num_slots)
+
+
+def _max_over_mean(x_LG: np.ndarray) -> np.ndarray:
+    mean_L = x_LG.mean(axis=1)
+    return np.where(mean_L > 0, x_LG.max(axis=1) / np.where(mean_L > 0, mean_L, 1.0), 1.0)
