@@ -59,7 +59,9 @@ class LoadTrace:
         if self.src_counts_SLEG is not None:
             src = np.asarray(self.src_counts_SLEG)
             if src.ndim != 4 or src.shape[:3] != self.counts_SLE.shape:
-                raise ValueError(f"src_counts shape {src.shape} does not match counts {self.counts_SLE.shape} + [ranks]")
+                raise ValueError(
+                    f"src_counts shape {src.shape} does not match counts {self.counts_SLE.shape} + [ranks]"
+                )
             if (src < 0).any() or not np.array_equal(src.sum(axis=3), self.counts_SLE):
                 raise ValueError("per-source-rank counts must be non-negative and sum to the expert counts")
             object.__setattr__(self, "src_counts_SLEG", src.astype(np.int64))
