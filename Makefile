@@ -9,8 +9,8 @@ SYMI := $(VENV)/bin/symi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,train]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from symi_sim.cluster import Cluster
+from symi_sim.outputs import atomic_file
 
 SCHEMA_VERSION = 1
 SHARE_TOL = 1e-6
@@ -192,7 +193,8 @@ class Placement:
 
 def write_placement_json(path: str | Path, placement: Placement, cluster: Cluster | None = None,
                          policy: dict[str, Any] | None = None) -> None:
-    Path(path).write_text(json.dumps(placement.to_json_dict(cluster, policy), indent=1) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(placement.to_json_dict(cluster, policy), indent=1, default=_json_default) + "\n")
 
 
 def read_placement_json(path: str | Path) -> Placement:
@@ -206,9 +208,34 @@ def read_placement_json(path: str | Path) -> Placement:
         raise ValueError(f"placement file {str(path)!r}: {exc}") from None
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
 def _count_per_expert(phy2log_LR: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, E] replicas per expert."""
     num_layers = phy2log_LR.shape[0]
     offsets = (np.arange(num_layers, dtype=np.int64) * num_experts)[:, None]
     flat = np.bincount((phy2log_LR + offsets).ravel(), minlength=num_layers * num_experts)
     return flat.reshape(num_layers, num_experts).astype(np.int64)
+
+
+def write_eplb_arrays(path: str | Path, placement: Placement) -> None:
+    """Write DeepSeek EPLB's (phy2log, log2phy, logcnt) int64 arrays to `.npz` (numpy) or `.pt` (torch)."""
+    path = Path(path)
+    arrays = placement.eplb_arrays()
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".pt"):
+        raise ValueError(f"EPLB arrays go to a .npz or .pt file, got {str(path)!r}")
+    with atomic_file(path) as tmp:
+        if suffix == ".npz":
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        else:
+            try:
+                import torch  # only for users who asked for a .pt file
+            except ImportError:
+                raise ValueError("writing a .pt file needs torch; install symi[train] or write .npz") from None
+            torch.save({name: torch.from_numpy(a) for name, a in arrays.items()}, tmp)

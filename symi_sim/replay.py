@@ -9,6 +9,7 @@ steps and keeps its previous placement in between. The simulator and `symi plan`
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from symi_sim.cluster import Cluster
+from symi_sim.outputs import atomic_dir
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy, get_policy
 from symi_sim.routing import route
@@ -132,3 +134,15 @@ def summarize_replay(steps: pd.DataFrame) -> pd.DataFrame:
             "moves_per_step": group["replica_moves"].mean(),
         })
     return pd.DataFrame(rows)
+
+
+def write_replay(out_dir: str, steps: pd.DataFrame, summary: pd.DataFrame, config: dict) -> None:
+    """Run directory of a replay: config.json, steps.csv, summary.csv, summary.json, replay.png (all or nothing)."""
+    from symi_sim.plots import replay_figure  # matplotlib only when a figure is written
+
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        steps.to_csv(tmp / "steps.csv", index=False)
+        summary.to_csv(tmp / "summary.csv", index=False)
+        (tmp / "summary.json").write_text(summary.to_json(orient="records", indent=1) + "\n")
+        replay_figure(summary, tmp / "replay.png")
