@@ -1,0 +1,103 @@
+"""`symi plan`: single placements (JSON, EPLB arrays) and the replay table, through click's CliRunner."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import symi
+from symi_sim.placement import read_placement_json
+from symi_sim.trace import LoadTrace, write_trace
+
+COUNTS_SLE = np.array([[[10, 10, 10, 10], [5, 5, 5, 25]], [[30, 10, 0, 0], [0, 0, 0, 40]],
+                       [[0, 0, 20, 20], [10, 10, 10, 10]]])
+
+
+@pytest.fixture()
+def trace_path(tmp_path):
+    path = tmp_path / "toy.parquet"
+    write_trace(LoadTrace(COUNTS_SLE, top_k=1, tokens_per_step=40, model="toy"), path)
+    return path
+
+
+@pytest.fixture()
+def cluster_path(tmp_path):
+    path = tmp_path / "toy.toml"
+    path.write_text("num_nodes = 1\ngpus_per_node = 4\nslots_per_gpu = 2\n")
+    return path
+
+
+def test_plan_single_step_json(tmp_path, trace_path, cluster_path):
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                       "--policy", "symi", "--step", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    placement = read_placement_json(out)
+    # Algorithm 1 on step 1's loads: layer 0 [30,10,0,0] -> [5,1,1,1]; layer 1 [0,0,0,40] -> [1,1,1,5]
+    assert placement.logcnt_LE.tolist() == [[5, 1, 1, 1], [1, 1, 1, 5]]
+    assert placement.phy2log_LR[0].tolist() == [0, 0, 0, 0, 0, 1, 2, 3]
+    data = json.loads(out.read_text())
+    assert data["policy"]["name"] == "symi" and data["policy"]["step"] == 2
+    assert data["cluster"]["slots_per_gpu"] == 2
+    np.testing.assert_allclose(data["layers"][0]["share"], [0.2] * 5 + [1.0] * 3)
+
+
+def test_plan_eplb_arrays(tmp_path, trace_path, cluster_path):
+    out = tmp_path / "plan.npz"
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                       "--policy", "symi", "--step", "2", "--format", "eplb", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    arrays = np.load(out)
+    assert arrays["phy2log"].dtype == np.int64
+    assert arrays["phy2log"][1].tolist() == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert arrays["logcnt"].tolist() == [[5, 1, 1, 1], [1, 1, 1, 5]]
+    # log2phy: replica slots per expert in rank order, -1 padded to the largest count (5)
+    assert arrays["log2phy"][0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert arrays["log2phy"][0, 1].tolist() == [5, -1, -1, -1, -1]
+
+
+def test_plan_replay_writes_run_directory(tmp_path, trace_path, cluster_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                       "--replay", "--policies", "static,symi", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "static" in result.output and "symi" in result.output
+    for name in ("config.json", "steps.csv", "summary.csv", "summary.json", "replay.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    by = {row["policy"]: row for row in summary}
+    # static, layer 0: 20 + 20 dropped of 40 + 40; layer 1: step 1 [0,0,0,40] -> 15 + 15 drop, step 2 none
+    assert by["static"]["dropped_fraction"] == pytest.approx((40 + 30) / 160)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "nope", "--step", "1"], "unknown policy 'nope'"),
+    (["--policy", "symi", "--step", "9"], "step 9 is outside"),
+    (["--policy", "symi", "--step", "1", "-o", "bogus=1"], "unknown option"),
+    (["--policy", "symi"], "needs --step and --out"),
+    (["--replay", "--policies", "static,nope"], "unknown policy 'nope'"),
+])
+def test_plan_bad_input_is_one_clear_error(tmp_path, trace_path, cluster_path, args, message):
+    out = tmp_path / "plan.json"
+    extra = ["--out", str(out)] if "needs" not in message else []
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                       *args, *extra])
+    assert result.exit_code != 0
+    assert "Error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_plan_impossible_cluster(tmp_path, trace_path):
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", "paper-a100-16",
+                                       "--slots", "1", "--step", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output  # 16 slots hold 4 experts
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"num_nodes": 1, "gpus_per_node": 1, "slots_per_gpu": 2}))
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(tiny), "--step", "1",
+                                       "--out", str(tmp_path / "p2.json")])
+    assert result.exit_code != 0 and "impossible cluster" in result.output
+    assert not (tmp_path / "p2.json").exists()

@@ -1,0 +1,185 @@
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from symi_sim import plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _comparison_table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "policy": ["static", "symi", "symi-balanced"],
+        "time_to_target_s": [300.0, 240.0, 200.0],
+        "mean_time_s": [0.50, 0.45, 0.42],
+        "dropped_fraction": [0.55, 0.30, 0.02],
+        "phase_dispatch_s": [0.10, 0.10, 0.09],
+        "phase_expert_compute_s": [0.20, 0.15, 0.13],
+        "phase_grad_sync_s": [0.10, 0.12, 0.12],
+        "other": [1, 2, 3],
+    })
+
+
+def _replay_table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "policy": ["static", "symi", "eplb"],
+        "imbalance": [1.0, 2.3, 1.2],
+        "dropped_fraction": [0.55, 0.30, 0.25],
+        "plan_ms_median": [0.01, 0.4, 30.0],
+    })
+
+
+
+def test_phase_columns_and_names():
+    table = _comparison_table()
+    assert plots.phase_columns(table) == ["phase_dispatch_s", "phase_expert_compute_s", "phase_grad_sync_s"]
+    assert plots.phase_name("phase_grad_sync_s") == "grad sync"
+    assert plots.phase_columns(pd.DataFrame(columns=["phase__s", "phase_x", "x_s"])) == []
+
+
+def test_comparison_figure(tmp_path):
+    table = _comparison_table()
+    fig = plots._build_comparison(table)
+    ax_target, ax_phase = fig.axes
+    assert len(fig.axes) == 2
+    # speed-ups vs static: 300/300, 300/240, 300/200
+    assert [text.get_text() for text in ax_target.texts] == ["1.00x", "1.25x", "1.50x"]
+    assert [patch.get_height() for patch in ax_target.patches] == [300.0, 240.0, 200.0]
+    assert "speed-up vs static" in ax_target.get_title()
+    assert ax_target.get_ylabel() == "time to target loss (s)"
+    assert ax_phase.get_ylabel() == "seconds per iteration (s)"
+    # 3 phases x 3 policies stacked: the tops of the stacks are the per-policy sums
+    assert len(ax_phase.patches) == 9
+    tops = {}
+    for patch in ax_phase.patches:
+        x = round(patch.get_x() + patch.get_width() / 2)
+        tops[x] = max(tops.get(x, 0.0), patch.get_y() + patch.get_height())
+    np.testing.assert_allclose([tops[0], tops[1], tops[2]], [0.40, 0.37, 0.34])
+    legend = [text.get_text() for text in ax_phase.get_legend().get_texts()]
+    assert legend == ["dispatch", "expert compute", "grad sync", "iteration wall time"]
+    assert [label.get_text() for label in ax_phase.get_xticklabels()] == ["static", "symi", "symi-balanced"]
+
+    path = tmp_path / "out" / "comparison.png"
+    plots.comparison_figure(table, path)
+    assert _png_size(path) == (1100, 495)  # 10 x 4.5 in at 110 dpi
+    assert list(path.parent.iterdir()) == [path]  # no temporary left behind
+
+
+def test_comparison_without_static_labels_seconds():
+    table = _comparison_table().iloc[1:]
+    ax_target = plots._build_comparison(table).axes[0]
+    assert [text.get_text() for text in ax_target.texts] == ["240 s", "200 s"]
+    assert "speed-up" not in ax_target.get_title()
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda t: t.drop(columns="mean_time_s"), "missing column"),
+        (lambda t: t.iloc[:0], "empty"),
+        (lambda t: t.drop(columns=plots.phase_columns(t)), "phase_"),
+        (lambda t: t.assign(policy=["static", "symi", "symi"]), "repeated"),
+        (lambda t: t.assign(time_to_target_s=[300.0, np.nan, 200.0]), "'symi' has nan"),
+        (lambda t: t.assign(phase_dispatch_s=[0.1, -0.1, 0.1]), "phase_dispatch_s"),
+        (lambda t: t.assign(time_to_target_s=[300.0, 0.0, 200.0]), "> 0"),
+    ],
+)
+def test_comparison_bad_input_writes_nothing(tmp_path, mutate, match):
+    path = tmp_path / "comparison.png"
+    with pytest.raises(ValueError, match=match):
+        plots.comparison_figure(mutate(_comparison_table()), path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_comparison_rejects_non_png_path_and_non_table(tmp_path):
+    with pytest.raises(ValueError, match=r"\.png"):
+        plots.comparison_figure(_comparison_table(), tmp_path / "figure.pdf")
+    with pytest.raises(ValueError, match="DataFrame"):
+        plots.comparison_figure({"policy": ["static"]}, tmp_path / "figure.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replay_figure(tmp_path):
+    fig = plots._build_replay(_replay_table())
+    ax_imbalance, ax_dropped = fig.axes
+    assert len(fig.axes) == 2
+    assert [patch.get_height() for patch in ax_imbalance.patches] == [1.0, 2.3, 1.2]
+    np.testing.assert_allclose([patch.get_height() for patch in ax_dropped.patches], [55.0, 30.0, 25.0])
+    assert [text.get_text() for text in ax_dropped.texts] == ["55.0%", "30.0%", "25.0%"]
+    assert [label.get_text() for label in ax_imbalance.get_xticklabels()] == [
+        "static\n(plan 0.01 ms)", "symi\n(plan 0.4 ms)", "eplb\n(plan 30 ms)"]
+    assert "max / mean" in ax_imbalance.get_ylabel()
+    path = tmp_path / "replay.png"
+    plots.replay_figure(_replay_table(), path)
+    assert _png_size(path) == (990, 440)  # 9 x 4 in at 110 dpi
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda t: t.drop(columns="plan_ms_median"), "missing column"),
+        (lambda t: t.iloc[:0], "empty"),
+        (lambda t: t.assign(imbalance=["a", 1.0, 1.0]), "imbalance"),
+    ],
+)
+def test_replay_bad_input_writes_nothing(tmp_path, mutate, match):
+    with pytest.raises(ValueError, match=match):
+        plots.replay_figure(mutate(_replay_table()), tmp_path / "replay.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_expert_share():
+    counts_SLE = np.array([[[1, 3], [0, 0]], [[2, 2], [5, 0]]])
+    np.testing.assert_allclose(plots.expert_share_SLE(counts_SLE.astype(float)),
+                               [[[0.25, 0.75], [0.0, 0.0]], [[0.5, 0.5], [1.0, 0.0]]])
+
+
+def test_load_heatmap(tmp_path):
+    counts_SLE = np.zeros((5, 6, 3))
+    counts_SLE[:, :, 0] = 1.0
+    counts_SLE[:, :, 2] = 3.0
+    counts_SLE[4, 5] = [0.0, 8.0, 0.0]
+    fig = plots._build_heatmap(counts_SLE, [0, 5])
+    assert len(fig.axes) == 3  # two layer panels + the colour bar
+    ax_first, ax_last = fig.axes[:2]
+    assert [ax_first.get_title(), ax_last.get_title()] == ["layer 0", "layer 5"]
+    image = ax_last.get_images()[0].get_array()
+    assert image.shape == (3, 5)  # experts on y, steps on x
+    np.testing.assert_allclose(image[:, 0], [0.25, 0.0, 0.75])
+    np.testing.assert_allclose(image[:, 4], [0.0, 1.0, 0.0])
+    assert ax_last.get_xlabel() == "training step"
+
+    path = tmp_path / "heat.png"
+    plots.load_heatmap(counts_SLE, path, layers=[0, 5])
+    assert _png_size(path) == (880, 550)  # 8 x (1.2 + 2 * 1.9) in at 110 dpi
+    # default layers: up to 4 spread over the depth, first and last included: linspace(0, 5, 4) rounded
+    default = plots._build_heatmap(*plots._check_counts(counts_SLE, None))
+    assert [ax.get_title() for ax in default.axes[:-1]] == ["layer 0", "layer 2", "layer 3", "layer 5"]
+
+
+@pytest.mark.parametrize(
+    "counts,layers,match",
+    [
+        (np.ones((4, 3)), None, "3-D"),
+        (np.ones((0, 2, 3)), None, "empty"),
+        (np.full((2, 2, 3), -1.0), None, "step 0 layer 0 expert 0"),
+        (np.full((2, 2, 3), np.nan), None, ">= 0"),
+        (np.ones((2, 2, 3)), [2], "layer 2"),
+        (np.ones((2, 2, 3)), [], "empty"),
+        (np.ones((2, 2, 3)), [1, 1], "repeats"),
+        (np.ones((2, 2, 3)), [True], "layer True"),
+    ],
+)
+def test_load_heatmap_bad_input_writes_nothing(tmp_path, counts, layers, match):
+    with pytest.raises(ValueError, match=match):
+        plots.load_heatmap(counts, tmp_path / "heat.png", layers=layers)
+    assert list(tmp_path.iterdir()) == []
