@@ -34,7 +34,164 @@ def symi(verbose: int) -> None:
 # ---------------------------------------------------------------- trace (section owned by the trace work)
 
 
+@symi.group("trace")
+def trace_group() -> None:
+    """Expert-load traces: inspect, convert from public formats, synthesise."""
+
+
+@trace_group.command("info")
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts and per-layer statistics as JSON.")
+@click.option("--top-k", type=int, default=None, help="Top-k (overrides the file; a CSV defaults to 1).")
+@click.option("--tokens-per-step", type=int, default=None, help="Tokens per step (overrides the file).")
+def trace_info_cmd(file: str, as_json: bool, top_k: int | None, tokens_per_step: int | None) -> None:
+    """Shape, metadata and per-layer skew/volatility of trace FILE (.parquet or .csv)."""
+    import json
+
+    from symi_sim.trace import read_trace
+    from symi_sim.trace_stats import format_trace_info, trace_info
+
+    info = trace_info(read_trace(file, top_k=top_k, tokens_per_step=tokens_per_step))
+    click.echo(json.dumps(info, indent=2) if as_json else format_trace_info(info))
+
+
+@trace_group.command("convert")
+@click.argument("in_path", metavar="IN")
+@click.argument("out_path", metavar="OUT")
+@click.option("--from", "fmt", required=True, type=click.Choice(["csv", "olmoe", "per-rank-csv", "megatron-jsonl"]),
+              help="Input format (per-rank-csv: IN is a directory of *rank<N>*.csv files).")
+@click.option("--model", default=None, help="olmoe: olmoe|olmoe-sft|olmoe-dpo|mistral; others: a model name.")
+@click.option("--selection", default=None, help="olmoe: topk (all k choices, default) or top1.")
+@click.option("--domains", default=None, help="olmoe: comma-separated domains, one step each, in order.")
+@click.option("--top-k", type=int, default=None, help="Top-k of the router (csv, per-rank-csv, megatron-jsonl).")
+@click.option("--tokens-per-step", type=int, default=None, help="Tokens per step before top-k (csv, per-rank-csv, "
+              "megatron-jsonl).")
+def trace_convert_cmd(in_path: str, out_path: str, fmt: str, model: str | None, selection: str | None,
+                      domains: str | None, top_k: int | None, tokens_per_step: int | None) -> None:
+    """Convert IN (format --from) to the canonical Parquet trace OUT."""
+    from symi_sim.trace_import import convert_trace
+
+    domain_list = None if domains is None else [d.strip() for d in domains.split(",") if d.strip()]
+    trace = convert_trace(in_path, out_path, fmt=fmt, model=model, selection=selection, domains=domain_list,
+                          top_k=top_k, tokens_per_step=tokens_per_step)
+    click.echo(f"wrote {out_path}: {trace.num_steps} steps x {trace.num_layers} layers x {trace.num_experts} "
+               f"experts, top-{trace.top_k}")
+
+
+@trace_group.command("synth")
+@click.argument("out_path", metavar="OUT")
+@click.option("--experts", "num_experts", type=int, required=True, help="Logical experts per layer (E).")
+@click.option("--layers", "num_layers", type=int, required=True, help="MoE layers (L).")
+@click.option("--steps", "num_steps", type=int, required=True, help="Training steps (S).")
+@click.option("--skew", type=float, required=True, help="Zipf exponent of the base popularity (0 = uniform).")
+@click.option("--drift", type=float, required=True, help="How much popularity moves per step, in [0, 1].")
+@click.option("--seed", type=int, required=True, help="Random seed (same seed, same trace).")
+@click.option("--top-k", type=int, default=1, show_default=True, help="Distinct experts per token.")
+@click.option("--tokens-per-step", type=int, default=32768, show_default=True, help="Tokens per step.")
+@click.option("--burst-prob", type=float, default=0.0, show_default=True,
+              help="Per step and layer, the probability that a random expert bursts.")
+@click.option("--burst-scale", type=float, default=4.0, show_default=True, help="Weight multiplier of a burst.")
+def trace_synth_cmd(out_path: str, num_experts: int, num_layers: int, num_steps: int, skew: float, drift: float,
+                    seed: int, top_k: int, tokens_per_step: int, burst_prob: float, burst_scale: float) -> None:
+    """Synthesise a skewed, drifting expert-load trace and write it to OUT (.parquet)."""
+    from symi_sim.trace import write_trace
+    from symi_sim.trace_synth import synth_trace
+
+    if not out_path.lower().endswith(".parquet"):
+        raise ValueError(f"trace output {out_path!r} must end in .parquet")
+    trace = synth_trace(num_experts=num_experts, num_layers=num_layers, num_steps=num_steps, skew=skew,
+                        drift=drift, seed=seed, top_k=top_k, tokens_per_step=tokens_per_step,
+                        burst_prob=burst_prob, burst_scale=burst_scale)
+    write_trace(trace, out_path)
+    click.echo(f"wrote {out_path}: {num_steps} steps x {num_layers} layers x {num_experts} experts, top-{top_k}")
+
+
 # ---------------------------------------------------------------- plan
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
+    """`-o key=value` pairs -> dict with int/float/bool/None values where they parse."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy option {pair!r} must look like key=value")
+        lowered = raw.lower()
+        value: object = raw
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif lowered == "none":
+            value = None
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        options[key] = value
+    return options
+
+
+def _timestamped(command: str) -> str:
+    import datetime
+
+    return f"runs/{command}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@symi.command()
+@click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
+@click.option("--cluster", "cluster_spec", required=True, help="Cluster preset or .toml/.json file.")
+@click.option("--slots", type=int, default=None, help="Override the cluster's slots per GPU.")
+@click.option("--policy", default="symi-balanced", show_default=True, help="Policy for a single plan.")
+@click.option("--step", type=int, default=None, help="Plan the placement serving this step (from the steps before).")
+@click.option("--window", type=int, default=1, show_default=True, help="Steps of history the policy sees.")
+@click.option("-o", "--option", "options", multiple=True, help="Policy option key=value (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["json", "eplb"]), default="json", show_default=True,
+              help="json: our placement file; eplb: DeepSeek EPLB's phy2log/log2phy/logcnt arrays (.npz or .pt).")
+@click.option("--replay", is_flag=True, help="Plan every step from the previous ones and score it on its own loads.")
+@click.option("--policies", default=None, help="Comma-separated policies for --replay (default: all).")
+@click.option("--capacity-factor", type=float, default=1.0, show_default=True)
+@click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True)
+@click.option("--out", "out", default=None, help="Output file (single plan) or run directory (--replay).")
+def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, step: int | None, window: int,
+         options: tuple[str, ...], fmt: str, replay: bool, policies: str | None, capacity_factor: float,
+         capacity_mode: str, out: str | None) -> None:
+    """Emit a placement for one step, or replay a whole trace and compare policies."""
+    from symi_sim.cluster import load_cluster
+    from symi_sim.placement import write_eplb_arrays, write_placement_json
+    from symi_sim.policies import available_policies, get_policy
+    from symi_sim.replay import plan_step, write_replay
+    from symi_sim.replay import replay as replay_trace
+    from symi_sim.trace import read_trace
+
+    cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
+    trace = read_trace(trace_path)
+    cluster.check_experts(trace.num_experts)
+    if replay:
+        names = [p.strip() for p in policies.split(",") if p.strip()] if policies else available_policies()
+        for name in names:
+            get_policy(name)  # fail on an unknown name before any work
+        steps, summary = replay_trace(trace, cluster, names, capacity_factor=capacity_factor,
+                                      capacity_mode=capacity_mode, window=window)
+        out_dir = out or _timestamped("plan-replay")
+        config = {"command": "plan --replay", "trace": trace_path, "trace_model": trace.model,
+                  "cluster": cluster.to_dict(), "policies": names, "capacity_factor": capacity_factor,
+                  "capacity_mode": capacity_mode, "window": window}
+        write_replay(out_dir, steps, summary, config)
+        click.echo(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        click.echo(f"wrote {out_dir}")
+        return
+    if step is None or out is None:
+        raise ValueError("a single plan needs --step and --out (or use --replay)")
+    chosen = get_policy(policy, **_parse_options(options))
+    placement = plan_step(trace, cluster, chosen, step=step, window=window)
+    if fmt == "eplb":
+        write_eplb_arrays(out, placement)
+    else:
+        write_placement_json(out, placement, cluster, {**chosen.config(), "step": step, "window": window,
+                                                       "trace": trace_path})
+    click.echo(f"wrote {out}: {placement.num_layers} layers x {placement.num_slots} slots, policy {policy}")
 
 
 # ---------------------------------------------------------------- simulate

@@ -189,5 +189,5 @@ def _read_cluster_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"cluster file {str(path)!r}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
     base.update(data)
-    base.setdefault("name", path.stem)
+    base["name"] = data.get("name", path.stem)  # a modified preset must not carry the preset's name
     return base

@@ -63,13 +63,20 @@ def split_tokens(load_LE: np.ndarray, placement: Placement) -> np.ndarray:
     if placement.shadow_LE is not None:
         load_LE = np.where(placement.shadow_LE, 0, load_LE)
     expert_load_LR = np.take_along_axis(load_LE, phy2log_LR, axis=1)
-    exact_LR = expert_load_LR * placement.share_LR
-    base_LR = np.floor(exact_LR + 1e-9).astype(np.int64)
+    # shares are normalised per expert so that tolerance-level errors in them cannot create or lose tokens
+    share_sum_LE = np.zeros(load_LE.shape)
+    layer_LR = np.broadcast_to(np.arange(num_layers)[:, None], phy2log_LR.shape)
+    np.add.at(share_sum_LE, (layer_LR, phy2log_LR), placement.share_LR)
+    share_sum_LR = np.take_along_axis(share_sum_LE, phy2log_LR, axis=1)
+    exact_LR = expert_load_LR * (placement.share_LR / np.where(share_sum_LR > 0, share_sum_LR, 1.0))
+    # floor a hair below so that floating-point error never hands out a token too many; the largest-remainder
+    # pass gives such a token back to its slot, whose fractional part is then the largest
+    base_LR = np.maximum(np.floor(exact_LR - 1e-6), 0).astype(np.int64)
     frac_LR = exact_LR - base_LR
     given_LE = np.zeros_like(load_LE)
-    layer_LR = np.broadcast_to(np.arange(num_layers)[:, None], phy2log_LR.shape)
     np.add.at(given_LE, (layer_LR, phy2log_LR), base_LR)
     leftover_LE = load_LE - given_LE
+    assert (leftover_LE >= 0).all()
     if not leftover_LE.any():
         return base_LR
     # rank replicas of each expert by descending fractional part, lower slot first on ties
@@ -102,6 +109,11 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
             f"load shape {load_LE.shape} does not match the placement's [layers, experts] "
             f"{(placement.num_layers, placement.num_experts)}"
         )
+    if not np.issubdtype(load_LE.dtype, np.integer):
+        if not np.all(np.isfinite(load_LE)) or not np.array_equal(load_LE, np.round(load_LE)):
+            raise ValueError("loads to route must be whole numbers of tokens")
+    if (load_LE < 0).any():
+        raise ValueError(f"loads to route must be non-negative, got minimum {load_LE.min()}")
     load_LE = load_LE.astype(np.int64)
     num_layers, num_slots = placement.phy2log_LR.shape
     if num_slots % slots_per_gpu:
