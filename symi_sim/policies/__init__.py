@@ -20,6 +20,10 @@ from symi_sim.policies.base import Policy, check_load
 _POLICY_MODULES = (
     "static",
     "symi",
+    "eplb",
+    "flexmoe",
+    "fastermoe",
+    "lazarus",
 )
 
 _REGISTRY: dict[str, type[Policy]] = {}
