@@ -21,7 +21,7 @@ import pandas as pd
 from symi_sim.cluster import Cluster
 from symi_sim.outputs import atomic_dir
 from symi_sim.placement import Placement
-from symi_sim.policies import Policy, get_policy
+from symi_sim.policies import Policy, get_policy, with_context
 from symi_sim.routing import route
 from symi_sim.trace import LoadTrace
 
@@ -95,7 +95,7 @@ def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capac
     plan time median/p99 (ms, over the steps that replanned) and replica moves per step.
     """
     cluster.check_experts(trace.num_experts)
-    resolved = [get_policy(name) for name in policies]
+    resolved = [with_context(get_policy(name), capacity_mode=capacity_mode) for name in policies]
     rows = []
     for name, policy in zip(policies, resolved, strict=True):
         log.info("replaying %s over %d steps", name, trace.num_steps - 1)

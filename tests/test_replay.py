@@ -93,3 +93,15 @@ def test_plan_step_and_errors():
         replay(TRACE, CLUSTER, ["static", "nope"])
     with pytest.raises(ValueError, match="impossible cluster"):
         replay(TRACE, Cluster(num_nodes=1, gpus_per_node=1, slots_per_gpu=2), ["static"])
+
+
+def test_replay_plans_in_the_capacity_mode_it_scores():
+    # symi-balanced re-splits shares only when told the plan is served under per-GPU budgets
+    steps_gpu, _ = replay(TRACE, CLUSTER, ["symi-balanced"], capacity_mode="gpu")
+    steps_slot, _ = replay(TRACE, CLUSTER, ["symi-balanced"], capacity_mode="slot")
+    from symi_sim.policies import with_context
+
+    assert with_context(get_policy("symi-balanced"), capacity_mode="gpu").capacity_mode == "gpu"
+    assert with_context(get_policy("static"), capacity_mode="gpu") == get_policy("static")
+    assert len(steps_gpu) == len(steps_slot) == 2
+    assert steps_gpu["imbalance"].sum() <= steps_slot["imbalance"].sum()

@@ -20,10 +20,12 @@ from symi_sim.policies.base import Policy, check_load
 _POLICY_MODULES = (
     "static",
     "symi",
+    "symi_balanced",
     "eplb",
     "flexmoe",
     "fastermoe",
     "lazarus",
+    "oracle",
 )
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -56,8 +58,19 @@ def get_policy(name: str, **config: Any) -> Policy:
         raise ValueError(f"policy {cls.name!r}: {exc}") from None
 
 
+def with_context(policy: Policy, **context: Any) -> Policy:
+    """A copy of `policy` given the context values it takes as options (e.g. d_model, d_ff, capacity_mode).
+
+    Drivers know facts a policy may need (the model's shapes, the capacity semantics the plan is served under);
+    a policy without such an option ignores them.
+    """
+    names = {f.name for f in dataclasses.fields(policy)}
+    given = {key: value for key, value in context.items() if key in names}
+    return dataclasses.replace(policy, **given) if given else policy
+
+
 def _has_field(cls: type[Policy], field: str) -> bool:
     return any(f.name == field for f in dataclasses.fields(cls))
 
 
-__all__ = ["Policy", "available_policies", "check_load", "get_policy"]
+__all__ = ["Policy", "available_policies", "check_load", "get_policy", "with_context"]

@@ -1,0 +1,162 @@
+"""Planner benchmark: plan time per policy at two shapes, and next-step replay quality on the shipped traces.
+
+    .venv/bin/python benchmarks/bench_plan.py [--repeats 50] [--max-steps 200] [--out benchmarks/results]
+
+Timing (one plan() call for all layers, validation included), every registered policy:
+  paper     12 layers x 16 experts on paper-a100-16 (16 GPUs x 4 slots); loads: steps of synthetic-drift
+  deepseek  58 layers x 256 experts on h100-8x8 (8 nodes x 8 GPUs x 5 slots); eplb with num_groups=8;
+            loads: seeded Zipf-like popularity, multinomial token counts
+Quality, next-step replay: plan on step s-1's loads (the oracle on step s's), route step s's loads with
+symi_sim.routing.route (num_assignments = top_k x tokens_per_step, capacity factor 1.0, slot and gpu modes).
+Reported: GPU imbalance max/mean tokens sent per GPU (mean over steps and layers, and the worst), dropped fraction.
+Prints both tables and writes bench_plan.csv (timing), bench_plan_quality.csv and bench_plan.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from symi_sim.cluster import Cluster, load_cluster
+from symi_sim.placement import Placement
+from symi_sim.policies import available_policies, get_policy
+from symi_sim.routing import route
+from symi_sim.trace import LoadTrace, read_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+# extra configurations of our own policy, beside every registered policy with its defaults
+VARIANTS = {"symi-balanced": [{"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"}]}
+SHAPE_CONFIG = {"deepseek": {"eplb": {"num_groups": 8}}}
+
+
+def deepseek_loads(num_draws: int, seed: int = 0) -> list[np.ndarray]:
+    """[58, 256] token counts per draw: 4096 tokens x top-8 per layer over Zipf-like (exponent 1) popularity."""
+    rng = np.random.default_rng(seed)
+    loads = []
+    for _ in range(num_draws):
+        popularity_LE = 1.0 / rng.permuted(np.tile(np.arange(1, 257), (58, 1)), axis=1)
+        popularity_LE /= popularity_LE.sum(axis=1, keepdims=True)
+        loads.append(np.stack([rng.multinomial(4096 * 8, p_E) for p_E in popularity_LE]))
+    return loads
+
+
+def policy_runs() -> list[tuple[str, dict]]:
+    runs = []
+    for name in available_policies():
+        runs.append((name, {}))
+        runs.extend((name, variant) for variant in VARIANTS.get(name, []))
+    return runs
+
+
+def label(name: str, config: dict) -> str:
+    return name + "".join(f" {key}={value}" for key, value in config.items())
+
+
+def time_plans(repeats: int, drift: LoadTrace) -> list[dict]:
+    shapes = {
+        "paper": (load_cluster("paper-a100-16"), [drift.counts_SLE[s] for s in range(1, 6)]),
+        "deepseek": (load_cluster("h100-8x8"), deepseek_loads(5)),
+    }
+    rows = []
+    for name, variant in policy_runs():
+        for shape, (cluster, loads) in shapes.items():
+            config = {**SHAPE_CONFIG.get(shape, {}).get(name, {}), **variant}
+            row = {"policy": label(name, variant), "shape": shape, "cluster": cluster.name,
+                   "layers": loads[0].shape[0], "experts": loads[0].shape[1], "slots": cluster.num_slots}
+            try:
+                policy = get_policy(name, **config)
+                previous = policy.plan(loads[0], cluster)
+                times_s = []
+                for i in range(repeats):
+                    start = time.perf_counter()
+                    previous = policy.plan(loads[i % len(loads)], cluster, previous=previous)
+                    times_s.append(time.perf_counter() - start)
+                row.update(median_ms=1e3 * float(np.median(times_s)), p99_ms=1e3 * float(np.percentile(times_s, 99)))
+            except Exception as exc:  # another policy's failure must not hide the rest of the table
+                row.update(median_ms=float("nan"), p99_ms=float("nan"), error=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+    return rows
+
+
+def replay(policy_name: str, config: dict, trace: LoadTrace, cluster: Cluster, max_steps: int) -> dict:
+    policy = get_policy(policy_name, **config)
+    num_steps = min(trace.num_steps, max_steps + 1)
+    num_assignments_L = np.full(trace.num_layers, trace.top_k * trace.tokens_per_step, dtype=np.int64)
+    imbalance, dropped_slot, dropped_gpu, total = [], 0, 0, 0
+    placement: Placement | None = None
+    for step in range(1, num_steps):
+        if placement is None or (step - 1) % policy.rebalance_every == 0:
+            known_LE = trace.counts_SLE[step if policy.uses_current_load else step - 1]
+            placement = policy.plan(known_LE, cluster, previous=placement)
+        served_LE = trace.counts_SLE[step]
+        by_slot = route(served_LE, placement, slots_per_gpu=cluster.slots_per_gpu, capacity_mode="slot",
+                        num_assignments_L=num_assignments_L)
+        by_gpu = route(served_LE, placement, slots_per_gpu=cluster.slots_per_gpu, capacity_mode="gpu",
+                       num_assignments_L=num_assignments_L)
+        imbalance.append(by_slot.imbalance_L)
+        dropped_slot += int(by_slot.dropped_LE.sum())
+        dropped_gpu += int(by_gpu.dropped_LE.sum())
+        total += int(num_assignments_L.sum())
+    imbalance_SL = np.array(imbalance)
+    return {"imbalance_mean": float(imbalance_SL.mean()), "imbalance_max": float(imbalance_SL.max()),
+            "dropped_slot": dropped_slot / total, "dropped_gpu": dropped_gpu / total,
+            "replayed_steps": num_steps - 1}
+
+
+def quality(max_steps: int) -> list[dict]:
+    paper = load_cluster("paper-a100-16")
+    cases = [
+        ("olmoe-domains", paper),
+        ("mixtral-domains", load_cluster("paper-a100-16", num_nodes=2, gpus_per_node=4, slots_per_gpu=2)),
+        ("synthetic-drift", paper),
+    ]
+    rows = []
+    for trace_name, cluster in cases:
+        trace = read_trace(ROOT / "traces" / f"{trace_name}.parquet")
+        for name, variant in policy_runs():
+            row = {"trace": trace_name, "policy": label(name, variant),
+                   "cluster": f"{cluster.num_gpus}x{cluster.slots_per_gpu}"}
+            try:
+                row.update(replay(name, variant, trace, cluster, max_steps))
+            except Exception as exc:  # another policy's failure must not hide the rest of the table
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50, help="timed plan() calls per policy and shape")
+    parser.add_argument("--max-steps", type=int, default=200, help="replayed steps per trace at most")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    drift = read_trace(ROOT / "traces" / "synthetic-drift.parquet")
+    timing = pd.DataFrame(time_plans(args.repeats, drift))
+    replays = pd.DataFrame(quality(args.max_steps))
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_colwidth", 60)
+    print("plan time per call (all layers), ms")
+    print(timing.pivot(index="policy", columns="shape", values=["median_ms", "p99_ms"]).round(3).to_string())
+    print("\nnext-step replay, capacity factor 1.0")
+    shown = ["trace", "cluster", "policy", "imbalance_mean", "imbalance_max", "dropped_slot", "dropped_gpu"]
+    print(replays[[c for c in shown + ["error"] if c in replays]].round(4).to_string(index=False))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    timing.to_csv(args.out / "bench_plan.csv", index=False)
+    replays.to_csv(args.out / "bench_plan_quality.csv", index=False)
+    meta = {"machine": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
+            "numpy": np.__version__, "repeats": args.repeats, "max_steps": args.max_steps}
+    (args.out / "bench_plan.json").write_text(json.dumps(
+        {"meta": meta, "timing": json.loads(timing.to_json(orient="records")),
+         "quality": json.loads(replays.to_json(orient="records"))}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

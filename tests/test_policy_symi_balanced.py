@@ -1,0 +1,135 @@
+"""symi-balanced and oracle: hand-worked allocation, packing and shares, plus invariants and the uniform case."""
+
+import numpy as np
+import pytest
+
+from symi_sim.cluster import Cluster, load_cluster
+from symi_sim.policies import available_policies, get_policy
+from symi_sim.policies.packing import balance_shares, pack_rounds, replica_experts
+from symi_sim.policies.symi_balanced import webster_replica_counts
+from symi_sim.routing import route
+
+
+def greedy_webster(load_LE, num_slots):
+    """Reference: the plain one-slot-at-a-time greedy, argmax load / (count + 0.5), lowest id on ties."""
+    cnt = np.ones(load_LE.shape, dtype=np.int64)
+    for layer, load_E in enumerate(load_LE):
+        load_E = load_E if load_E.sum() > 0 else np.ones_like(load_E)
+        for _ in range(num_slots - len(load_E)):
+            cnt[layer, int(np.argmax(load_E / (cnt[layer] + 0.5)))] += 1
+    return cnt
+
+
+def gpu_tokens(placement, load_LE, slots_per_gpu):
+    rows = np.arange(load_LE.shape[0])[:, None]
+    per_slot = load_LE[rows, placement.phy2log_LR] * placement.share_LR
+    return per_slot.reshape(load_LE.shape[0], -1, slots_per_gpu).sum(axis=2)
+
+
+def test_webster_counts_hand_worked():
+    # [6,3,2,1], 4 extra: 6/1.5 -> e0; 6/2.5=2.4 > 2 -> e0; 2 > 6/3.5 -> e1; 6/3.5 > 1.33 > 1.2 -> e0
+    np.testing.assert_array_equal(webster_replica_counts(np.array([[6.0, 3, 2, 1]]), 8), [[4, 2, 1, 1]])
+    np.testing.assert_array_equal(webster_replica_counts(np.array([[10.0, 2], [0, 0]]), 4), [[3, 1], [2, 2]])
+
+
+def test_webster_counts_match_greedy():
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        num_experts = int(rng.integers(1, 30))
+        num_slots = num_experts + int(rng.integers(0, 60))
+        shape = (int(rng.integers(1, 4)), num_experts)
+        load = rng.integers(0, 4, shape) if trial % 2 else rng.pareto(0.8, shape) * 100
+        load = load.astype(float)
+        np.testing.assert_array_equal(webster_replica_counts(load, num_slots), greedy_webster(load, num_slots))
+
+
+def test_pack_rounds_hand_worked():
+    # round 0: 5, 4, 3 to GPUs 0, 1, 2; round 1: 3, 2, 1 to the lightest first: GPU 2, 1, 0 -> all 6
+    slot = pack_rounds(np.array([[5.0, 4, 3, 3, 2, 1]]), 2)
+    np.testing.assert_array_equal(slot, [[0, 2, 4, 5, 3, 1]])
+    np.testing.assert_array_equal(replica_experts(np.array([[2, 1], [1, 2]])), [[0, 0, 1], [0, 1, 1]])
+
+
+def test_brief_example_6_2_2_2():
+    # 4 experts on 2 GPUs x 2 slots: one replica each; 6 -> GPU0, 2 -> GPU1; then 2 -> GPU1 (lighter), 2 -> GPU0
+    cluster = Cluster(num_nodes=1, gpus_per_node=2, slots_per_gpu=2)
+    for mode in ("slot", "gpu"):
+        placement = get_policy("symi-balanced", capacity_mode=mode).plan(np.array([[6, 2, 2, 2]]), cluster)
+        np.testing.assert_array_equal(placement.phy2log_LR, [[0, 3, 1, 2]])
+        np.testing.assert_array_equal(placement.share_LR, [[1, 1, 1, 1]])
+        np.testing.assert_array_equal(gpu_tokens(placement, np.array([[6, 2, 2, 2]]), 2), [[8, 4]])
+
+
+def test_uneven_shares_hand_worked():
+    # loads [10, 2] on 2 GPUs x 2 slots: counts [3, 1]; replicas 10/3 x3 and 2 packed as GPU0 {e0, e0},
+    # GPU1 {e0, e1}: even loads 6.67 / 5.33. Balanced: GPU0's two e0 replicas 3 + 3, GPU1's e0 replica 4 (+2).
+    cluster = Cluster(num_nodes=1, gpus_per_node=2, slots_per_gpu=2)
+    load = np.array([[10, 2]])
+    slot_mode = get_policy("symi-balanced").plan(load, cluster)
+    np.testing.assert_array_equal(slot_mode.phy2log_LR, [[0, 0, 0, 1]])
+    np.testing.assert_allclose(slot_mode.share_LR, [[1 / 3, 1 / 3, 1 / 3, 1]])
+    gpu_mode = get_policy("symi-balanced", capacity_mode="gpu", num_share_iters=40).plan(load, cluster)
+    np.testing.assert_array_equal(gpu_mode.phy2log_LR, [[0, 0, 0, 1]])
+    np.testing.assert_allclose(gpu_mode.share_LR, [[0.3, 0.3, 0.4, 1]], atol=1e-9)
+    # the default 10 passes shrink the 1.33-token gap by 3x each: within 1e-4 of the balance
+    default = get_policy("symi-balanced", capacity_mode="gpu").plan(load, cluster)
+    np.testing.assert_allclose(gpu_tokens(default, load, 2), [[6, 6]], atol=1e-4)
+
+
+def test_balance_shares_keeps_zero_load_even():
+    share = balance_shares(np.array([[0, 0, 1, 1]]), np.array([[0.0, 5.0]]), 2, 10)
+    np.testing.assert_allclose(share, [[0.5, 0.5, 0.5, 0.5]])
+
+
+@pytest.mark.parametrize("mode", ["slot", "gpu"])
+def test_uniform_load_is_perfectly_balanced(mode):
+    cluster = load_cluster("paper-a100-16")
+    load = np.full((12, 16), 2048)
+    placement = get_policy("symi-balanced", capacity_mode=mode).plan(load, cluster)
+    routing = route(load, placement, slots_per_gpu=4, capacity_mode=mode)
+    np.testing.assert_array_equal(routing.imbalance_L, np.ones(12))
+    assert routing.dropped_fraction == 0.0
+
+
+def test_uniform_load_uneven_counts_gpu_mode():
+    # 12 experts on 16 slots: 4 experts get 2 replicas, 8 get 1; only uneven shares can even the GPUs out
+    cluster = Cluster(num_nodes=1, gpus_per_node=4, slots_per_gpu=4)
+    load = np.full((1, 12), 1200.0)
+    placement = get_policy("symi-balanced", capacity_mode="gpu", num_share_iters=60).plan(load, cluster)
+    np.testing.assert_allclose(gpu_tokens(placement, load, 4), [[3600, 3600, 3600, 3600]], rtol=1e-6)
+
+
+def test_invariants_and_determinism_on_skewed_loads():
+    rng = np.random.default_rng(5)
+    cluster = load_cluster("h100-8x8")
+    load = rng.pareto(1.0, size=(6, 256)) * 100
+    for options in ({}, {"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"}):
+        policy = get_policy("symi-balanced", **options)
+        placement = policy.plan(load, cluster)
+        placement.validate(cluster, num_layers=6)
+        assert placement.same_as(policy.plan(load, cluster))
+    # on the loads it planned for, gpu mode balances GPUs better than even shares and than EPLB
+    balanced = gpu_tokens(get_policy("symi-balanced", capacity_mode="gpu").plan(load, cluster), load, 5)
+    even = gpu_tokens(get_policy("symi-balanced").plan(load, cluster), load, 5)
+    eplb = gpu_tokens(get_policy("eplb", num_groups=8).plan(load, cluster), load, 5)
+    assert (balanced.max(axis=1) <= even.max(axis=1) + 1e-9).all()
+    assert (balanced.max(axis=1) <= eplb.max(axis=1) + 1e-9).all()
+
+
+def test_oracle_and_registry():
+    assert [p for p in available_policies() if p in ("symi", "symi-balanced", "eplb", "oracle")] == [
+        "symi", "symi-balanced", "eplb", "oracle"]
+    oracle = get_policy("oracle", capacity_mode="gpu")
+    assert oracle.uses_current_load and not get_policy("symi-balanced").uses_current_load
+    cluster = load_cluster("paper-a100-16")
+    load = np.random.default_rng(2).integers(0, 900, size=(3, 16))
+    assert oracle.plan(load, cluster).same_as(get_policy("symi-balanced", capacity_mode="gpu").plan(load, cluster))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="unknown allocation 'best'"):
+        get_policy("symi-balanced", allocation="best")
+    with pytest.raises(ValueError, match="unknown capacity_mode 'node'"):
+        get_policy("symi-balanced", capacity_mode="node")
+    with pytest.raises(ValueError, match="num_share_iters must be an integer >= 0, got -1"):
+        get_policy("oracle", num_share_iters=-1)
