@@ -196,8 +196,120 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, ste
 
 # ---------------------------------------------------------------- simulate
 
+DEFAULT_SIMULATE_POLICIES = "static,symi,symi-balanced,flexmoe-10,flexmoe-50,flexmoe-100,fastermoe,eplb,oracle"
+SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance", "iterations_to_target",
+                   "time_to_target_s", "speedup_vs_static")
+
+
+@symi.command()
+@click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
+@click.option("--cluster", "cluster_spec", default="paper-a100-16", show_default=True,
+              help="Cluster preset or .toml/.json file.")
+@click.option("--model", "model_spec", default="gpt-small", show_default=True,
+              help="Model preset (gpt-small, gpt-medium, gpt-large, deepseek-v3) or .toml/.json file.")
+@click.option("--policies", default=DEFAULT_SIMULATE_POLICIES, show_default=True,
+              help="Comma-separated policies (a period suffix like flexmoe-50 sets rebalance_every).")
+@click.option("--capacity-factor", type=float, default=1.0, show_default=True)
+@click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True)
+@click.option("--steps", type=int, default=None, help="Simulate this many steps (default: the whole trace).")
+@click.option("--loop", is_flag=True, help="Cycle a shorter trace up to --steps.")
+@click.option("--window", type=int, default=1, show_default=True, help="Steps of history the policies see.")
+@click.option("--slots", type=int, default=None, help="Override the cluster's slots per GPU.")
+@click.option("--fit-model-to-trace", is_flag=True,
+              help="Take the trace's experts, MoE layers and top-k when they differ from the model's.")
+@click.option("--out", "out", default=None, help="Run directory (default runs/simulate-<timestamp>).")
+def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str, capacity_factor: float,
+             capacity_mode: str, steps: int | None, loop: bool, window: int, slots: int | None,
+             fit_model_to_trace: bool, out: str | None) -> None:
+    """Replay a trace through every policy on the simulated cluster; compare time to target loss."""
+    from pathlib import Path
+
+    from symi_sim.cluster import load_cluster
+    from symi_sim.models import fit_trace, load_model
+    from symi_sim.simulate import simulate as run_simulation
+    from symi_sim.simulate import write_run
+    from symi_sim.trace import read_trace
+
+    out_dir = Path(out or _timestamped("simulate"))
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"output directory {str(out_dir)!r} already exists and is not empty")
+    cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
+    model = load_model(model_spec)
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise ValueError(f"no policy named in --policies {policies!r}")
+    trace = read_trace(trace_path)
+    cluster.check_experts(trace.num_experts)
+    model, trace = fit_trace(model, trace, adopt_trace_shape=fit_model_to_trace)
+    result = run_simulation(trace=trace, cluster=cluster, model=model, policies=names,
+                            capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps, loop=loop,
+                            window=window)
+    result.config["trace"]["path"] = trace_path
+    result.config["command"] = "simulate"
+    write_run(result, out_dir)
+    click.echo(result.summary.loc[:, list(SUMMARY_COLUMNS)].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    click.echo(f"wrote {out_dir}")
+
+
 
 # ---------------------------------------------------------------- train
+
+
+def _capacity_factor(raw: str) -> float | None:
+    if raw.strip().lower() in ("none", "dropless"):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"capacity factor must be a number or 'none', got {raw!r}") from None
+
+
+@symi.command()
+@click.option("--nproc-per-node", type=int, default=2, show_default=True,
+              help="Local ranks to spawn (ignored under torchrun, which sets RANK/WORLD_SIZE).")
+@click.option("--model", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--experts", "num_experts", type=int, default=4, show_default=True, help="Experts per MoE layer (E).")
+@click.option("--slots", "slots_per_rank", type=int, default=2, show_default=True, help="Expert slots per rank.")
+@click.option("--top-k", type=int, default=1, show_default=True)
+@click.option("--policy", default="symi", show_default=True, help="Replica placement policy.")
+@click.option("-o", "--option", "options", multiple=True, help="Policy option key=value (repeatable).")
+@click.option("--capacity-factor", default="1.0", show_default=True, help="A number, or 'none' for dropless.")
+@click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per rank per step.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate (cosine decay).")
+@click.option("--aux-loss-coef", type=float, default=0.01, show_default=True, help="Load-balancing loss weight.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Text file to train on (bytes are tokens); default: the shipped Wikipedia sample.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
+@click.option("--log-interval", type=int, default=10, show_default=True, help="Steps between rank-0 log lines.")
+@click.option("--out", default=None, help="Run directory (default runs/train-<timestamp>).")
+def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
+          options: tuple[str, ...], capacity_factor: str, capacity_mode: str, steps: int, batch_size: int, lr: float,
+          aux_loss_coef: float, seed: int, data: str | None, dtype: str, record_trace: bool, log_interval: int,
+          out: str | None) -> None:
+    """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
+    import csv
+
+    from symi_exec.trainer import TrainConfig, launch
+
+    config = TrainConfig(
+        out=out or _timestamped("train"), model=model, num_experts=num_experts, slots_per_rank=slots_per_rank,
+        top_k=top_k, policy=policy, policy_options=_parse_options(options),
+        capacity_factor=_capacity_factor(capacity_factor), capacity_mode=capacity_mode, steps=steps,
+        batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, seed=seed, data=data,
+        record_trace=record_trace, dtype=dtype, log_interval=log_interval,
+    )
+    run_dir = launch(config, nproc_per_node)
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    mean_tps = sum(float(r["tokens_per_s"]) for r in rows) / len(rows)
+    click.echo(f"step {last['step']}: loss {float(last['loss']):.4f}, {mean_tps:.0f} tokens/s on average, "
+               f"dropped {100 * float(last['dropped_fraction']):.2f}%")
+    click.echo(f"wrote {run_dir}")
 
 
 def main() -> None:

@@ -1,0 +1,136 @@
+"""Communication for the executor: bytes counted by kind, a differentiable all-to-all, planned segment exchanges.
+
+Legend: M rows (tokens) in a buffer, D features, G ranks.
+
+Byte counts are what this rank SENDS to other ranks (payload only; nothing a rank keeps for itself):
+  popularity            all-gather of the per-rank [E] router counts (every MoE layer, every step)
+  dispatch / combine    forward all-to-all of token features to the slots and back
+  dispatch_grad / combine_grad   the same all-to-alls in backward
+  dense_grad            data-parallel all-reduce of the dense gradients (ring model: 2 (G-1)/G of the buffer)
+  replica_grad_sync     all-reduce of an expert's gradient among the ranks holding it
+  grad_collection       every rank fetching its 1/G shard of every expert's gradient from one holder
+  weight_sendout        updated weight shards sent to the slots of the next placement
+  optimizer_state       optimizer state moved between ranks (SYMI: never)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+BYTE_KINDS = (
+    "popularity", "dispatch", "combine", "dispatch_grad", "combine_grad", "dense_grad",
+    "replica_grad_sync", "grad_collection", "weight_sendout", "optimizer_state",
+)
+
+
+@dataclass
+class Comm:
+    """This rank's view of the process group, plus its sent-bytes counter."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    bytes_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def count(self, kind: str, num_bytes: int) -> None:
+        assert kind in BYTE_KINDS, kind
+        self.bytes_by_kind[kind] += int(num_bytes)
+
+    def take_bytes(self) -> dict[str, int]:
+        """Bytes sent per kind since the last call (every kind present, zeros included)."""
+        out = {kind: int(self.bytes_by_kind.get(kind, 0)) for kind in BYTE_KINDS}
+        self.bytes_by_kind = defaultdict(int)
+        return out
+
+
+def all_to_all_rows(x_MD: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: Comm, kind: str
+                    ) -> torch.Tensor:
+    """Send in_splits[g] consecutive rows to rank g, receive out_splits[g] rows from rank g (not differentiable)."""
+    out = x_MD.new_empty((sum(out_splits), *x_MD.shape[1:]))
+    row_bytes = x_MD[0:1].numel() * x_MD.element_size() if x_MD.dim() > 1 else x_MD.element_size()
+    comm.count(kind, (sum(in_splits) - in_splits[comm.rank]) * row_bytes)
+    if comm.world_size == 1:
+        out.copy_(x_MD)
+    else:
+        dist.all_to_all_single(out, x_MD.contiguous(), out_splits, in_splits)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_rows whose backward is the reverse all-to-all of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x_MD, out_splits, in_splits, comm, kind, grad_kind):  # type: ignore[override]
+        ctx.splits = (out_splits, in_splits)
+        ctx.comm = comm
+        ctx.grad_kind = grad_kind
+        return all_to_all_rows(x_MD, out_splits, in_splits, comm, kind)
+
+    @staticmethod
+    def backward(ctx, grad_MD):  # type: ignore[override]
+        out_splits, in_splits = ctx.splits
+        grad_in = all_to_all_rows(grad_MD.contiguous(), in_splits, out_splits, ctx.comm, ctx.grad_kind)
+        return grad_in, None, None, None, None, None
+
+
+def all_to_all(x_MD: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: Comm, kind: str,
+               grad_kind: str) -> torch.Tensor:
+    """Differentiable uneven all-to-all of rows; bytes counted under `kind` forward and `grad_kind` backward."""
+    return _AllToAll.apply(x_MD, list(out_splits), list(in_splits), comm, kind, grad_kind)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements [start, stop) of the flat vector `key` (e.g. (layer, expert)) go from rank src to rank dst."""
+
+    src: int
+    dst: int
+    key: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+def exchange(segments: Sequence[Segment], comm: Comm, kind: str, dtype: torch.dtype,
+             read: Callable[[Segment], torch.Tensor], write: Callable[[Segment, torch.Tensor], None]) -> None:
+    """Move every segment from its src to its dst in one all-to-all.
+
+    Every rank must pass the same segment list (it is computed from the placement, which all ranks share).
+    `read(seg)` runs on seg.src and returns seg.numel elements; `write(seg, data)` runs on seg.dst.
+    A segment whose src is its dst never leaves the rank. Reads all happen before any write.
+    """
+    me = comm.rank
+    outgoing: list[list[Segment]] = [[] for _ in range(comm.world_size)]
+    incoming: list[list[Segment]] = [[] for _ in range(comm.world_size)]
+    local: list[Segment] = []
+    for seg in segments:
+        if seg.src == me and seg.dst == me:
+            local.append(seg)
+        elif seg.src == me:
+            outgoing[seg.dst].append(seg)
+        elif seg.dst == me:
+            incoming[seg.src].append(seg)
+    local_data = [read(seg) for seg in local]
+    send_parts = [read(seg).reshape(-1) for dst_segs in outgoing for seg in dst_segs]
+    send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=comm.device)
+    in_splits = [sum(seg.numel for seg in dst_segs) for dst_segs in outgoing]
+    out_splits = [sum(seg.numel for seg in src_segs) for src_segs in incoming]
+    if comm.world_size > 1:
+        recv = all_to_all_rows(send.to(dtype), out_splits, in_splits, comm, kind)
+    else:
+        recv = send
+    for seg, data in zip(local, local_data, strict=True):
+        write(seg, data)
+    offset = 0
+    for src_segs in incoming:
+        for seg in src_segs:
+            write(seg, recv[offset:offset + seg.numel])
+            offset += seg.numel

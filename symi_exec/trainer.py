@@ -1,0 +1,443 @@
+"""The SYMI training loop (nanoGPT-like, explicit), its launcher, and its outputs.
+
+Legend: L MoE layers, E experts, G ranks, S slots per rank (in `_SP` names) or steps (in `_SLE` names),
+B sequences per rank, T sequence length, P parameters of one expert.
+
+One step on every rank:
+  forward     router top-k, popularity all-gather, dispatch to the replicas of the current placement, combine
+  backward    through the same all-to-alls
+  dense_grad  plain data parallel: all-reduce (mean) of every non-expert gradient
+  expert_grad replica gradient sync + collection into this rank's 1/G shard of every expert (optim.py)
+  optimizer   gradient clipping on the global norm; AdamW on dense parameters and on the expert shards
+  plan        the policy plans the next placement from this step's global popularity (every rank, deterministic)
+  send_out    updated expert shards go to the slots of the next placement
+Rank 0 writes the run directory: config.json, metrics.csv (one row per step), placements.jsonl (the placement
+each step ran with and the assignments it dropped per layer and expert), checkpoint.pt (single-device state dict,
+loadable by model.GPT), trace.parquet (--record-trace: counts per step, layer, expert and source rank).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from symi_exec.comm import BYTE_KINDS, Comm
+from symi_exec.model import GPT, ModelConfig, model_config, param_groups
+from symi_exec.moe import ReplicatedMoE
+from symi_exec.optim import ShardedExpertOptimizer
+from symi_sim.cluster import Cluster
+from symi_sim.outputs import atomic_dir
+from symi_sim.placement import Placement
+from symi_sim.policies import get_policy
+from symi_sim.routing import CAPACITY_MODES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA = Path(__file__).parent / "data" / "wikipedia_texts.txt"
+PHASES = ("forward", "backward", "dense_grad", "expert_grad", "optimizer", "plan", "send_out")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# planner(step, load_LE, cluster, previous) -> the placement of the next step (a policy's plan by default)
+Planner = Callable[[int, np.ndarray, Cluster, Placement | None], Placement]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    model: str = "tiny"
+    num_experts: int = 4
+    slots_per_rank: int = 2
+    top_k: int = 1
+    policy: str = "symi"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    capacity_factor: float | None = None   # None: dropless
+    capacity_mode: str = "slot"
+    steps: int = 20
+    batch_size: int = 4                    # sequences per rank per step
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0                 # 0 disables clipping
+    aux_loss_coef: float = 0.01
+    seed: int = 0
+    data: str | None = None                # a text file (bytes are tokens); None: the shipped Wikipedia sample
+    record_trace: bool = False
+    dtype: str = "float32"
+    log_interval: int = 10
+    model_overrides: dict[str, int] = field(default_factory=dict)
+
+    def model_config(self) -> ModelConfig:
+        return model_config(self.model, num_experts=self.num_experts, top_k=self.top_k,
+                            aux_loss_coef=self.aux_loss_coef, **self.model_overrides)
+
+    def data_path(self) -> Path:
+        return Path(self.data) if self.data is not None else DEFAULT_DATA
+
+    def validate(self, world_size: int) -> None:
+        """ValueError naming the first bad option (checked before any process starts)."""
+        positive = ("num_experts", "slots_per_rank", "top_k", "steps", "batch_size", "log_interval")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if world_size < 1:
+            raise ValueError(f"the number of ranks must be >= 1, got {world_size}")
+        if self.num_experts > world_size * self.slots_per_rank:
+            raise ValueError(f"{self.num_experts} experts need at least {self.num_experts} slots, but {world_size} "
+                             f"ranks x {self.slots_per_rank} slots = {world_size * self.slots_per_rank}")
+        self.model_config()
+        if self.capacity_factor is not None and not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            raise ValueError(f"capacity factor must be a finite number > 0, got {self.capacity_factor!r}")
+        if self.capacity_mode not in CAPACITY_MODES:
+            raise ValueError(f"unknown capacity mode {self.capacity_mode!r}; choices: {', '.join(CAPACITY_MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choices: {', '.join(DTYPES)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        policy = get_policy(self.policy, **self.policy_options)
+        if policy.uses_current_load:
+            raise ValueError(f"policy {self.policy!r} plans on the current step's loads; the executor cannot run it")
+        if policy.optimizer_coupled:
+            raise ValueError(f"policy {self.policy!r} moves optimizer state with its replicas; the executor does "
+                             "not implement optimizer-coupled policies yet")
+        path = self.data_path()
+        if not path.is_file():
+            raise ValueError(f"data file {str(path)!r} does not exist")
+        seq_len = self.model_config().seq_len
+        if path.stat().st_size < seq_len + 2:
+            raise ValueError(f"data file {str(path)!r} holds {path.stat().st_size} bytes, fewer than a sequence "
+                             f"needs ({seq_len + 2})")
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"output directory {self.out!r} already exists and is not empty")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_tokens(path: str | Path) -> np.ndarray:
+    """Byte-level tokens of a file (uint8)."""
+    return np.fromfile(path, dtype=np.uint8)
+
+
+def get_batch(tokens: np.ndarray, step: int, *, rank: int, world_size: int, batch_size: int, seq_len: int,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s slice (rows rank*B .. rank*B+B-1) of step `step`'s global batch of G*B random windows.
+
+    The global batch depends only on (seed, step), so any number of ranks, or one process taking all rows,
+    sees the same tokens.
+    """
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, tokens.size - seq_len - 1, size=world_size * batch_size)
+    mine = starts[rank * batch_size:(rank + 1) * batch_size]
+    window = np.stack([tokens[s:s + seq_len + 1] for s in mine]).astype(np.int64)
+    return torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr over the run (nanoGPT's schedule)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+# ---------------------------------------------------------------------------------------------- launch
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(config: TrainConfig, nproc_per_node: int, planner: Planner | None = None,
+           log_level: int = logging.INFO) -> Path:
+    """Train with `nproc_per_node` local ranks (spawned), or as one rank of a torchrun job (RANK/WORLD_SIZE set).
+
+    Returns the run directory. `planner` replaces the policy's plan (tests use it for arbitrary placements).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        world_size = int(os.environ["WORLD_SIZE"])
+        config.validate(world_size)
+        _worker(int(os.environ["RANK"]), world_size, config, None, planner, log_level)
+        return Path(config.out)
+    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be a positive integer, got {nproc_per_node!r}")
+    config.validate(nproc_per_node)
+    try:
+        mp.spawn(_worker, args=(nproc_per_node, config, free_port(), planner, log_level), nprocs=nproc_per_node,
+                 join=True)
+    except mp.ProcessRaisedException as exc:
+        # a bad input found only once training runs (e.g. a placement the executor cannot run) stays a ValueError
+        last_line = str(exc).strip().splitlines()[-1]
+        if last_line.startswith("ValueError: "):
+            raise ValueError(last_line.removeprefix("ValueError: ")) from None
+        raise
+    return Path(config.out)
+
+
+def _worker(rank: int, world_size: int, config: TrainConfig, port: int | None, planner: Planner | None,
+            log_level: int) -> None:
+    logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if port is not None:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None)
+    try:
+        comm = Comm(rank=rank, world_size=world_size, device=device)
+        if rank == 0:
+            with atomic_dir(config.out) as tmp:
+                train(config, comm, tmp, planner)
+        else:
+            train(config, comm, None, planner)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planner | None = None) -> None:
+    """Run the training loop on this rank (process group initialised); rank 0 passes the directory to write."""
+    dtype, device = DTYPES[config.dtype], comm.device
+    cfg = config.model_config()
+    # the policies see the job as a cluster: torchrun's LOCAL_WORLD_SIZE ranks per node, one node when spawned
+    ranks_per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)), comm.world_size)
+    cluster = Cluster(name="executor", num_nodes=max(comm.world_size // ranks_per_node, 1),
+                      gpus_per_node=ranks_per_node, slots_per_gpu=config.slots_per_rank)
+    policy = get_policy(config.policy, **config.policy_options)
+    if planner is None:
+        def planner(step: int, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
+            if previous is not None and (step + 1) % policy.rebalance_every:
+                return previous
+            return policy.plan(load_LE, cluster, previous=previous)
+
+    # every rank builds the same single-device model, then swaps its MoE layers for the expert-parallel ones
+    torch.manual_seed(config.seed)
+    model = GPT(cfg).to(device=device, dtype=dtype)
+    expert_weights_LEP = [moe.experts.flat_EP().detach() for moe in model.moe_layers]
+    for block in model.blocks:
+        block.moe = ReplicatedMoE(block.moe.router, cfg, slots_per_rank=config.slots_per_rank, comm=comm,
+                                  capacity_factor=config.capacity_factor, capacity_mode=config.capacity_mode)
+    moe_layers: list[ReplicatedMoE] = list(model.moe_layers)
+    dense_named = [(n, p) for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
+    dense_params = [p for _, p in dense_named]
+    slot_params = [moe.slot_weights_SP for moe in moe_layers]
+    dense_opt = torch.optim.AdamW(param_groups(dense_named, config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=1e-8)
+    expert_opt = ShardedExpertOptimizer(expert_weights_LEP, comm, slots_per_rank=config.slots_per_rank,
+                                        lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
+                                        weight_decay=config.weight_decay)
+    del expert_weights_LEP
+
+    placement = planner(-1, np.ones((cfg.num_layers, cfg.num_experts)), cluster, None)
+    placement.validate(cluster, num_layers=cfg.num_layers)
+    expert_opt.send_out(placement, [p.data for p in slot_params])
+    comm.take_bytes()   # the initial fill is not part of any step
+
+    tokens = load_tokens(config.data_path())
+    tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
+    rows: list[dict[str, Any]] = []
+    src_counts_SLEG: list[np.ndarray] = []
+    step_records: list[dict[str, Any]] = []
+    for step in range(config.steps):
+        times = dict.fromkeys(PHASES, 0.0)
+        step_start = clock = _now(device)
+        lr = lr_at(step, config)
+        for layer, moe in enumerate(moe_layers):
+            moe.placement = Placement(placement.phy2log_LR[layer:layer + 1], placement.share_LR[layer:layer + 1],
+                                      cfg.num_experts)
+        x_BT, y_BT = get_batch(tokens, step, rank=comm.rank, world_size=comm.world_size,
+                               batch_size=config.batch_size, seq_len=cfg.seq_len, seed=config.seed)
+        _, loss = model(x_BT.to(device), y_BT.to(device))
+        times["forward"], clock = _lap(clock, device)
+
+        for p in model.parameters():
+            p.grad = None
+        loss.backward()
+        times["backward"], clock = _lap(clock, device)
+
+        dense_sq = _all_reduce_dense_grads(dense_params, comm)
+        times["dense_grad"], clock = _lap(clock, device)
+
+        slot_grads_LSP = [p.grad if p.grad is not None else torch.zeros_like(p) for p in slot_params]
+        expert_opt.collect_gradients(slot_grads_LSP, placement)
+        times["expert_grad"], clock = _lap(clock, device)
+
+        grad_norm = math.sqrt(float(dense_sq) + float(expert_opt.grad_sq_norm()))
+        # torch.nn.utils.clip_grad_norm_'s rule, on the norm over all ranks' shards and the dense gradients
+        grad_scale = min(config.grad_clip / (grad_norm + 1e-6), 1.0) if config.grad_clip > 0 else 1.0
+        for group in dense_opt.param_groups:
+            group["lr"] = lr
+        if grad_scale != 1.0:
+            for p in dense_params:
+                if p.grad is not None:
+                    p.grad.mul_(grad_scale)
+        dense_opt.step()
+        expert_opt.step(lr, grad_scale)
+        times["optimizer"], clock = _lap(clock, device)
+
+        count_LGE = np.stack([moe.count_GE for moe in moe_layers])
+        load_LE = count_LGE.sum(axis=1)
+        next_placement = planner(step, load_LE.astype(np.float64), cluster, placement)
+        next_placement.validate(cluster, num_layers=cfg.num_layers)
+        times["plan"], clock = _lap(clock, device)
+
+        expert_opt.send_out(next_placement, [p.data for p in slot_params])
+        times["send_out"], clock = _lap(clock, device)
+        step_s = _now(device) - step_start
+
+        row = _step_metrics(step, loss, lr, grad_norm, step_s, times, moe_layers, placement, next_placement,
+                            tokens_per_step, comm)
+        rows.append(row)
+        src_counts_SLEG.append(count_LGE.transpose(0, 2, 1))
+        step_records.append(_step_record(step, placement, moe_layers, comm))
+        if comm.rank == 0 and (step % config.log_interval == 0 or step == config.steps - 1):
+            logger.info("step %d | loss %.4f | %.0f tok/s | dropped %.2f%% | imbalance %.2f | moves %d",
+                        step, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"], row["imbalance"],
+                        row["replica_moves"])
+        placement = next_placement
+
+    full_LEP = expert_opt.full_weights()
+    if out_dir is not None:
+        _write_outputs(out_dir, config, cfg, comm, model, full_LEP, rows, step_records, np.stack(src_counts_SLEG),
+                       tokens_per_step, placement)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _lap(clock: float, device: torch.device) -> tuple[float, float]:
+    now = _now(device)
+    return now - clock, now
+
+
+def _all_reduce_dense_grads(params: list[torch.nn.Parameter], comm: Comm) -> float:
+    """Mean of the dense gradients over ranks, in one flat all-reduce; returns their squared norm."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if comm.world_size > 1:
+        dist.all_reduce(flat)
+        flat /= comm.world_size
+        comm.count("dense_grad", 2 * (comm.world_size - 1) * flat.numel() * flat.element_size() // comm.world_size)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+    return float((flat.double() ** 2).sum())
+
+
+def _step_metrics(step: int, loss: torch.Tensor, lr: float, grad_norm: float, step_s: float,
+                  times: dict[str, float], moe_layers: list[ReplicatedMoE], placement: Placement,
+                  next_placement: Placement, tokens_per_step: int, comm: Comm) -> dict[str, Any]:
+    """One metrics row, the same on every rank: loss averaged, bytes and drops summed, times maxed over ranks."""
+    bytes_by_kind = comm.take_bytes()
+    dropped_E = np.stack([moe.dropped_E for moe in moe_layers]).sum(axis=0)
+    summed = torch.tensor([float(loss.detach()), float(dropped_E.sum()), *bytes_by_kind.values()],
+                          dtype=torch.float64, device=comm.device)
+    maxed = torch.tensor([step_s, *times.values()], dtype=torch.float64, device=comm.device)
+    if comm.world_size > 1:
+        dist.all_reduce(summed)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+    summed, maxed = summed.cpu().tolist(), maxed.cpu().tolist()
+    num_assignments = sum(int(moe.count_GE.sum()) for moe in moe_layers)
+    imbalance_L = [float(moe.plan.routing.imbalance_L[0]) for moe in moe_layers]
+    row: dict[str, Any] = {
+        "step": step,
+        "loss": summed[0] / comm.world_size,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "step_s": maxed[0],
+        "tokens_per_s": tokens_per_step / maxed[0] if maxed[0] > 0 else float("nan"),
+        "dropped_fraction": summed[1] / max(num_assignments, 1),
+        "imbalance": float(np.mean(imbalance_L)),
+        "replica_moves": int(next_placement.replica_moves(placement).sum()),
+    }
+    row.update({f"time_{phase}_s": value for phase, value in zip(PHASES, maxed[1:], strict=True)})
+    row.update({f"bytes_{kind}": int(value) for kind, value in zip(BYTE_KINDS, summed[2:], strict=True)})
+    return row
+
+
+def _step_record(step: int, placement: Placement, moe_layers: list[ReplicatedMoE], comm: Comm) -> dict[str, Any]:
+    """The placement a step ran with and the assignments it dropped per layer and expert (summed over ranks)."""
+    dropped_LE = torch.as_tensor(np.stack([moe.dropped_E for moe in moe_layers]), device=comm.device)
+    if comm.world_size > 1:
+        dist.all_reduce(dropped_LE)
+    return {"step": step, "phy2log": placement.phy2log_LR.tolist(),
+            "share": [[round(float(x), 12) for x in row] for row in placement.share_LR],
+            "dropped": dropped_LE.cpu().tolist()}
+
+
+def _write_outputs(out_dir: Path, config: TrainConfig, cfg: ModelConfig, comm: Comm, model: GPT,
+                   full_LEP: list[torch.Tensor], rows: list[dict[str, Any]], step_records: list[dict[str, Any]],
+                   src_counts_SLEG: np.ndarray, tokens_per_step: int, final_placement: Placement) -> None:
+    resolved = {"train": asdict(config), "model": cfg.to_dict(), "world_size": comm.world_size,
+                "backend": dist.get_backend(), "device": str(comm.device), "data": str(config.data_path()),
+                "tokens_per_step": tokens_per_step, "torch": torch.__version__}
+    (out_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out_dir / "placements.jsonl", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in step_records)
+    torch.save({"model": single_device_state_dict(model, full_LEP, cfg), "model_config": cfg.to_dict(),
+                "train_config": asdict(config), "steps": config.steps,
+                "placement": final_placement.to_json_dict()}, out_dir / "checkpoint.pt")
+    if config.record_trace:
+        from symi_sim.trace import LoadTrace, write_trace
+
+        trace = LoadTrace(counts_SLE=src_counts_SLEG.sum(axis=3), top_k=cfg.top_k, tokens_per_step=tokens_per_step,
+                          model=f"symi-exec-{config.model}-E{cfg.num_experts}", source="symi train",
+                          provenance=f"recorded by symi train (policy {config.policy}, seed {config.seed}, data "
+                                     f"{config.data_path().name}, {comm.world_size} ranks)",
+                          src_counts_SLEG=src_counts_SLEG)
+        write_trace(trace, out_dir / "trace.parquet")
+
+
+def single_device_state_dict(model: GPT, full_LEP: list[torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict a single-device GPT(cfg) loads: dense weights plus every expert's full weights."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.endswith("slot_weights_SP")}
+    num_dff = cfg.d_model * cfg.d_ff
+    for layer, flat_EP in enumerate(full_LEP):
+        flat_EP = flat_EP.detach().cpu()
+        state[f"blocks.{layer}.moe.experts.w_in_EDF"] = flat_EP[:, :num_dff].reshape(-1, cfg.d_model, cfg.d_ff).clone()
+        state[f"blocks.{layer}.moe.experts.w_out_EFD"] = flat_EP[:, num_dff:].reshape(-1, cfg.d_ff, cfg.d_model).clone()
+    return state
