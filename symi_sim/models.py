@@ -1,0 +1,341 @@
+"""The simulated model: transformer shapes, MoE configuration, batch, precision; parameter counts and FLOPs.
+
+Legend: S steps, L MoE layers, E logical experts, K top-k.
+
+Presets:
+  gpt-small / gpt-medium / gpt-large  the SYMI paper's bases (GPT-3 shapes 12L-768, 24L-1024, 24L-1536,
+      d_ff = 4 d_model, vocabulary 50257, learned positions, tied embeddings), 16 experts, top-1, sequence 512,
+      global batch 64. Every block's MLP is an MoE layer: the paper does not say which blocks are MoE, and a
+      trace recorded from such a model (and the shipped synthetic-drift trace: 12 layers for GPT-Small) has one
+      entry per MoE block, so "every block" is what makes model and trace agree.
+  deepseek-v3  61 blocks, the first 3 dense (d_ff 18432), 58 MoE blocks with 256 routed experts (d_ff 2048),
+      one shared expert, top-8 in 8 groups, SwiGLU MLPs, MLA attention, vocabulary 129280, untied head.
+      Sequence 4096 and global batch 15360 sequences (the DeepSeek-V3 report's final batch size: 62.9M tokens
+      per step). Pipeline parallelism is not modelled: every GPU holds slots of every MoE layer.
+
+Precision (PAPER_NOTES): weights, gradients and activations 2 bytes; mixed-precision Adam state 16 bytes/param.
+FLOPs: 2 x params per token for every matmul forward, backward = 2 x forward, plus the attention core
+(QK^T and AV: 2 x seq x (qk_dim + v_dim) per token per block, full, not causal-halved, as Megatron counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from symi_sim.trace import LoadTrace
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+_POSITIVE_INT_FIELDS = (
+    "num_layers", "num_moe_layers", "d_model", "d_ff", "expert_d_ff", "mlp_matrices", "vocab_size", "num_experts",
+    "top_k", "num_expert_groups", "seq_len", "global_batch", "weight_bytes", "grad_bytes", "activation_bytes",
+    "optimizer_bytes",
+)
+_NON_NEGATIVE_INT_FIELDS = ("shared_expert_d_ff", "attn_params_per_layer", "qk_dim", "v_dim")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer with MoE blocks (the last `num_moe_layers` of `num_layers` blocks).
+
+    d_ff: the dense MLP width (blocks that are not MoE); expert_d_ff: one routed expert's width;
+    shared_expert_d_ff: width of an always-on shared expert in every MoE block (0: none).
+    mlp_matrices: 2 for a GELU MLP (up, down), 3 for SwiGLU (gate, up, down).
+    attn_params_per_layer: attention parameters per block (0: 4 d_model^2, standard multi-head attention).
+    qk_dim, v_dim: total query/key and value widths over all heads for the attention core (0: d_model).
+    global_batch sequences of seq_len tokens per step.
+    """
+
+    name: str = "custom"
+    num_layers: int = 12
+    num_moe_layers: int = 12
+    d_model: int = 768
+    d_ff: int = 3072
+    expert_d_ff: int = 3072
+    shared_expert_d_ff: int = 0
+    mlp_matrices: int = 2
+    attn_params_per_layer: int = 0
+    qk_dim: int = 0
+    v_dim: int = 0
+    vocab_size: int = 50257
+    tied_embeddings: bool = True
+    learned_positions: bool = True
+    num_experts: int = 16
+    top_k: int = 1
+    num_expert_groups: int = 1
+    seq_len: int = 512
+    global_batch: int = 64
+    weight_bytes: int = 2
+    grad_bytes: int = 2
+    activation_bytes: int = 2
+    optimizer_bytes: int = 16
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+        for name in _NON_NEGATIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model {self.name!r}: {name} must be an integer >= 0, got {value!r}")
+        for name in ("tied_embeddings", "learned_positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model {self.name!r}: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.num_moe_layers > self.num_layers:
+            raise ValueError(
+                f"model {self.name!r}: num_moe_layers {self.num_moe_layers} exceeds num_layers {self.num_layers}"
+            )
+        if self.top_k > self.num_experts:
+            raise ValueError(f"model {self.name!r}: top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        if self.num_experts % self.num_expert_groups:
+            raise ValueError(
+                f"model {self.name!r}: {self.num_experts} experts do not split into {self.num_expert_groups} groups"
+            )
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        return self.mlp_matrices * self.d_model * self.expert_d_ff
+
+    @property
+    def expert_weight_bytes(self) -> int:
+        return self.expert_params * self.weight_bytes
+
+    @property
+    def expert_grad_bytes(self) -> int:
+        return self.expert_params * self.grad_bytes
+
+    @property
+    def expert_optimizer_bytes(self) -> int:
+        return self.expert_params * self.optimizer_bytes
+
+    @property
+    def attention_params(self) -> int:
+        """Attention parameters of one block."""
+        return self.attn_params_per_layer or 4 * self.d_model * self.d_model
+
+    @property
+    def embedding_params(self) -> int:
+        params = self.vocab_size * self.d_model
+        if not self.tied_embeddings:
+            params *= 2
+        if self.learned_positions:
+            params += self.seq_len * self.d_model
+        return params
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters trained data-parallel (everything but the routed experts; layer norms ignored)."""
+        dense_mlp = self.mlp_matrices * self.d_model * self.d_ff
+        shared_mlp = self.mlp_matrices * self.d_model * self.shared_expert_d_ff
+        router = self.d_model * self.num_experts
+        return (self.embedding_params + self.num_layers * self.attention_params
+                + self.num_dense_layers * dense_mlp + self.num_moe_layers * (shared_mlp + router))
+
+    @property
+    def total_params(self) -> int:
+        return self.dense_params + self.num_moe_layers * self.num_experts * self.expert_params
+
+    # ------------------------------------------------------------------ FLOPs (forward, per token)
+    @property
+    def expert_flops_per_assignment(self) -> int:
+        """Forward FLOPs of one token through one routed expert."""
+        return 2 * self.expert_params
+
+    @property
+    def dense_flops_per_token(self) -> int:
+        """Forward FLOPs per token of everything but the routed experts (whole model)."""
+        qk_dim = self.qk_dim or self.d_model
+        v_dim = self.v_dim or self.d_model
+        attention_core = 2 * self.seq_len * (qk_dim + v_dim)
+        dense_mlp = self.mlp_matrices * self.d_model * self.d_ff
+        shared_mlp = self.mlp_matrices * self.d_model * self.shared_expert_d_ff
+        router = self.d_model * self.num_experts
+        lm_head = self.vocab_size * self.d_model
+        return (self.num_layers * (2 * self.attention_params + attention_core)
+                + 2 * self.num_dense_layers * dense_mlp + 2 * self.num_moe_layers * (shared_mlp + router)
+                + 2 * lm_head)
+
+    # ------------------------------------------------------------------ misc
+    def with_(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _mla_attention_params(d_model: int, num_heads: int, q_rank: int, kv_rank: int, nope_dim: int, rope_dim: int,
+                          v_head_dim: int) -> int:
+    """Parameters of DeepSeek's multi-head latent attention (low-rank Q and KV projections)."""
+    q = d_model * q_rank + q_rank * num_heads * (nope_dim + rope_dim)
+    kv = d_model * (kv_rank + rope_dim) + kv_rank * num_heads * (nope_dim + v_head_dim)
+    out = num_heads * v_head_dim * d_model
+    return q + kv + out
+
+
+def _gpt(name: str, num_layers: int, d_model: int) -> ModelConfig:
+    return ModelConfig(name=name, num_layers=num_layers, num_moe_layers=num_layers, d_model=d_model,
+                       d_ff=4 * d_model, expert_d_ff=4 * d_model, num_experts=16, top_k=1, seq_len=512,
+                       global_batch=64)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt-small": _gpt("gpt-small", 12, 768),
+    "gpt-medium": _gpt("gpt-medium", 24, 1024),
+    "gpt-large": _gpt("gpt-large", 24, 1536),
+    "deepseek-v3": ModelConfig(
+        name="deepseek-v3", num_layers=61, num_moe_layers=58, d_model=7168, d_ff=18432, expert_d_ff=2048,
+        shared_expert_d_ff=2048, mlp_matrices=3,
+        attn_params_per_layer=_mla_attention_params(7168, 128, 1536, 512, 128, 64, 128),
+        qk_dim=128 * (128 + 64), v_dim=128 * 128, vocab_size=129280, tied_embeddings=False,
+        learned_positions=False, num_experts=256, top_k=8, num_expert_groups=8, seq_len=4096, global_batch=15360,
+    ),
+}
+
+
+def available_models() -> list[str]:
+    return sorted(PRESETS)
+
+
+def load_model(spec: str | Path, **overrides: Any) -> ModelConfig:
+    """A preset name or a TOML/JSON file path, with optional field overrides (None values are ignored).
+
+    A file holds ModelConfig fields at top level (or under a [model] table); it may name a preset under
+    `base` and override some of its fields.
+    """
+    spec_str = str(spec)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    if spec_str in PRESETS:
+        base = PRESETS[spec_str].to_dict()
+    else:
+        path = Path(spec_str)
+        if path.suffix.lower() not in (".toml", ".json"):
+            raise ValueError(
+                f"unknown model {spec_str!r}: give a preset ({', '.join(available_models())}) or a .toml/.json file"
+            )
+        if not path.is_file():
+            raise ValueError(f"model file {spec_str!r} does not exist")
+        base = _read_model_file(path, fields)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model field(s) {unknown}; valid fields: {sorted(fields)}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ModelConfig(**base)
+    except TypeError as exc:
+        raise ValueError(f"model {spec_str!r}: {exc}") from None
+
+
+def _read_model_file(path: Path, fields: set[str]) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"model file {str(path)!r} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model file {str(path)!r} must hold a table/object of model fields")
+    data = data.get("model", data)
+    if not isinstance(data, dict):
+        raise ValueError(f"model file {str(path)!r}: [model] must be a table of model fields")
+    data = dict(data)
+    base: dict[str, Any] = {}
+    if "base" in data:
+        preset = data.pop("base")
+        if preset not in PRESETS:
+            raise ValueError(
+                f"model file {str(path)!r}: base {preset!r} is not a preset ({', '.join(available_models())})"
+            )
+        base = PRESETS[preset].to_dict()
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"model file {str(path)!r}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
+    base.update(data)
+    if "name" not in data:
+        base["name"] = path.stem
+    return base
+
+
+# ---------------------------------------------------------------- model vs trace
+
+
+def fit_trace(model: ModelConfig, trace: LoadTrace, *,
+              adopt_trace_shape: bool = False) -> tuple[ModelConfig, LoadTrace]:
+    """Reconcile a model with a trace; return the model and trace to simulate.
+
+    The trace decides the number of experts, MoE layers and top-k. When the model disagrees this is an error,
+    unless `adopt_trace_shape`: then the model takes the trace's experts, top-k and MoE layers (and grows its
+    blocks if the trace has more MoE layers than the model has blocks).
+
+    When the trace's tokens per step differ from the model's batch (seq_len x global_batch), the loads are
+    rescaled to the model's tokens keeping each (step, layer)'s popularity: counts x model_tokens /
+    trace_tokens, rounded to whole tokens by largest remainders so that each (step, layer) keeps exactly its
+    scaled total. A trace without tokens_per_step is taken to route every token (its per-(step, layer) total
+    / top_k is that step's tokens). Per-source-rank counts do not survive a rescale (sources become uniform).
+    """
+    mismatches = []
+    if model.num_experts != trace.num_experts:
+        mismatches.append(f"{model.num_experts} experts vs the trace's {trace.num_experts}")
+    if model.num_moe_layers != trace.num_layers:
+        mismatches.append(f"{model.num_moe_layers} MoE layers vs the trace's {trace.num_layers}")
+    if model.top_k != trace.top_k:
+        mismatches.append(f"top-{model.top_k} vs the trace's top-{trace.top_k}")
+    if mismatches:
+        if not adopt_trace_shape:
+            raise ValueError(
+                f"model {model.name!r} does not match the trace: {'; '.join(mismatches)} (pass --fit-model-to-trace "
+                "to take the trace's experts, MoE layers and top-k)"
+            )
+        model = model.with_(num_experts=trace.num_experts, top_k=trace.top_k, num_moe_layers=trace.num_layers,
+                            num_layers=max(model.num_layers, trace.num_layers),
+                            num_expert_groups=math.gcd(model.num_expert_groups, trace.num_experts))
+    return model, rescale_trace(trace, model.tokens_per_step)
+
+
+def rescale_trace(trace: LoadTrace, tokens_per_step: int) -> LoadTrace:
+    """`trace` with its loads scaled to `tokens_per_step` tokens per step (see fit_trace); unchanged if equal."""
+    if trace.tokens_per_step == tokens_per_step:
+        return trace
+    counts_SLE = trace.counts_SLE
+    total_SL = counts_SLE.sum(axis=2)
+    if trace.tokens_per_step is not None:
+        scale_SL = np.full(total_SL.shape, tokens_per_step / trace.tokens_per_step)
+    else:
+        if (total_SL == 0).any():
+            s, layer = np.argwhere(total_SL == 0)[0]
+            raise ValueError(f"trace without tokens_per_step routes no token at step {s} layer {layer}: cannot rescale")
+        scale_SL = trace.top_k * tokens_per_step / total_SL
+    exact_SLE = counts_SLE * scale_SL[..., None]
+    target_SL = np.rint(total_SL * scale_SL).astype(np.int64)
+    base_SLE = np.floor(exact_SLE + 1e-9).astype(np.int64)
+    leftover_SL = target_SL - base_SLE.sum(axis=2)
+    # largest fractional parts get the leftover tokens (ties: lower expert id)
+    order_SLE = np.argsort(-(exact_SLE - base_SLE), axis=2, kind="stable")
+    rank_SLE = np.empty_like(order_SLE)
+    np.put_along_axis(rank_SLE, order_SLE, np.arange(counts_SLE.shape[2])[None, None, :], axis=2)
+    scaled_SLE = base_SLE + (rank_SLE < leftover_SL[..., None])
+    logger.info("rescaled trace loads from %s to %d tokens per step", trace.tokens_per_step, tokens_per_step)
+    return LoadTrace(counts_SLE=scaled_SLE, top_k=trace.top_k, tokens_per_step=tokens_per_step, model=trace.model,
+                     source=trace.source, provenance=trace.provenance, meta=dict(trace.meta))
