@@ -14,9 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(SYMI) trace info traces/olmoe-domains.parquet
-	$(SYMI) plan --trace traces/synthetic-drift.parquet --cluster paper-a100-16 --replay \
-		--policies static,symi,symi-balanced,eplb,flexmoe,fastermoe,lazarus,oracle --out runs/demo-plan
+	rm -rf runs/demo
+	$(SYMI) trace info traces/synthetic-drift.parquet
+	$(SYMI) simulate --trace traces/synthetic-drift.parquet --cluster paper-a100-16 --model gpt-small \
+		--capacity-factor 1.0 --out runs/demo
+	@echo "figure: runs/demo/comparison.png; tables: runs/demo/summary.csv, runs/demo/iterations.parquet"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

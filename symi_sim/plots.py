@@ -94,7 +94,7 @@ def phase_name(column: str) -> str:
 def _policy_axis(ax, labels: list[str]) -> np.ndarray:
     x_P = np.arange(len(labels))
     rotate = len(labels) > 4
-    ax.set_xticks(x_P, labels=labels, rotation=30 if rotate else 0, ha="right" if rotate else "center",
+    ax.set_xticks(x_P, labels=labels, rotation=40 if rotate else 0, ha="right" if rotate else "center",
                   rotation_mode="anchor" if rotate else "default", fontsize=8)
     ax.set_xlabel("policy")
     return x_P
@@ -110,7 +110,7 @@ def _build_comparison(summary: pd.DataFrame) -> Figure:
     fig = Figure(figsize=COMPARISON_SIZE_IN, dpi=DPI, layout="constrained")
     ax_target, ax_phase = fig.subplots(1, 2)
 
-    labels = [f"{policy}\n({dropped:.1%} dropped)" for policy, dropped in zip(policies, dropped_P, strict=True)]
+    labels = [f"{policy} ({dropped:.0%} drop)" for policy, dropped in zip(policies, dropped_P, strict=True)]
     x_P = _policy_axis(ax_target, labels)
     bars = ax_target.bar(x_P, time_to_target_P, color=_colors(len(policies)))
     if BASELINE_POLICY in policies:

@@ -54,7 +54,7 @@ from symi_sim.engine import PHASES, Engine, IterationWork
 from symi_sim.models import ModelConfig
 from symi_sim.outputs import atomic_dir
 from symi_sim.placement import Placement
-from symi_sim.policies import Policy, get_policy
+from symi_sim.policies import Policy, get_policy, with_context
 from symi_sim.replay import PlannedStep, check_window, iter_plans
 from symi_sim.routing import CAPACITY_MODES, route
 from symi_sim.trace import LoadTrace
@@ -86,20 +86,16 @@ def optimizer_layout(policy: Policy) -> str:
     return _LAYOUT_BY_NAME.get(policy.name, "sharded")
 
 
-def resolve_policy(spec: str | Policy, model: ModelConfig) -> tuple[str, Policy]:
-    """(label, policy): a name (with an optional period suffix) or a Policy instance; policies with d_model /
-    d_ff options get the simulated model's (d_ff = one routed expert's width)."""
+def resolve_policy(spec: str | Policy, model: ModelConfig, capacity_mode: str = "slot") -> tuple[str, Policy]:
+    """(label, policy): a name (with an optional period suffix) or a Policy instance, given the context it may take
+    as options: the simulated model's d_model / d_ff (d_ff = one routed expert's width) and the capacity mode."""
     if isinstance(spec, Policy):
         policy, label = spec, spec.name
     elif isinstance(spec, str):
         policy, label = get_policy(spec), spec
     else:
         raise ValueError(f"a policy must be a name or a Policy, got {spec!r}")
-    names = {f.name for f in dataclasses.fields(policy)}
-    shape = {k: v for k, v in (("d_model", model.d_model), ("d_ff", model.expert_d_ff)) if k in names}
-    if shape:
-        policy = dataclasses.replace(policy, **shape)
-    return label, policy
+    return label, with_context(policy, d_model=model.d_model, d_ff=model.expert_d_ff, capacity_mode=capacity_mode)
 
 
 def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies: Sequence[str | Policy],
@@ -115,7 +111,7 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
     if trace.src_counts_SLEG is not None:
         logger.warning("the trace's per-source-rank counts are not used: all-to-all sources are taken as uniform")
     num_steps = counts_SLE.shape[0] - 1
-    resolved = [resolve_policy(spec, model) for spec in policies]
+    resolved = [resolve_policy(spec, model, capacity_mode) for spec in policies]
     labels = [label for label, _ in resolved]
     if len(set(labels)) != len(labels):
         raise ValueError(f"policies are listed more than once: {labels}")
