@@ -1,6 +1,6 @@
 """Planner benchmark: plan time per policy at two shapes, and next-step replay quality on the shipped traces.
 
-    .venv/bin/python benchmarks/bench_plan.py [--repeats 50] [--max-steps 200] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_plan.py [--repeats 50] [--max-steps 1000] [--out benchmarks/results]
 
 Timing (one plan() call for all layers, validation included), every registered policy:
   paper     12 layers x 16 experts on paper-a100-16 (16 GPUs x 4 slots); loads: steps of synthetic-drift
@@ -31,7 +31,8 @@ from symi_sim.trace import LoadTrace, read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 # extra configurations of our own policy, beside every registered policy with its defaults
-VARIANTS = {"symi-balanced": [{"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"}]}
+VARIANTS = {"symi-balanced": [{"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"},
+                              {"spread": False}, {"refine": "tier"}, {"refine": "any"}]}
 SHAPE_CONFIG = {"deepseek": {"eplb": {"num_groups": 8}}}
 
 
@@ -133,7 +134,7 @@ def quality(max_steps: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50, help="timed plan() calls per policy and shape")
-    parser.add_argument("--max-steps", type=int, default=200, help="replayed steps per trace at most")
+    parser.add_argument("--max-steps", type=int, default=1000, help="replayed steps per trace at most")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 

@@ -10,9 +10,19 @@ Three steps, all vectorised over layers:
      hot experts, minimises the predicted heaviest replica). On next-step replays of the shipped traces Webster
      dropped no more than Algorithm 1 in slot mode and balanced GPUs no worse than min-max (bench_plan.py).
   2. packing: replicas by descending predicted load (load / count), in S rounds of G: the heaviest replica of a
-     round to the GPU that is lightest so far (LPT with exactly S replicas per GPU). Replicas of one expert may
-     share a GPU. Unlike Algorithm 1's contiguous layout this spreads hot experts over many GPUs, so their
-     prediction errors are shared out too.
+     round to the GPU that is lightest so far (LPT with exactly S replicas per GPU, one per weight tier). Unlike
+     Algorithm 1's contiguous layout this spreads hot experts over many GPUs, so their prediction errors are
+     shared out too. A plan is served on the NEXT step's loads, where an expert's error moves all its replicas
+     together: two replicas on one GPU double its exposure to that error. So with `spread=True` (default) a
+     replica never joins a GPU holding its expert while another GPU of the round does not (it then takes the
+     lightest such GPU), even where that costs predicted balance.
+     Optional local search (`refine`, `num_refine_passes` passes, default G): swaps between the heaviest and
+     lightest GPUs that lower the pair's maximum (packing.refine_swaps), never breaking the spread; "tier" swaps
+     only replicas of one round, "any" any two. Off by default: they never raise the predicted maximum, but on
+     next-step replays of the shipped traces neither lowered the served imbalance (the prediction error
+     dominates: predicted max/mean ~1.03 against ~1.19 served on synthetic-drift) and "any", which breaks the
+     one-replica-per-tier mix, raised it on olmoe-domains (bench_plan.py, the refine rows). "any" suits loads
+     that change little from step to step; it also needs more passes (about G at 256 experts on 64 GPUs).
   3. token shares, by `capacity_mode` (the routing semantics the plan will be served under):
      "slot" keeps even shares (1 / count). Every slot buffers the same ceil(cf * A / R) tokens, and measured on
      next-step replays (benchmarks/bench_plan.py) any uneven split, even one capped at the slot buffer, drops
@@ -34,11 +44,12 @@ from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
 from symi_sim.policies.eplb import replicate_experts
-from symi_sim.policies.packing import balance_shares, pack_rounds, replica_experts
+from symi_sim.policies.packing import balance_shares, pack_rounds, refine_swaps, replica_experts
 from symi_sim.policies.symi import symi_replica_counts
 
 ALLOCATIONS = ("webster", "symi", "minmax")
 CAPACITY_MODES = ("slot", "gpu")
+REFINES = ("none", "tier", "any")
 
 
 def minmax_replica_counts(load_LE: np.ndarray, num_slots: int) -> np.ndarray:
@@ -83,8 +94,12 @@ def webster_replica_counts(load_LE: np.ndarray, num_slots: int) -> np.ndarray:
 
 
 def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, allocation: str = "webster",
-                  capacity_mode: str = "slot", num_share_iters: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """symi-balanced's placement. load_LE [L, E] float -> (phy2log_LR [L, R] int64, share_LR [L, R] float64)."""
+                  capacity_mode: str = "slot", num_share_iters: int = 10, spread: bool = True, refine: str = "none",
+                  num_refine_passes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """symi-balanced's placement. load_LE [L, E] float -> (phy2log_LR [L, R] int64, share_LR [L, R] float64).
+
+    num_refine_passes None means G passes (each takes at most one swap per GPU pair and layer).
+    """
     num_slots = num_gpus * slots_per_gpu
     if allocation == "webster":
         cnt_LE = webster_replica_counts(load_LE, num_slots)
@@ -95,7 +110,12 @@ def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, all
     expert_LR = replica_experts(cnt_LE)
     rows_L1 = np.arange(load_LE.shape[0])[:, None]
     item_LR = load_LE[rows_L1, expert_LR] / cnt_LE[rows_L1, expert_LR]
-    slot_LR = pack_rounds(item_LR, slots_per_gpu)
+    spread_LR = expert_LR if spread else None
+    slot_LR = pack_rounds(item_LR, slots_per_gpu, spread_LR)
+    if refine != "none":
+        num_passes = num_gpus if num_refine_passes is None else num_refine_passes
+        slot_LR = refine_swaps(item_LR, slot_LR, slots_per_gpu, num_passes=num_passes, expert_LR=spread_LR,
+                               tier=refine == "tier")
     phy2log_LR = np.empty_like(expert_LR)
     phy2log_LR[rows_L1, slot_LR] = expert_LR
     num_iters = num_share_iters if capacity_mode == "gpu" else 0
@@ -104,12 +124,16 @@ def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, all
 
 @dataclass
 class SymiBalancedPolicy(Policy):
-    """Options: allocation "webster" | "symi" | "minmax"; capacity_mode "slot" | "gpu"; num_share_iters (gpu mode)."""
+    """Options: allocation "webster" | "symi" | "minmax"; capacity_mode "slot" | "gpu"; num_share_iters (gpu mode);
+    spread (replicas of an expert on distinct GPUs); refine "none" | "tier" | "any"; num_refine_passes (None: G)."""
 
     name: ClassVar[str] = "symi-balanced"
     allocation: str = "webster"
     capacity_mode: str = "slot"
     num_share_iters: int = 10
+    spread: bool = True
+    refine: str = "none"
+    num_refine_passes: int | None = None
 
     def __post_init__(self) -> None:
         if self.allocation not in ALLOCATIONS:
@@ -120,11 +144,21 @@ class SymiBalancedPolicy(Policy):
         if isinstance(self.num_share_iters, bool) or not isinstance(self.num_share_iters, (int, np.integer)) \
                 or self.num_share_iters < 0:
             raise ValueError(f"{self.name}: num_share_iters must be an integer >= 0, got {self.num_share_iters!r}")
+        if not isinstance(self.spread, (bool, np.bool_)):
+            raise ValueError(f"{self.name}: spread must be true or false, got {self.spread!r}")
+        if self.refine not in REFINES:
+            raise ValueError(f"{self.name}: unknown refine {self.refine!r}; choices: {', '.join(REFINES)}")
+        if self.num_refine_passes is not None and (
+                isinstance(self.num_refine_passes, bool) or not isinstance(self.num_refine_passes, (int, np.integer))
+                or self.num_refine_passes < 0):
+            raise ValueError(
+                f"{self.name}: num_refine_passes must be an integer >= 0 or None, got {self.num_refine_passes!r}")
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         phy2log_LR, share_LR = balanced_plan(load_LE, cluster.num_gpus, cluster.slots_per_gpu,
                                              allocation=self.allocation, capacity_mode=self.capacity_mode,
-                                             num_share_iters=self.num_share_iters)
+                                             num_share_iters=self.num_share_iters, spread=bool(self.spread),
+                                             refine=self.refine, num_refine_passes=self.num_refine_passes)
         return Placement(phy2log_LR, share_LR, load_LE.shape[1])
 
 
