@@ -1,11 +1,12 @@
-"""eplb: DeepSeek EPLB reimplemented in numpy, checked on EPLB's README example and hand-worked cases."""
+"""eplb: DeepSeek EPLB reimplemented in numpy, checked on EPLB's README example and hand-worked cases; the fast
+forms (closed-form replication, packing in rounds) against the literal one-item-per-step loops."""
 
 import numpy as np
 import pytest
 
 from symi_sim.cluster import Cluster
-from symi_sim.policies import get_policy
-from symi_sim.policies.eplb import balanced_packing, rebalance_experts, replicate_experts
+from symi_sim.policies import eplb, get_policy
+from symi_sim.policies.eplb import balanced_packing, rebalance_experts, rebalance_slots, replicate_experts
 
 README_WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                           [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
@@ -101,3 +102,93 @@ def test_bad_input():
         get_policy("eplb", num_groups=0)
     with pytest.raises(ValueError, match="hierarchical"):
         get_policy("eplb", hierarchical="yes")
+
+
+def random_loads(rng, shape, kind):
+    """Continuous loads, or loads full of exact ties (small integers, zeros, all zero)."""
+    if kind == "lognormal":
+        return rng.lognormal(0.0, 2.0, shape)
+    if kind == "zipf":
+        return 1.0 / rng.permuted(np.tile(np.arange(1.0, shape[1] + 1), (shape[0], 1)), axis=1) ** rng.uniform(0.5, 2)
+    if kind == "uniform":
+        return rng.random(shape)
+    if kind == "small-int":
+        return rng.integers(0, 4, shape).astype(float)
+    if kind == "some-zero":
+        return rng.lognormal(0.0, 1.0, shape) * (rng.random(shape) < 0.7)
+    return np.zeros(shape)
+
+
+KINDS = ("lognormal", "zipf", "uniform", "small-int", "some-zero", "all-zero")
+
+
+def assert_arrays_equal(got, want):
+    assert len(got) == len(want)
+    for got_array, want_array in zip(got, want, strict=True):
+        np.testing.assert_array_equal(got_array, want_array)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_closed_form_replication_equals_greedy(kind):
+    rng = np.random.default_rng(KINDS.index(kind))
+    for _ in range(40):
+        num_rows, num_log = int(rng.integers(1, 6)), int(rng.integers(1, 70))
+        weight = random_loads(rng, (num_rows, num_log), kind).astype(np.float32)
+        num_extra = int(rng.integers(1, 400))
+        fast = eplb._replicas_in_creation_order(weight, eplb._dhondt_extra_counts(weight, num_extra))
+        assert_arrays_equal(fast, eplb._replicate_one_by_one(weight, num_log + num_extra))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packing_in_rounds_equals_item_by_item(kind):
+    rng = np.random.default_rng(10 + KINDS.index(kind))
+    for _ in range(40):
+        num_rows, num_packs, per_pack = int(rng.integers(1, 6)), int(rng.integers(1, 50)), int(rng.integers(1, 9))
+        weight = random_loads(rng, (num_rows, num_packs * per_pack), kind).astype(np.float32)
+        order = eplb._descending_order(weight)
+        np.testing.assert_array_equal(order, np.argsort(-weight, axis=1, kind="stable"))
+        sorted_weight = np.take_along_axis(weight, order, axis=1)
+        assert_arrays_equal(eplb._pack_in_rounds(sorted_weight, num_packs),
+                            eplb._pack_item_by_item(sorted_weight, num_packs))
+
+
+def rebalance_with(monkeypatch, fast, *args):
+    """rebalance_experts with only the fast forms, or only the literal loops (the original implementation)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(eplb, "_ROUNDS_MIN_PACKS", 1 if fast else 1 << 30)
+        patch.setattr(eplb, "_CLOSED_FORM_MIN_EXTRAS", 1 if fast else 1 << 30)
+        return rebalance_experts(*args)
+
+
+def test_fast_forms_equal_loops_end_to_end(monkeypatch):
+    rng = np.random.default_rng(21)
+    for trial in range(60):
+        num_nodes = int(rng.choice([1, 2, 4]))
+        num_gpus = num_nodes * int(rng.choice([1, 3, 8, 20]))
+        num_groups = num_nodes * int(rng.choice([1, 2]))
+        num_experts = num_groups * int(rng.integers(1, 9))
+        num_replicas = num_gpus * int(rng.integers(1, 6))
+        if num_replicas < num_experts:
+            continue
+        weight = random_loads(rng, (3, num_experts), KINDS[trial % len(KINDS)])
+        for hierarchical in (None, False):
+            args = (weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical)
+            assert_arrays_equal(rebalance_with(monkeypatch, True, *args), rebalance_with(monkeypatch, False, *args))
+
+
+def test_fast_forms_equal_loops_at_2048_gpus(monkeypatch):
+    # the simulator's large shape (256 experts, 2,048 GPUs x 5 slots, global), 2 of its 58 layers, Zipf loads
+    rng = np.random.default_rng(5)
+    weight = np.round(6e7 / rng.permuted(np.tile(np.arange(1.0, 257), (2, 1)), axis=1))
+    args = (weight, 10240, 1, 256, 2048)
+    phy2log, log2phy, logcnt = rebalance_with(monkeypatch, True, *args)
+    assert_arrays_equal((phy2log, log2phy, logcnt), rebalance_with(monkeypatch, False, *args))
+    # the policy's entry point: the same placement, with each slot's replica rank instead of log2phy
+    slot_phy2log, slot_rank, slot_logcnt = rebalance_slots(*args)
+    assert_arrays_equal((slot_phy2log, slot_logcnt), (phy2log, logcnt))
+    np.testing.assert_array_equal(log2phy[np.arange(2)[:, None], phy2log, slot_rank], np.tile(np.arange(10240), (2, 1)))
+
+
+def test_loads_must_fit_float32():
+    with pytest.raises(ValueError, match="float32"):
+        rebalance_experts([[1e39, 1.0]], 4, 1, 1, 2)
