@@ -271,7 +271,8 @@ def _capacity_factor(raw: str) -> float | None:
 @click.option("--experts", "num_experts", type=int, default=4, show_default=True, help="Experts per MoE layer (E).")
 @click.option("--slots", "slots_per_rank", type=int, default=2, show_default=True, help="Expert slots per rank.")
 @click.option("--top-k", type=int, default=1, show_default=True)
-@click.option("--policy", default="symi", show_default=True, help="Replica placement policy.")
+@click.option("--policy", default="symi", show_default=True,
+              help="Replica placement policy (static, symi, symi-balanced, eplb, lazarus, flexmoe[-N]).")
 @click.option("-o", "--option", "options", multiple=True, help="Policy option key=value (repeatable).")
 @click.option("--capacity-factor", default="1.0", show_default=True, help="A number, or 'none' for dropless.")
 @click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True)
@@ -292,6 +293,7 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
           out: str | None) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
+    import os
 
     from symi_exec.trainer import TrainConfig, launch
 
@@ -303,12 +305,15 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         record_trace=record_trace, dtype=dtype, log_interval=log_interval,
     )
     run_dir = launch(config, nproc_per_node)
+    if os.environ.get("RANK", "0") != "0":
+        return   # under torchrun only rank 0 writes the run directory (other nodes may not even see it)
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     last = rows[-1]
     mean_tps = sum(float(r["tokens_per_s"]) for r in rows) / len(rows)
+    state_mib = sum(float(r["bytes_optimizer_state"]) for r in rows) / 2**20
     click.echo(f"step {last['step']}: loss {float(last['loss']):.4f}, {mean_tps:.0f} tokens/s on average, "
-               f"dropped {100 * float(last['dropped_fraction']):.2f}%")
+               f"dropped {100 * float(last['dropped_fraction']):.2f}%, optimizer state moved {state_mib:.2f} MiB")
     click.echo(f"wrote {run_dir}")
 
 

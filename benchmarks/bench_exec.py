@@ -1,68 +1,171 @@
-"""Executor benchmark: a few steps of `symi train` per policy on local ranks; throughput, drops, bytes per step.
+"""Executor benchmark: real `symi train` runs on local CPU ranks (gloo), per policy, in two scenarios.
 
-    .venv/bin/python benchmarks/bench_exec.py [--steps 12] [--nproc 2] [--out runs/bench_exec.csv]
+    .venv/bin/python benchmarks/bench_exec.py [--nproc 4] [--out benchmarks/results] [--quick]
 
-Prints a table and writes it as CSV. The first step (warm-up) is left out of the averages.
+Model `tiny` (2 MoE layers, d_model 64, d_ff 128, sequence 64), 8 experts, top-1, 4 ranks x 4 slots (16 slots: 2
+replicas per expert under `static`), 4 sequences per rank per step (1,024 tokens per step), capacity factor 1.0,
+slot capacity mode, seed 0, the shipped Wikipedia sample.
+
+  balanced  aux-loss coefficient 10 keeps the routing as even as the aux loss gets this model (busiest expert about
+            2x the mean, against 5-16x at 1e-5; 1.0 still lets it collapse early), so the placement matters
+            little and the cost of re-placing every step shows: `symi` vs `static` iteration time (target: within
+            5%), and the plan and send-out phases alone.
+            Policies alternate over --repeats runs (so drift in the machine's load hits both alike); the time is
+            the median step over all runs, the first --warmup steps of each run left out.
+  skewed    aux-loss coefficient 1e-5 (the SYMI paper's) lets real skew appear: dropped fraction per policy and
+            steps until the training loss, averaged over a trailing window of --window steps, first reaches each
+            of TARGET_LOSSES (the headline one: --target-loss). Every policy trains on the same batches;
+            flexmoe-10 runs with min_gain_ratio=0 (the SYMI authors' re-implementation: rebalance on schedule;
+            the cost-aware default never moves experts this small).
+
+Prints one table and writes bench_exec.csv and bench_exec.json (rows, loss curves, configuration) to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import logging
+import os
+import platform
+import statistics
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from symi_exec.comm import BYTE_KINDS
 from symi_exec.trainer import TrainConfig, launch
 
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = {"model": "tiny", "num_experts": 8, "slots_per_rank": 4, "top_k": 1, "capacity_factor": 1.0,
+          "capacity_mode": "slot", "batch_size": 4, "seed": 0, "log_interval": 10**6}
+SCENARIOS = {
+    "balanced": {"aux_loss_coef": 10.0, "policies": ("static", "symi")},
+    "skewed": {"aux_loss_coef": 1e-5, "policies": ("static", "symi", "symi-balanced", "flexmoe-10")},
+}
+POLICY_OPTIONS = {"flexmoe-10": {"min_gain_ratio": 0}}
+# chosen from the skewed curves (benchmarks/results/bench_exec.json, "curves"): the smoothed losses fall through
+# 3.0 at about step 160 and flatten near 2.75 by step 300; the gaps between policies open up below 2.9
+TARGET_LOSSES = (3.0, 2.9, 2.8, 2.75)
+TARGET_LOSS = 2.8
 
-def bench(policy: str, args: argparse.Namespace, root: Path) -> dict[str, object]:
-    config = TrainConfig(out=str(root / policy), model=args.model, num_experts=args.experts,
-                         slots_per_rank=args.slots, top_k=args.top_k, policy=policy,
-                         capacity_factor=args.capacity_factor, steps=args.steps, batch_size=args.batch_size,
-                         log_interval=10**6)
-    launch(config, args.nproc)
-    with open(Path(config.out) / "metrics.csv") as f:
-        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)][1:]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    result: dict[str, object] = {
-        "policy": policy, "ranks": args.nproc, "model": args.model, "experts": args.experts, "slots": args.slots,
-        "tokens_per_s": round(mean["tokens_per_s"]), "step_ms": round(1e3 * mean["step_s"], 1),
-        "final_loss": round(rows[-1]["loss"], 4), "dropped_pct": round(100 * mean["dropped_fraction"], 2),
+
+def run(policy: str, scenario: str, steps: int, nproc: int, root: Path) -> list[dict[str, float]]:
+    """Train once; the metrics rows (one per step)."""
+    out = root / f"{scenario}-{policy}-{time.monotonic_ns()}"
+    config = TrainConfig(out=str(out), policy=policy, policy_options=POLICY_OPTIONS.get(policy, {}), steps=steps,
+                         aux_loss_coef=SCENARIOS[scenario]["aux_loss_coef"], **COMMON)
+    launch(config, nproc, log_level=logging.WARNING)
+    with open(out / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def smoothed(losses: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` steps (per-step losses are single 1,024-token batches: noisy)."""
+    return [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+
+
+def steps_to(target: float, curve: list[float], window: int) -> int | None:
+    """Steps trained when the smoothed loss first reaches `target` (a full window in); None if it never does."""
+    for i in range(window - 1, len(curve)):
+        if curve[i] <= target:
+            return i + 1
+    return None
+
+
+def summarise(scenario: str, policy: str, runs: list[list[dict[str, float]]], args: argparse.Namespace
+              ) -> dict[str, Any]:
+    timed = [row for rows in runs for row in rows[args.warmup:]]
+    every = [row for rows in runs for row in rows]
+    mean = {k: statistics.fmean(row[k] for row in every) for k in every[0]}
+    result: dict[str, Any] = {
+        "scenario": scenario, "policy": policy, "aux_loss_coef": SCENARIOS[scenario]["aux_loss_coef"],
+        "runs": len(runs), "steps": len(runs[0]),
+        "step_ms": round(1e3 * statistics.median(row["step_s"] for row in timed), 2),
+        "step_ms_mean": round(1e3 * statistics.fmean(row["step_s"] for row in timed), 2),
+        "plan_ms": round(1e3 * statistics.median(row["time_plan_s"] for row in timed), 2),
+        "send_out_ms": round(1e3 * statistics.median(row["time_send_out_s"] for row in timed), 2),
+        # assignments the experts really computed per second (dropped ones are free)
+        "kept_tok_per_s": round(statistics.median(row["tokens_per_s"] * (1 - row["dropped_fraction"])
+                                                  for row in timed)),
+        "dropped_pct": round(100 * mean["dropped_fraction"], 2),
         "imbalance": round(mean["imbalance"], 3),
+        "replica_moves_per_step": round(mean["replica_moves"], 2),
     }
-    for kind in BYTE_KINDS:
+    if scenario == "skewed":
+        curve = smoothed([row["loss"] for row in runs[0]], args.window)
+        result["final_loss"] = round(curve[-1], 4)
+        for target in sorted({*TARGET_LOSSES, args.target_loss}, reverse=True):
+            result[f"steps_to_{target:g}"] = steps_to(target, curve, args.window)
+    for kind in ("weight_sendout", "grad_collection", "optimizer_state"):
         result[f"kib_{kind}"] = round(mean[f"bytes_{kind}"] / 1024, 1)
+    result["kib_expert_total"] = round(sum(mean[f"bytes_{kind}"] for kind in BYTE_KINDS
+                                           if kind not in ("dense_grad", "popularity")) / 1024, 1)
     return result
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(c for r in results for c in r))
+    cells = [[("-" if r.get(c) is None else str(r[c])) for c in columns] for r in results]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="static,symi,symi-balanced")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--top-k", type=int, default=1)
-    parser.add_argument("--capacity-factor", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--out", default="runs/bench_exec.csv")
+    parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--balanced-steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per policy in the balanced scenario.")
+    parser.add_argument("--warmup", type=int, default=5, help="Steps per run left out of the timing.")
+    parser.add_argument("--skewed-steps", type=int, default=400)
+    parser.add_argument("--window", type=int, default=25, help="Trailing window of the smoothed loss.")
+    parser.add_argument("--target-loss", type=float, default=TARGET_LOSS)
+    parser.add_argument("--quick", action="store_true", help="Few steps, one repeat: checks the script runs.")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    if args.quick:
+        args.balanced_steps, args.repeats, args.skewed_steps, args.warmup, args.window = 8, 1, 10, 2, 3
+
+    start_s = time.perf_counter()
+    results, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = [bench(policy.strip(), args, Path(tmp)) for policy in args.policies.split(",")]
-    columns = list(results[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in results)) for c in columns]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+        balanced: dict[str, list[list[dict[str, float]]]] = {p: [] for p in SCENARIOS["balanced"]["policies"]}
+        for _ in range(args.repeats):
+            for policy in balanced:
+                balanced[policy].append(run(policy, "balanced", args.balanced_steps, args.nproc, Path(tmp)))
+        results += [summarise("balanced", policy, runs, args) for policy, runs in balanced.items()]
+        for policy in SCENARIOS["skewed"]["policies"]:
+            rows = run(policy, "skewed", args.skewed_steps, args.nproc, Path(tmp))
+            results.append(summarise("skewed", policy, [rows], args))
+            curves[policy] = [round(row["loss"], 4) for row in rows]
     for r in results:
-        print("  ".join(str(r[c]).rjust(w) for c, w in zip(columns, widths, strict=True)))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
+        static = next(s for s in results if s["scenario"] == r["scenario"] and s["policy"] == "static")
+        r["step_vs_static"] = round(r["step_ms"] / static["step_ms"], 3)
+    wall_s = time.perf_counter() - start_s
+
+    print_table(results)
+    print(f"target loss {args.target_loss} (trailing mean over {args.window} steps); wall time {wall_s:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(c for r in results for c in r))
+    with open(args.out / "bench_exec.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(results)
-    print(f"wrote {out}")
+    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "nproc": args.nproc, "common": COMMON,
+            "scenarios": {k: {**v, "policies": list(v["policies"])} for k, v in SCENARIOS.items()},
+            "policy_options": POLICY_OPTIONS, "balanced_steps": args.balanced_steps, "repeats": args.repeats,
+            "warmup": args.warmup, "skewed_steps": args.skewed_steps, "window": args.window,
+            "target_loss": args.target_loss, "wall_s": round(wall_s, 1)}
+    (args.out / "bench_exec.json").write_text(json.dumps({"meta": meta, "results": results,
+                                                          "curves": {"skewed": curves}}, indent=1) + "\n")
+    print(f"wrote {args.out / 'bench_exec.csv'} and {args.out / 'bench_exec.json'}")
 
 
 if __name__ == "__main__":

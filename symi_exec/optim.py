@@ -1,9 +1,10 @@
-"""SYMI's decoupled expert optimizer: every expert's AdamW state sharded 1/G over ALL ranks, never moved.
+"""Expert optimizers. SYMI's decoupled layout: every expert's AdamW state sharded 1/G over ALL ranks, never moved;
+FlexMoE's coupled layout: every rank hosting an expert keeps that expert's full AdamW state, which moves with it.
 
 Legend: L MoE layers, E experts, P parameters of one expert (flat: w_in then w_out), p this rank's shard of P,
 G ranks, S slots per rank, R slots (G*S).
 
-Per step (the paper's pipeline, steps 4-8):
+ShardedExpertOptimizer (SYMI; the paper's pipeline, steps 4-8):
   replica_grad_sync  on every rank the slots holding expert e are summed into one representative; the holder
                      ranks of e then all-reduce it (reduce-scatter + all-gather among the holders, one chunk each)
   grad_collection    rank r takes shard r of e's summed gradient from the local representative when r holds e,
@@ -12,6 +13,16 @@ Per step (the paper's pipeline, steps 4-8):
   send_out           rank r sends its updated shard r of e to every rank whose slots hold e in the NEXT placement
 Every transfer is a real point-to-point segment inside one all-to-all per phase, so the counted bytes are the
 bytes the scheme moves. Optimizer state never leaves its rank: the `optimizer_state` byte count stays zero.
+
+ReplicaExpertOptimizer (FlexMoE, as the SYMI authors re-implemented it; the simulator's "replica" layout):
+  replica_grad_sync  as above; afterwards every holder rank has e's full summed gradient
+  step               every holder rank runs AdamW on its full copy of e (weights, m, v): the copies stay identical
+  send_out           only when the placement changes: a rank that starts hosting e receives e's weights
+                     (`weight_sendout` bytes) and both AdamW moments (`optimizer_state` bytes) from
+                     sorted(old holders)[rank % len(old holders)]; a rank that stops hosting e drops its copy.
+                     Slots then take their expert's weights from the local copy. No gradient collection.
+Several slots of one expert on one rank share one copy (state is per rank, not per slot), so moving a replica
+within a rank, or to a rank that already hosts the expert, moves nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +60,48 @@ def holder_ranks(phy2log_R: np.ndarray, expert: int, slots_per_rank: int) -> lis
     return sorted(set((np.flatnonzero(phy2log_R == expert) // slots_per_rank).tolist()))
 
 
+Key = tuple[int, int]   # (layer, expert)
+
+
+def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement, comm: Comm, slots_per_rank: int,
+                       num_experts: int) -> tuple[dict[Key, torch.Tensor], dict[Key, list[int]]]:
+    """The replica gradient sync: every holder rank of (layer, expert) ends with the expert's gradient summed over
+    all its slots on all ranks. Returns (representative[(layer, expert)] [P] on holder ranks, holders[(layer,
+    expert)] sorted holder ranks for every key)."""
+    me, spr = comm.rank, slots_per_rank
+    expert_numel = slot_grads_LSP[0].shape[1]
+    dtype = slot_grads_LSP[0].dtype
+    representative: dict[Key, torch.Tensor] = {}
+    holders: dict[Key, list[int]] = {}
+    for layer, phy2log_R in enumerate(placement.phy2log_LR):
+        local_R = phy2log_R[me * spr:(me + 1) * spr]
+        for expert in range(num_experts):
+            holders[layer, expert] = holder_ranks(phy2log_R, expert, spr)
+            mine = np.flatnonzero(local_R == expert)
+            if mine.size:
+                representative[layer, expert] = slot_grads_LSP[layer][mine].sum(dim=0)
+
+    reduce_segs, gather_segs = [], []
+    for key, ranks in holders.items():
+        for i, owner in enumerate(ranks):
+            start, stop = shard_bounds(expert_numel, len(ranks), i)
+            reduce_segs += [Segment(h, owner, key, start, stop) for h in ranks if h != owner]
+            gather_segs += [Segment(owner, h, key, start, stop) for h in ranks if h != owner]
+
+    def read_rep(seg: Segment) -> torch.Tensor:
+        return representative[seg.key][seg.start:seg.stop].clone()
+
+    def add_rep(seg: Segment, data: torch.Tensor) -> None:
+        representative[seg.key][seg.start:seg.stop] += data
+
+    def copy_rep(seg: Segment, data: torch.Tensor) -> None:
+        representative[seg.key][seg.start:seg.stop] = data
+
+    exchange(reduce_segs, comm, "replica_grad_sync", dtype, read_rep, add_rep)
+    exchange(gather_segs, comm, "replica_grad_sync", dtype, read_rep, copy_rep)
+    return representative, holders
+
+
 class ShardedExpertOptimizer:
     """Every expert's master weights and AdamW moments for this rank's shard; the gradient and weight traffic."""
 
@@ -81,38 +134,13 @@ class ShardedExpertOptimizer:
         slot_grads_LSP: this rank's slot gradients per layer under `placement` (the one the step ran with); the
         per-rank losses are local means, so the summed gradient is divided by the number of ranks.
         """
-        comm, spr = self.comm, self.slots_per_rank
-        me = comm.rank
+        comm = self.comm
+        representative, holders = sync_replica_grads(slot_grads_LSP, placement, comm, self.slots_per_rank,
+                                                     self.num_experts)
         dtype = slot_grads_LSP[0].dtype
-        representative: dict[tuple[int, int], torch.Tensor] = {}
-        holders: dict[tuple[int, int], list[int]] = {}
-        for layer in range(self.num_layers):
-            phy2log_R = placement.phy2log_LR[layer]
-            local_R = phy2log_R[me * spr:(me + 1) * spr]
-            for expert in range(self.num_experts):
-                holders[layer, expert] = holder_ranks(phy2log_R, expert, spr)
-                mine = np.flatnonzero(local_R == expert)
-                if mine.size:
-                    representative[layer, expert] = slot_grads_LSP[layer][mine].sum(dim=0)
-
-        reduce_segs, gather_segs = [], []
-        for key, ranks in holders.items():
-            for i, owner in enumerate(ranks):
-                start, stop = shard_bounds(self.expert_numel, len(ranks), i)
-                reduce_segs += [Segment(h, owner, key, start, stop) for h in ranks if h != owner]
-                gather_segs += [Segment(owner, h, key, start, stop) for h in ranks if h != owner]
 
         def read_rep(seg: Segment) -> torch.Tensor:
             return representative[seg.key][seg.start:seg.stop].clone()
-
-        def add_rep(seg: Segment, data: torch.Tensor) -> None:
-            representative[seg.key][seg.start:seg.stop] += data
-
-        def copy_rep(seg: Segment, data: torch.Tensor) -> None:
-            representative[seg.key][seg.start:seg.stop] = data
-
-        exchange(reduce_segs, comm, "replica_grad_sync", dtype, read_rep, add_rep)
-        exchange(gather_segs, comm, "replica_grad_sync", dtype, read_rep, copy_rep)
 
         collect_segs = []
         for key, ranks in holders.items():
@@ -187,3 +215,136 @@ class ShardedExpertOptimizer:
                 pieces.append(part[:, :stop - start])
             out.append(torch.cat(pieces, dim=1))
         return out
+
+
+class ReplicaExpertOptimizer:
+    """FlexMoE's coupled layout: every rank hosting an expert keeps its full weights and AdamW moments.
+
+    Same interface as ShardedExpertOptimizer, so the training loop runs either. The copies of an expert on its
+    holder ranks see the same summed gradient and run the same update, so they stay bit-identical; the one on
+    the lowest holder rank is the one counted (gradient norm) and checkpointed.
+    """
+
+    def __init__(self, expert_weights_LEP: list[torch.Tensor], comm: Comm, *, slots_per_rank: int, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        """expert_weights_LEP: the full initial weights of every expert (identical on all ranks)."""
+        self.comm = comm
+        self.slots_per_rank = slots_per_rank
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.num_experts, self.expert_numel = expert_weights_LEP[0].shape
+        self.num_layers = len(expert_weights_LEP)
+        # kept only until the first placement says which experts this rank hosts
+        self._initial_LEP: list[torch.Tensor] | None = [w.detach().clone() for w in expert_weights_LEP]
+        self.weights: dict[tuple[int, int], torch.Tensor] = {}     # (layer, expert) -> [P], hosted experts only
+        self.exp_avg: dict[tuple[int, int], torch.Tensor] = {}
+        self.exp_avg_sq: dict[tuple[int, int], torch.Tensor] = {}
+        self.grad: dict[tuple[int, int], torch.Tensor] = {}
+        self.placement: Placement | None = None
+        self.num_steps = 0
+
+    def _hosted(self, placement: Placement) -> set[tuple[int, int]]:
+        spr, me = self.slots_per_rank, self.comm.rank
+        return {(layer, int(e)) for layer, phy2log_R in enumerate(placement.phy2log_LR)
+                for e in phy2log_R[me * spr:(me + 1) * spr]}
+
+    def _lead(self, placement: Placement) -> set[tuple[int, int]]:
+        """Keys whose lowest holder rank is this one."""
+        return {key for key in self._hosted(placement)
+                if holder_ranks(placement.phy2log_LR[key[0]], key[1], self.slots_per_rank)[0] == self.comm.rank}
+
+    # ------------------------------------------------------------------ gradients
+
+    def collect_gradients(self, slot_grads_LSP: list[torch.Tensor], placement: Placement) -> None:
+        """Replica gradient sync; every holder keeps the full summed gradient, averaged over ranks."""
+        assert self.placement is not None and np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR), \
+            "gradients must come from the placement the optimizer filled the slots for"
+        representative, _ = sync_replica_grads(slot_grads_LSP, placement, self.comm, self.slots_per_rank,
+                                               self.num_experts)
+        self.grad = {key: grad / self.comm.world_size for key, grad in representative.items()}
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared L2 norm of the expert gradients, each expert counted once (on its lowest holder rank)."""
+        assert self.placement is not None
+        sq = torch.zeros((), dtype=torch.float64, device=self.comm.device)
+        for key in self._lead(self.placement):
+            sq += (self.grad[key].double() ** 2).sum()
+        if self.comm.world_size > 1:
+            dist.all_reduce(sq)
+        return sq
+
+    # ------------------------------------------------------------------ update and migration
+
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """AdamW on every hosted expert's full copy with learning rate `lr`, gradients times `grad_scale`."""
+        self.num_steps += 1
+        beta1, beta2 = self.betas
+        for key, weights in self.weights.items():
+            grad = self.grad[key]
+            adamw_update_(weights, grad * grad_scale if grad_scale != 1.0 else grad, self.exp_avg[key],
+                          self.exp_avg_sq[key], step=self.num_steps, lr=lr, beta1=beta1, beta2=beta2,
+                          eps=self.eps, weight_decay=self.weight_decay)
+        self.grad = {}
+
+    def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
+        """Migrate the experts whose holder ranks change (weights and moments), then fill this rank's slots."""
+        hosted = self._hosted(placement)
+        if self.placement is None:
+            assert self._initial_LEP is not None
+            for layer, expert in sorted(hosted):
+                weights = self._initial_LEP[layer][expert].clone()
+                self.weights[layer, expert] = weights
+                self.exp_avg[layer, expert] = torch.zeros_like(weights)
+                self.exp_avg_sq[layer, expert] = torch.zeros_like(weights)
+            self._initial_LEP = None
+        elif not np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR):
+            self._migrate(placement)
+        for key in set(self.weights) - hosted:
+            del self.weights[key], self.exp_avg[key], self.exp_avg_sq[key]
+        assert set(self.weights) == hosted
+        spr, me = self.slots_per_rank, self.comm.rank
+        with torch.no_grad():
+            for layer, phy2log_R in enumerate(placement.phy2log_LR):
+                for s, expert in enumerate(phy2log_R[me * spr:(me + 1) * spr]):
+                    slot_weights_LSP[layer][s] = self.weights[layer, int(expert)]
+        self.placement = placement
+
+    def _migrate(self, placement: Placement) -> None:
+        assert self.placement is not None
+        spr, numel = self.slots_per_rank, self.expert_numel
+        segs = []
+        for layer in range(self.num_layers):
+            old_R, new_R = self.placement.phy2log_LR[layer], placement.phy2log_LR[layer]
+            for expert in range(self.num_experts):
+                old = holder_ranks(old_R, expert, spr)
+                segs += [Segment(old[dst % len(old)], dst, (layer, expert), 0, numel)
+                         for dst in holder_ranks(new_R, expert, spr) if dst not in old]
+        dtype = next(iter(self.weights.values())).dtype
+
+        def read_weights(seg: Segment) -> torch.Tensor:
+            return self.weights[seg.key].clone()
+
+        def write_weights(seg: Segment, data: torch.Tensor) -> None:
+            self.weights[seg.key] = data.clone()
+
+        def read_moments(seg: Segment) -> torch.Tensor:
+            return torch.cat([self.exp_avg[seg.key], self.exp_avg_sq[seg.key]])
+
+        def write_moments(seg: Segment, data: torch.Tensor) -> None:
+            self.exp_avg[seg.key] = data[:numel].clone()
+            self.exp_avg_sq[seg.key] = data[numel:].clone()
+
+        exchange(segs, self.comm, "weight_sendout", dtype, read_weights, write_weights)
+        moment_segs = [Segment(seg.src, seg.dst, seg.key, 0, 2 * numel) for seg in segs]
+        exchange(moment_segs, self.comm, "optimizer_state", dtype, read_moments, write_moments)
+
+    def full_weights(self) -> list[torch.Tensor]:
+        """[L] x [E, P]: every expert's full weights, assembled on every rank (for checkpoints)."""
+        assert self.placement is not None
+        device = next(iter(self.weights.values())).device
+        dtype = next(iter(self.weights.values())).dtype
+        out_LEP = torch.zeros(self.num_layers, self.num_experts, self.expert_numel, dtype=dtype, device=device)
+        for layer, expert in self._lead(self.placement):
+            out_LEP[layer, expert] = self.weights[layer, expert]
+        if self.comm.world_size > 1:
+            dist.all_reduce(out_LEP)   # exactly one rank contributes each expert; the others add zeros
+        return list(out_LEP)

@@ -9,8 +9,12 @@ One step on every rank:
   dense_grad  plain data parallel: all-reduce (mean) of every non-expert gradient
   expert_grad replica gradient sync + collection into this rank's 1/G shard of every expert (optim.py)
   optimizer   gradient clipping on the global norm; AdamW on dense parameters and on the expert shards
-  plan        the policy plans the next placement from this step's global popularity (every rank, deterministic)
+  plan        the policy plans the next placement from this step's global popularity (every rank, deterministic);
+              a policy with a period (flexmoe-N) is asked only every N steps and the placement kept in between
   send_out    updated expert shards go to the slots of the next placement
+Optimizer-coupled policies (flexmoe) run with optim.ReplicaExpertOptimizer instead: expert_grad is the replica
+gradient sync alone, every holder rank updates its full copy of the expert, and send_out migrates the weights and
+AdamW moments of replicas that change rank (counted as `weight_sendout` and `optimizer_state` bytes).
 Rank 0 writes the run directory: config.json, metrics.csv (one row per step), placements.jsonl (the placement
 each step ran with and the assignments it dropped per layer and expert), checkpoint.pt (single-device state dict,
 loadable by model.GPT), trace.parquet (--record-trace: counts per step, layer, expert and source rank).
@@ -38,11 +42,11 @@ import torch.multiprocessing as mp
 from symi_exec.comm import BYTE_KINDS, Comm
 from symi_exec.model import GPT, ModelConfig, model_config, param_groups
 from symi_exec.moe import ReplicatedMoE
-from symi_exec.optim import ShardedExpertOptimizer
+from symi_exec.optim import ReplicaExpertOptimizer, ShardedExpertOptimizer
 from symi_sim.cluster import Cluster
 from symi_sim.outputs import atomic_dir
 from symi_sim.placement import Placement
-from symi_sim.policies import get_policy
+from symi_sim.policies import get_policy, with_context
 from symi_sim.routing import CAPACITY_MODES
 
 logger = logging.getLogger(__name__)
@@ -120,9 +124,6 @@ class TrainConfig:
         policy = get_policy(self.policy, **self.policy_options)
         if policy.uses_current_load:
             raise ValueError(f"policy {self.policy!r} plans on the current step's loads; the executor cannot run it")
-        if policy.optimizer_coupled:
-            raise ValueError(f"policy {self.policy!r} moves optimizer state with its replicas; the executor does "
-                             "not implement optimizer-coupled policies yet")
         path = self.data_path()
         if not path.is_file():
             raise ValueError(f"data file {str(path)!r} does not exist")
@@ -239,7 +240,10 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     ranks_per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)), comm.world_size)
     cluster = Cluster(name="executor", num_nodes=max(comm.world_size // ranks_per_node, 1),
                       gpus_per_node=ranks_per_node, slots_per_gpu=config.slots_per_rank)
-    policy = get_policy(config.policy, **config.policy_options)
+    # policies that estimate costs from the expert's shape, or shape shares for a capacity mode, get the real ones
+    context = {k: v for k, v in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("capacity_mode", config.capacity_mode))
+               if k not in config.policy_options}
+    policy = with_context(get_policy(config.policy, **config.policy_options), **context)
     if planner is None:
         def planner(step: int, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
             if previous is not None and (step + 1) % policy.rebalance_every:
@@ -259,9 +263,9 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     slot_params = [moe.slot_weights_SP for moe in moe_layers]
     dense_opt = torch.optim.AdamW(param_groups(dense_named, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=1e-8)
-    expert_opt = ShardedExpertOptimizer(expert_weights_LEP, comm, slots_per_rank=config.slots_per_rank,
-                                        lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
-                                        weight_decay=config.weight_decay)
+    optimizer_cls = ReplicaExpertOptimizer if policy.optimizer_coupled else ShardedExpertOptimizer
+    expert_opt = optimizer_cls(expert_weights_LEP, comm, slots_per_rank=config.slots_per_rank, lr=config.lr,
+                               betas=(config.beta1, config.beta2), eps=1e-8, weight_decay=config.weight_decay)
     del expert_weights_LEP
 
     placement = planner(-1, np.ones((cfg.num_layers, cfg.num_experts)), cluster, None)
@@ -410,7 +414,9 @@ def _write_outputs(out_dir: Path, config: TrainConfig, cfg: ModelConfig, comm: C
                    src_counts_SLEG: np.ndarray, tokens_per_step: int, final_placement: Placement) -> None:
     resolved = {"train": asdict(config), "model": cfg.to_dict(), "world_size": comm.world_size,
                 "backend": dist.get_backend(), "device": str(comm.device), "data": str(config.data_path()),
-                "tokens_per_step": tokens_per_step, "torch": torch.__version__}
+                "tokens_per_step": tokens_per_step, "torch": torch.__version__,
+                "expert_optimizer": "replica" if get_policy(config.policy, **config.policy_options).optimizer_coupled
+                else "sharded"}
     (out_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -18,6 +18,8 @@ from cli import symi
     (["--experts", "9", "--slots", "2"], "9 experts need at least 9 slots"),
     (["--policy", "nope"], "unknown policy 'nope'"),
     (["--policy", "oracle"], "current step's loads"),
+    (["--policy", "flexmoe-5", "-o", "threshold=0.5"], "threshold (max/mean GPU load) must be a number >= 1"),
+    (["--policy", "flexmoe", "-o", "nope=1"], "unknown option(s) ['nope'] for policy 'flexmoe'"),
     (["--capacity-factor", "abc"], "capacity factor must be a number"),
     (["--capacity-factor", "-1"], "capacity factor must be a finite number > 0"),
     (["--top-k", "5", "--experts", "4"], "top_k 5 exceeds"),
