@@ -217,14 +217,19 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
 @click.option("--slots", type=int, default=None, help="Override the cluster's slots per GPU.")
 @click.option("--fit-model-to-trace", is_flag=True,
               help="Take the trace's experts, MoE layers and top-k when they differ from the model's.")
+@click.option("--convergence", "convergence_path", default=None, type=click.Path(dir_okay=False),
+              help="Calibration file of (survival, iterations) points, .csv or .json (default: the paper's table).")
+@click.option("--convergence-form", type=click.Choice(["power", "exponential"]), default="power", show_default=True,
+              help="Curve fitted to the calibration points.")
 @click.option("--out", "out", default=None, help="Run directory (default runs/simulate-<timestamp>).")
 def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str, capacity_factor: float,
              capacity_mode: str, steps: int | None, loop: bool, window: int, slots: int | None,
-             fit_model_to_trace: bool, out: str | None) -> None:
+             fit_model_to_trace: bool, convergence_path: str | None, convergence_form: str, out: str | None) -> None:
     """Replay a trace through every policy on the simulated cluster; compare time to target loss."""
     from pathlib import Path
 
     from symi_sim.cluster import load_cluster
+    from symi_sim.convergence import load_calibration, paper_model
     from symi_sim.models import fit_trace, load_model
     from symi_sim.simulate import simulate as run_simulation
     from symi_sim.simulate import write_run
@@ -241,9 +246,11 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     trace = read_trace(trace_path)
     cluster.check_experts(trace.num_experts)
     model, trace = fit_trace(model, trace, adopt_trace_shape=fit_model_to_trace)
+    convergence = (load_calibration(convergence_path, form=convergence_form) if convergence_path
+                   else paper_model(form=convergence_form))
     result = run_simulation(trace=trace, cluster=cluster, model=model, policies=names,
                             capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps, loop=loop,
-                            window=window)
+                            window=window, convergence=convergence)
     result.config["trace"]["path"] = trace_path
     result.config["command"] = "simulate"
     write_run(result, out_dir)

@@ -112,6 +112,12 @@ class ConvergenceModel:
     def _iterations(self, survival: np.ndarray) -> np.ndarray:
         return self.i_full * np.exp(self.exponent * _shape_term(self.form, survival))
 
+    def describe(self) -> dict[str, object]:
+        """The fitted curve as plain values (what a run's config.json records)."""
+        return {"form": self.form, "i_full": self.i_full, "exponent": self.exponent,
+                "survival_points": list(self.survival_points), "iteration_points": list(self.iteration_points),
+                "max_rel_error": self.max_rel_error, "rms_rel_error": self.rms_rel_error}
+
     def iterations_to_target(self, survival: float | np.ndarray) -> float | np.ndarray:
         """Iterations to the target loss at token survival `survival` in (0, 1]; float in, float out,
         array in, array (same shape) out."""

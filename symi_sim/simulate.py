@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from symi_sim.cluster import Cluster
-from symi_sim.convergence import paper_model
+from symi_sim.convergence import ConvergenceModel, paper_model
 from symi_sim.costs import (
     POPULARITY_BYTES_PER_EXPERT,
     allreduce_bytes,
@@ -100,9 +100,11 @@ def resolve_policy(spec: str | Policy, model: ModelConfig, capacity_mode: str = 
 
 def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies: Sequence[str | Policy],
              capacity_factor: float = 1.0, capacity_mode: str = "slot", steps: int | None = None, loop: bool = False,
-             window: int = 1, progress: bool = True) -> SimulationResult:
+             window: int = 1, progress: bool = True, convergence: ConvergenceModel | None = None
+             ) -> SimulationResult:
     """Simulate `policies` over `trace` (already fitted to `model`, see models.fit_trace).
 
+    `convergence` maps token survival to iterations to the target loss (default: convergence.paper_model()).
     Steps 1..steps of the trace are simulated (step 0 only seeds the first plan); `steps` None = all the trace
     has; loop=True cycles a shorter trace up to `steps`.
     """
@@ -130,7 +132,8 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
     finally:
         bar.close()
     iterations = pd.concat(frames, ignore_index=True)
-    summary = summarize(iterations)
+    convergence = convergence or paper_model()
+    summary = summarize(iterations, convergence)
     config = {
         "trace": {"num_steps": trace.num_steps, "num_layers": trace.num_layers, "num_experts": trace.num_experts,
                   "top_k": int(trace.top_k), "tokens_per_step": trace.tokens_per_step, "model": trace.model,
@@ -144,6 +147,7 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
         "steps": num_steps,
         "loop": loop,
         "window": window,
+        "convergence": convergence.describe(),
     }
     return SimulationResult(iterations, summary, config)
 
@@ -372,9 +376,10 @@ def _chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, counts_
     return work, cols
 
 
-def summarize(iterations: pd.DataFrame) -> pd.DataFrame:
-    """One row per policy: means per iteration, survival, and time to target through convergence.paper_model."""
-    convergence = paper_model()
+def summarize(iterations: pd.DataFrame, convergence: ConvergenceModel | None = None) -> pd.DataFrame:
+    """One row per policy: means per iteration, survival, and time to target through `convergence`
+    (default: convergence.paper_model())."""
+    convergence = convergence or paper_model()
     rows = []
     for name, group in iterations.groupby("policy", sort=False):
         dropped_fraction = float(group["dropped_tokens"].sum() / max(group["assignments"].sum(), 1))

@@ -70,3 +70,27 @@ def test_bad_trace_file(tmp_path):
     result = _invoke("--trace", str(bad), "--out", str(tmp_path / "run"))
     assert result.exit_code != 0 and "Error:" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_convergence_calibration_file_sets_iterations_to_target(tmp_path, trace_path):
+    # an exact power law i = 100 * s**-1 (i_full 100, exponent 1): iterations_to_target = 100 / survival
+    calibration = tmp_path / "cal.csv"
+    calibration.write_text("survival,iterations\n0.5,200\n0.8,125\n1.0,100\n")
+    out = tmp_path / "run"
+    result = _invoke("--trace", str(trace_path), "--cluster", "cpu-4", "--slots", "2", "--fit-model-to-trace",
+                     "--policies", "static,symi", "--steps", "3", "--convergence", str(calibration), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    summary = pd.read_csv(out / "summary.csv")
+    np.testing.assert_allclose(summary["iterations_to_target"], 100.0 / summary["survival"], rtol=1e-9)
+    np.testing.assert_allclose(summary["time_to_target_s"], summary["iterations_to_target"] * summary["mean_time_s"],
+                               rtol=1e-9)
+    config = json.loads((out / "config.json").read_text())
+    assert config["convergence"]["exponent"] == pytest.approx(1.0)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("survival,iterations\n1.5,10\n0.5,20\n")
+    result = _invoke("--trace", str(trace_path), "--cluster", "cpu-4", "--slots", "2", "--fit-model-to-trace",
+                     "--policies", "static", "--steps", "3", "--convergence", str(bad), "--out", str(tmp_path / "r2"))
+    assert result.exit_code != 0 and "Error:" in result.output and "survival" in result.output
+    assert not (tmp_path / "r2").exists()
