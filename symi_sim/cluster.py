@@ -8,15 +8,11 @@ PCIe included, so that all transfer times come from one formula (see costs.bytes
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib
+from symi_sim.config_files import load_preset_or_file
 
 
 @dataclass(frozen=True)
@@ -143,51 +139,4 @@ def load_cluster(spec: str | Path, **overrides: Any) -> Cluster:
     A file holds the Cluster fields at top level (or under a [cluster] table); it may name a preset
     under `base` and override some of its fields.
     """
-    spec_str = str(spec)
-    if spec_str in PRESETS:
-        base = PRESETS[spec_str].to_dict()
-    else:
-        path = Path(spec_str)
-        if path.suffix.lower() not in (".toml", ".json"):
-            raise ValueError(
-                f"unknown cluster {spec_str!r}: give a preset ({', '.join(available_clusters())}) "
-                "or a .toml/.json file"
-            )
-        if not path.is_file():
-            raise ValueError(f"cluster file {spec_str!r} does not exist")
-        base = _read_cluster_file(path)
-    fields = {f.name for f in dataclasses.fields(Cluster)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown cluster field(s) {unknown}; valid fields: {sorted(fields)}")
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return Cluster(**base)
-    except TypeError as exc:  # wrong types that dataclass construction itself rejects
-        raise ValueError(f"cluster {spec_str!r}: {exc}") from None
-
-
-def _read_cluster_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"cluster file {str(path)!r} cannot be parsed: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"cluster file {str(path)!r} must hold a table/object of cluster fields")
-    data = dict(data.get("cluster", data))
-    fields = {f.name for f in dataclasses.fields(Cluster)}
-    base: dict[str, Any] = {}
-    if "base" in data:
-        preset = data.pop("base")
-        if preset not in PRESETS:
-            raise ValueError(
-                f"cluster file {str(path)!r}: base {preset!r} is not a preset ({', '.join(available_clusters())})"
-            )
-        base = PRESETS[preset].to_dict()
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"cluster file {str(path)!r}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
-    base.update(data)
-    base["name"] = data.get("name", path.stem)  # a modified preset must not carry the preset's name
-    return base
+    return load_preset_or_file(spec, kind="cluster", cls=Cluster, presets=PRESETS, **overrides)

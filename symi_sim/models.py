@@ -21,7 +21,6 @@ FLOPs: 2 x params per token for every matmul forward, backward = 2 x forward, pl
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -30,12 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from symi_sim.config_files import load_preset_or_file
 from symi_sim.trace import LoadTrace
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -226,56 +221,7 @@ def load_model(spec: str | Path, **overrides: Any) -> ModelConfig:
     A file holds ModelConfig fields at top level (or under a [model] table); it may name a preset under
     `base` and override some of its fields.
     """
-    spec_str = str(spec)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    if spec_str in PRESETS:
-        base = PRESETS[spec_str].to_dict()
-    else:
-        path = Path(spec_str)
-        if path.suffix.lower() not in (".toml", ".json"):
-            raise ValueError(
-                f"unknown model {spec_str!r}: give a preset ({', '.join(available_models())}) or a .toml/.json file"
-            )
-        if not path.is_file():
-            raise ValueError(f"model file {spec_str!r} does not exist")
-        base = _read_model_file(path, fields)
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown model field(s) {unknown}; valid fields: {sorted(fields)}")
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return ModelConfig(**base)
-    except TypeError as exc:
-        raise ValueError(f"model {spec_str!r}: {exc}") from None
-
-
-def _read_model_file(path: Path, fields: set[str]) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"model file {str(path)!r} cannot be parsed: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"model file {str(path)!r} must hold a table/object of model fields")
-    data = data.get("model", data)
-    if not isinstance(data, dict):
-        raise ValueError(f"model file {str(path)!r}: [model] must be a table of model fields")
-    data = dict(data)
-    base: dict[str, Any] = {}
-    if "base" in data:
-        preset = data.pop("base")
-        if preset not in PRESETS:
-            raise ValueError(
-                f"model file {str(path)!r}: base {preset!r} is not a preset ({', '.join(available_models())})"
-            )
-        base = PRESETS[preset].to_dict()
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"model file {str(path)!r}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
-    base.update(data)
-    if "name" not in data:
-        base["name"] = path.stem
-    return base
+    return load_preset_or_file(spec, kind="model", cls=ModelConfig, presets=PRESETS, **overrides)
 
 
 # ---------------------------------------------------------------- model vs trace
