@@ -109,30 +109,6 @@ def trace_synth_cmd(out_path: str, num_experts: int, num_layers: int, num_steps:
 # ---------------------------------------------------------------- plan
 
 
-def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
-    """`-o key=value` pairs -> dict with int/float/bool/None values where they parse."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"policy option {pair!r} must look like key=value")
-        lowered = raw.lower()
-        value: object = raw
-        if lowered in ("true", "false"):
-            value = lowered == "true"
-        elif lowered == "none":
-            value = None
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    pass
-        options[key] = value
-    return options
-
-
 def _timestamped(command: str) -> str:
     import datetime
 
@@ -160,7 +136,7 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, ste
     """Emit a placement for one step, or replay a whole trace and compare policies."""
     from symi_sim.cluster import load_cluster
     from symi_sim.placement import write_eplb_arrays, write_placement_json
-    from symi_sim.policies import available_policies, get_policy
+    from symi_sim.policies import available_policies, get_policy, parse_options
     from symi_sim.replay import plan_step, write_replay
     from symi_sim.replay import replay as replay_trace
     from symi_sim.trace import read_trace
@@ -184,7 +160,7 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, ste
         return
     if step is None or out is None:
         raise ValueError("a single plan needs --step and --out (or use --replay)")
-    chosen = get_policy(policy, **_parse_options(options))
+    chosen = get_policy(policy, **parse_options(options))
     placement = plan_step(trace, cluster, chosen, step=step, window=window)
     if fmt == "eplb":
         write_eplb_arrays(out, placement)
@@ -196,7 +172,9 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, ste
 
 # ---------------------------------------------------------------- simulate
 
-DEFAULT_SIMULATE_POLICIES = "static,symi,symi-balanced,flexmoe-10,flexmoe-50,flexmoe-100,fastermoe,eplb,oracle"
+# the paper's comparison plus ours; kept here as text so that --help shows it without importing the simulator
+DEFAULT_SIMULATE_POLICIES = ("static,symi,symi-balanced,symi-balanced:packing=grouped,flexmoe-10,flexmoe-50,"
+                             "flexmoe-100,fastermoe,eplb,oracle:packing=grouped")
 SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance", "iterations_to_target",
                    "time_to_target_s", "speedup_vs_static")
 
@@ -303,10 +281,11 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
     import os
 
     from symi_exec.trainer import TrainConfig, launch
+    from symi_sim.policies import parse_options
 
     config = TrainConfig(
         out=out or _timestamped("train"), model=model, num_experts=num_experts, slots_per_rank=slots_per_rank,
-        top_k=top_k, policy=policy, policy_options=_parse_options(options),
+        top_k=top_k, policy=policy, policy_options=parse_options(options),
         capacity_factor=_capacity_factor(capacity_factor), capacity_mode=capacity_mode, steps=steps,
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, seed=seed, data=data,
         record_trace=record_trace, dtype=dtype, log_interval=log_interval,

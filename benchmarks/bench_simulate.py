@@ -4,7 +4,7 @@
 
   paper  paper-a100-16 (16 GPUs x 4 slots), gpt-small, traces/synthetic-drift.parquet (16 experts, 12 layers,
          top-1), the first --paper-steps steps (step 0 only seeds the first plan), capacity factor 1.0, slot
-         capacity (the paper's); target: all nine policies in <= 20 s on a 2-core machine.
+         capacity (the paper's); target: the ten default policies in <= 20 s on a 2-core machine.
   large  h100-2048 (256 nodes x 8 H100, 5 slots), deepseek-v3 (58 MoE layers, 256 experts, top-8), a seeded
          synthetic trace made here (Zipf 1.0, drift 0.2, at the model's 62.9M tokens per step), --large-steps
          steps; target: <= 60 s per policy.
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from cli import DEFAULT_SIMULATE_POLICIES  # the same list `symi simulate` compares by default
 from symi_sim.cluster import load_cluster
 from symi_sim.models import fit_trace, load_model
 from symi_sim.simulate import simulate
 from symi_sim.trace import read_trace
 from symi_sim.trace_synth import synth_trace
 
-POLICIES = ("static", "symi", "symi-balanced", "flexmoe-10", "flexmoe-50", "flexmoe-100", "fastermoe", "eplb",
-            "oracle")
+POLICIES = tuple(DEFAULT_SIMULATE_POLICIES.split(","))
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_COLUMNS = ("policy", "wall_s", "mean_time_s", "survival", "imbalance", "phase_grad_collect_s",
                  "phase_migration_s", "iterations_to_target", "time_to_target_s", "speedup_vs_static")

@@ -190,3 +190,21 @@ def test_policies_import_nothing_heavy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_policy_spec_with_options_after_colons() -> None:
+    from symi_sim.policies import parse_options
+
+    policy = get_policy("symi-balanced:packing=grouped:num_share_iters=3")
+    assert (policy.packing, policy.num_share_iters) == ("grouped", 3)
+    flex = get_policy("flexmoe-50:min_gain_ratio=0:threshold=1.5")
+    assert (flex.rebalance_every, flex.min_gain_ratio, flex.threshold) == (50, 0, 1.5)
+    assert get_policy("symi-balanced:packing=grouped", packing="spread").packing == "spread"  # keywords win
+    assert parse_options(["a=1", "b=2.5", "c=true", "d=none", "e=text"]) == {
+        "a": 1, "b": 2.5, "c": True, "d": None, "e": "text"}
+    with pytest.raises(ValueError, match="must look like key=value"):
+        get_policy("symi:packing")
+    with pytest.raises(ValueError, match="unknown option"):
+        get_policy("symi:bogus=1")
+    with pytest.raises(ValueError, match="unknown packing"):
+        get_policy("symi-balanced:packing=tight")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from symi_sim.cluster import Cluster, load_cluster
+from symi_sim.costs import holdings
 from symi_sim.policies import available_policies, get_policy
-from symi_sim.policies.packing import balance_shares, pack_rounds, refine_swaps, replica_experts
+from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, refine_swaps, replica_experts
 from symi_sim.policies.symi_balanced import webster_replica_counts
 from symi_sim.routing import route
 
@@ -135,7 +136,7 @@ def test_spread_keeps_replicas_on_distinct_gpus(refine):
     rng = np.random.default_rng(3)
     cluster = load_cluster("paper-a100-16")
     load = rng.pareto(0.7, size=(12, 16)) * 1000
-    placement = get_policy("symi-balanced", refine=refine).plan(load, cluster)
+    placement = get_policy("symi-balanced", packing="spread", refine=refine).plan(load, cluster)
     gpu_LR = np.broadcast_to(np.arange(64) // 4, (12, 64))
     cnt = placement.logcnt_LE
     for layer in range(12):
@@ -143,7 +144,7 @@ def test_spread_keeps_replicas_on_distinct_gpus(refine):
         for gpu, expert in zip(gpu_LR[layer], placement.phy2log_LR[layer], strict=True):
             assert (gpu, expert) not in pairs or cnt[layer, expert] > 16
             pairs.add((gpu, expert))
-    plain = get_policy("symi-balanced", spread=False).plan(load, cluster)
+    plain = get_policy("symi-balanced", packing="lpt").plan(load, cluster)
     assert colocated(plain.phy2log_LR, np.broadcast_to(np.arange(64), (12, 64)), 4) > 0
 
 
@@ -200,15 +201,18 @@ def test_invariants_and_determinism_on_skewed_loads():
     rng = np.random.default_rng(5)
     cluster = load_cluster("h100-8x8")
     load = rng.pareto(1.0, size=(6, 256)) * 100
-    for options in ({}, {"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"}, {"spread": False},
-                    {"refine": "tier"}, {"refine": "any", "capacity_mode": "gpu", "num_refine_passes": 3}):
+    for options in ({}, {"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"}, {"packing": "lpt"},
+                    {"packing": "spread"}, {"packing": "spread", "refine": "tier"},
+                    {"packing": "spread", "refine": "any", "capacity_mode": "gpu", "num_refine_passes": 3}):
         policy = get_policy("symi-balanced", **options)
         placement = policy.plan(load, cluster)
         placement.validate(cluster, num_layers=6)
         assert placement.same_as(policy.plan(load, cluster))
-    # on the loads it planned for, gpu mode balances GPUs better than even shares and than EPLB
-    balanced = gpu_tokens(get_policy("symi-balanced", capacity_mode="gpu").plan(load, cluster), load, 5)
-    even = gpu_tokens(get_policy("symi-balanced").plan(load, cluster), load, 5)
+    # on the loads it planned for, spread packing in gpu mode balances GPUs better than even shares and than EPLB
+    # (grouped packing cannot: a GPU full of one hot expert's replicas takes no cold single to even it out)
+    balanced = gpu_tokens(get_policy("symi-balanced", packing="spread", capacity_mode="gpu").plan(load, cluster),
+                          load, 5)
+    even = gpu_tokens(get_policy("symi-balanced", packing="spread").plan(load, cluster), load, 5)
     eplb = gpu_tokens(get_policy("eplb", num_groups=8).plan(load, cluster), load, 5)
     assert (balanced.max(axis=1) <= even.max(axis=1) + 1e-9).all()
     assert (balanced.max(axis=1) <= eplb.max(axis=1) + 1e-9).all()
@@ -233,7 +237,59 @@ def test_bad_options():
         get_policy("oracle", num_share_iters=-1)
     with pytest.raises(ValueError, match="unknown refine 'best'; choices: none, tier, any"):
         get_policy("symi-balanced", refine="best")
-    with pytest.raises(ValueError, match="spread must be true or false, got 'yes'"):
-        get_policy("symi-balanced", spread="yes")
+    with pytest.raises(ValueError, match="unknown packing 'tight'; choices: grouped, spread, lpt"):
+        get_policy("symi-balanced", packing="tight")
+    with pytest.raises(ValueError, match="refine 'tier' .* packing 'grouped'"):
+        get_policy("symi-balanced", packing="grouped", refine="tier")
     with pytest.raises(ValueError, match="num_refine_passes must be an integer >= 0 or None, got -1"):
         get_policy("symi-balanced", num_refine_passes=-1)
+
+
+def gpu_holdings(phy2log_LR, slots_per_gpu):
+    """[L, G] distinct experts on each GPU."""
+    ordered = np.sort(phy2log_LR.reshape(phy2log_LR.shape[0], -1, slots_per_gpu), axis=2)
+    return 1 + (ordered[:, :, 1:] != ordered[:, :, :-1]).sum(axis=2)
+
+
+def test_pack_grouped_alias_hand_worked():
+    # one GPU per node: counts [7, 3, 1, 1] on 3 GPUs x 4 slots. GPU 0: 4 experts left over 3 GPUs, so
+    # ceil(4/3) - 1 = 1 whole expert, a single (e2 or e3), then 3 slots of the largest, e0 (4 left). GPU 1: 3
+    # experts over 2 GPUs: again a single, 3 more of e0 (1 left). GPU 2: 2 experts over 1 GPU: e0's last replica
+    # whole, then e1's 3. Singles by weight: e2 (2) to GPU 0 (load 3, tie with GPU 1: lower index), e3 (1) to GPU 1.
+    phy2log = pack_grouped(np.array([[7, 3, 1, 1]]), np.array([[1.0, 1.0, 2.0, 1.0]]), 4, num_nodes=3)
+    np.testing.assert_array_equal(phy2log, [[2, 0, 0, 0, 3, 0, 0, 0, 0, 1, 1, 1]])
+    # 6 holdings = E + G - 1, at most 2 per GPU (spread: e0 on all 3 GPUs, e1 on all 3, 8 holdings)
+    np.testing.assert_array_equal(gpu_holdings(phy2log, 4), [[2, 2, 2]])
+
+
+def test_pack_grouped_several_gpus_per_node_hand_worked():
+    # 1 node x 2 GPUs x 4 slots, counts [5, 2, 1]: e0 fills GPU 0 alone and its 5th replica joins the pool with e2;
+    # e1's 2 replicas take GPU 1 with 2 pooled slots; pooled by weight: e0 (1.0), then e2 (0.5). 4 holdings.
+    phy2log = pack_grouped(np.array([[5, 2, 1]]), np.array([[1.0, 1.5, 0.5]]), 4, num_nodes=1)
+    np.testing.assert_array_equal(phy2log, [[0, 0, 0, 0, 1, 1, 0, 2]])
+    # 2 nodes x 2 GPUs x 2 slots, counts [2, 2, 1, 1, 1, 1]: two one-expert GPUs (e0, e1) and two of singles.
+    # Dealt by holdings (1, 1, 2, 2) to nodes 0, 1, 0, 1: each node gets one of each (3 holdings per node).
+    # Singles LPT: e2 (3), e3 (2) to the two single GPUs; then e4 (1) to the lighter (e3's), e5 (0.5) to e2's.
+    phy2log = pack_grouped(np.array([[2, 2, 1, 1, 1, 1]]), np.array([[2.0, 2, 3, 2, 1, 0.5]]), 2, num_nodes=2)
+    np.testing.assert_array_equal(phy2log, [[0, 0, 2, 5, 1, 1, 3, 4]])
+
+
+@pytest.mark.parametrize("mode", ["slot", "gpu"])
+def test_grouped_fewer_holdings_valid_deterministic(mode):
+    rng = np.random.default_rng(9)
+    for trial in range(60):
+        num_nodes, gpus_per_node, slots_per_gpu = (int(x) for x in rng.integers(1, 5, size=3))
+        cluster = Cluster(num_nodes=num_nodes, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu)
+        num_experts = int(rng.integers(1, cluster.num_slots + 1))
+        load = rng.pareto(0.8, (3, num_experts)) * 100 if trial % 2 else rng.integers(0, 4, (3, num_experts)) * 1.0
+        policy = get_policy("symi-balanced", packing="grouped", capacity_mode=mode)
+        grouped = policy.plan(load, cluster)
+        grouped.validate(cluster, num_layers=3)
+        assert grouped.same_as(policy.plan(load, cluster))
+        spread = get_policy("symi-balanced", packing="spread", capacity_mode=mode).plan(load, cluster)
+        np.testing.assert_array_equal(grouped.logcnt_LE, spread.logcnt_LE)
+        per_gpu = gpu_holdings(grouped.phy2log_LR, slots_per_gpu)
+        assert (per_gpu.sum(axis=1) <= gpu_holdings(spread.phy2log_LR, slots_per_gpu).sum(axis=1)).all()
+        assert holdings(grouped.phy2log_LR, cluster)[0].size == per_gpu.sum()
+        if gpus_per_node == 1 and num_experts <= cluster.num_gpus + 1:
+            assert per_gpu.max() <= 2 and (per_gpu.sum(axis=1) <= num_experts + cluster.num_gpus - 1).all()

@@ -4,7 +4,9 @@
     placement = get_policy("symi-balanced").plan(load_LE, cluster, previous=None)
 
 numpy only: no simpy, no torch, no file I/O (the executor imports this package unchanged).
-A name may carry a rebalance period as a suffix: `flexmoe-50` is get_policy("flexmoe", rebalance_every=50).
+A name may carry a rebalance period as a suffix: `flexmoe-50` is get_policy("flexmoe", rebalance_every=50), and
+options after colons: `symi-balanced:packing=grouped` is get_policy("symi-balanced", packing="grouped")
+(values read as int, float, true/false or none where they parse, else as text).
 """
 
 from __future__ import annotations
@@ -38,8 +40,38 @@ def available_policies() -> list[str]:
     return list(_REGISTRY)
 
 
+def parse_option_value(raw: str) -> Any:
+    """A command-line option value: int, float, bool (true/false), None (none), else the text itself."""
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """["key=value", ...] -> {key: parsed value}."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"policy option {pair!r} must look like key=value")
+        options[key.strip()] = parse_option_value(raw)
+    return options
+
+
 def get_policy(name: str, **config: Any) -> Policy:
-    """The policy `name` with options `config`; ValueError naming the valid choices otherwise."""
+    """The policy `name` (optionally `name:key=value:...`) with options `config`; ValueError naming the valid
+    choices otherwise."""
+    if ":" in name:
+        name, *pairs = name.split(":")
+        config = {**parse_options(pairs), **config}
     cls = _REGISTRY.get(name)
     if cls is None:
         match = re.fullmatch(r"(.+)-(\d+)", name)
@@ -73,4 +105,4 @@ def _has_field(cls: type[Policy], field: str) -> bool:
     return any(f.name == field for f in dataclasses.fields(cls))
 
 
-__all__ = ["Policy", "available_policies", "check_load", "get_policy", "with_context"]
+__all__ = ["Policy", "available_policies", "check_load", "get_policy", "parse_options", "with_context"]

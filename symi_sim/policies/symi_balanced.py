@@ -1,4 +1,4 @@
-"""symi-balanced (ours): SYMI's free every-iteration re-placement with per-GPU balance.
+"""symi-balanced (ours): SYMI's free every-iteration re-placement with balanced packing and uneven shares.
 
 Legend: L MoE layers, E logical experts, R physical slots, G GPUs, S slots per GPU.
 
@@ -9,27 +9,54 @@ Three steps, all vectorised over layers:
      which minimise the predicted slot-mode drops); `"minmax"` is EPLB's argmax(load / count) (D'Hondt, favours
      hot experts, minimises the predicted heaviest replica). On next-step replays of the shipped traces Webster
      dropped no more than Algorithm 1 in slot mode and balanced GPUs no worse than min-max (bench_plan.py).
-  2. packing: replicas by descending predicted load (load / count), in S rounds of G: the heaviest replica of a
-     round to the GPU that is lightest so far (LPT with exactly S replicas per GPU, one per weight tier). Unlike
-     Algorithm 1's contiguous layout this spreads hot experts over many GPUs, so their prediction errors are
-     shared out too. A plan is served on the NEXT step's loads, where an expert's error moves all its replicas
-     together: two replicas on one GPU double its exposure to that error. So with `spread=True` (default) a
-     replica never joins a GPU holding its expert while another GPU of the round does not (it then takes the
-     lightest such GPU), even where that costs predicted balance.
-     Optional local search (`refine`, `num_refine_passes` passes, default G): swaps between the heaviest and
-     lightest GPUs that lower the pair's maximum (packing.refine_swaps), never breaking the spread; "tier" swaps
-     only replicas of one round, "any" any two. Off by default: they never raise the predicted maximum, but on
-     next-step replays of the shipped traces neither lowered the served imbalance (the prediction error
-     dominates: predicted max/mean ~1.03 against ~1.19 served on synthetic-drift) and "any", which breaks the
-     one-replica-per-tier mix, raised it on olmoe-domains (bench_plan.py, the refine rows). "any" suits loads
-     that change little from step to step; it also needs more passes (about G at 256 experts on 64 GPUs).
+  2. packing (`packing`), what a replica's GPU costs:
+     "spread" (default) and "grouped" (for SYMI's traffic) are described below.
+     "grouped" keeps an expert's replicas on as few GPUs as possible (packing.pack_grouped). SYMI's
+     gradient collection and weight send-out, the bulk of its per-step traffic, move one shard per distinct
+     (expert, GPU) holding: slots of one expert on one GPU sum their gradients locally and receive its weights
+     once. With one GPU per node the busiest GPU's holdings bound that traffic, and grouping keeps them <= 2 when
+     E <= G + 1 (alias-method filling; at most E + G - 1 holdings); with several GPUs per node the total is what
+     counts (each expert on ceil(count / S) GPUs where the singles allow, GPUs dealt to nodes by holdings).
+     Experts with one replica fill the remaining slots by LPT on their predicted loads.
+     "spread" (default) packs replicas by descending predicted load (load / count), in S rounds of G: the heaviest
+     replica of a round to the GPU that is lightest so far (LPT with exactly S replicas per GPU, one per weight
+     tier), and never a replica on a GPU holding its expert while another GPU of the round does not. It balances
+     GPUs best,
+     and on the next step's loads (where an expert's error moves all its replicas together) it shares each hot
+     expert's prediction error over many GPUs; "lpt" is the same without the distinct-GPU rule.
+     The trade-off, measured (benchmarks/bench_plan.py, the simulator on paper-a100-16 and h100-8x8):
+       - slot capacity: the packing changes neither drops (they depend on the counts only: every replica gets
+         1 / count, every slot the same buffer) nor compute and all-to-all time (padded buffers), only the expert
+         traffic, so grouped is never slower. gpt-small / synthetic-drift: 31 holdings per layer instead of 60,
+         collection + send-out 41 ms instead of 75 ms per step, time to target 42.0 s (spread 57.0 s, symi 52.2 s).
+         Its GPU imbalance (tokens sent, max/mean) is that of contiguous placement (1.38 against 1.19 on
+         synthetic-drift, 1.18 against EPLB's 1.09 on mixtral-domains): spread meets the planner's balance bar
+         there, grouped does not, but in slot mode that imbalance costs nothing the simulator or a user measures.
+       - gpu capacity: GPU budgets make drops follow the served imbalance, and a GPU full of one expert carries
+         that expert's whole prediction error: drops 7.0% against spread's 3.9% on synthetic-drift. Where the
+         expert traffic dominates the step (gpt-small and gpt-medium on paper-a100-16, gpt-medium 64 experts on
+         h100-8x8) grouped still reaches the target 23-33% sooner; where all-to-all and expert compute dominate
+         and E >> G (deepseek-v3, 256 experts, 64 GPUs) holdings fall only 17% and the step barely changes, while
+         drops rise (29% against 12%): there spread reaches the target about 3% sooner.
+     The default is "spread": it is what the planner's acceptance bar measures (per-GPU balance on the next step,
+     at most EPLB's on every real trace we ship, and no more drops than Algorithm 1) and what serving systems that
+     load EPLB-format placements want. For SYMI training, where time to target is the measure, use "grouped"
+     whenever the expert traffic is a large part of the step (`symi simulate --policies
+     symi-balanced:packing=grouped`, or `-o packing=grouped`), and "spread" on compute-bound models with many
+     more experts than GPUs.
+     Optional local search for spread and lpt (`refine`, `num_refine_passes` passes, default G): swaps between the
+     heaviest and lightest GPUs that lower the pair's maximum (packing.refine_swaps), never breaking the spread;
+     "tier" swaps only replicas of one round, "any" any two. Off by default: they never raise the predicted
+     maximum, but on next-step replays of the shipped traces neither lowered the served imbalance (the prediction
+     error dominates) and "any", which breaks the one-replica-per-tier mix, raised it on olmoe-domains.
   3. token shares, by `capacity_mode` (the routing semantics the plan will be served under):
      "slot" keeps even shares (1 / count). Every slot buffers the same ceil(cf * A / R) tokens, and measured on
      next-step replays (benchmarks/bench_plan.py) any uneven split, even one capped at the slot buffer, drops
      more tokens than the even one: even shares leave every replica of an expert the same margin.
      "gpu" (GPUs buffer cf * A / G tokens shared by their slots) re-splits every replicated expert's tokens over
-     its replicas to even out GPU loads (`num_share_iters` projected-diffusion passes; 10 reach a max/mean of
-     about 1.001 on the predicted loads of the shipped traces).
+     its replicas to even out GPU loads (`num_share_iters` projected-diffusion passes; with spread packing 10 reach
+     a max/mean of about 1.001 on the predicted loads of the shipped traces; a GPU of grouped packing that holds
+     one expert alone can shed load only to that expert's other GPUs, so balance there stays coarser).
 Deterministic: stable sorts, ties to the lower index. A layer with no load gets the even allocation.
 """
 
@@ -44,12 +71,13 @@ from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
 from symi_sim.policies.eplb import replicate_experts
-from symi_sim.policies.packing import balance_shares, pack_rounds, refine_swaps, replica_experts
+from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, refine_swaps, replica_experts
 from symi_sim.policies.symi import symi_replica_counts
 
 ALLOCATIONS = ("webster", "symi", "minmax")
 CAPACITY_MODES = ("slot", "gpu")
 REFINES = ("none", "tier", "any")
+PACKINGS = ("grouped", "spread", "lpt")
 
 
 def minmax_replica_counts(load_LE: np.ndarray, num_slots: int) -> np.ndarray:
@@ -94,11 +122,13 @@ def webster_replica_counts(load_LE: np.ndarray, num_slots: int) -> np.ndarray:
 
 
 def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, allocation: str = "webster",
-                  capacity_mode: str = "slot", num_share_iters: int = 10, spread: bool = True, refine: str = "none",
-                  num_refine_passes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  capacity_mode: str = "slot", num_share_iters: int = 10, packing: str = "spread",
+                  refine: str = "none", num_refine_passes: int | None = None,
+                  num_nodes: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """symi-balanced's placement. load_LE [L, E] float -> (phy2log_LR [L, R] int64, share_LR [L, R] float64).
 
-    num_refine_passes None means G passes (each takes at most one swap per GPU pair and layer).
+    num_refine_passes None means G passes (each takes at most one swap per GPU pair and layer); num_nodes N (the
+    GPUs G = N x gpus per node) tells grouped packing which GPUs share a node.
     """
     num_slots = num_gpus * slots_per_gpu
     if allocation == "webster":
@@ -107,10 +137,14 @@ def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, all
         cnt_LE = symi_replica_counts(load_LE, num_slots)
     else:
         cnt_LE = minmax_replica_counts(load_LE, num_slots)
-    expert_LR = replica_experts(cnt_LE)
     rows_L1 = np.arange(load_LE.shape[0])[:, None]
+    num_iters = num_share_iters if capacity_mode == "gpu" else 0
+    if packing == "grouped":
+        phy2log_LR = pack_grouped(cnt_LE, load_LE / cnt_LE, slots_per_gpu, num_nodes)
+        return phy2log_LR, balance_shares(phy2log_LR, load_LE, slots_per_gpu, num_iters)
+    expert_LR = replica_experts(cnt_LE)
     item_LR = load_LE[rows_L1, expert_LR] / cnt_LE[rows_L1, expert_LR]
-    spread_LR = expert_LR if spread else None
+    spread_LR = expert_LR if packing == "spread" else None
     slot_LR = pack_rounds(item_LR, slots_per_gpu, spread_LR)
     if refine != "none":
         num_passes = num_gpus if num_refine_passes is None else num_refine_passes
@@ -118,20 +152,20 @@ def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, all
                                tier=refine == "tier")
     phy2log_LR = np.empty_like(expert_LR)
     phy2log_LR[rows_L1, slot_LR] = expert_LR
-    num_iters = num_share_iters if capacity_mode == "gpu" else 0
     return phy2log_LR, balance_shares(phy2log_LR, load_LE, slots_per_gpu, num_iters)
 
 
 @dataclass
 class SymiBalancedPolicy(Policy):
     """Options: allocation "webster" | "symi" | "minmax"; capacity_mode "slot" | "gpu"; num_share_iters (gpu mode);
-    spread (replicas of an expert on distinct GPUs); refine "none" | "tier" | "any"; num_refine_passes (None: G)."""
+    packing "grouped" | "spread" | "lpt"; refine "none" | "tier" | "any" (spread and lpt only); num_refine_passes
+    (None: G)."""
 
     name: ClassVar[str] = "symi-balanced"
     allocation: str = "webster"
     capacity_mode: str = "slot"
     num_share_iters: int = 10
-    spread: bool = True
+    packing: str = "spread"
     refine: str = "none"
     num_refine_passes: int | None = None
 
@@ -144,10 +178,13 @@ class SymiBalancedPolicy(Policy):
         if isinstance(self.num_share_iters, bool) or not isinstance(self.num_share_iters, (int, np.integer)) \
                 or self.num_share_iters < 0:
             raise ValueError(f"{self.name}: num_share_iters must be an integer >= 0, got {self.num_share_iters!r}")
-        if not isinstance(self.spread, (bool, np.bool_)):
-            raise ValueError(f"{self.name}: spread must be true or false, got {self.spread!r}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"{self.name}: unknown packing {self.packing!r}; choices: {', '.join(PACKINGS)}")
         if self.refine not in REFINES:
             raise ValueError(f"{self.name}: unknown refine {self.refine!r}; choices: {', '.join(REFINES)}")
+        if self.packing == "grouped" and self.refine != "none":
+            raise ValueError(f"{self.name}: refine {self.refine!r} swaps single replicas, which would break "
+                             "packing 'grouped'; use it with packing 'spread' or 'lpt'")
         if self.num_refine_passes is not None and (
                 isinstance(self.num_refine_passes, bool) or not isinstance(self.num_refine_passes, (int, np.integer))
                 or self.num_refine_passes < 0):
@@ -157,8 +194,9 @@ class SymiBalancedPolicy(Policy):
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         phy2log_LR, share_LR = balanced_plan(load_LE, cluster.num_gpus, cluster.slots_per_gpu,
                                              allocation=self.allocation, capacity_mode=self.capacity_mode,
-                                             num_share_iters=self.num_share_iters, spread=bool(self.spread),
-                                             refine=self.refine, num_refine_passes=self.num_refine_passes)
+                                             num_share_iters=self.num_share_iters, packing=self.packing,
+                                             refine=self.refine, num_refine_passes=self.num_refine_passes,
+                                             num_nodes=cluster.num_nodes)
         return Placement(phy2log_LR, share_LR, load_LE.shape[1])
 
 
