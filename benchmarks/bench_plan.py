@@ -31,8 +31,11 @@ from symi_sim.trace import LoadTrace, read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 # extra configurations of our own policy, beside every registered policy with its defaults
-VARIANTS = {"symi-balanced": [{"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"},
-                              {"spread": False}, {"refine": "tier"}, {"refine": "any"}]}
+VARIANTS = {"symi-balanced": [{"capacity_mode": "gpu"}, {"packing": "grouped"},
+                              {"packing": "grouped", "capacity_mode": "gpu"}, {"packing": "lpt"},
+                              {"allocation": "symi"}, {"allocation": "minmax"},
+                              {"refine": "tier"}, {"refine": "any"}],
+            "oracle": [{"packing": "grouped"}]}
 SHAPE_CONFIG = {"deepseek": {"eplb": {"num_groups": 8}}}
 
 
