@@ -9,7 +9,11 @@ Timing (one plan() call for all layers, validation included), every registered p
 Quality, next-step replay: plan on step s-1's loads (the oracle on step s's), route step s's loads with
 symi_sim.routing.route (num_assignments = top_k x tokens_per_step, capacity factor 1.0, slot and gpu modes).
 Reported: GPU imbalance max/mean tokens sent per GPU (mean over steps and layers, and the worst), dropped fraction.
-Prints both tables and writes bench_plan.csv (timing), bench_plan_quality.csv and bench_plan.json to --out.
+Robustness sweep: the acceptance bar (symi-balanced imbalance <= eplb's, dropped <= symi's) on the two real traces
+over several cluster shapes (symi_sim.replay.replay, the policy planning in the mode it is scored in); a row per
+(trace, cluster, mode) with `bar_met`.
+Prints the tables and writes bench_plan.csv (timing), bench_plan_quality.csv, bench_plan_sweep.csv and
+bench_plan.json to --out.
 """
 
 from __future__ import annotations
@@ -134,6 +138,33 @@ def quality(max_steps: int) -> list[dict]:
     return rows
 
 
+SWEEP_SHAPES = {"olmoe-domains": [(16, 1, 4), (16, 1, 8), (8, 8, 5), (4, 4, 5), (2, 4, 10)],
+                "mixtral-domains": [(2, 4, 2), (16, 1, 2), (8, 1, 4), (4, 2, 3), (1, 8, 3), (3, 1, 4)]}
+
+
+def cluster_sweep() -> list[dict]:
+    """The acceptance bar on the real traces over (nodes, GPUs per node, slots per GPU) shapes and both modes."""
+    from symi_sim.replay import replay as replay_trace
+
+    rows = []
+    for trace_name, shapes in SWEEP_SHAPES.items():
+        trace = read_trace(ROOT / "traces" / f"{trace_name}.parquet")
+        for num_nodes, gpus_per_node, slots_per_gpu in shapes:
+            cluster = load_cluster("paper-a100-16", num_nodes=num_nodes, gpus_per_node=gpus_per_node,
+                                   slots_per_gpu=slots_per_gpu)
+            for mode in ("slot", "gpu"):
+                _, summary = replay_trace(trace, cluster, ["symi", "eplb", "symi-balanced"], capacity_mode=mode)
+                by = summary.set_index("policy")
+                row = {"trace": trace_name, "cluster": f"{num_nodes}x{gpus_per_node}x{slots_per_gpu}", "mode": mode}
+                for name in ("symi", "eplb", "symi-balanced"):
+                    row[f"imbalance_{name}"] = by.loc[name, "imbalance"]
+                    row[f"dropped_{name}"] = by.loc[name, "dropped_fraction"]
+                row["bar_met"] = bool(row["imbalance_symi-balanced"] <= row["imbalance_eplb"] + 1e-12
+                                      and row["dropped_symi-balanced"] <= row["dropped_symi"] + 1e-12)
+                rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50, help="timed plan() calls per policy and shape")
@@ -151,10 +182,14 @@ def main() -> None:
     print("\nnext-step replay, capacity factor 1.0")
     shown = ["trace", "cluster", "policy", "imbalance_mean", "imbalance_max", "dropped_slot", "dropped_gpu"]
     print(replays[[c for c in shown + ["error"] if c in replays]].round(4).to_string(index=False))
+    sweep = pd.DataFrame(cluster_sweep())
+    print(f"\nacceptance bar over cluster shapes (real traces): met in {int(sweep['bar_met'].sum())} of {len(sweep)}")
+    print(sweep.round(4).to_string(index=False))
 
     args.out.mkdir(parents=True, exist_ok=True)
     timing.to_csv(args.out / "bench_plan.csv", index=False)
     replays.to_csv(args.out / "bench_plan_quality.csv", index=False)
+    sweep.to_csv(args.out / "bench_plan_sweep.csv", index=False)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
             "numpy": np.__version__, "repeats": args.repeats, "max_steps": args.max_steps}
     (args.out / "bench_plan.json").write_text(json.dumps(
