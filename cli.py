@@ -236,6 +236,32 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     click.echo(f"wrote {out_dir}")
 
 
+# ---------------------------------------------------------------- plot
+
+# kept here as text so that --help shows it without importing matplotlib
+PLOT_KINDS_HELP = ("simulate runs: comparison, cdf, timeline; plan --replay runs: replay, cdf; train runs: loss, "
+                   "heatmap (needs trace.parquet), dropped; a trace file: heatmap")
+
+
+@symi.command("plot")
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.option("--kind", "kinds", multiple=True,
+              help=f"Figure(s) to draw, repeatable or comma-separated (default: all that apply). {PLOT_KINDS_HELP}.")
+@click.option("--out", "out", default=None, help="Directory for the PNGs (default: RUN_DIR; a trace's directory).")
+def plot(run_dir: str, kinds: tuple[str, ...], out: str | None) -> None:
+    """Draw PNG figures of RUN_DIR (a simulate, plan --replay or train run directory) or of a trace file.
+
+    The kind of run is told by its files. A figure goes to <kind>.png (a trace's to <stem>-heatmap.png), or to
+    <kind>-2.png, -3, ... when that name is taken: nothing is overwritten. A bad input writes no file at all.
+    """
+    from symi_sim.plots import plot_run
+
+    names = [name.strip() for raw in kinds for name in raw.split(",") if name.strip()]
+    if kinds and not names:
+        raise ValueError(f"no figure kind named in --kind {', '.join(kinds)!r}")
+    for path in plot_run(run_dir, kinds=names or None, out_dir=out):
+        click.echo(f"wrote {path}")
+
 
 # ---------------------------------------------------------------- train
 

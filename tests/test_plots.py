@@ -183,3 +183,153 @@ def test_load_heatmap_bad_input_writes_nothing(tmp_path, counts, layers, match):
     with pytest.raises(ValueError, match=match):
         plots.load_heatmap(counts, tmp_path / "heat.png", layers=layers)
     assert list(tmp_path.iterdir()) == []
+
+
+def _steps_table() -> pd.DataFrame:
+    # policy b's rows come out of step order: the timeline sorts them, the CDFs sort the values
+    return pd.DataFrame({
+        "policy": ["a", "a", "a", "b", "b", "b"],
+        "step": [1, 2, 3, 3, 1, 2],
+        "time_s": [0.5, 0.7, 0.6, 0.9, 0.8, 1.0],
+        "imbalance": [1.5, 1.0, 2.0, 1.1, 1.3, 1.2],
+        "dropped_fraction": [0.25, 0.0, 0.5, 0.1, 0.3, 0.2],
+    })
+
+
+def test_ecdf():
+    x, y = plots.ecdf(np.array([3.0, 1.0, 2.0, 2.0]))
+    np.testing.assert_allclose(x, [1.0, 2.0, 2.0, 3.0])
+    np.testing.assert_allclose(y, [0.25, 0.5, 0.75, 1.0])
+
+
+def test_cdf_figure(tmp_path):
+    fig = plots._build_cdf(_steps_table())
+    ax_imbalance, ax_dropped = fig.axes
+    assert [line.get_label() for line in ax_imbalance.get_lines() if not line.get_label().startswith("_")] == [
+        "a", "b"]
+    line_a, line_b = (line for line in ax_imbalance.get_lines() if not line.get_label().startswith("_"))
+    np.testing.assert_allclose(line_a.get_xdata(), [1.0, 1.5, 2.0])
+    np.testing.assert_allclose(line_b.get_xdata(), [1.1, 1.2, 1.3])
+    np.testing.assert_allclose(line_a.get_ydata(), [1 / 3, 2 / 3, 1.0])
+    dropped_a = ax_dropped.get_lines()[0]
+    np.testing.assert_allclose(dropped_a.get_xdata(), [0.0, 25.0, 50.0])  # percent
+    assert ax_imbalance.get_xlabel() == "GPU load imbalance (max / mean tokens)"
+    assert ax_dropped.get_xlabel() == "dropped tokens (% of assignments)"
+    assert ax_imbalance.get_ylabel() == "fraction of iterations (CDF)"
+    assert [text.get_text() for text in ax_dropped.get_legend().get_texts()] == ["a", "b"]
+    path = tmp_path / "cdf.png"
+    plots.cdf_figure(_steps_table(), path)
+    assert _png_size(path) == (1100, 440)
+
+
+def test_timeline_figure(tmp_path):
+    ax = plots._build_timeline(_steps_table()).axes[0]
+    line_a, line_b = ax.get_lines()
+    assert (line_a.get_label(), line_b.get_label()) == ("a", "b")
+    np.testing.assert_allclose(line_b.get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(line_b.get_ydata(), [0.8, 1.0, 0.9])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("training step", "iteration time (s)")
+    path = tmp_path / "timeline.png"
+    plots.timeline_figure(_steps_table(), path)
+    assert _png_size(path) == (990, 440)
+
+
+def _metrics_table() -> pd.DataFrame:
+    return pd.DataFrame({"step": [0, 2, 1], "loss": [5.0, 3.0, 4.0], "step_s": [0.5, 1.0, 0.25],
+                         "dropped_fraction": [0.1, 0.3, 0.2]})
+
+
+def test_loss_figure(tmp_path):
+    fig = plots._build_loss(_metrics_table(), "policy symi")
+    ax_wall, ax_step = fig.axes
+    # sorted by step: step_s 0.5, 0.25, 1.0 -> wall time at the end of each step 0.5, 0.75, 1.75
+    np.testing.assert_allclose(ax_wall.get_lines()[0].get_xdata(), [0.5, 0.75, 1.75])
+    np.testing.assert_allclose(ax_wall.get_lines()[0].get_ydata(), [5.0, 4.0, 3.0])
+    np.testing.assert_allclose(ax_step.get_lines()[0].get_xdata(), [0, 1, 2])
+    assert ax_wall.get_xlabel() == "wall time (s, sum of step times)"
+    assert ax_step.get_xlabel() == "training step"
+    assert "loss" in ax_wall.get_ylabel()
+    assert fig.get_suptitle() == "Training loss (policy symi)"
+    path = tmp_path / "loss.png"
+    plots.loss_figure(_metrics_table(), path)
+    assert _png_size(path) == (1100, 440)
+
+
+def test_dropped_figure(tmp_path):
+    ax = plots._build_dropped(_metrics_table()).axes[0]
+    per_step, mean = ax.get_lines()
+    np.testing.assert_allclose(per_step.get_ydata(), [10.0, 20.0, 30.0])
+    np.testing.assert_allclose(mean.get_ydata(), [20.0, 20.0])
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["per step", "mean 20.00%"]
+    assert ax.get_ylabel() == "dropped tokens (% of assignments)"
+    path = tmp_path / "dropped.png"
+    plots.dropped_figure(_metrics_table(), path)
+    assert _png_size(path) == (990, 440)
+
+
+@pytest.mark.parametrize(
+    "figure,table,match",
+    [
+        (plots.cdf_figure, _steps_table().drop(columns="imbalance"), "missing column"),
+        (plots.cdf_figure, _steps_table().iloc[:0], "empty"),
+        (plots.cdf_figure, _steps_table().assign(dropped_fraction=[0, 0, 0, 0, 0, 1.5]), r"in \[0, 1\]; policy 'b'"),
+        (plots.cdf_figure, _steps_table().assign(step=[1, 2, 3, 3, 1, 1]), "policy 'b', step 1"),
+        (plots.timeline_figure, _steps_table().assign(step=[1, 2, 3.5, 3, 1, 2]), "whole numbers"),
+        (plots.timeline_figure, _steps_table().assign(time_s=[1, 1, 1, 1, 1, -1]), "row 6 has -1"),
+        (plots.loss_figure, _metrics_table().assign(loss=[1.0, np.inf, 1.0]), "'loss' must hold finite numbers"),
+        (plots.loss_figure, _metrics_table().assign(step=[0, 0, 1]), "more than one row for step 0"),
+        (plots.dropped_figure, _metrics_table().drop(columns="dropped_fraction"), "missing column"),
+        (plots.dropped_figure, [1, 2], "DataFrame"),
+    ],
+)
+def test_step_figures_bad_input_writes_nothing(tmp_path, figure, table, match):
+    with pytest.raises(ValueError, match=match):
+        figure(table, tmp_path / "figure.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loss_accepts_negative_loss_but_not_negative_time():
+    plots._checked_loss(_metrics_table().assign(loss=[-1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="'step_s' must hold finite numbers >= 0"):
+        plots._checked_loss(_metrics_table().assign(step_s=[0.1, -0.1, 0.1]))
+
+
+def test_detect_run(tmp_path):
+    for kind, marker in plots.RUN_MARKERS.items():
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / marker).write_text("x")
+        assert plots.detect_run(tmp_path / kind) == kind
+    (tmp_path / "x.CSV").write_text("x")
+    assert plots.detect_run(tmp_path / "x.CSV") == "trace"
+    assert plots.run_figure_kinds(tmp_path / "train") == ("train", ["loss", "dropped"])
+    (tmp_path / "train" / "trace.parquet").write_text("x")
+    assert plots.run_figure_kinds(tmp_path / "train") == ("train", ["loss", "heatmap", "dropped"])
+    with pytest.raises(ValueError, match="not a symi run directory"):
+        plots.detect_run(tmp_path)
+
+
+def test_free_png(tmp_path):
+    assert plots._free_png(tmp_path, "cdf", set()) == tmp_path / "cdf.png"
+    (tmp_path / "cdf.png").write_bytes(b"")
+    (tmp_path / "cdf-2.png").write_bytes(b"")
+    assert plots._free_png(tmp_path, "cdf", {tmp_path / "cdf-3.png"}) == tmp_path / "cdf-4.png"
+
+
+def test_plot_run_removes_its_figures_when_a_later_write_fails(tmp_path, monkeypatch):
+    run = tmp_path / "train"
+    run.mkdir()
+    _metrics_table().to_csv(run / "metrics.csv", index=False)
+    saved = []
+    real_save = plots._save
+
+    def failing_save(fig, path):
+        if saved:
+            raise OSError("disk full")
+        real_save(fig, path)
+        saved.append(path)
+
+    monkeypatch.setattr(plots, "_save", failing_save)
+    with pytest.raises(ValueError, match=f"cannot write '{run / 'dropped.png'}': disk full"):
+        plots.plot_run(run)
+    assert saved == [run / "loss.png"]  # it was written, then removed
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.csv"]
