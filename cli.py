@@ -146,6 +146,8 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, ste
     cluster.check_experts(trace.num_experts)
     if replay:
         names = [p.strip() for p in policies.split(",") if p.strip()] if policies else available_policies()
+        if not names:
+            raise ValueError(f"no policy named in --policies {policies!r}")
         for name in names:
             get_policy(name)  # fail on an unknown name before any work
         steps, summary = replay_trace(trace, cluster, names, capacity_factor=capacity_factor,

@@ -62,12 +62,14 @@ def _read_fields(path: Path, *, kind: str, fields: set[str], presets: dict[str, 
     base: dict[str, Any] = {}
     if "base" in data:
         preset = data.pop("base")
-        if preset not in presets:
+        if not isinstance(preset, str) or preset not in presets:
             raise ValueError(f"{where}: base {preset!r} is not a preset ({', '.join(sorted(presets))})")
         base = dataclasses.asdict(presets[preset])
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
+    if "name" in data and (not isinstance(data["name"], str) or not data["name"].strip()):
+        raise ValueError(f"{where}: name must be a non-empty string, got {data['name']!r}")
     base.update(data)
     base["name"] = data.get("name", path.stem)
     return base

@@ -156,7 +156,7 @@ def fit_convergence(survival: Sequence[float] | np.ndarray, iterations: Sequence
     if bad.any():
         raise ValueError(f"iterations must be positive and finite, got {iterations_P[bad][0]!r}")
     if np.unique(survival_P).size < 2:
-        raise ValueError(f"need at least 2 distinct survival values to fit a slope, got only {survival_P[0]!r}")
+        raise ValueError(f"need at least 2 distinct survival values to fit a slope, got only {float(survival_P[0])!r}")
 
     design_P2 = np.stack([np.ones_like(survival_P), _shape_term(form, survival_P)], axis=1)
     (log_i_full, exponent), *_ = np.linalg.lstsq(design_P2, np.log(iterations_P), rcond=None)
@@ -252,7 +252,10 @@ def load_calibration(path: str | Path, form: str = "power") -> ConvergenceModel:
         raise ValueError(f"{path}: calibration file must be .csv or .json, got {suffix or 'no suffix'!r}")
     if not path.is_file():
         raise ValueError(f"{path}: calibration file not found")
-    points = _read_csv_points(path) if suffix == ".csv" else _read_json_points(path)
+    try:
+        points = _read_csv_points(path) if suffix == ".csv" else _read_json_points(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # unreadable bytes, a field over csv's size limit
+        raise ValueError(f"{path}: cannot be read: {exc}") from None
     if len(points) < 2:
         raise ValueError(f"{path}: need at least 2 calibration points, got {len(points)}")
     survival_P, iterations_P = zip(*points, strict=True)

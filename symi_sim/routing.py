@@ -101,8 +101,8 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     """
     if capacity_mode not in CAPACITY_MODES:
         raise ValueError(f"unknown capacity mode {capacity_mode!r}; choices: {', '.join(CAPACITY_MODES)}")
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"capacity factor must be > 0, got {capacity_factor!r}")
+    if capacity_factor is not None and not 0 < capacity_factor < float("inf"):
+        raise ValueError(f"capacity factor must be a finite number > 0 (None for dropless), got {capacity_factor!r}")
     load_LE = np.asarray(load_LE)
     if load_LE.shape != (placement.num_layers, placement.num_experts):
         raise ValueError(

@@ -156,8 +156,9 @@ def _check_inputs(trace: LoadTrace, cluster: Cluster, model: ModelConfig, polici
                   capacity_factor: float, capacity_mode: str, window: int) -> None:
     if capacity_mode not in CAPACITY_MODES:
         raise ValueError(f"unknown capacity mode {capacity_mode!r}; choices: {', '.join(CAPACITY_MODES)}")
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
-        raise ValueError(f"capacity factor must be a number > 0, got {capacity_factor!r}")
+    if (isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
+            or not 0 < capacity_factor < float("inf")):
+        raise ValueError(f"capacity factor must be a finite number > 0, got {capacity_factor!r}")
     check_window(window)
     if not policies:
         raise ValueError("no policy to simulate")

@@ -119,6 +119,8 @@ REQUIRED_COLUMNS = ("step", "layer", "expert", "tokens")
 # Column dtypes of the canonical Parquet file; the optional src_rank column holds the source rank of the tokens.
 COLUMN_DTYPES = {"step": np.int32, "layer": np.int16, "expert": np.int16, "tokens": np.int32, "src_rank": np.int16}
 TRACE_SUFFIXES = (".parquet", ".csv")
+# Largest dense steps x layers x experts x source ranks a file may expand to (2 GiB of int64 counts).
+MAX_DENSE_COUNTS = 2**28
 
 
 def write_trace(trace: LoadTrace, path: str | Path) -> None:
@@ -228,15 +230,16 @@ def read_trace_parquet(path: str | Path, *, top_k: int | None = None,
     where = f"trace file {str(path)!r}"
     try:
         table = pq.read_table(path)
+        column_names = table.column_names   # decoding a corrupt file's column names can fail too
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ValueError(f"{where} is not a readable Parquet file: {exc}") from None
+        raise ValueError(f"{where} is not a readable Parquet file: {_one_line(exc)}") from None
     info = _parse_metadata((table.schema.metadata or {}).get(METADATA_KEY), where)
     columns: dict[str, np.ndarray] = {}
     for name in (*REQUIRED_COLUMNS, "src_rank"):
-        if name not in table.column_names:
+        if name not in column_names:
             if name == "src_rank":
                 continue
-            raise ValueError(f"{where}: missing column {name!r} (has {table.column_names})")
+            raise ValueError(f"{where}: missing column {name!r} (has {column_names})")
         column = table.column(name)
         if column.null_count:
             row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
@@ -275,7 +278,7 @@ def read_csv_frame(path: Path, where: str, required: tuple[str, ...]) -> Any:
     try:
         frame = pd.read_csv(path, skipinitialspace=True)
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
-        raise ValueError(f"{where} is not a readable CSV file: {exc}") from None
+        raise ValueError(f"{where} is not a readable CSV file: {_one_line(exc)}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
@@ -348,6 +351,10 @@ def _parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
     for key in ("num_layers", "num_experts", "top_k"):
         if key in info and not (_is_int(info[key]) and info[key] >= 1):
             raise ValueError(f"{where}: metadata {key} must be a positive integer, got {info[key]!r}")
+    for key in ("num_layers", "num_experts"):   # the id columns are int16 (and the counts are held densely)
+        if key in info and info[key] > np.iinfo(np.int16).max:
+            raise ValueError(f"{where}: metadata {key} {info[key]} exceeds the int16 id limit "
+                             f"{np.iinfo(np.int16).max}")
     value = info.get("tokens_per_step")
     if value is not None and not (_is_int(value) and value >= 1):
         raise ValueError(f"{where}: metadata tokens_per_step must be a positive integer or null, got {value!r}")
@@ -357,6 +364,11 @@ def _parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
     if not isinstance(info.get("meta", {}), dict):
         raise ValueError(f"{where}: metadata meta must be a JSON object, got {info['meta']!r}")
     return info
+
+
+def _one_line(exc: BaseException) -> str:
+    """A library's error message on one line (pandas' and Arrow's messages may hold newlines)."""
+    return " ".join(str(exc).split())
 
 
 def _is_int(value: Any) -> bool:
@@ -386,6 +398,10 @@ def _build_trace(columns: dict[str, np.ndarray], *, where: str, row_word: str, i
     step_ids, step_idx = np.unique(step, return_inverse=True)
     num_steps = step_ids.size
     num_ranks = int(src.max()) + 1 if src is not None else 1
+    num_cells = num_steps * num_layers * num_experts * num_ranks
+    if num_cells > MAX_DENSE_COUNTS:   # a few sparse rows with large ids must not allocate gigabytes
+        raise ValueError(f"{where}: {num_steps} steps x {num_layers} layers x {num_experts} experts x {num_ranks} "
+                         f"source ranks = {num_cells} counts, more than the {MAX_DENSE_COUNTS} a trace may hold")
     src_idx = src if src is not None else np.zeros_like(step)
     key = ((step_idx * num_layers + layer) * num_experts + expert) * num_ranks + src_idx
     order = np.argsort(key, kind="stable")
@@ -406,7 +422,7 @@ def _build_trace(columns: dict[str, np.ndarray], *, where: str, row_word: str, i
     counts_SLEG[step_idx, layer, expert, src_idx] = tokens
     top_k = top_k if top_k is not None else info.get("top_k", 1)
     tokens_per_step = tokens_per_step if tokens_per_step is not None else info.get("tokens_per_step")
-    if _is_int(top_k) and _is_int(tokens_per_step):
+    if _is_int(top_k) and _is_int(tokens_per_step) and top_k >= 1 and tokens_per_step >= 1:  # else LoadTrace says
         totals_SL = counts_SLEG.sum(axis=(2, 3))
         over = np.argwhere(totals_SL > top_k * tokens_per_step)
         if len(over):

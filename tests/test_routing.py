@@ -154,7 +154,7 @@ def test_errors() -> None:
     p = _even([0, 0, 0, 1], 2)
     with pytest.raises(ValueError, match="unknown capacity mode 'node'; choices: slot, gpu"):
         route(np.array([[1, 1]]), p, slots_per_gpu=2, capacity_mode="node")
-    with pytest.raises(ValueError, match="capacity factor must be > 0, got 0"):
+    with pytest.raises(ValueError, match="capacity factor must be a finite number > 0 .None for dropless., got 0"):
         route(np.array([[1, 1]]), p, slots_per_gpu=2, capacity_factor=0)
     with pytest.raises(ValueError, match=r"load shape \(1, 3\) does not match .* \(1, 2\)"):
         route(np.array([[1, 1, 1]]), p, slots_per_gpu=2)
@@ -178,3 +178,9 @@ def test_route_rejects_negative_and_fractional_loads() -> None:
     with pytest.raises(ValueError, match="whole numbers"):
         route(np.array([[np.nan, 3.0]]), p, slots_per_gpu=1)
     assert route(np.array([[2.0, 3.0]]), p, slots_per_gpu=1, capacity_factor=None).assigned_LR.tolist() == [[2, 3]]
+
+
+def test_route_rejects_infinite_capacity_factor() -> None:
+    p = Placement.even(np.array([[0, 1]]), 2)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        route(np.array([[1, 3]]), p, slots_per_gpu=1, capacity_factor=float("inf"))
