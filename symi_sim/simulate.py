@@ -51,6 +51,7 @@ from symi_sim.costs import (
     optimizer_params_per_gpu,
 )
 from symi_sim.engine import PHASES, Engine, IterationWork
+from symi_sim.failures import FailureModel, add_failure_columns
 from symi_sim.models import ModelConfig
 from symi_sim.outputs import atomic_dir
 from symi_sim.placement import Placement
@@ -100,15 +101,18 @@ def resolve_policy(spec: str | Policy, model: ModelConfig, capacity_mode: str = 
 
 def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies: Sequence[str | Policy],
              capacity_factor: float = 1.0, capacity_mode: str = "slot", steps: int | None = None, loop: bool = False,
-             window: int = 1, progress: bool = True, convergence: ConvergenceModel | None = None
-             ) -> SimulationResult:
+             window: int = 1, progress: bool = True, convergence: ConvergenceModel | None = None,
+             failures: FailureModel | None = None) -> SimulationResult:
     """Simulate `policies` over `trace` (already fitted to `model`, see models.fit_trace).
 
     `convergence` maps token survival to iterations to the target loss (default: convergence.paper_model()).
     Steps 1..steps of the trace are simulated (step 0 only seeds the first plan); `steps` None = all the trace
-    has; loop=True cycles a shorter trace up to `steps`.
+    has; loop=True cycles a shorter trace up to `steps`. `failures`: add the expected cost of rank failures under
+    a checkpoint policy to the summary (failures.FAILURE_COLUMNS).
     """
     _check_inputs(trace, cluster, model, policies, capacity_factor, capacity_mode, window)
+    if failures is not None and not isinstance(failures, FailureModel):
+        raise ValueError(f"failures must be a failures.FailureModel, got {failures!r}")
     counts_SLE = _step_counts(trace, steps, loop)
     if trace.src_counts_SLEG is not None:
         logger.warning("the trace's per-source-rank counts are not used: all-to-all sources are taken as uniform")
@@ -134,6 +138,9 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
     iterations = pd.concat(frames, ignore_index=True)
     convergence = convergence or paper_model()
     summary = summarize(iterations, convergence)
+    if failures is not None:
+        summary = add_failure_columns(summary, model=model, cluster=cluster, counts_SLE=counts_SLE[1:],
+                                      failures=failures)
     config = {
         "trace": {"num_steps": trace.num_steps, "num_layers": trace.num_layers, "num_experts": trace.num_experts,
                   "top_k": int(trace.top_k), "tokens_per_step": trace.tokens_per_step, "model": trace.model,
@@ -149,6 +156,8 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
         "window": window,
         "convergence": convergence.describe(),
     }
+    if failures is not None:
+        config["failures"] = failures.describe(cluster)
     return SimulationResult(iterations, summary, config)
 
 

@@ -1,0 +1,257 @@
+"""Rank failures and checkpointing: expected (closed-form) cost of failures for each checkpoint policy.
+
+Legend: S steps, L MoE layers, E logical experts, G GPUs. Times in seconds, MTBF in hours where named so.
+
+Failures. Any GPU failing stops the synchronous job, so job failures arrive as a Poisson process of rate
+1 / M, with M the job's MTBF: `--mtbf-hours` gives M directly; `--gpu-mtbf-hours` gives a per-GPU MTBF m and
+M = m / G (G independent exponential lifetimes). "1-hour MTBF on 2,048 GPUs" is read as the job's MTBF (a
+per-GPU MTBF of 1 hour would mean a job failure every 1.8 s). Everything below is an expected value, not a
+random draw, so results are exact and reproducible.
+
+Checkpoint sizes (models.ModelConfig):
+  full     F = total_params x (weight_bytes + optimizer_bytes) (2 + 16 = 18 bytes/param for mixed-precision
+           Adam): a snapshot every rank can restart from.
+  hot      MoEtion-style sparse snapshot of one step: all dense state (dense_params x 18 bytes: attention,
+           dense/shared MLPs, router and embeddings change every step) plus, per (step, MoE layer), the fewest
+           most popular experts whose loads cover `hot_share` of the layer's assignments in the trace:
+           H = dense_params x b + mean over steps of sum over layers n_hot x expert_params x b, b = 18.
+Where checkpoints go (in memory, like Gemini and MoEtion): each GPU writes its 1/G shard to its host memory
+over PCIe and a copy to a peer node's host memory over the NIC, pipelined, so the slower link bounds it:
+  B = min(pcie, nics_per_node x nic / gpus_per_node) bytes/s per GPU (pcie alone on a single-node cluster).
+Writing x bytes of checkpoint takes x / (G B).
+
+Restart (SYMI). A failed rank takes its 1/G shard of every expert's optimizer state (and its share of
+everything else) with it; the survivors roll back to the last consistent state from their own host memory,
+the failed rank's shard is fetched from the peer copy: R = F / (G B) + restart_overhead_s (process relaunch,
+communicator re-init; 0 by default). The placement itself is free: SYMI re-plans every iteration, so the
+survivors' next placement simply leaves the failed rank's slots out and the weight send-out after the next
+optimizer step fills them. Degraded running on G - 1 GPUs is not modelled (the step time T is kept).
+
+Effective time ratio (useful training time / wall time). T: the policy's mean iteration time, U = iterations
+to target x T (the failure-free time to target).
+  full-K   Blocking checkpoint of F every K steps, C = F / (G B). First-order Young/Daly model (Young 1974,
+           Daly 2006): a failure loses on average half a checkpoint period of work plus the restart,
+               lost = K T / 2 + R,   ratio = (1 - lost / M) / (1 + C / (K T)),
+           (wall W solves W = U + U C / (K T) + (W / M) lost). ratio 0 when lost >= M: the job never advances.
+  sparse   Every step, the hot snapshot of the state after step i is copied while step i+1 runs (overlapped,
+           as MoEtion does): c = H / (G B); the step stretches to T' = max(T, c). A blocking full snapshot
+           every K_full steps refreshes the cold experts. A failure at a uniform time in a step recovers to
+           step i if that step's copy has finished (it takes c from the start of the step), else to step i-1:
+               lost = T' / 2 + c + R,   ratio = (1 - lost / M) / (T' / T + C / (K_full T)).
+           The recovered state is consistent for the dense state and the hot experts; the cold experts (a
+           share 1 - hot_share of the assignments, and any expert Adam's momentum still moves) come back from
+           the last full snapshot, up to K_full steps stale: an accuracy cost MoEtion accepts, not time.
+  none     No checkpoint: every failure restarts from step 0. The exact expected wall time of a job of U
+           seconds of work with restarts from scratch after exponential failures is
+               W = (M + R) (e^(U/M) - 1),   ratio = U / W,
+           and the expected lost work per failure (progress at the failure, given it happens before the end,
+           plus the restart) is lost = M + R - U / (e^(U/M) - 1).
+Reported: effective_time_ratio, lost_work_s_per_failure, checkpoint_bytes_per_step (F / K, H + F / K_full, 0),
+failures_per_day = 86400 / M, time_to_target_with_failures_s = U / ratio (inf when ratio is 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from symi_sim.cluster import Cluster
+from symi_sim.costs import BYTES_PER_GBPS
+from symi_sim.models import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+SECONDS_PER_HOUR = 3600.0
+SECONDS_PER_DAY = 86400.0
+CHECKPOINT_MODES = ("none", "full-K", "sparse")
+DEFAULT_CHECKPOINT = "full-100"
+DEFAULT_SPARSE_FULL_EVERY = 100
+DEFAULT_HOT_SHARE = 0.8
+_SPEC = re.compile(r"^(none|full-(\d+)|sparse(?:-(\d+))?(?::hot=([0-9.eE+-]+))?)$")
+FAILURE_COLUMNS = ("effective_time_ratio", "lost_work_s_per_failure", "checkpoint_bytes_per_step",
+                   "failures_per_day", "time_to_target_with_failures_s")
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """A checkpoint policy: mode "none", "full" (every `every_steps`) or "sparse" (hot snapshot every step, full
+    snapshot every `every_steps`, hot experts covering `hot_share` of the assignments)."""
+
+    mode: str
+    every_steps: int = 0
+    hot_share: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.mode == "none":
+            return "none"
+        if self.mode == "full":
+            return f"full-{self.every_steps}"
+        return f"sparse-{self.every_steps}:hot={self.hot_share:g}"
+
+
+def parse_checkpoint(spec: str) -> Checkpointing:
+    """`none`, `full-K` (K >= 1) or `sparse[-K_full][:hot=F]` (0 < F <= 1; defaults 100 and 0.8)."""
+    match = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
+    if match is None:
+        raise ValueError(f"unknown checkpoint mode {spec!r}; choices: none, full-K, sparse[-K_full][:hot=F]")
+    if match.group(1) == "none":
+        return Checkpointing("none")
+    if match.group(2) is not None:
+        return Checkpointing("full", _positive_steps(int(match.group(2)), spec))
+    every = _positive_steps(int(match.group(3)), spec) if match.group(3) else DEFAULT_SPARSE_FULL_EVERY
+    hot_share = DEFAULT_HOT_SHARE
+    if match.group(4) is not None:
+        try:
+            hot_share = float(match.group(4))
+        except ValueError:
+            raise ValueError(f"checkpoint {spec!r}: hot share must be a number in (0, 1]") from None
+        if not 0 < hot_share <= 1:
+            raise ValueError(f"checkpoint {spec!r}: hot share must be in (0, 1], got {hot_share!r}")
+    return Checkpointing("sparse", every, hot_share)
+
+
+def _positive_steps(steps: int, spec: str) -> int:
+    if steps < 1:
+        raise ValueError(f"checkpoint {spec!r}: the interval must be >= 1 step, got {steps}")
+    return steps
+
+
+@dataclass(frozen=True)
+class FailureModel:
+    """Settings of `symi simulate --mtbf-hours / --gpu-mtbf-hours / --checkpoint` (exactly one MTBF)."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    mtbf_hours: float | None = None          # the job's MTBF
+    gpu_mtbf_hours: float | None = None      # one GPU's MTBF (job MTBF = this / G)
+    restart_overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.mtbf_hours is None) == (self.gpu_mtbf_hours is None):
+            raise ValueError("give exactly one of the job's MTBF (--mtbf-hours) and one GPU's (--gpu-mtbf-hours)")
+        for name in ("mtbf_hours", "gpu_mtbf_hours"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
+        if not (_is_number(self.restart_overhead_s) and 0 <= self.restart_overhead_s < math.inf):
+            raise ValueError(f"restart overhead must be a finite number >= 0, got {self.restart_overhead_s!r}")
+        parse_checkpoint(self.checkpoint)
+
+    def job_mtbf_s(self, num_gpus: int) -> float:
+        if self.mtbf_hours is not None:
+            return float(self.mtbf_hours) * SECONDS_PER_HOUR
+        return float(self.gpu_mtbf_hours) * SECONDS_PER_HOUR / num_gpus
+
+    def describe(self, cluster: Cluster) -> dict[str, Any]:
+        """What config.json records."""
+        return {"checkpoint": parse_checkpoint(self.checkpoint).label, "mtbf_hours": self.mtbf_hours,
+                "gpu_mtbf_hours": self.gpu_mtbf_hours, "job_mtbf_s": self.job_mtbf_s(cluster.num_gpus),
+                "restart_overhead_s": self.restart_overhead_s,
+                "checkpoint_bandwidth_bytes_per_s_per_gpu": checkpoint_bandwidth_bytes_per_s(cluster),
+                "model": "expected value: Young/Daly first order (full, sparse), restart from scratch (none)"}
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
+
+
+def checkpoint_bandwidth_bytes_per_s(cluster: Cluster) -> float:
+    """B: per-GPU rate of writing checkpoint shards (host memory over PCIe, a peer node's over the NIC)."""
+    pcie = cluster.pcie_gbps * BYTES_PER_GBPS
+    if cluster.num_nodes == 1:
+        return pcie
+    return min(pcie, cluster.nics_per_node * cluster.nic_gbps * BYTES_PER_GBPS / cluster.gpus_per_node)
+
+
+def state_bytes_per_param(model: ModelConfig) -> int:
+    return model.weight_bytes + model.optimizer_bytes
+
+
+def full_checkpoint_bytes(model: ModelConfig) -> float:
+    """F: every weight and all optimizer state."""
+    return float(model.total_params * state_bytes_per_param(model))
+
+
+def hot_experts_SL(counts_SLE: np.ndarray, hot_share: float) -> np.ndarray:
+    """[S, L] the fewest most popular experts whose loads cover `hot_share` of each (step, layer) (0 if idle)."""
+    if not 0 < hot_share <= 1:
+        raise ValueError(f"hot share must be in (0, 1], got {hot_share!r}")
+    counts_SLE = np.asarray(counts_SLE, dtype=np.float64)
+    if counts_SLE.ndim != 3:
+        raise ValueError(f"counts must be [steps, layers, experts], got shape {counts_SLE.shape}")
+    covered_SLE = np.cumsum(-np.sort(-counts_SLE, axis=2), axis=2)
+    total_SL = covered_SLE[..., -1]
+    needed_SL = (covered_SLE < hot_share * total_SL[..., None]).sum(axis=2) + 1
+    return np.where(total_SL > 0, np.minimum(needed_SL, counts_SLE.shape[2]), 0)
+
+
+def hot_snapshot_bytes(model: ModelConfig, counts_SLE: np.ndarray, hot_share: float) -> float:
+    """H: dense state plus the hot experts' state, mean over the steps of `counts_SLE`."""
+    per_param = state_bytes_per_param(model)
+    hot_experts = float(hot_experts_SL(counts_SLE, hot_share).sum(axis=1).mean())
+    return float(model.dense_params * per_param + hot_experts * model.expert_params * per_param)
+
+
+def failure_costs(*, step_time_s: float, iterations_to_target: float, model: ModelConfig, cluster: Cluster,
+                  counts_SLE: np.ndarray, failures: FailureModel) -> dict[str, float]:
+    """The FAILURE_COLUMNS of one policy (see the module docstring for the formulas)."""
+    if not (_is_number(step_time_s) and 0 < step_time_s < math.inf):
+        raise ValueError(f"step time must be a finite number > 0, got {step_time_s!r}")
+    if not (_is_number(iterations_to_target) and iterations_to_target >= 0):
+        raise ValueError(f"iterations to target must be >= 0, got {iterations_to_target!r}")
+    checkpoint = parse_checkpoint(failures.checkpoint)
+    num_gpus = cluster.num_gpus
+    mtbf_s = failures.job_mtbf_s(num_gpus)
+    bandwidth = checkpoint_bandwidth_bytes_per_s(cluster)
+    full_bytes = full_checkpoint_bytes(model)
+    full_s = full_bytes / (num_gpus * bandwidth)
+    restart_s = full_s + failures.restart_overhead_s
+    useful_s = iterations_to_target * step_time_s
+    if checkpoint.mode == "none":
+        bytes_per_step = 0.0
+        ratio, lost_s = _restart_from_scratch(useful_s, mtbf_s, restart_s)
+    elif checkpoint.mode == "full":
+        bytes_per_step = full_bytes / checkpoint.every_steps
+        lost_s = checkpoint.every_steps * step_time_s / 2 + restart_s
+        ratio = (1 - lost_s / mtbf_s) / (1 + full_s / (checkpoint.every_steps * step_time_s))
+    else:
+        hot_bytes = hot_snapshot_bytes(model, counts_SLE, checkpoint.hot_share)
+        bytes_per_step = hot_bytes + full_bytes / checkpoint.every_steps
+        hot_s = hot_bytes / (num_gpus * bandwidth)
+        stretched_s = max(step_time_s, hot_s)
+        lost_s = stretched_s / 2 + hot_s + restart_s
+        ratio = (1 - lost_s / mtbf_s) / (stretched_s / step_time_s + full_s / (checkpoint.every_steps * step_time_s))
+    ratio = max(ratio, 0.0)
+    with np.errstate(divide="ignore"):
+        time_with_failures_s = float(np.divide(useful_s, ratio)) if useful_s > 0 else 0.0
+    return {"effective_time_ratio": ratio, "lost_work_s_per_failure": lost_s,
+            "checkpoint_bytes_per_step": bytes_per_step, "failures_per_day": SECONDS_PER_DAY / mtbf_s,
+            "time_to_target_with_failures_s": time_with_failures_s}
+
+
+def _restart_from_scratch(useful_s: float, mtbf_s: float, restart_s: float) -> tuple[float, float]:
+    """(ratio, lost work per failure) of a job restarted from step 0 at every failure (exact expectations)."""
+    if useful_s == 0:
+        return 1.0, mtbf_s + restart_s
+    exponent = useful_s / mtbf_s
+    if exponent > 700:  # e^700 overflows a float: the job (in expectation) never finishes
+        return 0.0, mtbf_s + restart_s
+    failures = math.expm1(exponent)
+    return useful_s / ((mtbf_s + restart_s) * failures), mtbf_s + restart_s - useful_s / failures
+
+
+def add_failure_columns(summary: Any, *, model: ModelConfig, cluster: Cluster, counts_SLE: np.ndarray,
+                        failures: FailureModel) -> Any:
+    """`summary` (one row per policy, with mean_time_s and iterations_to_target) with FAILURE_COLUMNS added."""
+    rows = [failure_costs(step_time_s=float(row.mean_time_s), iterations_to_target=float(row.iterations_to_target),
+                          model=model, cluster=cluster, counts_SLE=counts_SLE, failures=failures)
+            for row in summary.itertuples(index=False)]
+    summary = summary.copy()
+    for column in FAILURE_COLUMNS:
+        summary[column] = [row[column] for row in rows]
+    return summary
