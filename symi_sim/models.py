@@ -285,3 +285,19 @@ def rescale_trace(trace: LoadTrace, tokens_per_step: int) -> LoadTrace:
     logger.info("rescaled trace loads from %s to %d tokens per step", trace.tokens_per_step, tokens_per_step)
     return LoadTrace(counts_SLE=scaled_SLE, top_k=trace.top_k, tokens_per_step=tokens_per_step, model=trace.model,
                      source=trace.source, provenance=trace.provenance, meta=dict(trace.meta))
+
+
+def tile_layers(trace: LoadTrace, num_layers: int) -> LoadTrace:
+    """`trace` with `num_layers` MoE layers: layer l replays the trace's layer l % trace.num_layers.
+
+    For a trace recorded from a shallower model than the one simulated; the tiled layers are correlated copies.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"number of layers to tile to must be a positive integer, got {num_layers!r}")
+    layers_L = np.arange(num_layers) % trace.num_layers
+    src = None if trace.src_counts_SLEG is None else trace.src_counts_SLEG[:, layers_L]
+    return LoadTrace(counts_SLE=trace.counts_SLE[:, layers_L, :], top_k=trace.top_k,
+                     tokens_per_step=trace.tokens_per_step, model=trace.model, source=trace.source,
+                     provenance=f"{trace.provenance} [layers tiled to {num_layers}: layer l = recorded layer l % "
+                                f"{trace.num_layers}]",
+                     src_counts_SLEG=src, meta={**trace.meta, "tiled_from_layers": trace.num_layers})

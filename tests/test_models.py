@@ -91,3 +91,17 @@ def test_rescale_without_known_tokens_routes_every_token():
     trace = LoadTrace(np.array([[[2, 1, 1], [1, 2, 1]]]), top_k=2)  # 4 assignments: 2 tokens per layer
     scaled = rescale_trace(trace, 6)
     assert scaled.counts_SLE.tolist() == [[[6, 3, 3], [3, 6, 3]]]
+
+
+def test_tile_layers_replays_layers_cyclically():
+    from symi_sim.models import tile_layers
+    from symi_sim.trace import LoadTrace
+
+    counts = np.arange(2 * 2 * 3).reshape(2, 2, 3)
+    tiled = tile_layers(LoadTrace(counts, top_k=1), 5)
+    assert tiled.counts_SLE.shape == (2, 5, 3)
+    np.testing.assert_array_equal(tiled.counts_SLE[:, [0, 2, 4]], counts[:, [0, 0, 0]])
+    np.testing.assert_array_equal(tiled.counts_SLE[:, [1, 3]], counts[:, [1, 1]])
+    assert tiled.meta["tiled_from_layers"] == 2
+    with pytest.raises(ValueError, match="positive integer"):
+        tile_layers(LoadTrace(counts, top_k=1), 0)

@@ -1,0 +1,207 @@
+"""The simulator studies under experiments/ (paper_comparison, scale_out, sensitivity): their --quick variants run
+and write tables and figures whose content holds the properties that must hold."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(study: str):
+    path = REPO_ROOT / "experiments" / study / "run.py"
+    spec = importlib.util.spec_from_file_location(f"experiments_{study}_run", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_quick(study: str, tmp_path_factory) -> tuple[object, Path]:
+    module = _load(study)
+    out = tmp_path_factory.mktemp(study) / "run"
+    assert module.main(["--quick", "--out", str(out)]) == out
+    return module, out
+
+
+def _check_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000, path
+
+
+def _check_common(table: pd.DataFrame, group_keys: list[str]) -> None:
+    """Properties of any simulator summary table grouped into runs by `group_keys`."""
+    phases = [c for c in table.columns if c.startswith("phase_") and c.endswith("_s")]
+    assert len(phases) == 13
+    # the critical-path phases add up to the iteration time (means of sums = sums of means)
+    np.testing.assert_allclose(table[phases].sum(axis=1), table["mean_time_s"], rtol=1e-9)
+    np.testing.assert_allclose(table["time_to_target_s"], table["iterations_to_target"] * table["mean_time_s"],
+                               rtol=1e-9)
+    assert ((table["survival"] > 0) & (table["survival"] <= 1)).all()
+    for _, rows in table.groupby(group_keys):
+        assert rows["policy"].is_unique
+        static = rows[rows["policy"] == "static"]
+        assert len(static) == 1
+        assert static["speedup_vs_static"].iloc[0] == pytest.approx(1.0)
+        np.testing.assert_allclose(rows["speedup_vs_static"],
+                                   static["time_to_target_s"].iloc[0] / rows["time_to_target_s"], rtol=1e-9)
+
+
+# ---------------------------------------------------------------- paper_comparison
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    return _run_quick("paper_comparison", tmp_path_factory)
+
+
+def test_paper_comparison_outputs(paper):
+    module, out = paper
+    table = pd.read_csv(out / "table.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    traces = list(module.QUICK_TRACES)
+    assert list(dict.fromkeys(table["trace"])) == traces
+    for trace in traces:
+        assert table.loc[table["trace"] == trace, "policy"].tolist() == list(module.POLICIES)
+        _check_png(out / f"comparison-{trace}.png")
+    _check_png(out / "speedup.png")
+    assert summary["paper"]["reduction_vs_static"] == 0.305 and summary["paper"]["reduction_vs_flexmoe"] == 0.259
+    assert [t["trace"] for t in summary["traces"]] == traces
+    assert all(t["steps"] == 20 for t in summary["traces"])
+    assert "tiled" in summary["traces"][0]["mapping"]
+    assert set(summary["headline"]) == set(traces)
+
+
+def test_paper_comparison_consistency(paper):
+    module, out = paper
+    table = pd.read_csv(out / "table.csv")
+    _check_common(table, ["trace"])
+    np.testing.assert_allclose(table["reduction_vs_static"], 1 - 1 / table["speedup_vs_static"], rtol=1e-9,
+                               atol=1e-12)
+    for _, rows in table.groupby("trace"):
+        by = rows.set_index("policy")
+        # the best FlexMoE is the reference of reduction_vs_flexmoe: its own reduction is 0, no FlexMoE beats it
+        best = by["best_flexmoe"].iloc[0]
+        assert best in module.FLEXMOE_RULE
+        assert by.loc[best, "reduction_vs_flexmoe"] == pytest.approx(0.0)
+        assert (by.loc[list(module.FLEXMOE_RULE), "reduction_vs_flexmoe"] <= 1e-12).all()
+        # SYMI-system policies never move optimizer state; FlexMoE's layout has no weight send-out
+        for policy in ("symi", "symi-balanced", "symi-balanced:packing=grouped", "eplb", "oracle:packing=grouped"):
+            assert by.loc[policy, "bytes_migration"] == 0
+        for policy in (*module.FLEXMOE_RULE, *module.FLEXMOE_SCHEDULED):
+            assert by.loc[policy, "phase_weight_sendout_s"] == 0
+        # packing changes where replicas go, not how many: in slot mode drops are the same
+        assert by.loc["symi-balanced", "survival"] == by.loc["symi-balanced:packing=grouped", "survival"]
+        # grouped packing puts each expert on fewer GPUs: less gradient collection than balanced packing
+        assert by.loc["symi-balanced:packing=grouped", "bytes_grad_collect"] < by.loc["symi-balanced",
+                                                                                     "bytes_grad_collect"]
+
+
+def test_paper_comparison_layer_mapping(paper):
+    module, _ = paper
+    model, trace, mapping = module.load_case("recorded-tile12")
+    recorded = module.read_trace(module.RECORDED)
+    assert model.num_moe_layers == model.num_layers == 12 and trace.num_layers == 12
+    assert trace.tokens_per_step == model.tokens_per_step == 32768
+    # block b replays recorded layer b % 2: same popularity (up to the rescale's rounding)
+    share = trace.counts_SLE / trace.counts_SLE.sum(axis=2, keepdims=True)
+    recorded_share = recorded.counts_SLE / recorded.counts_SLE.sum(axis=2, keepdims=True)
+    for block in range(12):
+        np.testing.assert_allclose(share[:, block], recorded_share[:, block % 2], atol=1e-4)
+    adopt_model, adopt_trace, _ = module.load_case("recorded-adopt2")
+    assert adopt_model.num_moe_layers == 2 and adopt_model.num_layers == 12 and adopt_trace.num_layers == 2
+
+
+# ---------------------------------------------------------------- scale_out
+
+
+@pytest.fixture(scope="module")
+def scale(tmp_path_factory):
+    return _run_quick("scale_out", tmp_path_factory)
+
+
+def test_scale_out_outputs(scale):
+    module, out = scale
+    table = pd.read_csv(out / "table.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    _check_png(out / "phases.png")
+    _check_png(out / "time_to_target.png")
+    points = [p.label for p in module.QUICK_POINTS]
+    assert list(dict.fromkeys(table["point"])) == points
+    assert [p["point"] for p in summary["points"]] == points
+    for point in points:
+        assert table.loc[table["point"] == point, "policy"].tolist() == list(module.POLICIES)
+    _check_common(table, ["point"])
+    assert (table["num_gpus"] == table["num_nodes"] * table["gpus_per_node"]).all()
+    # weak scaling: every GPU sees the same tokens per step within a model family
+    per_gpu = table["tokens_per_step"] / table["num_gpus"]
+    for _, rows in table.groupby("model"):
+        assert per_gpu[rows.index].nunique() == 1
+    # every GPU holds slots for every expert of every layer: the experts fit in the slots
+    assert (table["num_gpus"] * table["slots_per_gpu"] >= table["num_experts"]).all()
+
+
+def test_scale_out_full_points():
+    module = _load("scale_out")
+    gpus = sorted({p.num_gpus for p in module.POINTS})
+    assert gpus == [16, 64, 256, 1024, 2048]
+    assert any(p.preset == "paper-a100-16" for p in module.POINTS)
+    for point in module.POINTS:
+        model = module.point_model(point)
+        assert point.cluster.num_slots >= model.num_experts
+        if point.model == "deepseek-v3":
+            assert model.tokens_per_step / point.num_gpus == 7.5 * 4096
+    at_2048 = [p for p in module.POINTS if p.num_gpus == 2048]
+    assert module.point_model(at_2048[0]).global_batch == 15360  # DeepSeek-V3's own batch
+
+
+# ---------------------------------------------------------------- sensitivity
+
+
+@pytest.fixture(scope="module")
+def sensitivity(tmp_path_factory):
+    return _run_quick("sensitivity", tmp_path_factory)
+
+
+def test_sensitivity_outputs(sensitivity):
+    module, out = sensitivity
+    table = pd.read_csv(out / "table.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    _check_png(out / "sensitivity.png")
+    assert "executor" in summary["not_here"]
+    assert set(table["policy"]) == set(module.POLICIES)
+    for axis, values in module.AXES.items():
+        for trace in module.TRACES:
+            got = sorted(table.loc[(table["axis"] == axis) & (table["trace"] == trace), "value"].unique())
+            expected = [float(v) for v in values if not (trace == "recorded" and axis == "top_k" and v == 4)]
+            assert got == expected, (axis, trace)
+    _check_common(table, ["axis", "value", "trace"])
+
+
+def test_sensitivity_properties(sensitivity):
+    _, out = sensitivity
+    table = pd.read_csv(out / "table.csv")
+    # one slot per GPU = 16 slots for 16 experts: every policy must give each expert one slot, so the same drops
+    one_slot = table[(table["axis"] == "slots") & (table["value"] == 1)]
+    for _, rows in one_slot.groupby("trace"):
+        assert rows["survival"].nunique() == 1
+    # static ignores the popularity window
+    static_window = table[(table["axis"] == "window") & (table["policy"] == "static")]
+    for _, rows in static_window.groupby("trace"):
+        assert rows["survival"].nunique() == 1 and rows["mean_time_s"].nunique() == 1
+    # placements do not depend on the capacity factor: bigger buffers never drop more
+    capacity = table[table["axis"] == "capacity"]
+    for _, rows in capacity.groupby(["trace", "policy"]):
+        survival = rows.sort_values("value")["survival"].to_numpy()
+        assert (np.diff(survival) >= -1e-12).all()
+    # top-k: the model follows the trace (k x tokens assignments); slot buffers grow with k, so static's
+    # iteration gets slower
+    static_k = table[(table["axis"] == "top_k") & (table["policy"] == "static") & (table["trace"] == "synthetic")]
+    assert (np.diff(static_k.sort_values("value")["mean_time_s"].to_numpy()) > 0).all()
