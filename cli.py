@@ -201,15 +201,23 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
               help="Calibration file of (survival, iterations) points, .csv or .json (default: the paper's table).")
 @click.option("--convergence-form", type=click.Choice(["power", "exponential"]), default="power", show_default=True,
               help="Curve fitted to the calibration points.")
+@click.option("--mtbf-hours", type=float, default=None,
+              help="The job's mean time between failures (any GPU failing stops it): adds the failure columns.")
+@click.option("--gpu-mtbf-hours", type=float, default=None,
+              help="One GPU's MTBF instead (job MTBF = this / GPUs).")
+@click.option("--checkpoint", default=None,
+              help="With an MTBF: none, full-K (every K steps) or sparse[-K_full][:hot=F] [default: full-100].")
 @click.option("--out", "out", default=None, help="Run directory (default runs/simulate-<timestamp>).")
 def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str, capacity_factor: float,
              capacity_mode: str, steps: int | None, loop: bool, window: int, slots: int | None,
-             fit_model_to_trace: bool, convergence_path: str | None, convergence_form: str, out: str | None) -> None:
+             fit_model_to_trace: bool, convergence_path: str | None, convergence_form: str, mtbf_hours: float | None,
+             gpu_mtbf_hours: float | None, checkpoint: str | None, out: str | None) -> None:
     """Replay a trace through every policy on the simulated cluster; compare time to target loss."""
     from pathlib import Path
 
     from symi_sim.cluster import load_cluster
     from symi_sim.convergence import load_calibration, paper_model
+    from symi_sim.failures import DEFAULT_CHECKPOINT, FAILURE_COLUMNS, FailureModel
     from symi_sim.models import fit_trace, load_model
     from symi_sim.simulate import simulate as run_simulation
     from symi_sim.simulate import write_run
@@ -218,6 +226,12 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     out_dir = Path(out or _timestamped("simulate"))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output directory {str(out_dir)!r} already exists and is not empty")
+    failures = None
+    if mtbf_hours is not None or gpu_mtbf_hours is not None:
+        failures = FailureModel(checkpoint=checkpoint or DEFAULT_CHECKPOINT, mtbf_hours=mtbf_hours,
+                                gpu_mtbf_hours=gpu_mtbf_hours)
+    elif checkpoint is not None:
+        raise ValueError("--checkpoint needs --mtbf-hours or --gpu-mtbf-hours")
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
     model = load_model(model_spec)
     names = [p.strip() for p in policies.split(",") if p.strip()]
@@ -230,11 +244,12 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
                    else paper_model(form=convergence_form))
     result = run_simulation(trace=trace, cluster=cluster, model=model, policies=names,
                             capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps, loop=loop,
-                            window=window, convergence=convergence)
+                            window=window, convergence=convergence, failures=failures)
     result.config["trace"]["path"] = trace_path
     result.config["command"] = "simulate"
     write_run(result, out_dir)
-    click.echo(result.summary.loc[:, list(SUMMARY_COLUMNS)].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    columns = list(SUMMARY_COLUMNS) + (list(FAILURE_COLUMNS) if failures is not None else [])
+    click.echo(result.summary.loc[:, columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     click.echo(f"wrote {out_dir}")
 
 
@@ -300,10 +315,16 @@ def _capacity_factor(raw: str) -> float | None:
 @click.option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
 @click.option("--log-interval", type=int, default=10, show_default=True, help="Steps between rank-0 log lines.")
 @click.option("--out", default=None, help="Run directory (default runs/train-<timestamp>).")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True,
+              help="Checkpoint every K steps and after the last one (0: never).")
+@click.option("--checkpoint-dir", default=None,
+              help="Where checkpoints go (default: the --resume directory, else <out>-checkpoints).")
+@click.option("--resume", default=None, type=click.Path(file_okay=False),
+              help="Continue from the latest complete checkpoint in this directory (any number of ranks).")
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
           options: tuple[str, ...], capacity_factor: str, capacity_mode: str, steps: int, batch_size: int, lr: float,
           aux_loss_coef: float, seed: int, data: str | None, dtype: str, record_trace: bool, log_interval: int,
-          out: str | None) -> None:
+          out: str | None, checkpoint_every: int, checkpoint_dir: str | None, resume: str | None) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
@@ -316,7 +337,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         top_k=top_k, policy=policy, policy_options=parse_options(options),
         capacity_factor=_capacity_factor(capacity_factor), capacity_mode=capacity_mode, steps=steps,
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, seed=seed, data=data,
-        record_trace=record_trace, dtype=dtype, log_interval=log_interval,
+        record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
+        checkpoint_dir=checkpoint_dir, resume=resume,
     )
     run_dir = launch(config, nproc_per_node)
     if os.environ.get("RANK", "0") != "0":

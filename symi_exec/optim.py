@@ -197,6 +197,26 @@ class ShardedExpertOptimizer:
 
         exchange(segs, comm, "weight_sendout", self.master_LEp[0].dtype, read_master, write_slots)
 
+    def state_dict(self) -> dict[str, object]:
+        """This rank's shard of every expert: master weights and AdamW moments (checkpoint.py assembles them)."""
+        return {"layout": "sharded", "num_steps": self.num_steps, "start": self.start, "stop": self.stop,
+                "weights": [w.detach().cpu().clone() for w in self.master_LEp],
+                "exp_avg": [m.detach().cpu().clone() for m in self.exp_avg_LEp],
+                "exp_avg_sq": [v.detach().cpu().clone() for v in self.exp_avg_sq_LEp]}
+
+    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
+        """Take this rank's shard of every expert's full state (checkpoint.assemble_expert_state) - a re-shard
+        when the checkpoint came from another world size. `placement` is unused (the layout ignores it)."""
+        device, dtype = self.master_LEp[0].device, self.master_LEp[0].dtype
+
+        def mine(full_LEP: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [w[:, self.start:self.stop].to(device=device, dtype=dtype).clone() for w in full_LEP]
+
+        self.master_LEp = mine(full["weights"])
+        self.exp_avg_LEp = mine(full["exp_avg"])
+        self.exp_avg_sq_LEp = mine(full["exp_avg_sq"])
+        self.num_steps = int(full["num_steps"])
+
     def full_weights(self) -> list[torch.Tensor]:
         """[L] x [E, P]: every expert's full master weights, assembled on every rank (for checkpoints)."""
         comm = self.comm
@@ -336,6 +356,28 @@ class ReplicaExpertOptimizer:
         exchange(segs, self.comm, "weight_sendout", dtype, read_weights, write_weights)
         moment_segs = [Segment(seg.src, seg.dst, seg.key, 0, 2 * numel) for seg in segs]
         exchange(moment_segs, self.comm, "optimizer_state", dtype, read_moments, write_moments)
+
+    def state_dict(self) -> dict[str, object]:
+        """Full weights and AdamW moments of the experts whose lowest holder this rank is (each expert once)."""
+        assert self.placement is not None
+        lead = sorted(self._lead(self.placement))
+        return {"layout": "replica", "num_steps": self.num_steps,
+                **{name: {key: table[key].detach().cpu().clone() for key in lead}
+                   for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
+                                       ("exp_avg_sq", self.exp_avg_sq))}}
+
+    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
+        """Become a holder of every expert `placement` gives this rank, with its full state from the checkpoint
+        (checkpoint.assemble_expert_state); the next send_out with the same placement only fills the slots."""
+        assert self._initial_LEP is not None, "load the state before the first send_out"
+        device, dtype = self._initial_LEP[0].device, self._initial_LEP[0].dtype
+        for layer, expert in sorted(self._hosted(placement)):
+            for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
+                                ("exp_avg_sq", self.exp_avg_sq)):
+                table[layer, expert] = full[name][layer][expert].to(device=device, dtype=dtype).clone()
+        self.num_steps = int(full["num_steps"])
+        self.placement = placement
+        self._initial_LEP = None
 
     def full_weights(self) -> list[torch.Tensor]:
         """[L] x [E, P]: every expert's full weights, assembled on every rank (for checkpoints)."""

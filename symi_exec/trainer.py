@@ -18,6 +18,8 @@ AdamW moments of replicas that change rank (counted as `weight_sendout` and `opt
 Rank 0 writes the run directory: config.json, metrics.csv (one row per step), placements.jsonl (the placement
 each step ran with and the assignments it dropped per layer and expert), checkpoint.pt (single-device state dict,
 loadable by model.GPT), trace.parquet (--record-trace: counts per step, layer, expert and source rank).
+With checkpoint_every K, every rank also writes its part of a resumable checkpoint every K steps and after the
+last one (checkpoint.py); `resume` continues from the latest complete one, on any number of ranks.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -39,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from symi_exec import checkpoint
 from symi_exec.comm import BYTE_KINDS, Comm
 from symi_exec.model import GPT, ModelConfig, model_config, param_groups
 from symi_exec.moe import ReplicatedMoE
@@ -86,6 +90,17 @@ class TrainConfig:
     dtype: str = "float32"
     log_interval: int = 10
     model_overrides: dict[str, int] = field(default_factory=dict)
+    checkpoint_every: int = 0              # 0: no checkpoints; K: every K steps and after the last step
+    checkpoint_dir: str | None = None      # None: the --resume directory, else "<out>-checkpoints"
+    resume: str | None = None              # a checkpoint root: continue from its latest complete checkpoint
+
+    def checkpoint_root(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir)
+        if self.resume is not None:
+            return Path(self.resume)
+        out = Path(self.out)
+        return out.with_name(f"{out.name}-checkpoints")
 
     def model_config(self) -> ModelConfig:
         return model_config(self.model, num_experts=self.num_experts, top_k=self.top_k,
@@ -134,6 +149,25 @@ class TrainConfig:
         out = Path(self.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"output directory {self.out!r} already exists and is not empty")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.resume is not None:
+            self._validate_resume(world_size)
+
+    def _validate_resume(self, world_size: int) -> None:
+        latest = checkpoint.latest_complete(self.resume)
+        if latest is None:
+            raise ValueError(f"no complete checkpoint in {self.resume!r}")
+        meta = checkpoint.read_meta(latest)
+        if meta["model"] != self.model_config().to_dict():
+            raise ValueError(f"checkpoint {str(latest)!r} holds another model: {meta['model']}")
+        if meta["step"] >= self.steps:
+            raise ValueError(f"checkpoint {str(latest)!r} is at step {meta['step']}; nothing left of {self.steps} "
+                             f"steps")
+        if self.record_trace and meta["world_size"] != world_size:
+            raise ValueError(f"--record-trace needs the checkpoint's world size ({meta['world_size']}), got "
+                             f"{world_size}")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -268,17 +302,26 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
                                betas=(config.beta1, config.beta2), eps=1e-8, weight_decay=config.weight_decay)
     del expert_weights_LEP
 
-    placement = planner(-1, np.ones((cfg.num_layers, cfg.num_experts)), cluster, None)
-    placement.validate(cluster, num_layers=cfg.num_layers)
-    expert_opt.send_out(placement, [p.data for p in slot_params])
-    comm.take_bytes()   # the initial fill is not part of any step
-
-    tokens = load_tokens(config.data_path())
-    tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
     rows: list[dict[str, Any]] = []
     src_counts_SLEG: list[np.ndarray] = []
     step_records: list[dict[str, Any]] = []
-    for step in range(config.steps):
+    start_step, rng_state = 0, None
+    if config.resume is not None:
+        start_step, placement, rng_state, history = _restore(config, cfg, comm, cluster, planner, model, dense_opt,
+                                                             expert_opt)
+        rows, step_records, src_counts_SLEG = history["rows"], history["step_records"], history["src_counts_SLEG"]
+    else:
+        placement = planner(-1, np.ones((cfg.num_layers, cfg.num_experts)), cluster, None)
+    placement.validate(cluster, num_layers=cfg.num_layers)
+    expert_opt.send_out(placement, [p.data for p in slot_params])
+    comm.take_bytes()   # the initial fill is not part of any step
+    if rng_state is not None:
+        _set_rng_state(rng_state)
+
+    tokens = load_tokens(config.data_path())
+    tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
+    load_LE = np.ones((cfg.num_layers, cfg.num_experts))
+    for step in range(start_step, config.steps):
         times = dict.fromkeys(PHASES, 0.0)
         step_start = clock = _now(device)
         lr = lr_at(step, config)
@@ -335,11 +378,103 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
                         step, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"], row["imbalance"],
                         row["replica_moves"])
         placement = next_placement
+        if config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            _save_checkpoint(config, cfg, comm, step + 1, model, dense_opt, expert_opt, placement, load_LE,
+                             {"rows": rows, "step_records": step_records, "src_counts_SLEG": src_counts_SLEG})
 
     full_LEP = expert_opt.full_weights()
     if out_dir is not None:
         _write_outputs(out_dir, config, cfg, comm, model, full_LEP, rows, step_records, np.stack(src_counts_SLEG),
                        tokens_per_step, placement)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002 (the global one)
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002 (the global one, which library code may draw from)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _dense_state(model: GPT) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.endswith("slot_weights_SP")}
+
+
+def _save_checkpoint(config: TrainConfig, cfg: ModelConfig, comm: Comm, step: int, model: GPT,
+                     dense_opt: torch.optim.Optimizer, expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer,
+                     placement: Placement, load_LE: np.ndarray, history: dict[str, Any]) -> None:
+    """Every rank writes its file of checkpoint `step` (the state after `step` steps); rank 0 marks it complete."""
+    start = time.perf_counter()
+    root = config.checkpoint_root()
+    directory = checkpoint.step_dir(root, step)
+    if comm.rank == 0:
+        checkpoint.prepare_step_dir(root, step)
+    if comm.world_size > 1:
+        dist.barrier()
+    state: dict[str, Any] = {"step": step, "rank": comm.rank, "world_size": comm.world_size, "rng": _rng_state(),
+                             "expert_optimizer": expert_opt.state_dict()}
+    if comm.rank == 0:
+        # dense parameters and their optimizer are the same on every rank (data parallel): stored once
+        state.update(dense=_dense_state(model), dense_optimizer=dense_opt.state_dict(),
+                     phy2log_LR=placement.phy2log_LR.copy(), share_LR=placement.share_LR.copy(),
+                     load_LE=np.asarray(load_LE, dtype=np.float64).copy(), history=history)
+    num_bytes = torch.tensor([checkpoint.save_rank(directory, comm.rank, state)], dtype=torch.float64,
+                             device=comm.device)
+    if comm.world_size > 1:
+        dist.all_reduce(num_bytes)   # also the barrier: every file is in place before the marker
+    if comm.rank == 0:
+        meta = {"step": step, "world_size": comm.world_size, "slots_per_rank": config.slots_per_rank,
+                "policy": config.policy, "dtype": config.dtype, "model": cfg.to_dict(),
+                "expert_optimizer": state["expert_optimizer"]["layout"], "next_lr": lr_at(step, config),
+                "bytes": int(num_bytes.item()), "placement": placement.to_json_dict()}
+        checkpoint.mark_complete(directory, meta)
+        logger.info("checkpoint %s: %d bytes in %.3f s", directory, int(num_bytes.item()), time.perf_counter() - start)
+
+
+def _restore(config: TrainConfig, cfg: ModelConfig, comm: Comm, cluster: Cluster, planner: Planner, model: GPT,
+             dense_opt: torch.optim.Optimizer, expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer
+             ) -> tuple[int, Placement, dict[str, Any] | None, dict[str, Any]]:
+    """Load the latest complete checkpoint of config.resume into this rank; returns (the next step, its placement,
+    this rank's RNG state to set once set-up is done (None: the checkpoint had no such rank), the history)."""
+    assert config.resume is not None
+    directory = checkpoint.latest_complete(config.resume)
+    assert directory is not None, f"no complete checkpoint in {config.resume!r}"
+    meta = checkpoint.read_meta(directory)
+    states = [checkpoint.load_rank(directory, rank) for rank in range(meta["world_size"])]
+    head = states[0]
+    step = int(head["step"])
+    device, dtype = comm.device, DTYPES[config.dtype]
+    missing, unexpected = model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in head["dense"].items()},
+                                                strict=False)
+    assert not unexpected and all(k.endswith("slot_weights_SP") for k in missing), (missing, unexpected)
+    dense_opt.load_state_dict(head["dense_optimizer"])
+    if meta["world_size"] == comm.world_size and meta["slots_per_rank"] == config.slots_per_rank:
+        placement = Placement(head["phy2log_LR"], head["share_LR"], cfg.num_experts)
+    else:
+        # another cluster shape: the policy re-places from the last step's loads (SYMI: at no extra cost)
+        placement = planner(step - 1, head["load_LE"], cluster, None)
+        placement.validate(cluster, num_layers=cfg.num_layers)
+    expert_opt.load_full_state(checkpoint.assemble_expert_state(states), placement)
+    rng_state = states[comm.rank]["rng"] if comm.rank < len(states) else None
+    history = head["history"]
+    if meta["world_size"] != comm.world_size:
+        # per-source-rank counts of another world size do not stack (--record-trace refuses this case)
+        history = {**history, "src_counts_SLEG": []}
+    if comm.rank == 0:
+        logger.info("resumed from %s (step %d, %d ranks then, %d now)", directory, step, meta["world_size"],
+                    comm.world_size)
+    return step, placement, rng_state, history
 
 
 def _now(device: torch.device) -> float:

@@ -1,0 +1,129 @@
+"""Checkpoints of a `symi train` job: atomic, one directory per step, every rank its own shard.
+
+Legend: L MoE layers, E experts, P parameters of one expert (flat), p a rank's shard of P, G ranks.
+
+Layout of a checkpoint root (`--checkpoint-dir`):
+  step-00000010/              the state after 10 steps (the next step to run is 10)
+    rank-00000.pt ...         one file per rank (torch.save), each written to a temporary name, then renamed:
+                                step, world size, RNG states (python, numpy, torch), the expert optimizer state
+                                (SYMI layout: this rank's 1/G shard of every expert - master weights and both
+                                AdamW moments; FlexMoE layout: the full weights and moments of the experts whose
+                                lowest holder this rank is, so every expert is stored exactly once);
+                                rank 0 also: dense parameters, dense AdamW state, the placement of the next step,
+                                the last step's loads and the metrics history (rows, placements, trace counts)
+    meta.json                 human-readable summary (rank 0)
+    COMPLETE                  written last, by rank 0, after every rank's file is in place
+A directory without COMPLETE is ignored (the job died while writing it). The data position and the learning
+rate are functions of the step (get_batch draws step `s`'s batch from (seed, s); lr_at(s)), so the step is the
+whole of both.
+
+Loading re-shards: the full state of every expert is assembled from the G_old files and re-split for the new
+world size, so a job can resume on fewer (or more) ranks; with the same world size the slices are the saved ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from symi_exec.optim import shard_bounds
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+STEP_PREFIX = "step-"
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"{STEP_PREFIX}{step:08d}"
+
+
+def rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank-{rank:05d}.pt"
+
+
+def latest_complete(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root` (None: none)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(STEP_PREFIX) and (d / MARKER).is_file()]
+    return max(done, key=lambda d: int(d.name.removeprefix(STEP_PREFIX)), default=None)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """write(tmp_path), fsync, then rename onto `path` (a reader never sees a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_step_dir(root: str | Path, step: int) -> Path:
+    """Rank 0, before the others write: an empty step directory (a stale incomplete one is removed)."""
+    directory = step_dir(root, step)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def save_rank(directory: Path, rank: int, state: dict[str, Any]) -> int:
+    """This rank's file; returns its size in bytes."""
+    path = rank_file(directory, rank)
+    _write_atomic(path, lambda tmp: torch.save(state, tmp))
+    return path.stat().st_size
+
+
+def mark_complete(directory: Path, meta: dict[str, Any]) -> None:
+    """Rank 0, after every rank's file is in place: meta.json, then the completion marker."""
+    _write_atomic(directory / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+    _write_atomic(directory / MARKER, lambda tmp: tmp.write_text(f"{meta['step']}\n"))
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "meta.json").read_text())
+
+
+def load_rank(directory: Path, rank: int) -> dict[str, Any]:
+    # our own files: they hold numpy RNG states and tuples, which weights_only loading refuses
+    return torch.load(rank_file(directory, rank), map_location="cpu", weights_only=False)
+
+
+def assemble_expert_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every expert's full state from all ranks' files (ranks in order): weights, exp_avg, exp_avg_sq, each
+    [L] x [E, P], and num_steps. SYMI layout: the G shards of each expert concatenated; FlexMoE layout: each
+    expert from the one file that stores it."""
+    layouts = {s["expert_optimizer"]["layout"] for s in states}
+    assert len(layouts) == 1, layouts
+    num_steps = {s["expert_optimizer"]["num_steps"] for s in states}
+    assert len(num_steps) == 1, num_steps
+    names = ("weights", "exp_avg", "exp_avg_sq")
+    if layouts == {"sharded"}:
+        parts = [s["expert_optimizer"] for s in states]
+        numel = parts[-1]["stop"]
+        for rank, part in enumerate(parts):
+            assert (part["start"], part["stop"]) == shard_bounds(numel, len(parts), rank), "shards out of order"
+        full = {name: [torch.cat([part[name][layer] for part in parts], dim=1)
+                       for layer in range(len(parts[0][name]))] for name in names}
+    else:
+        stored: dict[str, dict[tuple[int, int], torch.Tensor]] = {name: {} for name in names}
+        for s in states:
+            for name in names:
+                for key, value in s["expert_optimizer"][name].items():
+                    assert key not in stored[name], f"expert {key} stored twice"
+                    stored[name][key] = value
+        num_layers = 1 + max(layer for layer, _ in stored["weights"])
+        num_experts = 1 + max(expert for _, expert in stored["weights"])
+        assert len(stored["weights"]) == num_layers * num_experts, "an expert is missing from the checkpoint"
+        full = {name: [torch.stack([stored[name][layer, e] for e in range(num_experts)])
+                       for layer in range(num_layers)] for name in names}
+    full["num_steps"] = num_steps.pop()
+    return full
