@@ -39,6 +39,7 @@ import torch
 
 from symi_exec.comm import BYTE_KINDS
 from symi_exec.trainer import TrainConfig, launch
+from symi_sim.curves import smoothed, steps_to
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = {"model": "tiny", "num_experts": 8, "slots_per_rank": 4, "top_k": 1, "capacity_factor": 1.0,
@@ -62,19 +63,6 @@ def run(policy: str, scenario: str, steps: int, nproc: int, root: Path) -> list[
     launch(config, nproc, log_level=logging.WARNING)
     with open(out / "metrics.csv") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def smoothed(losses: list[float], window: int) -> list[float]:
-    """Trailing mean over up to `window` steps (per-step losses are single 1,024-token batches: noisy)."""
-    return [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-
-
-def steps_to(target: float, curve: list[float], window: int) -> int | None:
-    """Steps trained when the smoothed loss first reaches `target` (a full window in); None if it never does."""
-    for i in range(window - 1, len(curve)):
-        if curve[i] <= target:
-            return i + 1
-    return None
 
 
 def summarise(scenario: str, policy: str, runs: list[list[dict[str, float]]], args: argparse.Namespace

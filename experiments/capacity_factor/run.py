@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from symi_sim.curves import smoothed, steps_to  # noqa: E402
 from symi_sim.outputs import atomic_dir  # noqa: E402
 
 STUDY = "capacity_factor"
@@ -71,19 +72,6 @@ def parse_floats(text: str) -> list[float]:
     if any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"capacity factors must be > 0, got {text!r}")
     return values
-
-
-def smoothed(losses: list[float], window: int) -> list[float]:
-    """Trailing mean over up to `window` steps (each step's loss is one small batch: noisy)."""
-    return [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
-
-
-def steps_to(target: float, curve: list[float], window: int) -> int | None:
-    """Steps trained when the smoothed loss first reaches `target` (a full window in); None if it never does."""
-    for i in range(window - 1, len(curve)):
-        if curve[i] <= target:
-            return i + 1
-    return None
 
 
 def fit_loss_curve(losses: list[float], start: int) -> tuple[float, float, float]:
