@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import random
-import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -204,12 +204,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
 # ---------------------------------------------------------------------------------------------- launch
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def launch(config: TrainConfig, nproc_per_node: int, planner: Planner | None = None,
            log_level: int = logging.INFO) -> Path:
     """Train with `nproc_per_node` local ranks (spawned), or as one rank of a torchrun job (RANK/WORLD_SIZE set).
@@ -224,8 +218,17 @@ def launch(config: TrainConfig, nproc_per_node: int, planner: Planner | None = N
     if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be a positive integer, got {nproc_per_node!r}")
     config.validate(nproc_per_node)
+    # Local ranks meet through a file rather than a TCP store served by rank 0: rank 0 may exit (taking a TCP
+    # store down) while another rank still tears down its process group, which aborted that rank intermittently.
+    with tempfile.TemporaryDirectory(prefix="symi-store-") as store_dir:
+        _spawn(config, nproc_per_node, os.path.join(store_dir, "store"), planner, log_level)
+    return Path(config.out)
+
+
+def _spawn(config: TrainConfig, nproc_per_node: int, store_path: str, planner: Planner | None,
+           log_level: int) -> None:
     try:
-        mp.spawn(_worker, args=(nproc_per_node, config, free_port(), planner, log_level), nprocs=nproc_per_node,
+        mp.spawn(_worker, args=(nproc_per_node, config, store_path, planner, log_level), nprocs=nproc_per_node,
                  join=True)
     except mp.ProcessRaisedException as exc:
         # a bad input found only once training runs (e.g. a placement the executor cannot run) stays a ValueError
@@ -233,15 +236,11 @@ def launch(config: TrainConfig, nproc_per_node: int, planner: Planner | None = N
         if last_line.startswith("ValueError: "):
             raise ValueError(last_line.removeprefix("ValueError: ")) from None
         raise
-    return Path(config.out)
 
 
-def _worker(rank: int, world_size: int, config: TrainConfig, port: int | None, planner: Planner | None,
+def _worker(rank: int, world_size: int, config: TrainConfig, store_path: str | None, planner: Planner | None,
             log_level: int) -> None:
     logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    if port is not None:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -250,7 +249,10 @@ def _worker(rank: int, world_size: int, config: TrainConfig, port: int | None, p
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None)
+    # torchrun (store_path None) rendezvous through its env:// store; spawned local ranks through a shared file
+    store = dist.FileStore(store_path, world_size) if store_path is not None else None
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            device_id=device if backend == "nccl" else None)
     try:
         comm = Comm(rank=rank, world_size=world_size, device=device)
         if rank == 0:
