@@ -28,6 +28,7 @@ within a rank, or to a rank that already hosts the expert, moves nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -156,11 +157,7 @@ class ShardedExpertOptimizer:
 
     def grad_sq_norm(self) -> torch.Tensor:
         """Squared L2 norm of the collected expert gradients over ALL ranks (an all-reduce of one number)."""
-        sq = sum((g.double() ** 2).sum() for g in self.grad_LEp)
-        sq = torch.as_tensor(sq, dtype=torch.float64, device=self.comm.device)
-        if self.comm.world_size > 1:
-            dist.all_reduce(sq)
-        return sq
+        return _global_sq_norm(self.grad_LEp, self.comm)
 
     # ------------------------------------------------------------------ update and send-out
 
@@ -285,12 +282,7 @@ class ReplicaExpertOptimizer:
     def grad_sq_norm(self) -> torch.Tensor:
         """Squared L2 norm of the expert gradients, each expert counted once (on its lowest holder rank)."""
         assert self.placement is not None
-        sq = torch.zeros((), dtype=torch.float64, device=self.comm.device)
-        for key in self._lead(self.placement):
-            sq += (self.grad[key].double() ** 2).sum()
-        if self.comm.world_size > 1:
-            dist.all_reduce(sq)
-        return sq
+        return _global_sq_norm((self.grad[key] for key in self._lead(self.placement)), self.comm)
 
     # ------------------------------------------------------------------ update and migration
 
@@ -390,3 +382,13 @@ class ReplicaExpertOptimizer:
         if self.comm.world_size > 1:
             dist.all_reduce(out_LEP)   # exactly one rank contributes each expert; the others add zeros
         return list(out_LEP)
+
+
+def _global_sq_norm(grads: Iterable[torch.Tensor], comm: Comm) -> torch.Tensor:
+    """Sum over all ranks of this rank's squared gradient norms (float64; one all-reduce of one number)."""
+    sq = torch.zeros((), dtype=torch.float64, device=comm.device)
+    for grad in grads:
+        sq += (grad.double() ** 2).sum()
+    if comm.world_size > 1:
+        dist.all_reduce(sq)
+    return sq

@@ -37,15 +37,20 @@ COMPARISON_COLUMNS = ("policy", "time_to_target_s", "mean_time_s", "dropped_frac
 REPLAY_COLUMNS = ("policy", "imbalance", "dropped_fraction", "plan_ms_median")
 
 
+def _check_frame(table: pd.DataFrame, required: Sequence[str], what: str) -> None:
+    """A non-empty DataFrame with the required columns."""
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"{what} must be a pandas DataFrame, got {type(table).__name__}")
+    missing = [column for column in required if column not in table.columns]
+    if missing:
+        raise ValueError(f"{what} is missing column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError(f"{what} is empty: nothing to plot")
+
+
 def _check_table(summary: pd.DataFrame, required: Sequence[str], what: str) -> None:
     """One row per policy, the required columns present, numbers finite and >= 0."""
-    if not isinstance(summary, pd.DataFrame):
-        raise ValueError(f"{what} must be a pandas DataFrame, got {type(summary).__name__}")
-    missing = [column for column in required if column not in summary.columns]
-    if missing:
-        raise ValueError(f"{what} is missing column(s) {missing}; it has {list(summary.columns)}")
-    if summary.empty:
-        raise ValueError(f"{what} is empty: nothing to plot")
+    _check_frame(summary, required, what)
     duplicated = summary["policy"][summary["policy"].duplicated()].tolist()
     if duplicated:
         raise ValueError(f"{what} must have one row per policy; repeated: {duplicated}")
@@ -304,13 +309,7 @@ def _check_rows(table: pd.DataFrame, required: Sequence[str], what: str, *, sign
     """A per-step table: the required columns present, not empty, numbers finite and >= 0 (or any finite number
     for the `signed` columns, <= 1 too for the `at_most_one` ones), `step` whole numbers, at most one row per
     (policy, step)."""
-    if not isinstance(table, pd.DataFrame):
-        raise ValueError(f"{what} must be a pandas DataFrame, got {type(table).__name__}")
-    missing = [column for column in required if column not in table.columns]
-    if missing:
-        raise ValueError(f"{what} is missing column(s) {missing}; it has {list(table.columns)}")
-    if table.empty:
-        raise ValueError(f"{what} is empty: nothing to plot")
+    _check_frame(table, required, what)
     for column in required:
         if column == "policy":
             continue
