@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from test_exec_train import NUM_RANKS, assert_same_parameters, read_metrics, scheme_bytes, train_single_process
+from test_exec_train import NUM_RANKS, scheme_bytes, train_and_compare
 
-from symi_exec.trainer import TrainConfig, launch
+from symi_exec.trainer import TrainConfig
 
 ELEM_BYTES = 8   # float64
 
@@ -34,12 +33,7 @@ def test_flexmoe_matches_single_process_and_migrates_exactly_the_moved_state(tmp
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy="flexmoe-2",
                          policy_options={"min_gain_ratio": 0}, steps=6, batch_size=2, dtype="float64", seed=0,
                          lr=1e-2, grad_clip=0.5)
-    launch(config, NUM_RANKS)
-    out = Path(config.out)
-    reference, losses, _ = train_single_process(config, NUM_RANKS)
-    assert_same_parameters(out, reference, config.seed)
-    rows = read_metrics(out)
-    assert [row["loss"] for row in rows] == pytest.approx(losses, rel=1e-12)
+    out, rows, _ = train_and_compare(config)
     assert all(row["dropped_fraction"] == 0 for row in rows)
     assert all(row["grad_norm"] > config.grad_clip for row in rows)   # clipping active: each expert counted once
     assert json.loads((out / "config.json").read_text())["expert_optimizer"] == "replica"

@@ -88,16 +88,22 @@ def assert_same_parameters(out: Path, reference: GPT, seed: int) -> None:
     assert max(float((state[n] - init[n]).abs().max()) for n in init) > 1e-3
 
 
-def test_symi_matches_single_process_and_moves_no_optimizer_state(tmp_path: Path) -> None:
-    config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy="symi",
-                         steps=3, batch_size=2, dtype="float64", record_trace=True, seed=0, lr=1e-2)
-    launch(config, NUM_RANKS)
+def train_and_compare(config: TrainConfig, planner=None) -> tuple[Path, list[dict[str, float]], np.ndarray]:
+    """Train `config` on NUM_RANKS gloo ranks and in one process without expert parallelism; assert equal
+    parameters and per-step losses. Returns (run directory, metrics rows, the reference's per-rank counts)."""
+    launch(config, NUM_RANKS, planner=planner)
     out = Path(config.out)
     reference, losses, counts_SLEG = train_single_process(config, NUM_RANKS)
     assert_same_parameters(out, reference, config.seed)
-
     rows = read_metrics(out)
     assert [row["loss"] for row in rows] == pytest.approx(losses, rel=1e-12)
+    return out, rows, counts_SLEG
+
+
+def test_symi_matches_single_process_and_moves_no_optimizer_state(tmp_path: Path) -> None:
+    config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy="symi",
+                         steps=3, batch_size=2, dtype="float64", record_trace=True, seed=0, lr=1e-2)
+    out, rows, counts_SLEG = train_and_compare(config)
     assert sum(row["replica_moves"] for row in rows[:-1]) > 0        # the placement did change between steps
     assert all(row["bytes_optimizer_state"] == 0 for row in rows)    # SYMI never moves optimizer state
     assert all(row["bytes_weight_sendout"] > 0 and row["bytes_grad_collection"] > 0 for row in rows)
