@@ -321,15 +321,21 @@ def _capacity_factor(raw: str) -> float | None:
               help="Where checkpoints go (default: the --resume directory, else <out>-checkpoints).")
 @click.option("--resume", default=None, type=click.Path(file_okay=False),
               help="Continue from the latest complete checkpoint in this directory (any number of ranks).")
+@click.option("--sparse-hot-share", type=float, default=None,
+              help="Between full checkpoints, snapshot after every step only the hot experts, covering this share "
+                   "(0-1] of the tokens since each expert's last snapshot (MoEtion-style; needs --checkpoint-every).")
+@click.option("--fail-at-step", type=int, default=None,
+              help="Failure drill: every rank kills itself (SIGKILL) when this step starts; resume with --resume.")
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
           options: tuple[str, ...], capacity_factor: str, capacity_mode: str, steps: int, batch_size: int, lr: float,
           aux_loss_coef: float, seed: int, data: str | None, dtype: str, record_trace: bool, log_interval: int,
-          out: str | None, checkpoint_every: int, checkpoint_dir: str | None, resume: str | None) -> None:
+          out: str | None, checkpoint_every: int, checkpoint_dir: str | None, resume: str | None,
+          sparse_hot_share: float | None, fail_at_step: int | None) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
 
-    from symi_exec.trainer import TrainConfig, launch
+    from symi_exec.trainer import JobFailed, TrainConfig, launch
     from symi_sim.policies import parse_options
 
     config = TrainConfig(
@@ -338,9 +344,13 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         capacity_factor=_capacity_factor(capacity_factor), capacity_mode=capacity_mode, steps=steps,
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, seed=seed, data=data,
         record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
-        checkpoint_dir=checkpoint_dir, resume=resume,
+        checkpoint_dir=checkpoint_dir, resume=resume, sparse_hot_share=sparse_hot_share,
+        fail_at_step=fail_at_step,
     )
-    run_dir = launch(config, nproc_per_node)
+    try:
+        run_dir = launch(config, nproc_per_node)
+    except JobFailed as exc:
+        raise click.ClickException(str(exc)) from None
     if os.environ.get("RANK", "0") != "0":
         return   # under torchrun only rank 0 writes the run directory (other nodes may not even see it)
     with open(run_dir / "metrics.csv") as f:

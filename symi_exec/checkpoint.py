@@ -13,6 +13,7 @@ Layout of a checkpoint root (`--checkpoint-dir`):
                                 the last step's loads and the metrics history (rows, placements, trace counts)
     meta.json                 human-readable summary (rank 0)
     COMPLETE                  written last, by rank 0, after every rank's file is in place
+  sparse-00000011/            with sparse snapshots (snapshots.py): the hot experts after step 11, the same way
 A directory without COMPLETE is ignored (the job died while writing it). The data position and the learning
 rate are functions of the step (get_batch draws step `s`'s batch from (seed, s); lr_at(s)), so the step is the
 whole of both.
@@ -66,9 +67,8 @@ def _write_atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_step_dir(root: str | Path, step: int) -> Path:
-    """Rank 0, before the others write: an empty step directory (a stale incomplete one is removed)."""
-    directory = step_dir(root, step)
+def prepare_dir(directory: Path) -> Path:
+    """Rank 0, before the others write: an empty checkpoint directory (a stale incomplete one is removed)."""
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)

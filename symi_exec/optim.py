@@ -201,6 +201,15 @@ class ShardedExpertOptimizer:
                 "exp_avg": [m.detach().cpu().clone() for m in self.exp_avg_LEp],
                 "exp_avg_sq": [v.detach().cpu().clone() for v in self.exp_avg_sq_LEp]}
 
+    def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
+        """This rank's shard of the experts in `mask_LE` ([L, E] bool) only (snapshots.py assembles them)."""
+        keys = [(int(layer), int(expert)) for layer, expert in zip(*np.nonzero(mask_LE), strict=True)]
+        return {"layout": "sharded", "keys": keys,
+                **{name: torch.stack([table[layer][expert] for layer, expert in keys]).cpu().clone()
+                   if keys else torch.zeros(0, self.stop - self.start)
+                   for name, table in (("weights", self.master_LEp), ("exp_avg", self.exp_avg_LEp),
+                                       ("exp_avg_sq", self.exp_avg_sq_LEp))}}
+
     def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
         """Take this rank's shard of every expert's full state (checkpoint.assemble_expert_state) - a re-shard
         when the checkpoint came from another world size. `placement` is unused (the layout ignores it)."""
@@ -354,6 +363,15 @@ class ReplicaExpertOptimizer:
         assert self.placement is not None
         lead = sorted(self._lead(self.placement))
         return {"layout": "replica", "num_steps": self.num_steps,
+                **{name: {key: table[key].detach().cpu().clone() for key in lead}
+                   for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
+                                       ("exp_avg_sq", self.exp_avg_sq))}}
+
+    def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
+        """Full state of the experts in `mask_LE` ([L, E] bool) whose lowest holder this rank is."""
+        assert self.placement is not None
+        lead = sorted(key for key in self._lead(self.placement) if mask_LE[key])
+        return {"layout": "replica",
                 **{name: {key: table[key].detach().cpu().clone() for key in lead}
                    for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
                                        ("exp_avg_sq", self.exp_avg_sq))}}

@@ -19,7 +19,10 @@ Rank 0 writes the run directory: config.json, metrics.csv (one row per step), pl
 each step ran with and the assignments it dropped per layer and expert), checkpoint.pt (single-device state dict,
 loadable by model.GPT), trace.parquet (--record-trace: counts per step, layer, expert and source rank).
 With checkpoint_every K, every rank also writes its part of a resumable checkpoint every K steps and after the
-last one (checkpoint.py); `resume` continues from the latest complete one, on any number of ranks.
+last one (checkpoint.py); with sparse_hot_share F also one at step 0 and a sparse snapshot of the hot experts after
+every other step (snapshots.py). `resume` continues from the latest complete checkpoint and the sparse snapshots
+after it, on any number of ranks. Rank 0 then also writes checkpoints.csv (one row per write of this job: step,
+kind, bytes, expert bytes, hot experts, seconds) and, when resumed, recovery.json (what was restored and lost).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import logging
 import math
 import os
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from symi_exec import checkpoint
+from symi_exec import checkpoint, snapshots
 from symi_exec.comm import BYTE_KINDS, Comm
 from symi_exec.model import GPT, ModelConfig, model_config, param_groups
 from symi_exec.moe import ReplicatedMoE
@@ -61,6 +65,10 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # planner(step, load_LE, cluster, previous) -> the placement of the next step (a policy's plan by default)
 Planner = Callable[[int, np.ndarray, Cluster, Placement | None], Placement]
+
+
+class JobFailed(RuntimeError):
+    """A rank of a spawned job died (killed, out of memory, a failure drill): no run directory was written."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,9 @@ class TrainConfig:
     checkpoint_every: int = 0              # 0: no checkpoints; K: every K steps and after the last step
     checkpoint_dir: str | None = None      # None: the --resume directory, else "<out>-checkpoints"
     resume: str | None = None              # a checkpoint root: continue from its latest complete checkpoint
+    sparse_hot_share: float | None = None  # F: between full checkpoints, a sparse snapshot of the hot experts
+                                           # (covering F of the unsaved tokens) after every step (snapshots.py)
+    fail_at_step: int | None = None        # failure drill: every rank SIGKILLs itself when this step starts
 
     def checkpoint_root(self) -> Path:
         if self.checkpoint_dir is not None:
@@ -152,6 +163,16 @@ class TrainConfig:
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.sparse_hot_share is not None:
+            if isinstance(self.sparse_hot_share, bool) or not isinstance(self.sparse_hot_share, int | float) \
+                    or not 0 < self.sparse_hot_share <= 1:
+                raise ValueError(f"sparse hot share must be a number in (0, 1], got {self.sparse_hot_share!r}")
+            if not self.checkpoint_every:
+                raise ValueError("sparse snapshots need full checkpoints to start from: set checkpoint_every "
+                                 "(--checkpoint-every K) too")
+        if self.fail_at_step is not None and (isinstance(self.fail_at_step, bool)
+                                              or not isinstance(self.fail_at_step, int) or self.fail_at_step < 0):
+            raise ValueError(f"fail_at_step must be an integer >= 0, got {self.fail_at_step!r}")
         if self.resume is not None:
             self._validate_resume(world_size)
 
@@ -162,9 +183,12 @@ class TrainConfig:
         meta = checkpoint.read_meta(latest)
         if meta["model"] != self.model_config().to_dict():
             raise ValueError(f"checkpoint {str(latest)!r} holds another model: {meta['model']}")
+        chain = snapshots.sparse_chain(self.resume, meta["step"])
+        if chain:
+            meta = checkpoint.read_meta(chain[-1])
         if meta["step"] >= self.steps:
-            raise ValueError(f"checkpoint {str(latest)!r} is at step {meta['step']}; nothing left of {self.steps} "
-                             f"steps")
+            raise ValueError(f"checkpoint {str(latest)!r} (and its sparse snapshots) reach step {meta['step']}; "
+                             f"nothing left of {self.steps} steps")
         if self.record_trace and meta["world_size"] != world_size:
             raise ValueError(f"--record-trace needs the checkpoint's world size ({meta['world_size']}), got "
                              f"{world_size}")
@@ -230,6 +254,9 @@ def _spawn(config: TrainConfig, nproc_per_node: int, store_path: str, planner: P
     try:
         mp.spawn(_worker, args=(nproc_per_node, config, store_path, planner, log_level), nprocs=nproc_per_node,
                  join=True)
+    except mp.ProcessExitedException as exc:
+        raise JobFailed(f"rank {exc.error_index} died ({exc}); resume from the last checkpoint with --resume") \
+            from None
     except mp.ProcessRaisedException as exc:
         # a bad input found only once training runs (e.g. a placement the executor cannot run) stays a ValueError
         last_line = str(exc).strip().splitlines()[-1]
@@ -307,23 +334,34 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     rows: list[dict[str, Any]] = []
     src_counts_SLEG: list[np.ndarray] = []
     step_records: list[dict[str, Any]] = []
-    start_step, rng_state = 0, None
+    start_step, rng_state, recovery = 0, None, None
+    tracker = snapshots.SnapshotTracker.fresh(cfg.num_layers, cfg.num_experts)
+    load_LE = np.ones((cfg.num_layers, cfg.num_experts))
     if config.resume is not None:
-        start_step, placement, rng_state, history = _restore(config, cfg, comm, cluster, planner, model, dense_opt,
-                                                             expert_opt)
+        start_step, placement, rng_state, history, tracker, load_LE, recovery = _restore(
+            config, cfg, comm, cluster, planner, model, dense_opt, expert_opt)
         rows, step_records, src_counts_SLEG = history["rows"], history["step_records"], history["src_counts_SLEG"]
     else:
-        placement = planner(-1, np.ones((cfg.num_layers, cfg.num_experts)), cluster, None)
+        placement = planner(-1, load_LE, cluster, None)
     placement.validate(cluster, num_layers=cfg.num_layers)
     expert_opt.send_out(placement, [p.data for p in slot_params])
     comm.take_bytes()   # the initial fill is not part of any step
     if rng_state is not None:
         _set_rng_state(rng_state)
+    writes: list[dict[str, Any]] = []      # one row per checkpoint or snapshot this job wrote (checkpoints.csv)
+    if config.sparse_hot_share is not None and (config.resume is None
+                                                or config.checkpoint_root() != Path(config.resume)):
+        # the sparse chain needs a full state to start from in its own directory
+        writes.append(_save_checkpoint(
+            config, cfg, comm, start_step, model, dense_opt, expert_opt, placement, load_LE,
+            {"rows": rows, "step_records": step_records, "src_counts_SLEG": src_counts_SLEG}))
 
     tokens = load_tokens(config.data_path())
     tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
-    load_LE = np.ones((cfg.num_layers, cfg.num_experts))
     for step in range(start_step, config.steps):
+        if step == config.fail_at_step:
+            logger.warning("failure drill: rank %d killed at the start of step %d", comm.rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
         times = dict.fromkeys(PHASES, 0.0)
         step_start = clock = _now(device)
         lr = lr_at(step, config)
@@ -380,14 +418,30 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
                         step, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"], row["imbalance"],
                         row["replica_moves"])
         placement = next_placement
+        tracker.record_step(load_LE)
         if config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-            _save_checkpoint(config, cfg, comm, step + 1, model, dense_opt, expert_opt, placement, load_LE,
-                             {"rows": rows, "step_records": step_records, "src_counts_SLEG": src_counts_SLEG})
+            writes.append(_save_checkpoint(
+                config, cfg, comm, step + 1, model, dense_opt, expert_opt, placement, load_LE,
+                {"rows": rows, "step_records": step_records, "src_counts_SLEG": src_counts_SLEG}))
+            tracker = snapshots.SnapshotTracker.fresh(cfg.num_layers, cfg.num_experts)
+        elif config.sparse_hot_share is not None:
+            mask_LE = snapshots.hot_mask_LE(tracker.unsaved_LE, tracker.age_LE, config.sparse_hot_share)
+            tracker.mark_saved(mask_LE)
+            writes.append(_save_sparse(
+                config, cfg, comm, step + 1, model, dense_opt, expert_opt, placement, load_LE, mask_LE, tracker,
+                {"rows": rows[-1:], "step_records": step_records[-1:], "src_counts_SLEG": src_counts_SLEG[-1:]}))
 
     full_LEP = expert_opt.full_weights()
     if out_dir is not None:
         _write_outputs(out_dir, config, cfg, comm, model, full_LEP, rows, step_records, np.stack(src_counts_SLEG),
                        tokens_per_step, placement)
+        if writes:
+            with open(out_dir / "checkpoints.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(writes[0]))
+                writer.writeheader()
+                writer.writerows(writes)
+        if recovery is not None:
+            (out_dir / "recovery.json").write_text(json.dumps(recovery, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -415,47 +469,96 @@ def _dense_state(model: GPT) -> dict[str, torch.Tensor]:
 
 def _save_checkpoint(config: TrainConfig, cfg: ModelConfig, comm: Comm, step: int, model: GPT,
                      dense_opt: torch.optim.Optimizer, expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer,
-                     placement: Placement, load_LE: np.ndarray, history: dict[str, Any]) -> None:
-    """Every rank writes its file of checkpoint `step` (the state after `step` steps); rank 0 marks it complete."""
-    start = time.perf_counter()
+                     placement: Placement, load_LE: np.ndarray, history: dict[str, Any]) -> dict[str, Any]:
+    """Every rank writes its file of full checkpoint `step` (the state after `step` steps); rank 0 marks it
+    complete, then drops the sparse snapshots it supersedes. Returns the write's checkpoints.csv row."""
     root = config.checkpoint_root()
-    directory = checkpoint.step_dir(root, step)
+    expert_state = expert_opt.state_dict()
+    row = _write_snapshot(config, cfg, comm, checkpoint.step_dir(root, step), step, "full", model, dense_opt,
+                          expert_state, _tensor_bytes(expert_state), placement, load_LE, history=history)
     if comm.rank == 0:
-        checkpoint.prepare_step_dir(root, step)
+        snapshots.prune_sparse(root, step)
+    return row
+
+
+def _save_sparse(config: TrainConfig, cfg: ModelConfig, comm: Comm, step: int, model: GPT,
+                 dense_opt: torch.optim.Optimizer, expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer,
+                 placement: Placement, load_LE: np.ndarray, mask_LE: np.ndarray, tracker: snapshots.SnapshotTracker,
+                 history_delta: dict[str, Any]) -> dict[str, Any]:
+    """Every rank writes its file of sparse snapshot `step` (the hot experts of `mask_LE`); see snapshots.py."""
+    hot_state = expert_opt.hot_state_dict(mask_LE)
+    return _write_snapshot(config, cfg, comm, snapshots.sparse_dir(config.checkpoint_root(), step), step, "sparse",
+                           model, dense_opt, hot_state, _tensor_bytes(hot_state), placement, load_LE,
+                           history_delta=history_delta, tracker=tracker.state(),
+                           hot_keys=[(int(layer), int(e)) for layer, e in zip(*np.nonzero(mask_LE), strict=True)])
+
+
+def _tensor_bytes(state: dict[str, Any]) -> int:
+    """Bytes of the tensors in an (expert) optimizer state dict, nested lists and dicts included."""
+    def walk(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(walk(v) for v in value)
+        return 0
+    return walk(state)
+
+
+def _write_snapshot(config: TrainConfig, cfg: ModelConfig, comm: Comm, directory: Path, step: int, kind: str,
+                    model: GPT, dense_opt: torch.optim.Optimizer, expert_state: dict[str, Any], expert_bytes: int,
+                    placement: Placement, load_LE: np.ndarray, **head: Any) -> dict[str, Any]:
+    """The write protocol of full checkpoints and sparse snapshots: rank 0 prepares `directory`, every rank writes
+    its file (rank 0 adds the dense state, the next placement, the loads and `head`), rank 0 writes meta.json and
+    the completion marker once every file is in place. Returns {step, kind, bytes, expert_bytes, seconds} (sums
+    over ranks; seconds: rank 0's wall time)."""
+    start = time.perf_counter()
+    if comm.rank == 0:
+        checkpoint.prepare_dir(directory)
     if comm.world_size > 1:
         dist.barrier()
     state: dict[str, Any] = {"step": step, "rank": comm.rank, "world_size": comm.world_size, "rng": _rng_state(),
-                             "expert_optimizer": expert_opt.state_dict()}
+                             ("expert_optimizer" if kind == "full" else "hot_experts"): expert_state}
     if comm.rank == 0:
         # dense parameters and their optimizer are the same on every rank (data parallel): stored once
         state.update(dense=_dense_state(model), dense_optimizer=dense_opt.state_dict(),
                      phy2log_LR=placement.phy2log_LR.copy(), share_LR=placement.share_LR.copy(),
-                     load_LE=np.asarray(load_LE, dtype=np.float64).copy(), history=history)
-    num_bytes = torch.tensor([checkpoint.save_rank(directory, comm.rank, state)], dtype=torch.float64,
-                             device=comm.device)
+                     load_LE=np.asarray(load_LE, dtype=np.float64).copy(), **head)
+    sizes = torch.tensor([checkpoint.save_rank(directory, comm.rank, state), expert_bytes], dtype=torch.float64,
+                         device=comm.device)
     if comm.world_size > 1:
-        dist.all_reduce(num_bytes)   # also the barrier: every file is in place before the marker
+        dist.all_reduce(sizes)   # also the barrier: every file is in place before the marker
+    num_bytes, num_expert_bytes = (int(x) for x in sizes.tolist())
+    seconds = time.perf_counter() - start
     if comm.rank == 0:
-        meta = {"step": step, "world_size": comm.world_size, "slots_per_rank": config.slots_per_rank,
+        meta = {"step": step, "kind": kind, "world_size": comm.world_size, "slots_per_rank": config.slots_per_rank,
                 "policy": config.policy, "dtype": config.dtype, "model": cfg.to_dict(),
-                "expert_optimizer": state["expert_optimizer"]["layout"], "next_lr": lr_at(step, config),
-                "bytes": int(num_bytes.item()), "placement": placement.to_json_dict()}
+                "expert_optimizer": expert_state["layout"], "next_lr": lr_at(step, config), "bytes": num_bytes,
+                "expert_bytes": num_expert_bytes, "placement": placement.to_json_dict()}
+        if kind == "sparse":
+            meta["hot_experts"] = len(head["hot_keys"])
         checkpoint.mark_complete(directory, meta)
-        logger.info("checkpoint %s: %d bytes in %.3f s", directory, int(num_bytes.item()), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        logger.info("%s snapshot %s: %d bytes in %.3f s", kind, directory, num_bytes, seconds)
+    return {"step": step, "kind": kind, "bytes": num_bytes, "expert_bytes": num_expert_bytes,
+            "hot_experts": len(head.get("hot_keys", [])) if kind == "sparse" else cfg.num_layers * cfg.num_experts,
+            "seconds": seconds}
 
 
 def _restore(config: TrainConfig, cfg: ModelConfig, comm: Comm, cluster: Cluster, planner: Planner, model: GPT,
              dense_opt: torch.optim.Optimizer, expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer
-             ) -> tuple[int, Placement, dict[str, Any] | None, dict[str, Any]]:
-    """Load the latest complete checkpoint of config.resume into this rank; returns (the next step, its placement,
-    this rank's RNG state to set once set-up is done (None: the checkpoint had no such rank), the history)."""
+             ) -> tuple[int, Placement, dict[str, Any] | None, dict[str, Any], snapshots.SnapshotTracker,
+                        np.ndarray, dict[str, Any]]:
+    """Load the latest complete checkpoint of config.resume and the sparse snapshots after it into this rank;
+    returns (the next step, its placement, this rank's RNG state to set once set-up is done (None: the
+    checkpoint had no such rank), the history, the snapshot tracker, the last step's loads, the recovery record)."""
     assert config.resume is not None
-    directory = checkpoint.latest_complete(config.resume)
-    assert directory is not None, f"no complete checkpoint in {config.resume!r}"
-    meta = checkpoint.read_meta(directory)
-    states = [checkpoint.load_rank(directory, rank) for rank in range(meta["world_size"])]
+    start = time.perf_counter()
+    recovered = snapshots.recover(config.resume, cfg.num_layers, cfg.num_experts)
+    meta, states, step, history, tracker = (recovered.meta, recovered.states, recovered.step, recovered.history,
+                                            recovered.tracker)
     head = states[0]
-    step = int(head["step"])
     device, dtype = comm.device, DTYPES[config.dtype]
     missing, unexpected = model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in head["dense"].items()},
                                                 strict=False)
@@ -467,16 +570,21 @@ def _restore(config: TrainConfig, cfg: ModelConfig, comm: Comm, cluster: Cluster
         # another cluster shape: the policy re-places from the last step's loads (SYMI: at no extra cost)
         placement = planner(step - 1, head["load_LE"], cluster, None)
         placement.validate(cluster, num_layers=cfg.num_layers)
-    expert_opt.load_full_state(checkpoint.assemble_expert_state(states), placement)
+    expert_opt.load_full_state(recovered.expert_state, placement)
     rng_state = states[comm.rank]["rng"] if comm.rank < len(states) else None
-    history = head["history"]
     if meta["world_size"] != comm.world_size:
         # per-source-rank counts of another world size do not stack (--record-trace refuses this case)
         history = {**history, "src_counts_SLEG": []}
+    recovery = {"checkpoint": str(recovered.full_dir), "sparse_snapshots": len(recovered.chain), "step": step,
+                "world_size_then": meta["world_size"], "world_size_now": comm.world_size,
+                "stale_experts": int((tracker.age_LE > 0).sum()), "max_staleness_steps": int(tracker.age_LE.max()),
+                "lost_expert_assignments": float(tracker.unsaved_LE.sum()),
+                "restore_s": time.perf_counter() - start}
     if comm.rank == 0:
-        logger.info("resumed from %s (step %d, %d ranks then, %d now)", directory, step, meta["world_size"],
-                    comm.world_size)
-    return step, placement, rng_state, history
+        logger.info("resumed from %s + %d sparse snapshots (step %d, %d ranks then, %d now; %d stale experts)",
+                    recovered.full_dir, len(recovered.chain), step, meta["world_size"], comm.world_size,
+                    recovery["stale_experts"])
+    return step, placement, rng_state, history, tracker, np.asarray(head["load_LE"], dtype=np.float64), recovery
 
 
 def _now(device: torch.device) -> float:

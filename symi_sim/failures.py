@@ -40,7 +40,9 @@ to target x T (the failure-free time to target).
                lost = T' / 2 + c + R,   ratio = (1 - lost / M) / (T' / T + C / (K_full T)).
            The recovered state is consistent for the dense state and the hot experts; the cold experts (a
            share 1 - hot_share of the assignments, and any expert Adam's momentum still moves) come back from
-           the last full snapshot, up to K_full steps stale: an accuracy cost MoEtion accepts, not time.
+           their own last snapshot, up to K_full steps stale: an accuracy cost MoEtion accepts, not time. The
+           executor implements this mode (symi_exec/snapshots.py; its hot set covers hot_share of the tokens
+           each expert processed since its last snapshot, so the hot set here, per step, is an approximation).
   none     No checkpoint: every failure restarts from step 0. The exact expected wall time of a job of U
            seconds of work with restarts from scratch after exponential failures is
                W = (M + R) (e^(U/M) - 1),   ratio = U / W,

@@ -1,0 +1,182 @@
+"""Sparse popularity-aware snapshots (the MoEtion / MoC-System idea) between full checkpoints.
+
+Legend: L MoE layers, E experts, P parameters of one expert (flat), G ranks.
+
+With `sparse_hot_share` F, a job writes a full checkpoint (checkpoint.py) at step 0, every K steps and at the end,
+and after every other step a sparse snapshot `sparse-NNNNNNNN/` holding:
+  every rank   its RNG states and, for the hot experts only, its part of their optimizer state (SYMI layout: its
+               1/G shard of their master weights and AdamW moments; FlexMoE layout: the full state of the hot
+               experts whose lowest holder it is);
+  rank 0       the dense parameters and their AdamW state (they change every step), the next placement, the last
+               step's loads, the snapshot bookkeeping (SnapshotTracker) and the metrics rows of the step just run.
+Hot experts, per layer: the fewest experts, by tokens processed since their own last snapshot, that cover F of the
+layer's unsaved tokens (ties: the longer unsaved first, then the lower expert id); F = 1 takes every expert, since
+AdamW moves an expert even on steps it gets no token.
+
+Recovery from the chain full(F0), sparse(F0+1), ..., sparse(t) (contiguous, all COMPLETE) gives the state after t
+steps: the dense state, placement and RNG exactly; every expert from its own latest snapshot, so a cold expert
+comes back stale by the steps since it was last hot (at most K - 1): a consistent state of each expert (weights and
+moments of the same step), not the uninterrupted run's. The updates lost are the `unsaved` tokens of the tracker at
+t, reported in the run's recovery.json. F = 1 makes recovery exact.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from symi_exec import checkpoint
+from symi_exec.checkpoint import MARKER, read_meta
+
+SPARSE_PREFIX = "sparse-"
+
+
+def hot_mask_LE(unsaved_LE: np.ndarray, age_LE: np.ndarray, hot_share: float) -> np.ndarray:
+    """[L, E] bool: per layer, the fewest experts by unsaved tokens (ties: larger age, then lower id) covering
+    `hot_share` of the layer's unsaved tokens; every expert when hot_share >= 1; none in a layer with no tokens."""
+    if not 0 < hot_share <= 1:
+        raise ValueError(f"sparse hot share must be in (0, 1], got {hot_share!r}")
+    unsaved_LE = np.asarray(unsaved_LE, dtype=np.float64)
+    if hot_share >= 1:
+        return np.ones(unsaved_LE.shape, dtype=bool)
+    num_layers, num_experts = unsaved_LE.shape
+    mask_LE = np.zeros((num_layers, num_experts), dtype=bool)
+    for layer in range(num_layers):
+        total = unsaved_LE[layer].sum()
+        if total <= 0:
+            continue
+        # lexsort: the last key is the primary one
+        order = np.lexsort((np.arange(num_experts), -np.asarray(age_LE[layer]), -unsaved_LE[layer]))
+        covered = np.cumsum(unsaved_LE[layer, order])
+        num_hot = min(int((covered < hot_share * total).sum()) + 1, num_experts)
+        mask_LE[layer, order[:num_hot]] = True
+    return mask_LE
+
+
+@dataclass
+class SnapshotTracker:
+    """Per expert: tokens processed since its last snapshot (`unsaved_LE`) and steps since it (`age_LE`)."""
+
+    unsaved_LE: np.ndarray
+    age_LE: np.ndarray
+
+    @classmethod
+    def fresh(cls, num_layers: int, num_experts: int) -> SnapshotTracker:
+        return cls(np.zeros((num_layers, num_experts)), np.zeros((num_layers, num_experts), dtype=np.int64))
+
+    def record_step(self, load_LE: np.ndarray) -> None:
+        """After an optimizer step on `load_LE` assignments: every expert changed, nothing saved yet."""
+        self.unsaved_LE = self.unsaved_LE + np.asarray(load_LE, dtype=np.float64)
+        self.age_LE = self.age_LE + 1
+
+    def mark_saved(self, mask_LE: np.ndarray) -> None:
+        self.unsaved_LE = np.where(mask_LE, 0.0, self.unsaved_LE)
+        self.age_LE = np.where(mask_LE, 0, self.age_LE)
+
+    def state(self) -> dict[str, Any]:
+        return {"unsaved_LE": self.unsaved_LE.copy(), "age_LE": self.age_LE.copy()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SnapshotTracker:
+        return cls(np.asarray(state["unsaved_LE"], dtype=np.float64).copy(), np.asarray(state["age_LE"]).copy())
+
+
+def sparse_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"{SPARSE_PREFIX}{step:08d}"
+
+
+def sparse_chain(root: str | Path, full_step: int) -> list[Path]:
+    """The complete sparse snapshots full_step+1, full_step+2, ... under `root`, up to the first gap."""
+    chain: list[Path] = []
+    step = full_step + 1
+    while (sparse_dir(root, step) / MARKER).is_file():
+        chain.append(sparse_dir(root, step))
+        step += 1
+    return chain
+
+
+def prune_sparse(root: str | Path, up_to_step: int) -> int:
+    """Remove the sparse snapshots of steps <= up_to_step (a newer full checkpoint holds everything); returns how
+    many were removed."""
+    root = Path(root)
+    removed = 0
+    for directory in root.glob(f"{SPARSE_PREFIX}*"):
+        if directory.is_dir() and int(directory.name.removeprefix(SPARSE_PREFIX)) <= up_to_step:
+            shutil.rmtree(directory)
+            removed += 1
+    return removed
+
+
+def assemble_hot_experts(states: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """(layer, expert) -> {weights, exp_avg, exp_avg_sq} ([P] each) of the experts in one sparse snapshot, from all
+    its ranks' files (ranks in order)."""
+    parts = [s["hot_experts"] for s in states]
+    layouts = {part["layout"] for part in parts}
+    assert len(layouts) == 1, layouts
+    names = ("weights", "exp_avg", "exp_avg_sq")
+    if layouts == {"sharded"}:
+        keys = parts[0]["keys"]
+        assert all(part["keys"] == keys for part in parts), "ranks snapshotted different experts"
+        return {key: {name: torch.cat([part[name][i] for part in parts]) for name in names}
+                for i, key in enumerate(keys)}
+    hot: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for part in parts:
+        for key in part["weights"]:
+            assert key not in hot, f"expert {key} snapshotted twice"
+            hot[key] = {name: part[name][key] for name in names}
+    return hot
+
+
+def apply_hot_experts(full: dict[str, Any], hot: dict[tuple[int, int], dict[str, torch.Tensor]],
+                      num_steps: int) -> None:
+    """Overwrite the experts of `hot` in `full` (checkpoint.assemble_expert_state's layout) in place."""
+    for (layer, expert), state in hot.items():
+        for name, value in state.items():
+            full[name][layer][expert] = value
+    full["num_steps"] = num_steps
+
+
+@dataclass
+class RecoveredState:
+    """What a resume reads: the latest full checkpoint and the sparse chain after it, merged."""
+
+    full_dir: Path
+    chain: list[Path]
+    meta: dict[str, Any]            # the last snapshot's meta.json
+    states: list[dict[str, Any]]    # the last snapshot's rank files (RNG states; rank 0: dense state, placement)
+    expert_state: dict[str, Any]    # every expert's full state ([L] x [E, P] each; checkpoint.assemble_expert_state)
+    history: dict[str, list[Any]]   # metrics rows, step records and source counts of every step so far
+    tracker: SnapshotTracker
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def recover(root: str | Path, num_layers: int, num_experts: int) -> RecoveredState:
+    """Merge the latest complete full checkpoint under `root` with the complete sparse snapshots after it."""
+    full_dir = checkpoint.latest_complete(root)
+    if full_dir is None:
+        raise ValueError(f"no complete checkpoint in {str(root)!r}")
+    meta = read_meta(full_dir)
+    states = [checkpoint.load_rank(full_dir, rank) for rank in range(meta["world_size"])]
+    expert_state = checkpoint.assemble_expert_state(states)
+    history = states[0]["history"]
+    tracker = SnapshotTracker.fresh(num_layers, num_experts)
+    chain = sparse_chain(root, int(meta["step"]))
+    for directory in chain:
+        meta = read_meta(directory)
+        states = [checkpoint.load_rank(directory, rank) for rank in range(meta["world_size"])]
+        head = states[0]
+        hot = assemble_hot_experts(states)
+        assert sorted(hot) == sorted(tuple(k) for k in head["hot_keys"]), f"a hot expert is missing in {directory}"
+        apply_hot_experts(expert_state, hot, num_steps=int(expert_state["num_steps"]) + 1)
+        history = {name: history[name] + head["history_delta"][name] for name in history}
+        tracker = SnapshotTracker.from_state(head["tracker"])
+    assert expert_state["num_steps"] == meta["step"], (expert_state["num_steps"], meta["step"])
+    return RecoveredState(full_dir, chain, meta, states, expert_state, history, tracker)
