@@ -67,6 +67,10 @@ def _write_atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_atomic_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 def prepare_dir(directory: Path) -> Path:
     """Rank 0, before the others write: an empty checkpoint directory (a stale incomplete one is removed)."""
     if directory.exists():
@@ -84,8 +88,8 @@ def save_rank(directory: Path, rank: int, state: dict[str, Any]) -> int:
 
 def mark_complete(directory: Path, meta: dict[str, Any]) -> None:
     """Rank 0, after every rank's file is in place: meta.json, then the completion marker."""
-    _write_atomic(directory / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
-    _write_atomic(directory / MARKER, lambda tmp: tmp.write_text(f"{meta['step']}\n"))
+    write_atomic_text(directory / "meta.json", json.dumps(meta, indent=1) + "\n")
+    write_atomic_text(directory / MARKER, f"{meta['step']}\n")
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ kind, bytes, expert bytes, hot experts, seconds) and, when resumed, recovery.jso
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -51,6 +52,7 @@ from symi_exec.comm import BYTE_KINDS, Comm
 from symi_exec.model import GPT, ModelConfig, model_config, param_groups
 from symi_exec.moe import ReplicatedMoE
 from symi_exec.optim import ReplicaExpertOptimizer, ShardedExpertOptimizer
+from symi_exec.writer import SnapshotWriter
 from symi_sim.cluster import Cluster
 from symi_sim.outputs import atomic_dir
 from symi_sim.placement import Placement
@@ -103,6 +105,7 @@ class TrainConfig:
     resume: str | None = None              # a checkpoint root: continue from its latest complete checkpoint
     sparse_hot_share: float | None = None  # F: between full checkpoints, a sparse snapshot of the hot experts
                                            # (covering F of the unsaved tokens) after every step (snapshots.py)
+    overlap_checkpoints: bool = False      # write checkpoints in a background thread while training goes on
     fail_at_step: int | None = None        # failure drill: every rank SIGKILLs itself when this step starts
 
     def checkpoint_root(self) -> Path:
@@ -348,12 +351,13 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     comm.take_bytes()   # the initial fill is not part of any step
     if rng_state is not None:
         _set_rng_state(rng_state)
+    writer = SnapshotWriter(comm.rank, comm.world_size, overlapped=config.overlap_checkpoints)
     writes: list[dict[str, Any]] = []      # one row per checkpoint or snapshot this job wrote (checkpoints.csv)
     if config.sparse_hot_share is not None and (config.resume is None
                                                 or config.checkpoint_root() != Path(config.resume)):
         # the sparse chain needs a full state to start from in its own directory
         writes.append(_save_checkpoint(
-            config, cfg, comm, start_step, model, dense_opt, expert_opt, placement, load_LE,
+            config, cfg, comm, writer, start_step, model, dense_opt, expert_opt, placement, load_LE,
             {"rows": rows, "step_records": step_records, "src_counts_SLEG": src_counts_SLEG}))
 
     tokens = load_tokens(config.data_path())
@@ -421,25 +425,26 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         tracker.record_step(load_LE)
         if config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             writes.append(_save_checkpoint(
-                config, cfg, comm, step + 1, model, dense_opt, expert_opt, placement, load_LE,
+                config, cfg, comm, writer, step + 1, model, dense_opt, expert_opt, placement, load_LE,
                 {"rows": rows, "step_records": step_records, "src_counts_SLEG": src_counts_SLEG}))
             tracker = snapshots.SnapshotTracker.fresh(cfg.num_layers, cfg.num_experts)
         elif config.sparse_hot_share is not None:
             mask_LE = snapshots.hot_mask_LE(tracker.unsaved_LE, tracker.age_LE, config.sparse_hot_share)
             tracker.mark_saved(mask_LE)
             writes.append(_save_sparse(
-                config, cfg, comm, step + 1, model, dense_opt, expert_opt, placement, load_LE, mask_LE, tracker,
+                config, cfg, comm, writer, step + 1, model, dense_opt, expert_opt, placement, load_LE, mask_LE, tracker,
                 {"rows": rows[-1:], "step_records": step_records[-1:], "src_counts_SLEG": src_counts_SLEG[-1:]}))
 
+    writer.wait()
     full_LEP = expert_opt.full_weights()
     if out_dir is not None:
         _write_outputs(out_dir, config, cfg, comm, model, full_LEP, rows, step_records, np.stack(src_counts_SLEG),
                        tokens_per_step, placement)
         if writes:
             with open(out_dir / "checkpoints.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(writes[0]))
-                writer.writeheader()
-                writer.writerows(writes)
+                table = csv.DictWriter(f, fieldnames=list(writes[0]))
+                table.writeheader()
+                table.writerows(writes)
         if recovery is not None:
             (out_dir / "recovery.json").write_text(json.dumps(recovery, indent=1) + "\n")
 
@@ -467,53 +472,49 @@ def _dense_state(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.endswith("slot_weights_SP")}
 
 
-def _save_checkpoint(config: TrainConfig, cfg: ModelConfig, comm: Comm, step: int, model: GPT,
-                     dense_opt: torch.optim.Optimizer, expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer,
-                     placement: Placement, load_LE: np.ndarray, history: dict[str, Any]) -> dict[str, Any]:
-    """Every rank writes its file of full checkpoint `step` (the state after `step` steps); rank 0 marks it
-    complete, then drops the sparse snapshots it supersedes. Returns the write's checkpoints.csv row."""
-    root = config.checkpoint_root()
+def _save_checkpoint(config: TrainConfig, cfg: ModelConfig, comm: Comm, writer: SnapshotWriter, step: int,
+                     model: GPT, dense_opt: torch.optim.Optimizer,
+                     expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer, placement: Placement,
+                     load_LE: np.ndarray, history: dict[str, Any]) -> dict[str, Any]:
+    """Every rank writes its file of full checkpoint `step` (the state after `step` steps); once complete, rank 0
+    drops the sparse snapshots it supersedes. Returns the write's checkpoints.csv row (filled when done)."""
     expert_state = expert_opt.state_dict()
-    row = _write_snapshot(config, cfg, comm, checkpoint.step_dir(root, step), step, "full", model, dense_opt,
-                          expert_state, _tensor_bytes(expert_state), placement, load_LE, history=history)
-    if comm.rank == 0:
-        snapshots.prune_sparse(root, step)
-    return row
+    return _write_snapshot(config, cfg, comm, writer, checkpoint.step_dir(config.checkpoint_root(), step), step,
+                           "full", model, dense_opt, expert_state, placement, load_LE,
+                           history={name: list(value) for name, value in history.items()})
 
 
-def _save_sparse(config: TrainConfig, cfg: ModelConfig, comm: Comm, step: int, model: GPT,
+def _save_sparse(config: TrainConfig, cfg: ModelConfig, comm: Comm, writer: SnapshotWriter, step: int, model: GPT,
                  dense_opt: torch.optim.Optimizer, expert_opt: ShardedExpertOptimizer | ReplicaExpertOptimizer,
                  placement: Placement, load_LE: np.ndarray, mask_LE: np.ndarray, tracker: snapshots.SnapshotTracker,
                  history_delta: dict[str, Any]) -> dict[str, Any]:
     """Every rank writes its file of sparse snapshot `step` (the hot experts of `mask_LE`); see snapshots.py."""
-    hot_state = expert_opt.hot_state_dict(mask_LE)
-    return _write_snapshot(config, cfg, comm, snapshots.sparse_dir(config.checkpoint_root(), step), step, "sparse",
-                           model, dense_opt, hot_state, _tensor_bytes(hot_state), placement, load_LE,
+    return _write_snapshot(config, cfg, comm, writer, snapshots.sparse_dir(config.checkpoint_root(), step), step,
+                           "sparse", model, dense_opt, expert_opt.hot_state_dict(mask_LE), placement, load_LE,
                            history_delta=history_delta, tracker=tracker.state(),
                            hot_keys=[(int(layer), int(e)) for layer, e in zip(*np.nonzero(mask_LE), strict=True)])
 
 
-def _tensor_bytes(state: dict[str, Any]) -> int:
-    """Bytes of the tensors in an (expert) optimizer state dict, nested lists and dicts included."""
-    def walk(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, list | tuple):
-            return sum(walk(v) for v in value)
-        return 0
-    return walk(state)
+def _tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested state (dicts, lists, tuples)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
-def _write_snapshot(config: TrainConfig, cfg: ModelConfig, comm: Comm, directory: Path, step: int, kind: str,
-                    model: GPT, dense_opt: torch.optim.Optimizer, expert_state: dict[str, Any], expert_bytes: int,
+def _write_snapshot(config: TrainConfig, cfg: ModelConfig, comm: Comm, writer: SnapshotWriter, directory: Path,
+                    step: int, kind: str, model: GPT, dense_opt: torch.optim.Optimizer, expert_state: dict[str, Any],
                     placement: Placement, load_LE: np.ndarray, **head: Any) -> dict[str, Any]:
-    """The write protocol of full checkpoints and sparse snapshots: rank 0 prepares `directory`, every rank writes
-    its file (rank 0 adds the dense state, the next placement, the loads and `head`), rank 0 writes meta.json and
-    the completion marker once every file is in place. Returns {step, kind, bytes, expert_bytes, seconds} (sums
-    over ranks; seconds: rank 0's wall time)."""
+    """Full checkpoints and sparse snapshots alike: rank 0 prepares `directory`; every rank hands its state (rank
+    0: plus the dense state, the next placement, the loads and `head`) to its writer (writer.py), rank 0 with
+    the step that writes meta.json and COMPLETE once every file is in place. Returns the checkpoints.csv row:
+    bytes and expert_bytes summed over ranks, blocked_s (the training loop's wait), write_s (the write itself)."""
     start = time.perf_counter()
+    writer.wait()   # one write in flight: this directory is prepared only after the previous one completed
     if comm.rank == 0:
         checkpoint.prepare_dir(directory)
     if comm.world_size > 1:
@@ -521,29 +522,32 @@ def _write_snapshot(config: TrainConfig, cfg: ModelConfig, comm: Comm, directory
     state: dict[str, Any] = {"step": step, "rank": comm.rank, "world_size": comm.world_size, "rng": _rng_state(),
                              ("expert_optimizer" if kind == "full" else "hot_experts"): expert_state}
     if comm.rank == 0:
-        # dense parameters and their optimizer are the same on every rank (data parallel): stored once
-        state.update(dense=_dense_state(model), dense_optimizer=dense_opt.state_dict(),
+        # dense parameters and their optimizer are the same on every rank (data parallel): stored once; copies,
+        # since the loop updates them in place while an overlapped write may still run
+        state.update(dense=_dense_state(model), dense_optimizer=copy.deepcopy(dense_opt.state_dict()),
                      phy2log_LR=placement.phy2log_LR.copy(), share_LR=placement.share_LR.copy(),
                      load_LE=np.asarray(load_LE, dtype=np.float64).copy(), **head)
-    sizes = torch.tensor([checkpoint.save_rank(directory, comm.rank, state), expert_bytes], dtype=torch.float64,
-                         device=comm.device)
-    if comm.world_size > 1:
-        dist.all_reduce(sizes)   # also the barrier: every file is in place before the marker
-    num_bytes, num_expert_bytes = (int(x) for x in sizes.tolist())
-    seconds = time.perf_counter() - start
+    num_hot = len(head["hot_keys"]) if kind == "sparse" else cfg.num_layers * cfg.num_experts
+    record: dict[str, Any] = {"step": step, "kind": kind, "hot_experts": num_hot, "bytes": None,
+                              "expert_bytes": None, "blocked_s": None, "write_s": None}
+    finish = None
     if comm.rank == 0:
-        meta = {"step": step, "kind": kind, "world_size": comm.world_size, "slots_per_rank": config.slots_per_rank,
-                "policy": config.policy, "dtype": config.dtype, "model": cfg.to_dict(),
-                "expert_optimizer": expert_state["layout"], "next_lr": lr_at(step, config), "bytes": num_bytes,
-                "expert_bytes": num_expert_bytes, "placement": placement.to_json_dict()}
-        if kind == "sparse":
-            meta["hot_experts"] = len(head["hot_keys"])
-        checkpoint.mark_complete(directory, meta)
-        seconds = time.perf_counter() - start
-        logger.info("%s snapshot %s: %d bytes in %.3f s", kind, directory, num_bytes, seconds)
-    return {"step": step, "kind": kind, "bytes": num_bytes, "expert_bytes": num_expert_bytes,
-            "hot_experts": len(head.get("hot_keys", [])) if kind == "sparse" else cfg.num_layers * cfg.num_experts,
-            "seconds": seconds}
+        def finish(num_bytes: int, num_expert_bytes: int) -> None:
+            meta = {"step": step, "kind": kind, "world_size": comm.world_size,
+                    "slots_per_rank": config.slots_per_rank, "policy": config.policy, "dtype": config.dtype,
+                    "model": cfg.to_dict(), "expert_optimizer": expert_state["layout"],
+                    "next_lr": lr_at(step, config), "bytes": num_bytes, "expert_bytes": num_expert_bytes,
+                    "hot_experts": num_hot, "placement": placement.to_json_dict()}
+            checkpoint.mark_complete(directory, meta)
+            record.update(bytes=num_bytes, expert_bytes=num_expert_bytes)
+            if kind == "full":
+                snapshots.prune_sparse(directory.parent, step)
+            logger.info("%s snapshot %s: %d bytes in %.3f s", kind, directory, num_bytes,
+                        time.perf_counter() - start)
+
+    writer.write(directory, state, _tensor_bytes(expert_state), finish, record)
+    record["blocked_s"] = time.perf_counter() - start
+    return record
 
 
 def _restore(config: TrainConfig, cfg: ModelConfig, comm: Comm, cluster: Cluster, planner: Planner, model: GPT,

@@ -81,13 +81,15 @@ def replay_masks(counts_SLE: np.ndarray, hot_share: float, full_steps: set[int])
 # ---------------------------------------------------------------------------------------------- bytes
 
 
-@pytest.mark.parametrize("policy, options", [("symi", {}), ("flexmoe-2", {"min_gain_ratio": 0.0})])
-def test_snapshot_bytes_are_the_hot_experts_state(tmp_path: Path, policy: str, options: dict) -> None:
+@pytest.mark.parametrize("policy, options, overlap", [("symi", {}, False),
+                                                     ("flexmoe-2", {"min_gain_ratio": 0.0}, True)])
+def test_snapshot_bytes_are_the_hot_experts_state(tmp_path: Path, policy: str, options: dict, overlap: bool) -> None:
     """Every write's expert bytes = (hot experts) x 3 tensors (weights, two moments) x P x 4 bytes (float32), in
-    both optimizer layouts; the hot experts of each sparse snapshot are those the rule picks on the real loads."""
+    both optimizer layouts, blocking or overlapped; the hot experts of each sparse snapshot are those the rule
+    picks on the real loads."""
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy=policy,
                          policy_options=options, steps=8, batch_size=2, capacity_factor=1.0, checkpoint_every=5,
-                         sparse_hot_share=0.6, record_trace=True, log_interval=1000)
+                         sparse_hot_share=0.6, record_trace=True, log_interval=1000, overlap_checkpoints=overlap)
     launch(config, 2)
     cfg = config.model_config()
     expert_numel = 2 * cfg.d_model * cfg.d_ff
@@ -104,6 +106,7 @@ def test_snapshot_bytes_are_the_hot_experts_state(tmp_path: Path, policy: str, o
         assert hot == (num_all if write["kind"] == "full" else int(masks[step - 1].sum())), step
         assert int(write["expert_bytes"]) == hot * 3 * expert_numel * 4
         assert int(write["bytes"]) > int(write["expert_bytes"])        # plus dense state, RNG, placement
+        assert 0 < float(write["blocked_s"]) and 0 < float(write["write_s"])
     sparse = [w for w in writes if w["kind"] == "sparse"]
     assert all(int(w["hot_experts"]) < num_all for w in sparse)
     # (the full checkpoint of step 0 holds no dense AdamW moments yet)
@@ -169,13 +172,14 @@ def test_hot_share_one_resumes_bit_identical(tmp_path: Path, policy: str) -> Non
 
 
 def test_sparse_recovery_restores_each_expert_at_its_last_snapshot(tmp_path: Path) -> None:
-    """Hot share 0.5: recovery gives the dense state of the last step exactly, and each expert's weights and
-    moments exactly as the uninterrupted run had them after the step of that expert's last snapshot."""
+    """Hot share 0.5, overlapped writes: recovery gives the dense state of the last step exactly, and each expert's
+    weights and moments exactly as the uninterrupted run had them after the step of that expert's last
+    snapshot."""
     ref_ckpt, ckpt = tmp_path / "ref-ckpt", tmp_path / "ckpt"
     reference = symi_train("--steps", str(STEPS), "--checkpoint-every", "1", "--checkpoint-dir", str(ref_ckpt),
                            "--record-trace", "--out", str(tmp_path / "reference"))
     job = symi_train("--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "0.5",
-                     "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "killed"))
+                     "--overlap-checkpoints", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "killed"))
     kill_mid_chain(job, ckpt, after=6)
     finish(reference)
     cfg = TrainConfig(out="unused", num_experts=4, top_k=2).model_config()
@@ -234,6 +238,7 @@ def test_sparse_recovery_restores_each_expert_at_its_last_snapshot(tmp_path: Pat
     (["--checkpoint-every", "5", "--sparse-hot-share", "1.5"], "sparse hot share must be a number in (0, 1]"),
     (["--checkpoint-every", "5", "--sparse-hot-share", "nan"], "sparse hot share must be a number in (0, 1]"),
     (["--sparse-hot-share", "0.5"], "sparse snapshots need full checkpoints"),
+    (["--fail-at-step", "-1"], "fail_at_step must be an integer >= 0"),
 ])
 def test_bad_sparse_options_fail_cleanly(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "run"
@@ -241,3 +246,14 @@ def test_bad_sparse_options_fail_cleanly(tmp_path: Path, args: list[str], messag
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists() and not (tmp_path / "run-checkpoints").exists()
+
+
+def test_failure_drill_is_one_error_line_and_no_run_directory(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(symi, ["train", "--nproc-per-node", "2", "--steps", "3", "--checkpoint-every", "1",
+                                       "--fail-at-step", "2", "--out", str(out)])
+    assert result.exit_code == 1
+    assert "Error: rank" in result.output and "died" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    assert checkpoint.latest_complete(tmp_path / "run-checkpoints") == checkpoint.step_dir(tmp_path / "run-checkpoints",
+                                                                                           2)

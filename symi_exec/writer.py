@@ -1,0 +1,78 @@
+"""Writing one rank's checkpoint files, blocking or in a background thread (overlapped with training).
+
+The completion protocol needs no collective, so a background thread can run it while the training loop goes on:
+every rank writes its file (atomically: temporary name, fsync, rename), then a `.done-RRRRR` note holding its
+file's size and expert bytes; rank 0, once all G notes are there, writes meta.json and COMPLETE (finish()). At most
+one write per rank is in flight: a new one waits for the previous one, so snapshots complete in step order (a
+sparse chain never has a later snapshot complete before an earlier one). The state handed over must be a copy the
+training loop does not touch again (trainer.py clones tensors and copies lists before handing them over).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from symi_exec import checkpoint
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.002
+
+
+def _note(directory: Path, rank: int) -> Path:
+    return directory / f".done-{rank:05d}"
+
+
+class SnapshotWriter:
+    """One rank's writer. `write` returns once the write is done (blocking) or handed to the thread (overlapped)."""
+
+    def __init__(self, rank: int, world_size: int, *, overlapped: bool) -> None:
+        self.rank, self.world_size, self.overlapped = rank, world_size, overlapped
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, directory: Path, state: dict[str, Any], expert_bytes: int,
+              finish: Callable[[int, int], None] | None, record: dict[str, Any]) -> None:
+        """Write this rank's file of `directory` (prepared by rank 0 beforehand). Rank 0 passes
+        finish(total_bytes, total_expert_bytes), called once every rank's file is in place; `record` gets
+        `write_s` (this rank's wall time of the write, finish included) when the write is done."""
+        self.wait()
+        if not self.overlapped:
+            self._run(directory, state, expert_bytes, finish, record)
+            return
+        self._thread = threading.Thread(target=self._guarded, args=(directory, state, expert_bytes, finish, record),
+                                        name=f"snapshot-{directory.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the write in flight is done; re-raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError("a background checkpoint write failed") from error
+
+    def _guarded(self, *args: Any) -> None:
+        try:
+            self._run(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the training thread by wait())
+            self._error = exc
+
+    def _run(self, directory: Path, state: dict[str, Any], expert_bytes: int,
+             finish: Callable[[int, int], None] | None, record: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        num_bytes = checkpoint.save_rank(directory, self.rank, state)
+        checkpoint.write_atomic_text(_note(directory, self.rank), f"{num_bytes} {expert_bytes}\n")
+        if finish is not None:
+            notes = [_note(directory, rank) for rank in range(self.world_size)]
+            while not all(note.is_file() for note in notes):
+                time.sleep(POLL_S)
+            sizes = [tuple(int(x) for x in note.read_text().split()) for note in notes]
+            finish(sum(s[0] for s in sizes), sum(s[1] for s in sizes))
+        record["write_s"] = time.perf_counter() - start
