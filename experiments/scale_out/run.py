@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -190,6 +191,9 @@ def phases_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
+_PLAIN = FuncFormatter(lambda value, _pos: f"{value:,.0f}" if value >= 100 else f"{value:g}")
+
+
 def time_to_target_figure(table: pd.DataFrame) -> Figure:
     families = list(dict.fromkeys(table["family"]))
     policies = list(dict.fromkeys(table["policy"]))
@@ -213,6 +217,9 @@ def time_to_target_figure(table: pd.DataFrame) -> Figure:
             ax.set_xlabel("GPUs")
             ax.grid(alpha=0.3)
         ax_t.set_yscale("log")
+        # plain numbers on the log axis (its default labels are 2 x 10^4 style)
+        ax_t.yaxis.set_major_formatter(_PLAIN)
+        ax_t.yaxis.set_minor_formatter(_PLAIN)
         ax_t.set_ylabel("simulated time to target loss (s)")
         ax_t.set_title(f"{family}: time to target", fontsize=9)
         ax_s.axhline(1.0, color="black", lw=0.6)
