@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import print_table, write_csv
 
 from symi_exec.trainer import JobFailed, TrainConfig, launch
 
@@ -101,15 +102,6 @@ def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return result
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(c for r in results for c in r))
-    cells = [[("-" if r.get(c) is None else str(r[c])) for c in columns] for r in results]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    print("\n".join(lines))  # noqa: T201 (a benchmark's table is its output)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
@@ -132,12 +124,7 @@ def main() -> None:
             logging.info("mode %s ...", label)
             results.append(measure(label, args, Path(tmp)))
     print_table(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(c for r in results for c in r))
-    with open(args.out / "bench_checkpoint.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(args.out / "bench_checkpoint.csv", results)
     meta = {"config": COMMON, "nproc": args.nproc, "steps": args.steps, "fail_at": args.fail_at, "every": args.every,
             "machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
             "torch": torch.__version__}

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import print_table, write_csv
 
 from symi_exec.comm import BYTE_KINDS
 from symi_exec.trainer import TrainConfig, launch
@@ -96,15 +97,6 @@ def summarise(scenario: str, policy: str, runs: list[list[dict[str, float]]], ar
     return result
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(c for r in results for c in r))
-    cells = [[("-" if r.get(c) is None else str(r[c])) for c in columns] for r in results]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=4)
@@ -139,12 +131,7 @@ def main() -> None:
 
     print_table(results)
     print(f"target loss {args.target_loss} (trailing mean over {args.window} steps); wall time {wall_s:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(c for r in results for c in r))
-    with open(args.out / "bench_exec.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(args.out / "bench_exec.csv", results)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "nproc": args.nproc, "common": COMMON,
             "scenarios": {k: {**v, "policies": list(v["policies"])} for k, v in SCENARIOS.items()},
