@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from cli import symi
 from symi_exec import checkpoint, snapshots
 from symi_exec.model import GPT
-from symi_exec.trainer import TrainConfig, launch
+from symi_exec.trainer import JobFailed, TrainConfig, launch
 from symi_sim.trace import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,3 +257,30 @@ def test_failure_drill_is_one_error_line_and_no_run_directory(tmp_path: Path) ->
     assert not out.exists()
     assert checkpoint.latest_complete(tmp_path / "run-checkpoints") == checkpoint.step_dir(tmp_path / "run-checkpoints",
                                                                                            2)
+
+
+def test_sparse_chain_resumes_on_fewer_ranks(tmp_path: Path) -> None:
+    """A chain written by 2 ranks (each file holding its half of every hot expert) resumes on 1 rank: the expert
+    state it loads is the chain's merged state, re-sharded."""
+    config = TrainConfig(out=str(tmp_path / "two"), num_experts=4, slots_per_rank=3, top_k=2, steps=6, batch_size=2,
+                         checkpoint_every=100, sparse_hot_share=0.5, fail_at_step=4, log_interval=1000)
+    with pytest.raises(JobFailed, match="died"):
+        launch(config, 2)
+    ckpt = config.checkpoint_root()
+    cfg = config.model_config()
+    recovered = snapshots.recover(ckpt, cfg.num_layers, cfg.num_experts)
+    assert recovered.step == 4 and recovered.meta["world_size"] == 2
+    resumed = TrainConfig(**{**config.__dict__, "out": str(tmp_path / "one"), "resume": str(ckpt),
+                             "checkpoint_dir": str(tmp_path / "one-ckpt"), "fail_at_step": None,
+                             "slots_per_rank": 4})
+    launch(resumed, 1)
+    recovery = json.loads((tmp_path / "one" / "recovery.json").read_text())
+    assert (recovery["world_size_then"], recovery["world_size_now"], recovery["step"]) == (2, 1, 4)
+    # the resumed job's own chain starts with a full checkpoint of the state it loaded, in one file
+    start = checkpoint.load_rank(checkpoint.step_dir(tmp_path / "one-ckpt", 4), 0)
+    assert start["world_size"] == 1
+    full = checkpoint.assemble_expert_state([start])
+    for name in ("weights", "exp_avg", "exp_avg_sq"):
+        for layer in range(cfg.num_layers):
+            assert torch.equal(full[name][layer], recovered.expert_state[name][layer]), (name, layer)
+    assert len(read_rows(tmp_path / "one")) == 6
