@@ -1,5 +1,6 @@
 """The simulator studies under experiments/ (paper_comparison, scale_out, sensitivity): their --quick variants run
-and write tables and figures whose content holds the properties that must hold."""
+and write tables and figures whose content holds the properties that must hold. (sensitivity's aux-loss axis also
+trains: two short gloo runs on CPU.)"""
 
 import importlib.util
 import json
@@ -175,7 +176,7 @@ def test_sensitivity_outputs(sensitivity):
     table = pd.read_csv(out / "table.csv")
     summary = json.loads((out / "summary.json").read_text())
     _check_png(out / "sensitivity.png")
-    assert "executor" in summary["not_here"]
+    assert summary["quick"] and summary["axes"] == {k: list(v) for k, v in module.AXES.items()}
     assert set(table["policy"]) == set(module.POLICIES)
     for axis, values in module.AXES.items():
         for trace in module.TRACES:
@@ -205,3 +206,46 @@ def test_sensitivity_properties(sensitivity):
     # iteration gets slower
     static_k = table[(table["axis"] == "top_k") & (table["policy"] == "static") & (table["trace"] == "synthetic")]
     assert (np.diff(static_k.sort_values("value")["mean_time_s"].to_numpy()) > 0).all()
+
+
+def test_sensitivity_aux_loss_axis(sensitivity):
+    """The aux-loss axis: every quick coefficient trained and simulated; the table's skew and static survival are
+    those of the recorded trace, computed here without the simulator."""
+    from symi_sim.cluster import load_cluster
+    from symi_sim.models import fit_trace, load_model, tile_layers
+    from symi_sim.placement import Placement
+    from symi_sim.routing import route
+    from symi_sim.trace import read_trace
+
+    module, out = sensitivity
+    aux = module.aux_loss
+    table = pd.read_csv(out / "table.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    rows = table[table["axis"] == aux.AXIS]
+    assert sorted(rows["value"].unique()) == sorted(aux.QUICK_COEFS)
+    assert set(rows["trace"]) == {"recorded"}
+    assert summary["aux_loss"]["coefs"] == list(aux.QUICK_COEFS)
+    assert [r["coef"] for r in summary["aux_loss"]["runs"]] == list(aux.QUICK_COEFS)
+    cluster = load_cluster(module.CLUSTER)
+    for coef, group in rows.groupby("value"):
+        assert sorted(group["policy"]) == sorted(module.POLICIES)
+        assert ((group["survival"] >= 0) & (group["survival"] <= 1)).all()
+        assert (group["cfg_aux_loss_coef"] == coef).all()
+        recorded = read_trace(out / group["trace_path"].iloc[0])
+        assert recorded.num_steps == aux.QUICK_STEPS and recorded.num_experts == 16
+        skew = np.median(recorded.counts_SLE.max(axis=2) / recorded.counts_SLE.mean(axis=2), axis=0).mean()
+        assert group["trace_skew"].iloc[0] == pytest.approx(skew, rel=1e-9) and skew >= 1
+        # static: slot p holds expert p % 16 on all 12 tiled layers; steps 1..n routed at capacity factor 1.0
+        model, trace = fit_trace(load_model(module.MODEL), tile_layers(recorded, 12))
+        placement = Placement.even(np.tile(np.arange(cluster.num_slots) % 16, (12, 1)), 16)
+        n = int(group["trace_steps"].iloc[0])
+        dropped = assignments = 0
+        for step in range(1, n + 1):
+            routing = route(trace.counts_SLE[step], placement, slots_per_gpu=cluster.slots_per_gpu,
+                            capacity_factor=1.0, num_assignments_L=trace.num_assignments_L(step))
+            dropped += routing.dropped_LE.sum()
+            assignments += routing.num_assignments_L.sum()
+        static = group[group["policy"] == "static"]["survival"].iloc[0]
+        assert static == pytest.approx(1 - dropped / assignments, rel=1e-9)
+        assert static == pytest.approx(next(r["static_survival"] for r in summary["aux_loss"]["runs"]
+                                            if r["coef"] == coef), abs=1e-4)

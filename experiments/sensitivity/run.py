@@ -1,7 +1,7 @@
-"""Sensitivity of time to target and token survival to slots per GPU, top-k, the popularity window and the
-capacity factor, for the main policies, in the simulator.
+"""Sensitivity of time to target and token survival to slots per GPU, top-k, the popularity window, the
+capacity factor and the auxiliary-loss coefficient, for the main policies.
 
-    .venv/bin/python experiments/sensitivity/run.py [--quick] [--steps N] [--out DIR]
+    .venv/bin/python experiments/sensitivity/run.py [--quick] [--steps N] [--aux-steps N] [--no-aux] [--out DIR]
 
 Base configuration (the paper's): paper-a100-16 (16 x 1 A100, 4 slots per GPU), gpt-small shapes (12 MoE blocks,
 16 experts, top-1, 32,768 tokens per step), capacity factor 1.0, slot capacity mode, window 1. One axis is
@@ -11,6 +11,12 @@ varied at a time, the others stay at the base:
   top_k      1, 2, 4: gpt-small with the trace's top-k (fit_trace(adopt_trace_shape=True))
   window     1, 2, 4, 8: the popularity window the policies plan from (sum of the last w steps' loads)
   capacity   capacity factor 1, 1.25, 1.5, 2 (slot mode: buffers grow, so a2a and expert compute grow too)
+  aux_loss_coef  1e-5, 1e-3, 1e-2, 1e-1 (--quick: 1e-5, 1e-1): the one axis that needs real training
+             (aux_loss.py): per coefficient the executor's `tiny` model (16 experts, top-1, 4 gloo ranks on CPU,
+             dropless, policy static) trains --aux-steps steps (default 300, --quick 20) with its routing recorded;
+             each recording is then simulated at the base exactly as the recorded trace above (tiled onto the
+             12 MoE blocks, rescaled to 32,768 tokens per step). Its rows have trace "recorded" (that run's
+             recording, kept under aux_loss/ in the run directory) and trace_skew = busiest / mean expert.
 
 Traces: "synthetic" = symi_sim.trace_synth with traces/synthetic-drift.parquet's parameters (Zipf 1.0, drift 0.2,
 1% bursts, seed 1, 1,000 steps, 12 layers, 16 experts; top-1 is that file byte for byte) at top-k 1, 2, 4;
@@ -18,17 +24,16 @@ Traces: "synthetic" = symi_sim.trace_synth with traces/synthetic-drift.parquet's
 tiled onto the 12 MoE blocks (block b = recorded layer b % 2, as in experiments/paper_comparison) and rescaled to
 32,768 tokens per step. Policies: static, symi, symi-balanced, symi-balanced:packing=grouped, eplb.
 
-Not here: the auxiliary-loss coefficient axis. It changes the routing itself, so it needs real training; it lives
-in the executor study (symi train, another helper's experiment) and is not duplicated in the simulator.
-
-Writes table.csv (one row per axis, value, trace and policy: every simulator summary column), summary.json and
-sensitivity.png (time to target, survival and speed-up vs static against each axis).
+Writes table.csv (one row per axis, value, trace and policy: every simulator summary column, plus trace_skew),
+summary.json, sensitivity.png (time to target, survival and speed-up vs static against each axis) and
+aux_loss/aux-<coefficient>/ (trace.parquet and metrics.csv of each training run).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import sys
 import time
@@ -48,6 +53,11 @@ from symi_sim.simulate import simulate  # noqa: E402
 from symi_sim.trace import LoadTrace, read_trace  # noqa: E402
 from symi_sim.trace_synth import synth_trace  # noqa: E402
 
+# the aux-loss axis's training half, a sibling file (experiments/ is not a package)
+_spec = importlib.util.spec_from_file_location("sensitivity_aux_loss", Path(__file__).with_name("aux_loss.py"))
+aux_loss = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(aux_loss)
+
 STUDY = "sensitivity"
 CLUSTER = "paper-a100-16"
 MODEL = "gpt-small"
@@ -55,14 +65,12 @@ POLICIES = ("static", "symi", "symi-balanced", "symi-balanced:packing=grouped", 
 BASE = {"slots": 4, "top_k": 1, "window": 1, "capacity": 1.0}
 AXES = {"slots": (1, 2, 4, 8), "top_k": (1, 2, 4), "window": (1, 2, 4, 8), "capacity": (1.0, 1.25, 1.5, 2.0)}
 AXIS_LABELS = {"slots": "slots per GPU", "top_k": "top-k", "window": "popularity window (steps)",
-               "capacity": "capacity factor"}
+               "capacity": "capacity factor", aux_loss.AXIS: aux_loss.LABEL}
 SYNTH = {"num_experts": 16, "num_layers": 12, "num_steps": 1000, "skew": 1.0, "drift": 0.2, "seed": 1,
          "burst_prob": 0.01, "tokens_per_step": 32768}
 RECORDED = {k: ROOT / "traces" / f"recorded-tiny-e16-top{k}.parquet" for k in (1, 2)}
 TRACES = ("synthetic", "recorded")
-AUX_LOSS_NOTE = ("the auxiliary-loss coefficient axis changes the routing itself and needs real training: it lives in "
-                 "the executor study (symi train), not in this simulator study")
-PRINT_COLUMNS = ("axis", "value", "trace", "policy", "mean_time_s", "survival", "time_to_target_s",
+PRINT_COLUMNS = ("axis", "value", "trace", "trace_skew", "policy", "mean_time_s", "survival", "time_to_target_s",
                  "speedup_vs_static")
 
 
@@ -88,6 +96,12 @@ def run_config(trace_name: str, config: dict, steps: int | None) -> pd.DataFrame
     trace = get_trace(trace_name, config["top_k"])
     if trace is None:
         return None
+    return simulate_config(trace, config, steps)
+
+
+def simulate_config(trace: LoadTrace, config: dict, steps: int | None) -> pd.DataFrame:
+    """The simulator summary of `trace` (MoE layers already matching gpt-small's, or adopted) under `config`."""
+    skew = aux_loss.trace_skew(trace)
     model, trace = fit_trace(load_model(MODEL), trace, adopt_trace_shape=True)
     available = trace.num_steps - 1
     n = available if steps is None else min(steps, available)
@@ -97,11 +111,54 @@ def run_config(trace_name: str, config: dict, steps: int | None) -> pd.DataFrame
                       progress=False)
     table = result.summary.copy()
     table.insert(0, "trace_steps", n)
+    table.insert(0, "trace_skew", skew)
     return table
 
 
+def label_rows(table: pd.DataFrame, axis: str, value: float, trace_name: str, config: dict) -> pd.DataFrame:
+    table.insert(0, "trace", trace_name)
+    table.insert(0, "value", float(value))
+    table.insert(0, "axis", axis)
+    for key, setting in config.items():
+        table[f"cfg_{key}"] = setting
+    return table
+
+
+def aux_loss_axis(coefs: tuple[float, ...], train_steps: int, steps: int | None, out: Path
+                  ) -> tuple[list[pd.DataFrame], dict]:
+    """Train and record at every aux-loss coefficient (into out/aux_loss/), then simulate each recording at the
+    base configuration the way the shipped recorded trace is simulated: its 2 layers tiled onto gpt-small's 12 MoE
+    blocks (as experiments/paper_comparison does), rescaled to 32,768 tokens per step."""
+    t0 = time.perf_counter()
+    runs = aux_loss.record_all(coefs, train_steps, out / "aux_loss")
+    train_wall_s = time.perf_counter() - t0
+    tables, facts = [], []
+    for run in runs:
+        recorded = read_trace(run["dir"] / "trace.parquet")
+        table = simulate_config(tile_layers(recorded, load_model(MODEL).num_moe_layers), BASE, steps)
+        table = label_rows(table, aux_loss.AXIS, run["coef"], "recorded", BASE)
+        table["cfg_aux_loss_coef"] = run["coef"]
+        table["trace_path"] = str((run["dir"] / "trace.parquet").relative_to(out))
+        tables.append(table)
+        by = table.set_index("policy")
+        facts.append({"coef": run["coef"], "skew": run["skew"], "per_layer_skew": run["per_layer_skew"],
+                      "train_steps": run["steps"], "train_wall_s": run["train_wall_s"],
+                      "trace_path": table["trace_path"].iloc[0],
+                      "static_survival": round(float(by.loc["static", "survival"]), 4),
+                      "survival": {p: round(float(by.loc[p, "survival"]), 4) for p in POLICIES},
+                      "time_to_target_s": {p: round(float(by.loc[p, "time_to_target_s"]), 3) for p in POLICIES},
+                      "speedup_vs_static": {p: round(float(by.loc[p, "speedup_vs_static"]), 4) for p in POLICIES}})
+    print(f"{aux_loss.AXIS}: done ({train_wall_s:.0f} s training, {time.perf_counter() - t0 - train_wall_s:.1f} s "
+          "simulating)", flush=True)
+    info = {"coefs": list(coefs), "train_steps": train_steps, "nproc": aux_loss.NPROC, "train": aux_loss.TRAIN,
+            "skew": "busiest / mean expert load, median over steps, mean over the recorded layers",
+            "runs": facts, "train_wall_s": round(train_wall_s, 1),
+            "simulate_wall_s": round(time.perf_counter() - t0 - train_wall_s, 2)}
+    return tables, info
+
+
 def sensitivity_figure(table: pd.DataFrame) -> Figure:
-    axes_names = list(AXES)
+    axes_names = [axis for axis in (*AXES, aux_loss.AXIS) if (table["axis"] == axis).any()]
     metrics = (("time_to_target_s", "time to target (s)"), ("survival", "tokens surviving (fraction)"),
                ("speedup_vs_static", "speed-up vs static (x)"))
     policies = list(dict.fromkeys(table["policy"]))
@@ -110,10 +167,17 @@ def sensitivity_figure(table: pd.DataFrame) -> Figure:
     cmap = matplotlib.colormaps["tab10"]
     colors = {p: cmap(i) for i, p in enumerate(policies)}
     styles = {"synthetic": "-", "recorded": "--"}
-    fig = Figure(figsize=(16, 10), layout="constrained")
-    grid = fig.subplots(len(metrics), len(axes_names), squeeze=False)
+    widths = [1.3 if axis == aux_loss.AXIS else 1.0 for axis in axes_names]
+    fig = Figure(figsize=(4 * sum(widths), 10), layout="constrained")
+    grid = fig.subplots(len(metrics), len(axes_names), squeeze=False, gridspec_kw={"width_ratios": widths})
     for j, axis in enumerate(axes_names):
         rows = table[table["axis"] == axis]
+        values = sorted(rows["value"].unique())
+        if axis == aux_loss.AXIS:  # log axis; each tick also names its recording's skew
+            skew = rows.groupby("value")["trace_skew"].first()
+            ticks = [f"{v:g}\n({skew[v]:.1f}x)" for v in values]
+        else:
+            ticks = [f"{v:g}" for v in values]
         for i, (metric, label) in enumerate(metrics):
             ax = grid[i, j]
             for trace in dict.fromkeys(rows["trace"]):
@@ -121,57 +185,76 @@ def sensitivity_figure(table: pd.DataFrame) -> Figure:
                     p = rows[(rows["trace"] == trace) & (rows["policy"] == policy)].sort_values("value")
                     ax.plot(p["value"], p[metric], ls=styles.get(trace, "-"), marker="o", ms=3,
                             color=colors[policy], label=f"{policy} ({trace})")
-            ax.set_xticks(AXES[axis], labels=[f"{v:g}" for v in AXES[axis]])
+            if axis == aux_loss.AXIS:
+                ax.set_xscale("log")
+                ax.minorticks_off()
+            ax.set_xticks(values, labels=ticks)
             ax.set_xlabel(AXIS_LABELS[axis])
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if i == 0:
-                ax.set_title(f"varying {AXIS_LABELS[axis]}", fontsize=10)
+                title = (f"varying {AXIS_LABELS[axis]}" if axis != aux_loss.AXIS
+                         else "varying aux-loss coefficient\n(recorded at each coefficient)")
+                ax.set_title(title, fontsize=10)
     handles, labels = grid[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="policy (trace; dashed = recorded)")
-    fig.suptitle(f"Sensitivity at {CLUSTER}, {MODEL} (base: 4 slots, top-1, window 1, capacity factor 1.0, slot mode)")
+    fig.suptitle(f"Sensitivity at {CLUSTER}, {MODEL} (base: 4 slots, top-1, window 1, capacity factor 1.0, slot mode; "
+                 "skew = busiest / mean expert load)")
     return fig
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: every axis value, 8 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: every simulator axis value, 8 steps; aux-loss axis at 2 coefficients, "
+                             f"{aux_loss.QUICK_STEPS} training steps")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the whole trace; --quick 8)")
+    parser.add_argument("--aux-steps", type=int, default=None,
+                        help=f"training steps per aux-loss coefficient (default {aux_loss.STEPS}; --quick "
+                             f"{aux_loss.QUICK_STEPS})")
+    parser.add_argument("--no-aux", action="store_true", help="leave out the aux-loss axis (no training)")
     parser.add_argument("--out", default=None, help=f"run directory (default runs/{STUDY}-<timestamp>)")
     args = parser.parse_args(argv)
     out = Path(args.out or f"runs/{STUDY}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     steps = args.steps if args.steps is not None else (8 if args.quick else None)
+    aux_steps = args.aux_steps or (aux_loss.QUICK_STEPS if args.quick else aux_loss.STEPS)
+    coefs = aux_loss.QUICK_COEFS if args.quick else aux_loss.COEFS
 
     t0 = time.perf_counter()
-    tables = []
-    for axis, values in AXES.items():
-        for value in values:
-            config = {**BASE, axis: value}
-            for trace_name in TRACES:
-                table = run_config(trace_name, config, steps)
-                if table is None:
-                    continue
-                table.insert(0, "trace", trace_name)
-                table.insert(0, "value", float(value))
-                table.insert(0, "axis", axis)
-                for key, setting in config.items():
-                    table[f"cfg_{key}"] = setting
-                tables.append(table)
-        print(f"{axis}: done ({time.perf_counter() - t0:.1f} s)", flush=True)
-    table = pd.concat(tables, ignore_index=True)
-    summary = {"study": STUDY, "quick": args.quick, "cluster": CLUSTER, "model": MODEL, "policies": list(POLICIES),
-               "base": BASE, "axes": {k: list(v) for k, v in AXES.items()}, "traces": list(TRACES),
-               "synthetic_trace": SYNTH, "recorded_traces": {k: str(v.relative_to(ROOT)) for k, v in RECORDED.items()},
-               "not_here": AUX_LOSS_NOTE, "steps": steps, "wall_s": round(time.perf_counter() - t0, 2)}
     with atomic_dir(out) as tmp:
+        tables = []
+        for axis, values in AXES.items():
+            for value in values:
+                config = {**BASE, axis: value}
+                for trace_name in TRACES:
+                    table = run_config(trace_name, config, steps)
+                    if table is not None:
+                        tables.append(label_rows(table, axis, value, trace_name, config))
+            print(f"{axis}: done ({time.perf_counter() - t0:.1f} s)", flush=True)
+        aux_info = None
+        if not args.no_aux:
+            aux_tables, aux_info = aux_loss_axis(coefs, aux_steps, steps, tmp)
+            tables += aux_tables
+        table = pd.concat(tables, ignore_index=True)
+        wall_s = time.perf_counter() - t0
+        summary = {"study": STUDY, "quick": args.quick, "cluster": CLUSTER, "model": MODEL, "policies": list(POLICIES),
+                   "base": BASE, "axes": {k: list(v) for k, v in AXES.items()}, "traces": list(TRACES),
+                   "synthetic_trace": SYNTH,
+                   "recorded_traces": {k: str(v.relative_to(ROOT)) for k, v in RECORDED.items()},
+                   "aux_loss": aux_info, "steps": steps, "wall_s": round(wall_s, 2),
+                   "simulate_wall_s": round(wall_s - (aux_info["train_wall_s"] if aux_info else 0.0), 2)}
         table.to_csv(tmp / "table.csv", index=False)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         sensitivity_figure(table).savefig(tmp / "sensitivity.png", dpi=110)
 
     pd.set_option("display.width", 200)
     print(table.loc[:, list(PRINT_COLUMNS)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"note: {AUX_LOSS_NOTE}")
-    print(f"wrote {out}; simulation {summary['wall_s']:.1f} s")
+    if aux_info is not None:
+        for run in aux_info["runs"]:
+            speedups = ", ".join(f"{p} {v:.2f}x" for p, v in run["speedup_vs_static"].items() if p != "static")
+            print(f"aux-loss {run['coef']:g}: skew {run['skew']:.2f}, static survives "
+                  f"{100 * run['static_survival']:.1f}%; {speedups}")
+    print(f"wrote {out}; {summary['wall_s']:.1f} s ({summary['simulate_wall_s']:.1f} s simulating)")
     return out
 
 
