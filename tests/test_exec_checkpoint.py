@@ -4,44 +4,17 @@ continues exactly as the single-process reference that starts from the checkpoin
 
 from __future__ import annotations
 
-import csv
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from train_jobs import finish, kill_once, read_rows, symi_train
 
 from symi_exec import checkpoint
 from symi_exec.model import GPT, param_groups
 from symi_exec.trainer import TrainConfig, get_batch, launch, load_tokens, lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
-# deterministic, with drops (capacity 1.0) and a placement that changes every step
-TRAIN_ARGS = ["--nproc-per-node", "2", "--experts", "4", "--slots", "3", "--top-k", "2", "--policy", "symi",
-              "--batch-size", "2", "--capacity-factor", "1.0", "--log-interval", "1000"]
 STEPS = 30
-TIMING = ("step_s", "tokens_per_s")
-
-
-def symi_train(*args: str) -> subprocess.Popen:
-    # a session of its own, so the test can kill the whole job (launcher and its spawned ranks) at once
-    return subprocess.Popen([sys.executable, "-m", "cli", "train", *TRAIN_ARGS, *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-
-
-def read_rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_")}
-                for row in csv.DictReader(f)]
 
 
 def test_killed_job_resumes_bit_identical(tmp_path: Path) -> None:
@@ -49,13 +22,7 @@ def test_killed_job_resumes_bit_identical(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     job = symi_train("--steps", str(STEPS), "--checkpoint-every", "3", "--checkpoint-dir", str(ckpt),
                      "--out", str(tmp_path / "killed"))
-    deadline = time.monotonic() + 240
-    while checkpoint.latest_complete(ckpt) is None:
-        assert job.poll() is None, job.stderr.read() if job.stderr else ""
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    kill_once(job, checkpoint.step_dir(ckpt, 3) / checkpoint.MARKER)
     latest = checkpoint.latest_complete(ckpt)
     assert latest is not None
     killed_at = checkpoint.read_meta(latest)["step"]

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from train_jobs import finish, kill_once, read_rows, symi_train
 
 from cli import symi
 from symi_exec import checkpoint, snapshots
@@ -24,11 +20,7 @@ from symi_exec.model import GPT
 from symi_exec.trainer import JobFailed, TrainConfig, launch
 from symi_sim.trace import read_trace
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_ARGS = ["--nproc-per-node", "2", "--experts", "4", "--slots", "3", "--top-k", "2", "--batch-size", "2",
-              "--capacity-factor", "1.0", "--log-interval", "1000"]
 STEPS = 30
-TIMING = ("step_s", "tokens_per_s")
 
 
 # ---------------------------------------------------------------------------------------------- the rule
@@ -120,33 +112,6 @@ def test_snapshot_bytes_are_the_hot_experts_state(tmp_path: Path, policy: str, o
 # ---------------------------------------------------------------------------------------------- recovery
 
 
-def symi_train(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", "train", *TRAIN_ARGS, *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-
-
-def kill_mid_chain(job: subprocess.Popen, ckpt: Path, *, after: int) -> None:
-    """SIGKILL the whole job once sparse snapshot `after` is complete."""
-    deadline = time.monotonic() + 240
-    while not (snapshots.sparse_dir(ckpt, after) / checkpoint.MARKER).is_file():
-        assert job.poll() is None, job.stderr.read() if job.stderr else ""
-        assert time.monotonic() < deadline, "no sparse snapshot appeared"
-        time.sleep(0.005)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-
-
-def read_rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_")}
-                for row in csv.DictReader(f)]
-
-
 @pytest.mark.parametrize("policy", ["symi", "flexmoe-2:min_gain_ratio=0"])
 def test_hot_share_one_resumes_bit_identical(tmp_path: Path, policy: str) -> None:
     name, _, option = policy.partition(":")
@@ -155,7 +120,7 @@ def test_hot_share_one_resumes_bit_identical(tmp_path: Path, policy: str) -> Non
     ckpt = tmp_path / "ckpt"
     job = symi_train(*policy_args, "--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "1",
                      "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "killed"))
-    kill_mid_chain(job, ckpt, after=5)
+    kill_once(job, snapshots.sparse_dir(ckpt, 5) / checkpoint.MARKER)
     assert not (tmp_path / "killed").exists()
     assert [d.name for d in ckpt.glob("step-*")] == ["step-00000000"]       # only the chain's base is full
     finish(symi_train(*policy_args, "--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "1",
@@ -180,7 +145,7 @@ def test_sparse_recovery_restores_each_expert_at_its_last_snapshot(tmp_path: Pat
                            "--record-trace", "--out", str(tmp_path / "reference"))
     job = symi_train("--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "0.5",
                      "--overlap-checkpoints", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "killed"))
-    kill_mid_chain(job, ckpt, after=6)
+    kill_once(job, snapshots.sparse_dir(ckpt, 6) / checkpoint.MARKER)
     finish(reference)
     cfg = TrainConfig(out="unused", num_experts=4, top_k=2).model_config()
     recovered = snapshots.recover(ckpt, cfg.num_layers, cfg.num_experts)
