@@ -39,6 +39,7 @@ from report import print_table, write_csv
 from symi_exec.trainer import JobFailed, TrainConfig, launch
 
 ROOT = Path(__file__).resolve().parent.parent
+QUICK_MODEL = {"model": "tiny", "num_experts": 8, "slots_per_rank": 5}
 COMMON = {"model": "small", "num_experts": 16, "top_k": 2, "slots_per_rank": 10, "batch_size": 4,
           "capacity_factor": 1.0, "aux_loss_coef": 1e-5, "seed": 0, "log_interval": 10**6}
 HOT_SHARES = (0.5, 0.8, 1.0)
@@ -57,17 +58,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def measure(label: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def measure(label: str, args: argparse.Namespace, root: Path, common: dict[str, Any]) -> dict[str, Any]:
     every, hot, overlap = modes(args.every)[label]
     base = TrainConfig(out=str(root / f"{label}-run"), steps=args.steps, checkpoint_every=every,
                        sparse_hot_share=hot, overlap_checkpoints=overlap,
-                       checkpoint_dir=str(root / f"{label}-run-ckpt"), **COMMON)
+                       checkpoint_dir=str(root / f"{label}-run-ckpt"), **common)
     launch(base, args.nproc, log_level=logging.WARNING)
     rows = read_csv(root / f"{label}-run" / "metrics.csv")
     step_s = statistics.median(float(r["step_s"]) for r in rows[2:])
     writes = read_csv(root / f"{label}-run" / "checkpoints.csv") if every else []
     cfg = base.model_config()
-    assignments_per_step = args.nproc * COMMON["batch_size"] * cfg.seq_len * cfg.top_k * cfg.num_layers
+    assignments_per_step = args.nproc * common["batch_size"] * cfg.seq_len * cfg.top_k * cfg.num_layers
     result: dict[str, Any] = {
         "mode": label, "step_s": round(step_s, 4),
         "blocked_s_per_step": round(sum(float(w["blocked_s"]) for w in writes) / args.steps, 4),
@@ -109,10 +110,13 @@ def main() -> None:
     parser.add_argument("--fail-at", type=int, default=25)
     parser.add_argument("--every", type=int, default=10, help="steps between full checkpoints")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--quick", action="store_true", help="8 steps, full every 4, failure at step 6, two modes")
+    parser.add_argument("--quick", action="store_true",
+                        help="model tiny (8 experts), 8 steps, full every 4, failure at step 6, two modes")
     args = parser.parse_args()
     labels = list(modes(args.every))
+    common = dict(COMMON)
     if args.quick:
+        common.update(QUICK_MODEL)
         args.steps, args.fail_at, args.every = 8, 6, 4
         labels = ["full-4", "sparse-4:hot=0.5"]
     if not 0 < args.fail_at < args.steps:
@@ -122,10 +126,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="symi-bench-ckpt-") as tmp:
         for label in labels:
             logging.info("mode %s ...", label)
-            results.append(measure(label, args, Path(tmp)))
+            results.append(measure(label, args, Path(tmp), common))
     print_table(results)
     write_csv(args.out / "bench_checkpoint.csv", results)
-    meta = {"config": COMMON, "nproc": args.nproc, "steps": args.steps, "fail_at": args.fail_at, "every": args.every,
+    meta = {"config": common, "nproc": args.nproc, "steps": args.steps, "fail_at": args.fail_at, "every": args.every,
             "machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
             "torch": torch.__version__}
     (args.out / "bench_checkpoint.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
