@@ -324,6 +324,8 @@ def _capacity_factor(raw: str) -> float | None:
 @click.option("--sparse-hot-share", type=float, default=None,
               help="Between full checkpoints, snapshot after every step only the hot experts, covering this share "
                    "(0-1] of the tokens since each expert's last snapshot (MoEtion-style; needs --checkpoint-every).")
+@click.option("--keep-checkpoints", type=int, default=0, show_default=True,
+              help="Keep only the newest N full checkpoints (0: keep all).")
 @click.option("--overlap-checkpoints", is_flag=True,
               help="Write checkpoints and snapshots in a background thread while training goes on.")
 @click.option("--fail-at-step", type=int, default=None,
@@ -332,7 +334,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
           options: tuple[str, ...], capacity_factor: str, capacity_mode: str, steps: int, batch_size: int, lr: float,
           aux_loss_coef: float, seed: int, data: str | None, dtype: str, record_trace: bool, log_interval: int,
           out: str | None, checkpoint_every: int, checkpoint_dir: str | None, resume: str | None,
-          sparse_hot_share: float | None, overlap_checkpoints: bool, fail_at_step: int | None) -> None:
+          sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
+          fail_at_step: int | None) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
@@ -347,7 +350,7 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, seed=seed, data=data,
         record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir, resume=resume, sparse_hot_share=sparse_hot_share,
-        overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
+        keep_checkpoints=keep_checkpoints, overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
     )
     try:
         run_dir = launch(config, nproc_per_node)

@@ -58,6 +58,22 @@ def latest_complete(root: str | Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.removeprefix(STEP_PREFIX)), default=None)
 
 
+def keep_latest(root: str | Path, num_keep: int) -> list[Path]:
+    """Remove all but the `num_keep` newest complete checkpoints under `root` (and any incomplete one older than
+    the oldest kept); returns the removed directories."""
+    root = Path(root)
+    steps = sorted((int(d.name.removeprefix(STEP_PREFIX)), d) for d in root.iterdir()
+                   if d.is_dir() and d.name.startswith(STEP_PREFIX))
+    complete = [step for step, d in steps if (d / MARKER).is_file()]
+    if len(complete) <= num_keep:
+        return []
+    oldest_kept = complete[-num_keep]
+    removed = [d for step, d in steps if step < oldest_kept]
+    for directory in removed:
+        shutil.rmtree(directory)
+    return removed
+
+
 def _write_atomic(path: Path, write: Any) -> None:
     """write(tmp_path), fsync, then rename onto `path` (a reader never sees a half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")

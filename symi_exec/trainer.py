@@ -105,6 +105,7 @@ class TrainConfig:
     resume: str | None = None              # a checkpoint root: continue from its latest complete checkpoint
     sparse_hot_share: float | None = None  # F: between full checkpoints, a sparse snapshot of the hot experts
                                            # (covering F of the unsaved tokens) after every step (snapshots.py)
+    keep_checkpoints: int = 0              # 0: keep every full checkpoint; N: only the newest N
     overlap_checkpoints: bool = False      # write checkpoints in a background thread while training goes on
     fail_at_step: int | None = None        # failure drill: every rank SIGKILLs itself when this step starts
 
@@ -166,6 +167,9 @@ class TrainConfig:
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) \
+                or self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be an integer >= 0, got {self.keep_checkpoints!r}")
         if self.sparse_hot_share is not None:
             if isinstance(self.sparse_hot_share, bool) or not isinstance(self.sparse_hot_share, int | float) \
                     or not 0 < self.sparse_hot_share <= 1:
@@ -542,6 +546,8 @@ def _write_snapshot(config: TrainConfig, cfg: ModelConfig, comm: Comm, writer: S
             record.update(bytes=num_bytes, expert_bytes=num_expert_bytes)
             if kind == "full":
                 snapshots.prune_sparse(directory.parent, step)
+                if config.keep_checkpoints:
+                    checkpoint.keep_latest(directory.parent, config.keep_checkpoints)
             logger.info("%s snapshot %s: %d bytes in %.3f s", kind, directory, num_bytes,
                         time.perf_counter() - start)
 

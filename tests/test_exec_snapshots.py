@@ -204,6 +204,7 @@ def test_sparse_recovery_restores_each_expert_at_its_last_snapshot(tmp_path: Pat
     (["--checkpoint-every", "5", "--sparse-hot-share", "nan"], "sparse hot share must be a number in (0, 1]"),
     (["--sparse-hot-share", "0.5"], "sparse snapshots need full checkpoints"),
     (["--fail-at-step", "-1"], "fail_at_step must be an integer >= 0"),
+    (["--checkpoint-every", "5", "--keep-checkpoints", "-2"], "keep_checkpoints must be an integer >= 0"),
 ])
 def test_bad_sparse_options_fail_cleanly(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "run"
@@ -249,3 +250,23 @@ def test_sparse_chain_resumes_on_fewer_ranks(tmp_path: Path) -> None:
         for layer in range(cfg.num_layers):
             assert torch.equal(full[name][layer], recovered.expert_state[name][layer]), (name, layer)
     assert len(read_rows(tmp_path / "one")) == 6
+
+
+def test_keep_checkpoints_keeps_the_newest(tmp_path: Path) -> None:
+    result = CliRunner().invoke(symi, ["train", "--nproc-per-node", "1", "--experts", "2", "--slots", "2", "--steps",
+                                       "5", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--out",
+                                       str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert sorted(d.name for d in (tmp_path / "run-checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    with open(tmp_path / "run" / "checkpoints.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [1, 2, 3, 4, 5]   # all were written
+    # an incomplete older directory goes too; complete ones are counted, incomplete ones never kept instead
+    root = tmp_path / "root"
+    for step, complete in ((1, True), (2, False), (3, True), (4, True), (5, False)):
+        directory = checkpoint.step_dir(root, step)
+        directory.mkdir(parents=True)
+        if complete:
+            (directory / checkpoint.MARKER).write_text(f"{step}\n")
+    removed = checkpoint.keep_latest(root, 2)
+    assert sorted(d.name for d in removed) == ["step-00000001", "step-00000002"]
+    assert sorted(d.name for d in root.iterdir()) == ["step-00000003", "step-00000004", "step-00000005"]
