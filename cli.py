@@ -207,17 +207,21 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
               help="One GPU's MTBF instead (job MTBF = this / GPUs).")
 @click.option("--checkpoint", default=None,
               help="With an MTBF: none, full-K (every K steps) or sparse[-K_full][:hot=F] [default: full-100].")
+@click.option("--failure-runs", type=int, default=0, show_default=True,
+              help="With an MTBF: also inject failures into this many sampled job timelines (sampled_* columns).")
+@click.option("--failure-seed", type=int, default=0, show_default=True, help="Seed of the injected failures.")
 @click.option("--out", "out", default=None, help="Run directory (default runs/simulate-<timestamp>).")
 def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str, capacity_factor: float,
              capacity_mode: str, steps: int | None, loop: bool, window: int, slots: int | None,
              fit_model_to_trace: bool, convergence_path: str | None, convergence_form: str, mtbf_hours: float | None,
-             gpu_mtbf_hours: float | None, checkpoint: str | None, out: str | None) -> None:
+             gpu_mtbf_hours: float | None, checkpoint: str | None, failure_runs: int, failure_seed: int,
+             out: str | None) -> None:
     """Replay a trace through every policy on the simulated cluster; compare time to target loss."""
     from pathlib import Path
 
     from symi_sim.cluster import load_cluster
     from symi_sim.convergence import load_calibration, paper_model
-    from symi_sim.failures import DEFAULT_CHECKPOINT, FAILURE_COLUMNS, FailureModel
+    from symi_sim.failures import DEFAULT_CHECKPOINT, FailureModel
     from symi_sim.models import fit_trace, load_model
     from symi_sim.simulate import simulate as run_simulation
     from symi_sim.simulate import write_run
@@ -229,9 +233,10 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     failures = None
     if mtbf_hours is not None or gpu_mtbf_hours is not None:
         failures = FailureModel(checkpoint=checkpoint or DEFAULT_CHECKPOINT, mtbf_hours=mtbf_hours,
-                                gpu_mtbf_hours=gpu_mtbf_hours)
-    elif checkpoint is not None:
-        raise ValueError("--checkpoint needs --mtbf-hours or --gpu-mtbf-hours")
+                                gpu_mtbf_hours=gpu_mtbf_hours, sampled_runs=failure_runs, seed=failure_seed)
+    elif checkpoint is not None or failure_runs:
+        option = "--checkpoint" if checkpoint is not None else "--failure-runs"
+        raise ValueError(f"{option} needs --mtbf-hours or --gpu-mtbf-hours")
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
     model = load_model(model_spec)
     names = [p.strip() for p in policies.split(",") if p.strip()]
@@ -248,7 +253,7 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     result.config["trace"]["path"] = trace_path
     result.config["command"] = "simulate"
     write_run(result, out_dir)
-    columns = list(SUMMARY_COLUMNS) + (list(FAILURE_COLUMNS) if failures is not None else [])
+    columns = list(SUMMARY_COLUMNS) + (list(failures.columns) if failures is not None else [])
     click.echo(result.summary.loc[:, columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     click.echo(f"wrote {out_dir}")
 

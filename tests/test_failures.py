@@ -199,12 +199,25 @@ def test_cli_failure_columns(tmp_path, trace_path):
     assert config["failures"]["gpu_mtbf_hours"] is None
 
 
+def test_cli_injected_failures_add_sampled_columns(tmp_path, trace_path):
+    result = _cli(tmp_path, trace_path, "--mtbf-hours", "0.001", "--checkpoint", "full-2", "--failure-runs", "50",
+                  "--failure-seed", "7")
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert {"sampled_effective_time_ratio", "sampled_ratio_stderr", "sampled_failures_per_run"} <= set(summary)
+    assert summary.sampled_effective_time_ratio.between(0, 1).all()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["failures"]["sampled_runs"], config["failures"]["seed"]) == (50, 7)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--mtbf-hours", "-1"], "mtbf hours must be a finite number > 0"),
     (["--mtbf-hours", "1", "--checkpoint", "full-0"], "interval must be >= 1"),
     (["--mtbf-hours", "1", "--checkpoint", "hourly"], "unknown checkpoint mode"),
     (["--checkpoint", "full-10"], "needs --mtbf-hours"),
     (["--mtbf-hours", "1", "--gpu-mtbf-hours", "1"], "exactly one"),
+    (["--failure-runs", "10"], "--failure-runs needs --mtbf-hours"),
+    (["--mtbf-hours", "1", "--failure-runs", "-3"], "number of failure runs must be an integer >= 0"),
 ])
 def test_cli_bad_failure_options_leave_nothing(tmp_path, trace_path, extra, message):
     result = _cli(tmp_path, trace_path, *extra)
