@@ -22,7 +22,8 @@ With checkpoint_every K, every rank also writes its part of a resumable checkpoi
 last one (checkpoint.py); with sparse_hot_share F also one at step 0 and a sparse snapshot of the hot experts after
 every other step (snapshots.py). `resume` continues from the latest complete checkpoint and the sparse snapshots
 after it, on any number of ranks. Rank 0 then also writes checkpoints.csv (one row per write of this job: step,
-kind, bytes, expert bytes, hot experts, seconds) and, when resumed, recovery.json (what was restored and lost).
+kind, hot experts, bytes, expert bytes, the loop's blocked time, the write time) and, when resumed, recovery.json
+(what was restored and lost). overlap_checkpoints hands the writes to a background thread (writer.py).
 """
 
 from __future__ import annotations
