@@ -361,18 +361,16 @@ class ReplicaExpertOptimizer:
     def state_dict(self) -> dict[str, object]:
         """Full weights and AdamW moments of the experts whose lowest holder this rank is (each expert once)."""
         assert self.placement is not None
-        lead = sorted(self._lead(self.placement))
-        return {"layout": "replica", "num_steps": self.num_steps,
-                **{name: {key: table[key].detach().cpu().clone() for key in lead}
-                   for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
-                                       ("exp_avg_sq", self.exp_avg_sq))}}
+        return {"num_steps": self.num_steps, **self._lead_state(sorted(self._lead(self.placement)))}
 
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
         """Full state of the experts in `mask_LE` ([L, E] bool) whose lowest holder this rank is."""
         assert self.placement is not None
-        lead = sorted(key for key in self._lead(self.placement) if mask_LE[key])
+        return self._lead_state(sorted(key for key in self._lead(self.placement) if mask_LE[key]))
+
+    def _lead_state(self, keys: list[tuple[int, int]]) -> dict[str, object]:
         return {"layout": "replica",
-                **{name: {key: table[key].detach().cpu().clone() for key in lead}
+                **{name: {key: table[key].detach().cpu().clone() for key in keys}
                    for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
                                        ("exp_avg_sq", self.exp_avg_sq))}}
 

@@ -10,7 +10,6 @@ training loop does not touch again (trainer.py clones tensors and copies lists b
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from symi_exec import checkpoint
-
-logger = logging.getLogger(__name__)
 
 POLL_S = 0.002
 
