@@ -48,8 +48,8 @@ def trace_info_cmd(file: str, as_json: bool, top_k: int | None, tokens_per_step:
     """Shape, metadata and per-layer skew/volatility of trace FILE (.parquet or .csv)."""
     import json
 
-    from symi_sim.trace import read_trace
-    from symi_sim.trace_stats import format_trace_info, trace_info
+    from symi_sim.traces.format import read_trace
+    from symi_sim.traces.stats import format_trace_info, trace_info
 
     info = trace_info(read_trace(file, top_k=top_k, tokens_per_step=tokens_per_step))
     click.echo(json.dumps(info, indent=2) if as_json else format_trace_info(info))
@@ -69,7 +69,7 @@ def trace_info_cmd(file: str, as_json: bool, top_k: int | None, tokens_per_step:
 def trace_convert_cmd(in_path: str, out_path: str, fmt: str, model: str | None, selection: str | None,
                       domains: str | None, top_k: int | None, tokens_per_step: int | None) -> None:
     """Convert IN (format --from) to the canonical Parquet trace OUT."""
-    from symi_sim.trace_import import convert_trace
+    from symi_sim.traces.importers import convert_trace
 
     domain_list = None if domains is None else [d.strip() for d in domains.split(",") if d.strip()]
     trace = convert_trace(in_path, out_path, fmt=fmt, model=model, selection=selection, domains=domain_list,
@@ -94,8 +94,8 @@ def trace_convert_cmd(in_path: str, out_path: str, fmt: str, model: str | None, 
 def trace_synth_cmd(out_path: str, num_experts: int, num_layers: int, num_steps: int, skew: float, drift: float,
                     seed: int, top_k: int, tokens_per_step: int, burst_prob: float, burst_scale: float) -> None:
     """Synthesise a skewed, drifting expert-load trace and write it to OUT (.parquet)."""
-    from symi_sim.trace import write_trace
-    from symi_sim.trace_synth import synth_trace
+    from symi_sim.traces.format import write_trace
+    from symi_sim.traces.synth import synth_trace
 
     if not out_path.lower().endswith(".parquet"):
         raise ValueError(f"trace output {out_path!r} must end in .parquet")
@@ -137,9 +137,9 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, ste
     from symi_sim.cluster import load_cluster
     from symi_sim.placement import write_eplb_arrays, write_placement_json
     from symi_sim.policies import available_policies, get_policy, parse_options
-    from symi_sim.replay import plan_step, write_replay
-    from symi_sim.replay import replay as replay_trace
-    from symi_sim.trace import read_trace
+    from symi_sim.simulator.replay import plan_step, write_replay
+    from symi_sim.simulator.replay import replay as replay_trace
+    from symi_sim.traces.format import read_trace
 
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
     trace = read_trace(trace_path)
@@ -220,12 +220,13 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     from pathlib import Path
 
     from symi_sim.cluster import load_cluster
-    from symi_sim.convergence import load_calibration, paper_model
-    from symi_sim.failures import DEFAULT_CHECKPOINT, FailureModel
-    from symi_sim.models import fit_trace, load_model
-    from symi_sim.simulate import simulate as run_simulation
-    from symi_sim.simulate import write_run
-    from symi_sim.trace import read_trace
+    from symi_sim.failures.model import DEFAULT_CHECKPOINT, FailureModel
+    from symi_sim.models import load_model
+    from symi_sim.simulator.convergence import load_calibration, paper_model
+    from symi_sim.simulator.driver import simulate as run_simulation
+    from symi_sim.simulator.driver import write_run
+    from symi_sim.traces.fit import fit_trace
+    from symi_sim.traces.format import read_trace
 
     out_dir = Path(out or _timestamped("simulate"))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -276,7 +277,7 @@ def plot(run_dir: str, kinds: tuple[str, ...], out: str | None) -> None:
     The kind of run is told by its files. A figure goes to <kind>.png (a trace's to <stem>-heatmap.png), or to
     <kind>-2.png, -3, ... when that name is taken: nothing is overwritten. A bad input writes no file at all.
     """
-    from symi_sim.plots import plot_run
+    from symi_sim.figures.plots import plot_run
 
     names = [name.strip() for raw in kinds for name in raw.split(",") if name.strip()]
     if kinds and not names:

@@ -40,7 +40,7 @@ from report import print_table, write_csv
 
 from symi_exec.comm import BYTE_KINDS
 from symi_exec.trainer import TrainConfig, launch
-from symi_sim.curves import smoothed, steps_to
+from symi_sim.simulator.curves import smoothed, steps_to
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = {"model": "tiny", "num_experts": 8, "slots_per_rank": 4, "top_k": 1, "capacity_factor": 1.0,

@@ -10,8 +10,8 @@ Quality, next-step replay: plan on step s-1's loads (the oracle on step s's), ro
 symi_sim.routing.route (num_assignments = top_k x tokens_per_step, capacity factor 1.0, slot and gpu modes).
 Reported: GPU imbalance max/mean tokens sent per GPU (mean over steps and layers, and the worst), dropped fraction.
 Robustness sweep: the acceptance bar (symi-balanced imbalance <= eplb's, dropped <= symi's) on the two real traces
-over several cluster shapes (symi_sim.replay.replay, the policy planning in the mode it is scored in); a row per
-(trace, cluster, mode) with `bar_met`.
+over several cluster shapes (symi_sim.simulator.replay.replay, the policy planning in the mode it is scored in); a
+row per (trace, cluster, mode) with `bar_met`.
 Prints the tables and writes bench_plan.csv (timing), bench_plan_quality.csv, bench_plan_sweep.csv and
 bench_plan.json to --out.
 """
@@ -31,7 +31,7 @@ from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.placement import Placement
 from symi_sim.policies import available_policies, get_policy
 from symi_sim.routing import route
-from symi_sim.trace import LoadTrace, read_trace
+from symi_sim.traces.format import LoadTrace, read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 # extra configurations of our own policy, beside every registered policy with its defaults
@@ -144,7 +144,7 @@ SWEEP_SHAPES = {"olmoe-domains": [(16, 1, 4), (16, 1, 8), (8, 8, 5), (4, 4, 5), 
 
 def cluster_sweep() -> list[dict]:
     """The acceptance bar on the real traces over (nodes, GPUs per node, slots per GPU) shapes and both modes."""
-    from symi_sim.replay import replay as replay_trace
+    from symi_sim.simulator.replay import replay as replay_trace
 
     rows = []
     for trace_name, shapes in SWEEP_SHAPES.items():

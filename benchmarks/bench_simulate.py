@@ -24,10 +24,11 @@ import pandas as pd
 
 from cli import DEFAULT_SIMULATE_POLICIES  # the same list `symi simulate` compares by default
 from symi_sim.cluster import load_cluster
-from symi_sim.models import fit_trace, load_model
-from symi_sim.simulate import simulate
-from symi_sim.trace import read_trace
-from symi_sim.trace_synth import synth_trace
+from symi_sim.models import load_model
+from symi_sim.simulator.driver import simulate
+from symi_sim.traces.fit import fit_trace
+from symi_sim.traces.format import read_trace
+from symi_sim.traces.synth import synth_trace
 
 POLICIES = tuple(DEFAULT_SIMULATE_POLICIES.split(","))
 ROOT = Path(__file__).resolve().parent.parent

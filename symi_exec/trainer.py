@@ -684,7 +684,7 @@ def _write_outputs(out_dir: Path, config: TrainConfig, cfg: ModelConfig, comm: C
                 "train_config": asdict(config), "steps": config.steps,
                 "placement": final_placement.to_json_dict()}, out_dir / "checkpoint.pt")
     if config.record_trace:
-        from symi_sim.trace import LoadTrace, write_trace
+        from symi_sim.traces.format import LoadTrace, write_trace
 
         trace = LoadTrace(counts_SLE=src_counts_SLEG.sum(axis=3), top_k=cfg.top_k, tokens_per_step=tokens_per_step,
                           model=f"symi-exec-{config.model}-E{cfg.num_experts}", source="symi train",

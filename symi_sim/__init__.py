@@ -1,6 +1,12 @@
-"""symi_sim: traces, clusters, placements, policies, routing and the discrete-event simulator.
+"""symi_sim: everything of symi that needs no torch (numpy / pandas / simpy).
 
-numpy / pandas / simpy only: nothing in this package imports torch.
+Layers, each importing only those above it (tests/test_import_rules.py checks this):
+  core        checks, outputs, config_files, cluster, models, placement, routing, policies/: the numpy code that
+              the simulator, the planner and the executor (symi_exec) share unchanged
+  traces/     the trace format, importers, statistics, synthesis, fitting a trace to a model
+  failures/   failure and checkpoint models (closed form and sampled)
+  figures/    figures from result tables
+  simulator/  cost formulas, the simpy engine, the driver, planning replay, convergence curves
 """
 
 __version__ = "0.1.0"

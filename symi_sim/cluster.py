@@ -14,6 +14,8 @@ from typing import Any
 
 from symi_sim.config_files import load_preset_or_file
 
+BYTES_PER_GBPS = 1.25e8  # 1 Gb/s = 1e9 bit/s = 1.25e8 bytes/s: every link's bandwidth is in Gb/s
+
 
 @dataclass(frozen=True)
 class Cluster:

@@ -1,4 +1,4 @@
-"""All-or-nothing output: files and run directories appear only once complete.
+"""All-or-nothing output: files and run directories appear only once complete; JSON of numpy values.
 
 A command that fails half-way must leave no partial file behind, so everything is written under a
 temporary name next to its destination and renamed into place at the end (rename is atomic on POSIX).
@@ -12,6 +12,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -61,3 +64,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def json_default(value: Any) -> Any:
+    """`json.dumps(..., default=json_default)`: numpy scalars and arrays as Python numbers and lists, paths as text."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

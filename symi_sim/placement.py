@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from symi_sim.cluster import Cluster
-from symi_sim.outputs import atomic_file
+from symi_sim.outputs import atomic_file, json_default
 
 SCHEMA_VERSION = 1
 SHARE_TOL = 1e-6
@@ -194,7 +194,7 @@ class Placement:
 def write_placement_json(path: str | Path, placement: Placement, cluster: Cluster | None = None,
                          policy: dict[str, Any] | None = None) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(placement.to_json_dict(cluster, policy), indent=1, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(placement.to_json_dict(cluster, policy), indent=1, default=json_default) + "\n")
 
 
 def read_placement_json(path: str | Path) -> Placement:
@@ -206,12 +206,6 @@ def read_placement_json(path: str | Path) -> Placement:
         return Placement.from_json_dict(data)
     except ValueError as exc:
         raise ValueError(f"placement file {str(path)!r}: {exc}") from None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def _count_per_expert(phy2log_LR: np.ndarray, num_experts: int) -> np.ndarray:

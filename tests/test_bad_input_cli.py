@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from cli import symi
 from symi_sim.policies import available_policies
-from symi_sim.trace import LoadTrace, write_trace
+from symi_sim.traces.format import LoadTrace, write_trace
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from cli import symi
 from symi_sim.cluster import load_cluster
 from symi_sim.models import _NON_NEGATIVE_INT_FIELDS, _POSITIVE_INT_FIELDS, load_model
-from symi_sim.trace import LoadTrace, write_trace
+from symi_sim.traces.format import LoadTrace, write_trace
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

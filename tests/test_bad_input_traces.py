@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from symi_sim.trace import MAX_DENSE_COUNTS, LoadTrace, read_trace, trace_table, write_trace
+from symi_sim.traces.format import MAX_DENSE_COUNTS, LoadTrace, read_trace, trace_table, write_trace
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from cli import symi
 from symi_sim.placement import read_placement_json
-from symi_sim.trace import LoadTrace, write_trace
+from symi_sim.traces.format import LoadTrace, write_trace
 
 COUNTS_SLE = np.array([[[10, 10, 10, 10], [5, 5, 5, 25]], [[30, 10, 0, 0], [0, 0, 0, 40]],
                        [[0, 0, 20, 20], [10, 10, 10, 10]]])

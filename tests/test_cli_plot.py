@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import symi
-from symi_sim.trace import LoadTrace, write_trace
+from symi_sim.traces.format import LoadTrace, write_trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COUNTS_SLE = np.random.default_rng(0).multinomial(64, [0.4, 0.3, 0.2, 0.1], size=(6, 2))  # 6 steps, 2 layers

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import symi
-from symi_sim.trace import LoadTrace, write_trace
+from symi_sim.traces.format import LoadTrace, write_trace
 
 
 @pytest.fixture()

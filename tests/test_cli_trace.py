@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import symi
-from symi_sim.trace import read_trace
-from symi_sim.trace_stats import trace_info
-from symi_sim.trace_synth import synth_trace
+from symi_sim.traces.format import read_trace
+from symi_sim.traces.stats import trace_info
+from symi_sim.traces.synth import synth_trace
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 OLMOE_CSV = TRACES / "source" / "olmoe-routing" / "expert_counts.csv"

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from symi_sim import convergence
-from symi_sim.convergence import (
+from symi_sim.simulator import convergence
+from symi_sim.simulator.convergence import (
     PAPER_ITERATIONS,
     PAPER_SURVIVAL,
     ConvergenceModel,

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from symi_sim.cluster import Cluster
-from symi_sim.costs import (
-    BYTES_PER_GBPS,
+from symi_sim.cluster import BYTES_PER_GBPS, Cluster
+from symi_sim.simulator.costs import (
     allreduce_bytes,
     alltoall_bytes,
     bytes_time_s,

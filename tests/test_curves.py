@@ -2,7 +2,7 @@
 
 import pytest
 
-from symi_sim.curves import smoothed, steps_to
+from symi_sim.simulator.curves import smoothed, steps_to
 
 
 def test_smoothed_is_a_trailing_mean():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from symi_sim.engine import PHASES, Engine, IterationWork
+from symi_sim.simulator.engine import PHASES, Engine, IterationWork
 
 
 def _work(num_steps: int = 1, num_segments: int = 1, **given: object) -> IterationWork:

@@ -13,7 +13,7 @@ from test_exec_train import NUM_RANKS, read_metrics
 from symi_exec.trainer import TrainConfig, launch
 from symi_sim.placement import Placement
 from symi_sim.routing import route
-from symi_sim.trace import read_trace
+from symi_sim.traces.format import read_trace
 
 
 @pytest.mark.parametrize("mode,factor,policy", [("slot", 0.75, "symi"), ("gpu", 0.9, "static")])

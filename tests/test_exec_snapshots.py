@@ -18,7 +18,7 @@ from cli import symi
 from symi_exec import checkpoint, snapshots
 from symi_exec.model import GPT
 from symi_exec.trainer import JobFailed, TrainConfig, launch
-from symi_sim.trace import read_trace
+from symi_sim.traces.format import read_trace
 
 STEPS = 30
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from symi_sim.trace import read_trace
-from symi_sim.trace_stats import trace_info
+from symi_sim.traces.format import read_trace
+from symi_sim.traces.stats import trace_info
 
 TRACES = Path(__file__).parent.parent / "traces"
 NUM_RANKS, SEQS_PER_RANK, SEQ_LEN = 4, 4, 64

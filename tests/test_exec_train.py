@@ -13,7 +13,7 @@ import torch
 
 from symi_exec.model import GPT, param_groups
 from symi_exec.trainer import TrainConfig, get_batch, launch, load_tokens, lr_at
-from symi_sim.trace import read_trace
+from symi_sim.traces.format import read_trace
 
 NUM_RANKS = 2
 

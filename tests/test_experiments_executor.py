@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from symi_sim.convergence import load_calibration, paper_model
+from symi_sim.simulator.convergence import load_calibration, paper_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPACITY_FACTOR = ROOT / "experiments" / "capacity_factor" / "run.py"

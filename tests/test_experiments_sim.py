@@ -212,10 +212,11 @@ def test_sensitivity_aux_loss_axis(sensitivity):
     """The aux-loss axis: every quick coefficient trained and simulated; the table's skew and static survival are
     those of the recorded trace, computed here without the simulator."""
     from symi_sim.cluster import load_cluster
-    from symi_sim.models import fit_trace, load_model, tile_layers
+    from symi_sim.models import load_model
     from symi_sim.placement import Placement
     from symi_sim.routing import route
-    from symi_sim.trace import read_trace
+    from symi_sim.traces.fit import fit_trace, tile_layers
+    from symi_sim.traces.format import read_trace
 
     module, out = sensitivity
     aux = module.aux_loss

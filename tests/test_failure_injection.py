@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from symi_sim.cluster import Cluster
-from symi_sim.failure_injection import Timeline, sample_wall_times
-from symi_sim.failures import FailureModel, failure_costs
+from symi_sim.failures.injection import Timeline, sample_wall_times
+from symi_sim.failures.model import FailureModel, failure_costs
 from symi_sim.models import ModelConfig
 
 MODEL = ModelConfig(name="tiny", num_layers=2, num_moe_layers=2, d_model=64, d_ff=128, expert_d_ff=128,

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli import symi
 from symi_sim.cluster import Cluster
-from symi_sim.failures import (
+from symi_sim.failures.model import (
     FAILURE_COLUMNS,
     Checkpointing,
     FailureModel,
@@ -22,8 +22,8 @@ from symi_sim.failures import (
     parse_checkpoint,
 )
 from symi_sim.models import ModelConfig
-from symi_sim.simulate import simulate
-from symi_sim.trace import LoadTrace, write_trace
+from symi_sim.simulator.driver import simulate
+from symi_sim.traces.format import LoadTrace, write_trace
 
 # embeddings 100 x 64 + 8 x 64 = 6,912; attention 2 x 4 x 64^2 = 32,768; routers 2 x 64 x 2 = 256
 # -> dense 39,936; experts 2 layers x 2 x (2 x 64 x 128 = 16,384) = 65,536 -> total 105,472 params

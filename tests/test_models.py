@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from symi_sim.models import PRESETS, fit_trace, load_model, rescale_trace
-from symi_sim.trace import LoadTrace
+from symi_sim.models import PRESETS, load_model
+from symi_sim.traces.fit import fit_trace, rescale_trace
+from symi_sim.traces.format import LoadTrace
 
 
 def test_gpt_small_shapes():
@@ -94,8 +95,8 @@ def test_rescale_without_known_tokens_routes_every_token():
 
 
 def test_tile_layers_replays_layers_cyclically():
-    from symi_sim.models import tile_layers
-    from symi_sim.trace import LoadTrace
+    from symi_sim.traces.fit import tile_layers
+    from symi_sim.traces.format import LoadTrace
 
     counts = np.arange(2 * 2 * 3).reshape(2, 2, 3)
     tiled = tile_layers(LoadTrace(counts, top_k=1), 5)

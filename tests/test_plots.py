@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from symi_sim import plots
+from symi_sim.figures import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

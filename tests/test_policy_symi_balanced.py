@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from symi_sim.cluster import Cluster, load_cluster
-from symi_sim.costs import holdings
 from symi_sim.policies import available_policies, get_policy
 from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, refine_swaps, replica_experts
 from symi_sim.policies.symi_balanced import webster_replica_counts
 from symi_sim.routing import route
+from symi_sim.simulator.costs import holdings
 
 
 def greedy_webster(load_LE, num_slots):

@@ -10,8 +10,8 @@ from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies import get_policy
 from symi_sim.policies.base import Policy
-from symi_sim.replay import iter_plans, known_load, plan_step, replay
-from symi_sim.trace import LoadTrace
+from symi_sim.simulator.replay import iter_plans, known_load, plan_step, replay
+from symi_sim.traces.format import LoadTrace
 
 # 1 node x 4 GPUs x 2 slots = 8 slots, 4 experts
 CLUSTER = Cluster(num_nodes=1, gpus_per_node=4, slots_per_gpu=2)

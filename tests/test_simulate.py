@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from symi_sim.cluster import Cluster
-from symi_sim.convergence import paper_model
 from symi_sim.models import ModelConfig
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy
-from symi_sim.simulate import resolve_policy, simulate, write_run
-from symi_sim.trace import LoadTrace
+from symi_sim.simulator.convergence import paper_model
+from symi_sim.simulator.driver import resolve_policy, simulate, write_run
+from symi_sim.traces.format import LoadTrace
 
 NIC_BPS = 1e9      # 8 Gb/s
 PCIE_BPS = 2e9     # 16 Gb/s

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from symi_sim.trace import LoadTrace, read_trace, write_trace
+from symi_sim.traces.format import LoadTrace, read_trace, write_trace
 
 SHIPPED = Path(__file__).resolve().parent.parent / "traces"
 

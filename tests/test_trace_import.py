@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from symi_sim.trace import read_trace
-from symi_sim.trace_import import (
+from symi_sim.traces.format import read_trace
+from symi_sim.traces.importers import (
     convert_trace,
     import_megatron_jsonl,
     import_olmoe,

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from symi_sim.trace import LoadTrace
-from symi_sim.trace_stats import format_trace_info, layer_stats, trace_info
+from symi_sim.traces.format import LoadTrace
+from symi_sim.traces.stats import format_trace_info, layer_stats, trace_info
 
 # layer 0: step 0 [5, 1, 2, 0], step 1 [1, 1, 1, 5]; layer 1: step 0 routes nothing, step 1 [2, 2, 2, 2]
 COUNTS_SLE = np.array([[[5, 1, 2, 0], [0, 0, 0, 0]], [[1, 1, 1, 5], [2, 2, 2, 2]]])

@@ -10,9 +10,9 @@ import pytest
 from symi_sim.cluster import load_cluster
 from symi_sim.policies import get_policy
 from symi_sim.routing import route
-from symi_sim.trace import read_trace
-from symi_sim.trace_stats import layer_stats
-from symi_sim.trace_synth import cap_shares, counts_to_assignments, synth_trace
+from symi_sim.traces.format import read_trace
+from symi_sim.traces.stats import layer_stats
+from symi_sim.traces.synth import cap_shares, counts_to_assignments, synth_trace
 
 SHIPPED = Path(__file__).resolve().parent.parent / "traces" / "synthetic-drift.parquet"
 

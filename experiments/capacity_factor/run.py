@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from symi_sim.curves import smoothed, steps_to  # noqa: E402
 from symi_sim.outputs import atomic_dir  # noqa: E402
+from symi_sim.simulator.curves import smoothed, steps_to  # noqa: E402
 
 STUDY = "capacity_factor"
 # chosen from the full run's curves (README.md): the smoothed losses of all 11 runs fall through 2.8 between about

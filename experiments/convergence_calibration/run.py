@@ -1,11 +1,11 @@
-"""Recalibrate the simulator's convergence model (symi_sim/convergence.py) from the executor's own training runs.
+"""Recalibrate the simulator's convergence model (symi_sim/simulator/convergence.py) from executor training runs.
 
     .venv/bin/python experiments/convergence_calibration/run.py --from runs/capacity_factor-<time> [--out DIR]
     .venv/bin/python experiments/convergence_calibration/run.py [--quick]   # runs the capacity-factor study first
 
 Takes the (tokens surviving, steps to target loss) points of the capacity-factor study (experiments/capacity_factor:
 its table.csv): by default the `static` rows, the paper's own design (static placement, the capacity factor varied
-to spread survival). Fits both forms of symi_sim.convergence (power: i_full * s**-a, exponential:
+to spread survival). Fits both forms of symi_sim.simulator.convergence (power: i_full * s**-a, exponential:
 i_full * exp(a (1 - s))) with fit_convergence and compares them with the fits to the paper's motivation table:
 parameters, max and RMS relative error on the points, leave-one-out error (fit all but one point, predict it), the
 curves normalised by i_full (the shape the simulator uses: iterations(s) / iterations(1)), and how well the fit
@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from symi_sim.convergence import (  # noqa: E402
+from symi_sim.outputs import atomic_dir  # noqa: E402
+from symi_sim.simulator.convergence import (  # noqa: E402
     FORMS,
     PAPER_ITERATIONS,
     PAPER_SURVIVAL,
@@ -47,7 +48,6 @@ from symi_sim.convergence import (  # noqa: E402
     load_calibration,
     paper_model,
 )
-from symi_sim.outputs import atomic_dir  # noqa: E402
 
 STUDY = "convergence_calibration"
 CAPACITY_FACTOR_SCRIPT = ROOT / "experiments" / "capacity_factor" / "run.py"

@@ -46,11 +46,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from symi_sim.cluster import Cluster, load_cluster  # noqa: E402
-from symi_sim.models import ModelConfig, fit_trace, load_model  # noqa: E402
+from symi_sim.models import ModelConfig, load_model  # noqa: E402
 from symi_sim.outputs import atomic_dir  # noqa: E402
-from symi_sim.simulate import simulate  # noqa: E402
-from symi_sim.trace import LoadTrace, read_trace  # noqa: E402
-from symi_sim.trace_synth import synth_trace  # noqa: E402
+from symi_sim.simulator.driver import simulate  # noqa: E402
+from symi_sim.traces.fit import fit_trace  # noqa: E402
+from symi_sim.traces.format import LoadTrace, read_trace  # noqa: E402
+from symi_sim.traces.synth import synth_trace  # noqa: E402
 
 STUDY = "scale_out"
 POLICIES = ("static", "flexmoe-10", "flexmoe-10:min_gain_ratio=0", "fastermoe", "eplb", "symi", "symi-balanced",

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from symi_sim.trace import LoadTrace, read_trace
-from symi_sim.trace_stats import layer_stats
+from symi_sim.traces.format import LoadTrace, read_trace
+from symi_sim.traces.stats import layer_stats
 
 AXIS = "aux_loss_coef"
 LABEL = "aux-loss coefficient, log scale\n(in brackets: skew = busiest / mean expert load)"

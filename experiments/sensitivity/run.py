@@ -18,7 +18,7 @@ varied at a time, the others stay at the base:
              12 MoE blocks, rescaled to 32,768 tokens per step). Its rows have trace "recorded" (that run's
              recording, kept under aux_loss/ in the run directory) and trace_skew = busiest / mean expert.
 
-Traces: "synthetic" = symi_sim.trace_synth with traces/synthetic-drift.parquet's parameters (Zipf 1.0, drift 0.2,
+Traces: "synthetic" = symi_sim.traces.synth with traces/synthetic-drift.parquet's parameters (Zipf 1.0, drift 0.2,
 1% bursts, seed 1, 1,000 steps, 12 layers, 16 experts; top-1 is that file byte for byte) at top-k 1, 2, 4;
 "recorded" = traces/recorded-tiny-e16-top1.parquet (top-k 2: recorded-tiny-e16-top2.parquet; no top-4 recording)
 tiled onto the 12 MoE blocks (block b = recorded layer b % 2, as in experiments/paper_comparison) and rescaled to
@@ -47,11 +47,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from symi_sim.cluster import load_cluster  # noqa: E402
-from symi_sim.models import fit_trace, load_model, tile_layers  # noqa: E402
+from symi_sim.models import load_model  # noqa: E402
 from symi_sim.outputs import atomic_dir  # noqa: E402
-from symi_sim.simulate import simulate  # noqa: E402
-from symi_sim.trace import LoadTrace, read_trace  # noqa: E402
-from symi_sim.trace_synth import synth_trace  # noqa: E402
+from symi_sim.simulator.driver import simulate  # noqa: E402
+from symi_sim.traces.fit import fit_trace, tile_layers  # noqa: E402
+from symi_sim.traces.format import LoadTrace, read_trace  # noqa: E402
+from symi_sim.traces.synth import synth_trace  # noqa: E402
 
 # the aux-loss axis's training half, a sibling file (experiments/ is not a package)
 _spec = importlib.util.spec_from_file_location("sensitivity_aux_loss", Path(__file__).with_name("aux_loss.py"))

@@ -30,11 +30,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from symi_sim.cluster import Cluster
+from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
 
-GBPS_TO_BYTES_PER_S = 1.25e8
 FP32_BYTES = 4
 
 
@@ -75,7 +74,7 @@ class FasterMoEPolicy(Policy):
     def times_s(self, cluster: Cluster) -> tuple[float, float, float]:
         """(comp, feat, send_model) in seconds: per token compute, per token features, per expert weights."""
         alpha = self.d_ff / self.d_model
-        bw_net = cluster.nic_gbps * GBPS_TO_BYTES_PER_S
+        bw_net = cluster.nic_gbps * BYTES_PER_GBPS
         feat_s = self.d_model * FP32_BYTES / bw_net
         send_model_s = 2 * alpha * self.d_model**2 * FP32_BYTES / bw_net
         comp_s = 4 * alpha * self.d_model**2 / cluster.achieved_flops

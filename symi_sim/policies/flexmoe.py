@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from symi_sim.cluster import Cluster
+from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
 
@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_BYTES_PER_PARAM = 2
 OPTIMIZER_BYTES_PER_PARAM = 16
-GBPS_TO_BYTES_PER_S = 1.25e8
 
 
 def gpu_load(load_E: np.ndarray, phy2log_R: np.ndarray, share_R: np.ndarray, slots_per_gpu: int) -> np.ndarray:
@@ -98,7 +97,7 @@ class FlexMoEPolicy(Policy):
     def migration_cost_s(self, cluster: Cluster) -> float:
         """Seconds to move one expert's weights and optimizer state over one NIC."""
         num_bytes = (WEIGHT_BYTES_PER_PARAM + OPTIMIZER_BYTES_PER_PARAM) * self.expert_params
-        return num_bytes / (cluster.nic_gbps * GBPS_TO_BYTES_PER_S)
+        return num_bytes / (cluster.nic_gbps * BYTES_PER_GBPS)
 
     def gain_s_per_token(self, cluster: Cluster) -> float:
         """Seconds saved over `rebalance_every` steps per token taken off the busiest GPU."""

@@ -73,9 +73,9 @@ from symi_sim.policies.base import Policy
 from symi_sim.policies.eplb import replicate_experts
 from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, refine_swaps, replica_experts
 from symi_sim.policies.symi import symi_replica_counts
+from symi_sim.routing import CAPACITY_MODES
 
 ALLOCATIONS = ("webster", "symi", "minmax")
-CAPACITY_MODES = ("slot", "gpu")
 REFINES = ("none", "tier", "any")
 PACKINGS = ("grouped", "spread", "lpt")
 

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from symi_sim.cluster import Cluster
+from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 
-BYTES_PER_GBPS = 1.25e8          # 1 Gb/s = 1e9 bit/s = 1.25e8 bytes/s
 POPULARITY_BYTES_PER_EXPERT = 4  # int32 token counts
 OPTIMIZER_LAYOUTS = ("sharded", "group", "replica")
 

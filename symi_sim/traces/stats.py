@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from symi_sim.trace import LoadTrace
+from symi_sim.traces.format import LoadTrace
 
 LAYER_COLUMNS = ("skew_median", "skew_overall", "cv_median", "top2_share_median", "top2_share_max", "tv_mean",
                  "max_step_ratio")

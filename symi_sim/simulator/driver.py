@@ -40,8 +40,14 @@ import numpy as np
 import pandas as pd
 
 from symi_sim.cluster import Cluster
-from symi_sim.convergence import ConvergenceModel, paper_model
-from symi_sim.costs import (
+from symi_sim.failures.model import FailureModel, add_failure_columns
+from symi_sim.models import ModelConfig
+from symi_sim.outputs import atomic_dir, json_default
+from symi_sim.placement import Placement
+from symi_sim.policies import Policy, get_policy, with_context
+from symi_sim.routing import CAPACITY_MODES, route
+from symi_sim.simulator.convergence import ConvergenceModel, paper_model
+from symi_sim.simulator.costs import (
     POPULARITY_BYTES_PER_EXPERT,
     allreduce_bytes,
     alltoall_bytes,
@@ -50,15 +56,9 @@ from symi_sim.costs import (
     migration_bytes,
     optimizer_params_per_gpu,
 )
-from symi_sim.engine import PHASES, Engine, IterationWork
-from symi_sim.failures import FailureModel, add_failure_columns
-from symi_sim.models import ModelConfig
-from symi_sim.outputs import atomic_dir
-from symi_sim.placement import Placement
-from symi_sim.policies import Policy, get_policy, with_context
-from symi_sim.replay import PlannedStep, check_window, iter_plans
-from symi_sim.routing import CAPACITY_MODES, route
-from symi_sim.trace import LoadTrace
+from symi_sim.simulator.engine import PHASES, Engine, IterationWork
+from symi_sim.simulator.replay import PlannedStep, check_window, iter_plans
+from symi_sim.traces.format import LoadTrace
 
 logger = logging.getLogger(__name__)
 
@@ -422,22 +422,12 @@ def summarize(iterations: pd.DataFrame, convergence: ConvergenceModel | None = N
 
 def write_run(result: SimulationResult, out_dir: str | Path) -> Path:
     """iterations.parquet, summary.csv, config.json and comparison.png, all at once into `out_dir`."""
-    from symi_sim.plots import comparison_figure
+    from symi_sim.figures.plots import comparison_figure
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         result.iterations.to_parquet(tmp / "iterations.parquet", index=False)
         result.summary.to_csv(tmp / "summary.csv", index=False)
-        (tmp / "config.json").write_text(json.dumps(result.config, indent=1, default=_json_default) + "\n")
+        (tmp / "config.json").write_text(json.dumps(result.config, indent=1, default=json_default) + "\n")
         comparison_figure(result.summary, tmp / "comparison.png")
     return out_dir
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to config.json")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from symi_sim.trace import LoadTrace
+from symi_sim.traces.format import LoadTrace
 
 REVERT = 0.1             # OU pull toward the base per step
 SWAP_RATE = 0.1          # base-rank swaps per step per unit of sigma
@@ -75,7 +75,7 @@ def synth_trace(*, num_experts: int, num_layers: int, num_steps: int, skew: floa
               "burst_prob": burst_prob, "burst_scale": burst_scale}
     return LoadTrace(
         counts_SLE=counts_SLE, top_k=top_k, tokens_per_step=tokens_per_step, model="synthetic",
-        source="symi_sim.trace_synth", provenance="synthetic: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+        source="symi_sim.traces.synth", provenance="synthetic: " + ", ".join(f"{k}={v}" for k, v in config.items()),
         meta={"synth": config},
     )
 

@@ -66,9 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from symi_sim.cluster import Cluster
-from symi_sim.costs import BYTES_PER_GBPS
-from symi_sim.failure_injection import Timeline, sample_wall_times
+from symi_sim.cluster import BYTES_PER_GBPS, Cluster
+from symi_sim.failures.injection import Timeline, sample_wall_times
 from symi_sim.models import ModelConfig
 
 logger = logging.getLogger(__name__)

@@ -541,7 +541,7 @@ def _train_label(run_dir: Path) -> str | None:
 def _figure_for(kind: str, run_kind: str, path: Path) -> Figure:
     """Validate the input `kind` needs and build its figure (ValueError naming the file when it is bad)."""
     if kind == "heatmap":
-        from symi_sim.trace import read_trace
+        from symi_sim.traces.format import read_trace
 
         trace_path = path if run_kind == "trace" else path / "trace.parquet"
         return _build_heatmap(*_check_counts(read_trace(trace_path).counts_SLE, None))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from symi_sim.trace import LoadTrace, parse_integer_column, read_csv_frame, read_trace_csv, write_trace
+from symi_sim.traces.format import LoadTrace, parse_integer_column, read_csv_frame, read_trace_csv, write_trace
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def import_megatron_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: 
 
 def import_csv(path: str | Path, *, top_k: int = 1, tokens_per_step: int | None = None,
                model: str = "unknown") -> LoadTrace:
-    """The tidy trace CSV (step,layer,expert,tokens[,src_rank]); see symi_sim.trace."""
+    """The tidy trace CSV (step,layer,expert,tokens[,src_rank]); see symi_sim.traces.format."""
     return read_trace_csv(path, top_k=top_k, tokens_per_step=tokens_per_step, model=model)
 
 

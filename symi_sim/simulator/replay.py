@@ -23,7 +23,7 @@ from symi_sim.outputs import atomic_dir
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy, get_policy, with_context
 from symi_sim.routing import route
-from symi_sim.trace import LoadTrace
+from symi_sim.traces.format import LoadTrace
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def summarize_replay(steps: pd.DataFrame) -> pd.DataFrame:
 
 def write_replay(out_dir: str, steps: pd.DataFrame, summary: pd.DataFrame, config: dict) -> None:
     """Run directory of a replay: config.json, steps.csv, summary.csv, summary.json, replay.png (all or nothing)."""
-    from symi_sim.plots import replay_figure  # matplotlib only when a figure is written
+    from symi_sim.figures.plots import replay_figure  # matplotlib only when a figure is written
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
