@@ -14,6 +14,31 @@ over several cluster shapes (symi_sim.simulator.replay.replay, the policy planni
 row per (trace, cluster, mode) with `bar_met`.
 Prints the tables and writes bench_plan.csv (timing), bench_plan_quality.csv, bench_plan_sweep.csv and
 bench_plan.json to --out.
+
+symi-balanced options measured here and then removed, as they did not help (benchmarks/results of 2026-11-23,
+next-step replay as above):
+                            imbalance mean  max    dropped slot  dropped gpu
+  olmoe-domains (16x4)
+    spread (default)        1.798           2.530  28.42%        13.60%
+    packing=lpt             1.798           2.530  28.42%        13.60%
+    allocation=minmax       1.798           2.530  28.42%        13.60%
+    refine=tier             1.844           2.677  28.42%        13.91%
+    refine=any              1.992           3.348  28.42%        14.93%
+  mixtral-domains (8x2)
+    spread (default)        1.085           1.170   4.91%         2.77%
+    packing=lpt             1.085           1.170   4.91%         2.75%
+    allocation=minmax       1.089           1.239   4.82%         2.82%
+    refine=tier / any       1.085           1.170   4.91%         2.77%
+  synthetic-drift (16x4)
+    spread (default)        1.187           2.840  10.35%         3.96%
+    packing=lpt             1.196           2.840  10.35%         4.21%
+    allocation=minmax       1.174           3.188  10.90%         3.95%
+    refine=tier             1.189           2.840  10.35%         3.96%
+    refine=any              1.190           2.891  10.35%         3.95%
+Plan time, median ms (paper / deepseek): spread 0.33 / 3.3, lpt 0.23 / 2.3, minmax 0.62 / 3.5, refine=tier
+0.66 / 4.5, refine=any 0.76 / 11.3. lpt was spread without the distinct-GPU rule; minmax EPLB's argmax(load / count)
+counts (a lower mean imbalance on synthetic-drift, but more drops and a worse worst GPU); refine a local search
+after the packing (swaps between the heaviest and lightest GPUs, within a round or of any two replicas, G passes).
 """
 
 from __future__ import annotations
@@ -36,9 +61,7 @@ from symi_sim.traces.format import LoadTrace, read_trace
 ROOT = Path(__file__).resolve().parent.parent
 # extra configurations of our own policy, beside every registered policy with its defaults
 VARIANTS = {"symi-balanced": [{"capacity_mode": "gpu"}, {"packing": "grouped"},
-                              {"packing": "grouped", "capacity_mode": "gpu"}, {"packing": "lpt"},
-                              {"allocation": "symi"}, {"allocation": "minmax"},
-                              {"refine": "tier"}, {"refine": "any"}],
+                              {"packing": "grouped", "capacity_mode": "gpu"}, {"allocation": "symi"}],
             "oracle": [{"packing": "grouped"}]}
 SHAPE_CONFIG = {"deepseek": {"eplb": {"num_groups": 8}}}
 

@@ -1,11 +1,11 @@
-"""eplb: DeepSeek EPLB reimplemented in numpy, checked on EPLB's README example and hand-worked cases; the fast
-forms (closed-form replication, packing in rounds) against the literal one-item-per-step loops."""
+"""eplb: DeepSeek EPLB reimplemented in numpy, checked on EPLB's README example and hand-worked cases; eplb_fast's
+forms (closed-form replication, packing in rounds) against eplb's literal one-item-per-step loops."""
 
 import numpy as np
 import pytest
 
 from symi_sim.cluster import Cluster
-from symi_sim.policies import eplb, get_policy
+from symi_sim.policies import eplb, eplb_fast, get_policy
 from symi_sim.policies.eplb import balanced_packing, rebalance_experts, rebalance_slots, replicate_experts
 
 README_WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -135,7 +135,7 @@ def test_closed_form_replication_equals_greedy(kind):
         num_rows, num_log = int(rng.integers(1, 6)), int(rng.integers(1, 70))
         weight = random_loads(rng, (num_rows, num_log), kind).astype(np.float32)
         num_extra = int(rng.integers(1, 400))
-        fast = eplb._replicas_in_creation_order(weight, eplb._dhondt_extra_counts(weight, num_extra))
+        fast = eplb_fast.replicate_closed_form(weight, num_log + num_extra)
         assert_arrays_equal(fast, eplb._replicate_one_by_one(weight, num_log + num_extra))
 
 
@@ -145,18 +145,18 @@ def test_packing_in_rounds_equals_item_by_item(kind):
     for _ in range(40):
         num_rows, num_packs, per_pack = int(rng.integers(1, 6)), int(rng.integers(1, 50)), int(rng.integers(1, 9))
         weight = random_loads(rng, (num_rows, num_packs * per_pack), kind).astype(np.float32)
-        order = eplb._descending_order(weight)
+        order = eplb_fast.descending_order(weight)
         np.testing.assert_array_equal(order, np.argsort(-weight, axis=1, kind="stable"))
         sorted_weight = np.take_along_axis(weight, order, axis=1)
-        assert_arrays_equal(eplb._pack_in_rounds(sorted_weight, num_packs),
+        assert_arrays_equal(eplb_fast.pack_in_rounds(sorted_weight, num_packs),
                             eplb._pack_item_by_item(sorted_weight, num_packs))
 
 
 def rebalance_with(monkeypatch, fast, *args):
     """rebalance_experts with only the fast forms, or only the literal loops (the original implementation)."""
     with monkeypatch.context() as patch:
-        patch.setattr(eplb, "_ROUNDS_MIN_PACKS", 1 if fast else 1 << 30)
-        patch.setattr(eplb, "_CLOSED_FORM_MIN_EXTRAS", 1 if fast else 1 << 30)
+        patch.setattr(eplb_fast, "ROUNDS_MIN_PACKS", 1 if fast else 1 << 30)
+        patch.setattr(eplb_fast, "CLOSED_FORM_MIN_EXTRAS", 1 if fast else 1 << 30)
         return rebalance_experts(*args)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.policies import available_policies, get_policy
-from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, refine_swaps, replica_experts
+from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, replica_experts
 from symi_sim.policies.symi_balanced import webster_replica_counts
 from symi_sim.routing import route
 from symi_sim.simulator.costs import holdings
@@ -51,12 +51,6 @@ def test_pack_rounds_hand_worked():
     np.testing.assert_array_equal(replica_experts(np.array([[2, 1], [1, 2]])), [[0, 0, 1], [0, 1, 1]])
 
 
-def gpu_max(item_LR, slot_LR, slots_per_gpu):
-    """[L] the heaviest GPU's summed item weight."""
-    gpu_of_item = slot_LR // slots_per_gpu
-    return np.stack([np.bincount(g, weights=w) for g, w in zip(gpu_of_item, item_LR, strict=True)]).max(axis=1)
-
-
 def colocated(expert_LR, slot_LR, slots_per_gpu):
     """Number of (layer, GPU, expert) with two or more replicas on the GPU."""
     num_layers, num_slots = slot_LR.shape
@@ -81,62 +75,12 @@ def test_pack_rounds_spread_hand_worked():
     np.testing.assert_array_equal(pack_rounds(two, 2, np.array([[0, 0, 0, 1]])), pack_rounds(two, 2))
 
 
-def test_refine_reaches_optimum_hand_worked():
-    # 6, 5, 5, 4, 3, 1 on 2 GPUs x 3 slots. LPT rounds: 6 | 5 -> GPUs 0 | 1; 5 to GPU 1 (5), 4 to GPU 0 (6): 10, 10;
-    # 3 to GPU 0 (tie, lower index), 1 to GPU 1: 13 and 11. The optimum is 24 / 2 = 12: swapping the round-0
-    # items 6 and 5 (d = 1) gives 12, 12, a swap inside a tier, so "tier" reaches it too.
-    item = np.array([[6.0, 5, 5, 4, 3, 1]])
-    lpt = pack_rounds(item, 3)
-    np.testing.assert_array_equal(lpt, [[0, 3, 4, 1, 2, 5]])
-    np.testing.assert_array_equal(gpu_max(item, lpt, 3), [13])
-    for tier in (True, False):
-        refined = refine_swaps(item, lpt, 3, num_passes=4, tier=tier)
-        np.testing.assert_array_equal(refined, [[3, 0, 4, 1, 2, 5]])
-        np.testing.assert_array_equal(gpu_max(item, refined, 3), [12])
-    # 9, 5, 4, 4, 2, 2: LPT gives GPU 0 {9, 4, 2} = 15, GPU 1 {5, 4, 2} = 11. Inside tiers only 9 <-> 5 moves
-    # weight (d = 4: 11 and 15, no better), so "tier" keeps 15; "any" swaps GPU 0's 4 with GPU 1's 2 (d = 2):
-    # 13, 13, the optimum (26 / 2).
-    item = np.array([[9.0, 5, 4, 4, 2, 2]])
-    lpt = pack_rounds(item, 3)
-    np.testing.assert_array_equal(lpt, [[0, 3, 4, 1, 5, 2]])
-    np.testing.assert_array_equal(refine_swaps(item, lpt, 3, num_passes=4, tier=True), lpt)
-    refined = refine_swaps(item, lpt, 3, num_passes=4, tier=False)
-    np.testing.assert_array_equal(refined, [[0, 3, 4, 5, 1, 2]])
-    np.testing.assert_array_equal(gpu_max(item, refined, 3), [13])
-
-
-def test_refine_never_raises_max_keeps_spread_and_tiers_deterministic():
-    rng = np.random.default_rng(7)
-    for trial in range(60):
-        num_gpus, slots_per_gpu = int(rng.integers(1, 9)), int(rng.integers(1, 6))
-        num_slots = num_gpus * slots_per_gpu
-        num_experts = int(rng.integers(1, num_slots + 1))
-        load = rng.pareto(0.8, (3, num_experts)) * 100 if trial % 2 else rng.integers(0, 6, (3, num_experts)) * 1.0
-        cnt = webster_replica_counts(load, num_slots)
-        expert = replica_experts(cnt)
-        item = np.take_along_axis(load, expert, 1) / np.take_along_axis(cnt, expert, 1)
-        for spread in (None, expert):
-            packed = pack_rounds(item, slots_per_gpu, spread)
-            for tier in (True, False):
-                refined = refine_swaps(item, packed, slots_per_gpu, num_passes=20, expert_LR=spread, tier=tier)
-                np.testing.assert_array_equal(np.sort(refined, axis=1), np.broadcast_to(np.arange(num_slots),
-                                                                                        refined.shape))
-                assert (gpu_max(item, refined, slots_per_gpu) <= gpu_max(item, packed, slots_per_gpu)).all()
-                if spread is not None:
-                    assert colocated(expert, refined, slots_per_gpu) <= colocated(expert, packed, slots_per_gpu)
-                if tier:
-                    np.testing.assert_array_equal(refined % slots_per_gpu, packed % slots_per_gpu)
-                np.testing.assert_array_equal(
-                    refined, refine_swaps(item, packed, slots_per_gpu, num_passes=20, expert_LR=spread, tier=tier))
-
-
-@pytest.mark.parametrize("refine", ["none", "tier", "any"])
-def test_spread_keeps_replicas_on_distinct_gpus(refine):
+def test_spread_keeps_replicas_on_distinct_gpus():
     # an expert with at most G replicas never has two on one GPU; without spread plain LPT co-locates some
     rng = np.random.default_rng(3)
     cluster = load_cluster("paper-a100-16")
     load = rng.pareto(0.7, size=(12, 16)) * 1000
-    placement = get_policy("symi-balanced", packing="spread", refine=refine).plan(load, cluster)
+    placement = get_policy("symi-balanced", packing="spread").plan(load, cluster)
     gpu_LR = np.broadcast_to(np.arange(64) // 4, (12, 64))
     cnt = placement.logcnt_LE
     for layer in range(12):
@@ -144,8 +88,10 @@ def test_spread_keeps_replicas_on_distinct_gpus(refine):
         for gpu, expert in zip(gpu_LR[layer], placement.phy2log_LR[layer], strict=True):
             assert (gpu, expert) not in pairs or cnt[layer, expert] > 16
             pairs.add((gpu, expert))
-    plain = get_policy("symi-balanced", packing="lpt").plan(load, cluster)
-    assert colocated(plain.phy2log_LR, np.broadcast_to(np.arange(64), (12, 64)), 4) > 0
+    # plain LPT in rounds: the same counts and replica weights, packed without the distinct-GPU rule
+    replica_expert = replica_experts(cnt)
+    item = np.take_along_axis(load, replica_expert, 1) / np.take_along_axis(cnt, replica_expert, 1)
+    assert colocated(replica_expert, pack_rounds(item, 4), 4) > 0
 
 
 def test_brief_example_6_2_2_2():
@@ -201,9 +147,8 @@ def test_invariants_and_determinism_on_skewed_loads():
     rng = np.random.default_rng(5)
     cluster = load_cluster("h100-8x8")
     load = rng.pareto(1.0, size=(6, 256)) * 100
-    for options in ({}, {"capacity_mode": "gpu"}, {"allocation": "symi"}, {"allocation": "minmax"}, {"packing": "lpt"},
-                    {"packing": "spread"}, {"packing": "spread", "refine": "tier"},
-                    {"packing": "spread", "refine": "any", "capacity_mode": "gpu", "num_refine_passes": 3}):
+    for options in ({}, {"capacity_mode": "gpu"}, {"allocation": "symi"}, {"packing": "spread"},
+                    {"packing": "grouped"}, {"packing": "grouped", "allocation": "symi", "capacity_mode": "gpu"}):
         policy = get_policy("symi-balanced", **options)
         placement = policy.plan(load, cluster)
         placement.validate(cluster, num_layers=6)
@@ -229,20 +174,24 @@ def test_oracle_and_registry():
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="unknown allocation 'best'"):
+    with pytest.raises(ValueError, match="unknown allocation 'best'; choices: webster, symi$"):
         get_policy("symi-balanced", allocation="best")
     with pytest.raises(ValueError, match="unknown capacity_mode 'node'"):
         get_policy("symi-balanced", capacity_mode="node")
-    with pytest.raises(ValueError, match="num_share_iters must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="oracle: num_share_iters must be an integer >= 0, got -1"):
         get_policy("oracle", num_share_iters=-1)
-    with pytest.raises(ValueError, match="unknown refine 'best'; choices: none, tier, any"):
-        get_policy("symi-balanced", refine="best")
-    with pytest.raises(ValueError, match="unknown packing 'tight'; choices: grouped, spread, lpt"):
+    with pytest.raises(ValueError, match="num_share_iters must be an integer >= 0, got True"):
+        get_policy("symi-balanced", num_share_iters=True)
+    with pytest.raises(ValueError, match="unknown packing 'tight'; choices: grouped, spread$"):
         get_policy("symi-balanced", packing="tight")
-    with pytest.raises(ValueError, match="refine 'tier' .* packing 'grouped'"):
-        get_policy("symi-balanced", packing="grouped", refine="tier")
-    with pytest.raises(ValueError, match="num_refine_passes must be an integer >= 0 or None, got -1"):
-        get_policy("symi-balanced", num_refine_passes=-1)
+    # options measured and removed (benchmarks/bench_plan.py) are refused by name
+    for option, value in (("refine", "tier"), ("num_refine_passes", 3)):
+        with pytest.raises(ValueError, match=rf"unknown option\(s\) \['{option}'\] for policy 'symi-balanced'"):
+            get_policy("symi-balanced", **{option: value})
+    with pytest.raises(ValueError, match="unknown packing 'lpt'"):
+        get_policy("symi-balanced", packing="lpt")
+    with pytest.raises(ValueError, match="unknown allocation 'minmax'"):
+        get_policy("symi-balanced", allocation="minmax")
 
 
 def gpu_holdings(phy2log_LR, slots_per_gpu):

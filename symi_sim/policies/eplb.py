@@ -1,7 +1,8 @@
 """DeepSeek's EPLB (expert-parallelism load balancer), reimplemented in numpy and vectorised over layers.
 
-Legend: L MoE layers, E logical experts, R physical slots (replicas), G GPUs, N nodes, X max replicas of one expert;
-        B rows of a batched sub-problem (layers, or layers x nodes), M items per row, P packs.
+Legend: L MoE layers, E logical experts, R physical slots (replicas), G GPUs, N nodes, Q expert groups,
+        X max replicas of one expert; B rows of a batched sub-problem (layers, or layers x nodes), M items per
+        row, P packs.
 
 EPLB (github.com/deepseek-ai/EPLB, eplb.py) in three steps, all with even token shares:
   1. hierarchical only: pack the num_groups expert groups onto the N nodes (balanced packing on group loads);
@@ -20,18 +21,9 @@ are interchangeable, so phy2log and logcnt still match and only the replica rank
 equal loads of different experts (e.g. several experts with zero load) in rows of more than 16 items can be
 placed differently.
 
-Fast, with the same results as the literal rules (which are kept here and run where they are cheaper: fewer
-than _CLOSED_FORM_MIN_EXTRAS redundant slots, fewer than _ROUNDS_MIN_PACKS packs). Step 2 is in closed form:
-the k-th redundant replica of an expert bids float32(load / k), and the greedy takes the R - E highest bids,
-equal bids lowest expert first (a D'Hondt apportionment), so the counts come from a bisection on the cut bid
-and the creation order (which fixes slot order and replica ranks) from one sort of the taken bids. Steps 1
-and 3 pack in rounds: the next items go one each to the lightest open packs for as long as the one-item rule
-agrees, checked item by item. Ties are broken exactly as the loops break them (equal bids: lower expert, then
-earlier replica; equal items: lower index; equal packs: lower index; float32 pack sums added in the same
-order), so the results equal the loops', with or without exact ties (randomized tests with continuous loads
-and with tie-heavy integer and zero loads). At 2,048 GPUs (58 x 256 experts, 10,240 slots) one call takes
-about 50 ms instead of 1.5-4 s; the worst case of the rounds (heavy-tailed items, several per pack, which
-min-max replication does not produce) is about twice the item-by-item loop.
+The two greedy loops below are the algorithm. At scale they are slow (a step per item or redundant slot: 1.5-4 s
+at 2,048 GPUs), so from eplb_fast.ROUNDS_MIN_PACKS packs and eplb_fast.CLOSED_FORM_MIN_EXTRAS redundant slots
+on, the same results come from eplb_fast's vectorised forms (about 50 ms there).
 """
 
 from __future__ import annotations
@@ -41,51 +33,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from symi_sim.checks import check_positive_int
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
+from symi_sim.policies import eplb_fast
 from symi_sim.policies.base import Policy, check_load
-
-# Below these sizes the literal one-item-per-step loops are faster than the batched forms (same results).
-_ROUNDS_MIN_PACKS = 16
-_CLOSED_FORM_MIN_EXTRAS = 128
-_FLOAT32_INF_BITS = 0x7F800000
-
-
-def _order_key(value: np.ndarray) -> np.ndarray:
-    """Non-negative float32 [...] -> int64 [...] in the same order (IEEE bit patterns read as integers)."""
-    return value.view(np.int32).astype(np.int64)
-
-
-def _row_start(num_rows: int, width: int) -> np.ndarray:
-    """[B, 1] offsets of each row in the flattened [B, width] array."""
-    return np.arange(num_rows, dtype=np.int64)[:, None] * width
-
-
-def _gather(value_BM: np.ndarray, index_BK: np.ndarray) -> np.ndarray:
-    """value_BM [B, M], index_BK [B, K] -> [B, K] value_BM[b, index_BK[b, k]] (np.take_along_axis on axis 1;
-    flat indices are 2-3x faster)."""
-    return np.take(value_BM.reshape(-1), index_BK + _row_start(*value_BM.shape))
-
-
-def _inverse(perm_BM: np.ndarray) -> np.ndarray:
-    """perm_BM [B, M] permutations of 0..M-1 -> their inverses [B, M]."""
-    num_rows, width = perm_BM.shape
-    inv_X = np.empty(num_rows * width, dtype=perm_BM.dtype)
-    inv_X[(perm_BM + _row_start(num_rows, width)).reshape(-1)] = np.tile(np.arange(width, dtype=perm_BM.dtype),
-                                                                         num_rows)
-    return inv_X.reshape(num_rows, width)
-
-
-def _descending_order(weight_BM: np.ndarray) -> np.ndarray:
-    """weight_BM [B, M] non-negative float32 -> order_BM [B, M] int64: heaviest first, ties to the lower index.
-
-    The order of a stable argsort of -weight: one unique int64 key per item, (weight descending, index), whose
-    low bits are the index, so a plain np.sort (3x faster than argsort, 10x faster than a stable float sort)
-    yields the order."""
-    num_items = weight_BM.shape[1]
-    shift = max(num_items - 1, 1).bit_length()
-    key_BM = ((_FLOAT32_INF_BITS - _order_key(weight_BM)) << shift) | np.arange(num_items)
-    return np.sort(key_BM, axis=1) & ((1 << shift) - 1)
+from symi_sim.policies.eplb_fast import descending_order, gather, inverse
 
 
 def balanced_packing(weight_BM: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,20 +49,19 @@ def balanced_packing(weight_BM: np.ndarray, num_packs: int) -> tuple[np.ndarray,
     """
     num_rows, num_items = weight_BM.shape
     assert num_items % num_packs == 0, (num_items, num_packs)
-    items_per_pack = num_items // num_packs
-    if items_per_pack == 1:
+    if num_items == num_packs:
         pack_BM = np.broadcast_to(np.arange(num_items, dtype=np.int64), weight_BM.shape).copy()
         return pack_BM, np.zeros_like(pack_BM)
     # + 0 turns -0.0 into +0.0, whose bit pattern orders like its value
     weight_BM = np.asarray(weight_BM, dtype=np.float32) + np.float32(0)
-    order_BM = _descending_order(weight_BM)
-    sorted_weight_BM = _gather(weight_BM, order_BM)
-    if num_packs < _ROUNDS_MIN_PACKS:
-        pack_sorted_BM, rank_sorted_BM = _pack_item_by_item(sorted_weight_BM, num_packs)
+    order_BM = descending_order(weight_BM)
+    sorted_weight_BM = gather(weight_BM, order_BM)
+    if num_packs >= eplb_fast.ROUNDS_MIN_PACKS:
+        pack_sorted_BM, rank_sorted_BM = eplb_fast.pack_in_rounds(sorted_weight_BM, num_packs)
     else:
-        pack_sorted_BM, rank_sorted_BM = _pack_in_rounds(sorted_weight_BM, num_packs)
-    unsort_BM = _inverse(order_BM)
-    return _gather(pack_sorted_BM, unsort_BM), _gather(rank_sorted_BM, unsort_BM)
+        pack_sorted_BM, rank_sorted_BM = _pack_item_by_item(sorted_weight_BM, num_packs)
+    unsort_BM = inverse(order_BM)
+    return gather(pack_sorted_BM, unsort_BM), gather(rank_sorted_BM, unsort_BM)
 
 
 def _pack_item_by_item(sorted_weight_BM: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,55 +86,6 @@ def _pack_item_by_item(sorted_weight_BM: np.ndarray, num_packs: int) -> tuple[np
     return pack_BM, rank_BM
 
 
-def _pack_in_rounds(sorted_weight_BM: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """The packing of _pack_item_by_item, many items per step; same result.
-
-    sorted_weight_BM [B, M] float32 heaviest first -> (pack_BM, rank_BM) [B, M] int64, in that sorted order.
-    A step offers the next items, in order, to the open packs from the lightest up, one each, and keeps the
-    longest prefix on which that is what the one-item rule does: item i goes to the i-th lightest open pack
-    unless a pack that took one of items 0..i-1 is still open and now lighter (weight + its new item). Every
-    step keeps at least one item per row; with near-equal items (replicas after min-max replication) a step
-    is a whole round of P items, so a 10,240-item row takes about M / P steps.
-    """
-    num_rows, num_items = sorted_weight_BM.shape
-    items_per_pack = num_items // num_packs
-    # a pack's key is (weight, pack index) in one int64: "lightest, then lowest index" becomes a plain minimum,
-    # and the sorted keys carry their pack in the low bits; full packs weigh more than infinity
-    shift = max(num_packs - 1, 1).bit_length()
-    closed = (_FLOAT32_INF_BITS + 1) << shift
-    packs_P = np.arange(num_packs)
-    pack_start_B1 = _row_start(num_rows, num_packs)
-    item_start_B1 = _row_start(num_rows, num_items)
-    sorted_weight_X = sorted_weight_BM.reshape(-1)
-    pack_weight_BP = np.zeros((num_rows, num_packs), dtype=np.float32)
-    pack_items_BP = np.zeros((num_rows, num_packs), dtype=np.int64)
-    pack_X = np.empty(num_rows * num_items, dtype=np.int64)
-    rank_X = np.empty(num_rows * num_items, dtype=np.int64)
-    done_B = np.zeros(num_rows, dtype=np.int64)
-    while (done_B < num_items).any():
-        key_BP = np.where(pack_items_BP < items_per_pack, _order_key(pack_weight_BP) << shift, closed) | packs_P
-        lightest_key_BP = np.sort(key_BP, axis=1)
-        lightest_BP = lightest_key_BP & ((1 << shift) - 1)
-        flat_BP = lightest_BP + pack_start_B1
-        item_BP = done_B[:, None] + packs_P
-        new_weight_BP = pack_weight_BP.reshape(-1)[flat_BP] + sorted_weight_X[np.minimum(item_BP, num_items - 1)
-                                                                              + item_start_B1]
-        rank_BP = pack_items_BP.reshape(-1)[flat_BP]
-        new_key_BP = np.where(rank_BP + 1 < items_per_pack, _order_key(new_weight_BP) << shift, closed) | lightest_BP
-        keep_BP = (item_BP < num_items) & (lightest_key_BP < closed)
-        keep_BP[:, 1:] &= lightest_key_BP[:, 1:] < np.minimum.accumulate(new_key_BP, axis=1)[:, :-1]
-        kept_B = np.where(keep_BP.all(axis=1), num_packs, np.argmin(keep_BP, axis=1))
-        kept_BP = packs_P < kept_B[:, None]
-        flat_K = flat_BP[kept_BP]
-        pack_weight_BP.reshape(-1)[flat_K] = new_weight_BP[kept_BP]
-        pack_items_BP.reshape(-1)[flat_K] += 1
-        item_K = (item_BP + item_start_B1)[kept_BP]
-        pack_X[item_K] = lightest_BP[kept_BP]
-        rank_X[item_K] = rank_BP[kept_BP]
-        done_B += kept_B
-    return pack_X.reshape(num_rows, num_items), rank_X.reshape(num_rows, num_items)
-
-
 def replicate_experts(weight_BM: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy min-max replication: each of the num_phy - M redundant slots goes to argmax(weight / replicas).
 
@@ -194,14 +97,16 @@ def replicate_experts(weight_BM: np.ndarray, num_phy: int) -> tuple[np.ndarray, 
     assert num_phy >= num_log, (num_phy, num_log)
     # + 0 turns -0.0 into +0.0, whose bit pattern orders like its value
     weight_BM = np.asarray(weight_BM, dtype=np.float32) + np.float32(0)
-    num_extra = num_phy - num_log
-    if num_extra < _CLOSED_FORM_MIN_EXTRAS:
-        return _replicate_one_by_one(weight_BM, num_phy)
-    return _replicas_in_creation_order(weight_BM, _dhondt_extra_counts(weight_BM, num_extra))
+    if num_phy - num_log >= eplb_fast.CLOSED_FORM_MIN_EXTRAS:
+        return eplb_fast.replicate_closed_form(weight_BM, num_phy)
+    return _replicate_one_by_one(weight_BM, num_phy)
 
 
 def _replicate_one_by_one(weight_BM: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """replicate_experts applied literally, one redundant slot per step (all rows at once)."""
+    """The replication rule applied literally, one redundant slot per step (all rows at once).
+
+    weight_BM [B, M] float32 -> (phy2log_BR, rank_BR, logcnt_BM) as replicate_experts returns them.
+    """
     num_rows, num_log = weight_BM.shape
     rows_B = np.arange(num_rows)
     phy2log_BR = np.empty((num_rows, num_phy), dtype=np.int64)
@@ -219,82 +124,10 @@ def _replicate_one_by_one(weight_BM: np.ndarray, num_phy: int) -> tuple[np.ndarr
     return phy2log_BR, rank_BR, logcnt_BM
 
 
-def _count_bids_at_least(weight_BM: np.ndarray, bid_B: np.ndarray, cap: int) -> np.ndarray:
-    """#{k >= 1 : float32(w / k) >= bid} for each item: exact up to cap, at least cap beyond it, never above.
-
-    weight_BM [B, M] float32 >= 0, bid_B [B] float32 > 0 -> [B, M] int64.
-    """
-    bid_B1 = bid_B[:, None]
-    ratio_BM = weight_BM.astype(np.float64) / bid_B1.astype(np.float64)
-    # The count is floor(w / bid) or one more (float32 rounding of w / k), and the floor of the float64 ratio
-    # overshoots the true floor by at most one: so all k <= base count, and count - base is 0, 1 or 2.
-    base_BM = np.clip(np.floor(ratio_BM) - 1, 0, cap).astype(np.int64)
-    first_BM = weight_BM / (base_BM + 1).astype(np.float32) >= bid_B1
-    second_BM = first_BM & (weight_BM / (base_BM + 2).astype(np.float32) >= bid_B1)
-    return base_BM + first_BM + second_BM
-
-
-def _bits_to_float32(bits_B: np.ndarray) -> np.ndarray:
-    return bits_B.astype(np.int32).view(np.float32)
-
-
-def _dhondt_extra_counts(weight_BM: np.ndarray, num_extra: int) -> np.ndarray:
-    """The redundant replicas per item that replicate_experts' greedy ends with, in closed form.
-
-    weight_BM [B, M] float32 >= 0 -> extra_BM [B, M] int64, rows summing to num_extra. The greedy's k-th
-    redundant replica of item m bids float32(w_m / k), non-increasing in k, and the greedy always takes the
-    highest open bid, ties to the lower item: a merge of sorted lists, so it takes the num_extra highest bids
-    over all (m, k), equal bids in (m, k) order (a D'Hondt apportionment). The cut bid is found by bisection
-    on float32 bit patterns, each probe counting the bids at or above it in O(M).
-    """
-    num_rows = weight_BM.shape[0]
-    # invariant: at least num_extra bids >= float(low_B), fewer >= float(high_B); bid 0.0 counts without limit
-    # (every item's bids reach zero), and no bid passes the largest weight
-    low_B = np.zeros(num_rows, dtype=np.int64)
-    high_B = _order_key(weight_BM.max(axis=1)) + 1
-    while (open_B := high_B - low_B > 1).any():
-        mid_B = np.where(open_B, (low_B + high_B) // 2, 1)
-        enough_B = _count_bids_at_least(weight_BM, _bits_to_float32(mid_B), num_extra).sum(axis=1) >= num_extra
-        low_B = np.where(open_B & enough_B, mid_B, low_B)
-        high_B = np.where(open_B & ~enough_B, mid_B, high_B)
-    above_BM = _count_bids_at_least(weight_BM, _bits_to_float32(high_B), num_extra)
-    left_B = num_extra - above_BM.sum(axis=1)
-    # the rest go to bids equal to the cut, lowest items first; a cut of 0.0 gives them all to item 0, whose
-    # zero bids never end
-    at_cut_BM = _count_bids_at_least(weight_BM, _bits_to_float32(np.maximum(low_B, 1)), num_extra) - above_BM
-    zero_cut_B = low_B == 0
-    at_cut_BM[zero_cut_B] = 0
-    at_cut_BM[zero_cut_B, 0] = left_B[zero_cut_B]
-    before_BM = np.cumsum(at_cut_BM, axis=1) - at_cut_BM
-    return above_BM + np.clip(left_B[:, None] - before_BM, 0, at_cut_BM)
-
-
-def _replicas_in_creation_order(weight_BM: np.ndarray, extra_BM: np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                                                      np.ndarray]:
-    """replicate_experts' outputs from its final counts: the redundant replicas in the greedy's creation order.
-
-    weight_BM [B, M] float32, extra_BM [B, M] int64 (equal row sums) -> (phy2log_BR, rank_BR, logcnt_BM).
-    """
-    num_rows, num_log = weight_BM.shape
-    num_extra = int(extra_BM[0].sum())
-    extra_X = extra_BM.reshape(-1)
-    item_BN = np.repeat(np.tile(np.arange(num_log), num_rows), extra_X).reshape(num_rows, num_extra)
-    k_BN = (np.arange(num_rows * num_extra) - np.repeat(np.cumsum(extra_X) - extra_X, extra_X) + 1).reshape(
-        num_rows, num_extra)
-    bid_BN = _gather(weight_BM, item_BN) / k_BN.astype(np.float32)
-    # bids are laid out in (item, k) order, the greedy's order among equal bids
-    created_BN = _descending_order(bid_BN)
-    phy2log_BR = np.empty((num_rows, num_log + num_extra), dtype=np.int64)
-    phy2log_BR[:, :num_log] = np.arange(num_log)
-    phy2log_BR[:, num_log:] = _gather(item_BN, created_BN)
-    rank_BR = np.zeros((num_rows, num_log + num_extra), dtype=np.int64)
-    rank_BR[:, num_log:] = _gather(k_BN, created_BN)
-    return phy2log_BR, rank_BR, extra_BM + 1
-
-
 def _rebalance_hierarchical(weight_LE: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
                             num_gpus: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> phy2log_LR, phyrank_LR (replica rank in creation order), logcnt_LE."""
+    """EPLB's three steps. weight_LE [L, E] float32 -> (phy2log_LR [L, R], phyrank_LR [L, R] replica rank in
+    creation order, logcnt_LE [L, E]), int64."""
     num_layers, num_experts = weight_LE.shape
     group_size = num_experts // num_groups
     groups_per_node = num_groups // num_nodes
@@ -306,25 +139,25 @@ def _rebalance_hierarchical(weight_LE: np.ndarray, num_replicas: int, num_groups
     group_pack_LQ, group_rank_LQ = balanced_packing(group_load_LQ, num_nodes)
     group_start_LQ = (group_pack_LQ * groups_per_node + group_rank_LQ) * group_size
     log2mlog_LE = (group_start_LQ[:, :, None] + np.arange(group_size)).reshape(num_layers, num_experts)
-    mlog2log_LE = _inverse(log2mlog_LE)
+    mlog2log_LE = inverse(log2mlog_LE)
 
     # 2. replicas within each node: rows are (layer, node)
-    mlog_load_BM = _gather(weight_LE, mlog2log_LE).reshape(-1, experts_per_node)
+    mlog_load_BM = gather(weight_LE, mlog2log_LE).reshape(-1, experts_per_node)
     phy2mlog_BM, phyrank_BM, mlogcnt_BM = replicate_experts(mlog_load_BM, num_replicas // num_nodes)
 
     # 3. replicas onto the node's GPUs
     per_replica_BM = mlog_load_BM / mlogcnt_BM.astype(np.float32)
-    phy_load_BM = _gather(per_replica_BM, phy2mlog_BM)
+    phy_load_BM = gather(per_replica_BM, phy2mlog_BM)
     pack_BM, rank_in_pack_BM = balanced_packing(phy_load_BM, num_gpus // num_nodes)
-    pphy2phy_BM = _inverse(pack_BM * slots_per_gpu + rank_in_pack_BM)
+    pphy2phy_BM = inverse(pack_BM * slots_per_gpu + rank_in_pack_BM)
 
-    pphy2mlog_BM = _gather(phy2mlog_BM, pphy2phy_BM)
+    pphy2mlog_BM = gather(phy2mlog_BM, pphy2phy_BM)
     node_offset_N = np.arange(num_nodes, dtype=np.int64) * experts_per_node
     pphy2mlog_LR = (pphy2mlog_BM.reshape(num_layers, num_nodes, -1) + node_offset_N[None, :, None]).reshape(
         num_layers, num_replicas)
-    phy2log_LR = _gather(mlog2log_LE, pphy2mlog_LR)
-    phyrank_LR = _gather(phyrank_BM, pphy2phy_BM).reshape(num_layers, num_replicas)
-    logcnt_LE = _gather(mlogcnt_BM.reshape(num_layers, num_experts), log2mlog_LE)
+    phy2log_LR = gather(mlog2log_LE, pphy2mlog_LR)
+    phyrank_LR = gather(phyrank_BM, pphy2phy_BM).reshape(num_layers, num_replicas)
+    logcnt_LE = gather(mlogcnt_BM.reshape(num_layers, num_experts), log2mlog_LE)
     return phy2log_LR, phyrank_LR, logcnt_LE
 
 
@@ -333,8 +166,7 @@ def check_eplb_shape(num_experts: int, num_replicas: int, num_groups: int, num_n
     """Raise ValueError naming the value when EPLB cannot run with these sizes."""
     for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes),
                         ("num_gpus", num_gpus)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"EPLB: {name} must be a positive integer, got {value!r}")
+        check_positive_int(value, f"EPLB: {name}")
     if num_replicas < num_experts:
         raise ValueError(f"EPLB: {num_replicas} replicas cannot hold {num_experts} experts")
     if num_gpus % num_nodes:
@@ -400,9 +232,7 @@ class EplbPolicy(Policy):
     hierarchical: bool | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, (int, np.integer)) \
-                or self.num_groups < 1:
-            raise ValueError(f"eplb: num_groups must be a positive integer, got {self.num_groups!r}")
+        check_positive_int(self.num_groups, "eplb: num_groups")
         if self.hierarchical not in (None, True, False):
             raise ValueError(f"eplb: hierarchical must be true, false or None, got {self.hierarchical!r}")
 

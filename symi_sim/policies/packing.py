@@ -67,66 +67,6 @@ def pack_rounds(item_LR: np.ndarray, slots_per_gpu: int, expert_LR: np.ndarray |
     return slot_LR
 
 
-def refine_swaps(item_LR: np.ndarray, slot_LR: np.ndarray, slots_per_gpu: int, *, num_passes: int,
-                 expert_LR: np.ndarray | None = None, tier: bool = True) -> np.ndarray:
-    """Local search after the packing: passes of pairwise swaps between heavy and light GPUs.
-
-    Each pass ranks the GPUs by load and pairs the i-th heaviest with the i-th lightest (i < G // 2). In every
-    pair (heavy h, light l) it takes the swap of an item a on h with a lighter item b on l, d = w_a - w_b > 0,
-    that minimises max(load_h - d, load_l + d), if that is below load_h (ties: the lower rank of a, then of b).
-    Pairs are disjoint and each pair's maximum only falls, so no pass raises the maximum GPU load, and the
-    heaviest GPU's pair falls whenever some swap with the lightest can lower it; a pass that takes no swap ends
-    the search. `tier` swaps only items of one round (slot rank): every GPU keeps one item per weight tier, and
-    since the next step's load errors grow with the item weights, that mix keeps the GPUs' exposure to them
-    alike (unrestricted swaps fit the predicted loads closer and hedge less). With `expert_LR` (replicas of one
-    expert having equal weights, as in pack_rounds) a swap never puts a replica on a GPU that already holds its
-    expert.
-    item_LR [L, R] weights, slot_LR [L, R] slot of each item, expert_LR [L, R] -> slot_LR [L, R] after the swaps.
-    """
-    num_layers, num_slots = slot_LR.shape
-    num_gpus = num_slots // slots_per_gpu
-    num_pairs = num_gpus // 2
-    rows_L1 = np.arange(num_layers)[:, None]
-    item_at_LGS = np.empty_like(slot_LR)
-    item_at_LGS[rows_L1, slot_LR] = np.arange(num_slots)
-    item_at_LGS = item_at_LGS.reshape(num_layers, num_gpus, slots_per_gpu)
-    weight_LGS = item_LR[rows_L1[:, :, None], item_at_LGS]
-    expert_LGS = None if expert_LR is None else expert_LR[rows_L1[:, :, None], item_at_LGS]
-    allowed_SS = np.eye(slots_per_gpu, dtype=bool) if tier else np.ones((slots_per_gpu, slots_per_gpu), dtype=bool)
-    for _ in range(num_passes if num_pairs else 0):
-        gpu_load_LG = weight_LGS.sum(axis=2)
-        by_load_LG = np.argsort(gpu_load_LG, axis=1, kind="stable")
-        light_LP = by_load_LG[:, :num_pairs]
-        heavy_LP = by_load_LG[:, :-num_pairs - 1:-1]
-        heavy_load_LP = gpu_load_LG[rows_L1, heavy_LP]
-        diff_LPSS = weight_LGS[rows_L1, heavy_LP][:, :, :, None] - weight_LGS[rows_L1, light_LP][:, :, None, :]
-        pair_max_LPSS = np.maximum(heavy_load_LP[:, :, None, None] - diff_LPSS,
-                                   gpu_load_LG[rows_L1, light_LP][:, :, None, None] + diff_LPSS)
-        ok_LPSS = (diff_LPSS > 0) & allowed_SS
-        if expert_LGS is not None:
-            heavy_expert_LPS = expert_LGS[rows_L1, heavy_LP]
-            light_expert_LPS = expert_LGS[rows_L1, light_LP]
-            same_LPSS = heavy_expert_LPS[:, :, :, None] == light_expert_LPS[:, :, None, :]
-            # d > 0 means a and b hold different experts, so "elsewhere on the GPU" is "anywhere on it"
-            ok_LPSS &= ~same_LPSS.any(axis=3, keepdims=True) & ~same_LPSS.any(axis=2, keepdims=True)
-        pair_max_LPX = np.where(ok_LPSS, pair_max_LPSS, np.inf).reshape(num_layers, num_pairs, -1)
-        best_LP = np.argmin(pair_max_LPX, axis=2)
-        # a relative margin so that rounding in the sums cannot make swaps cycle
-        improves_LP = np.take_along_axis(pair_max_LPX, best_LP[:, :, None], axis=2)[:, :, 0] < heavy_load_LP * (
-            1.0 - 1e-12)
-        if not improves_LP.any():
-            break
-        layer_X, pair_X = np.nonzero(improves_LP)
-        rank_a_X, rank_b_X = np.divmod(best_LP[layer_X, pair_X], slots_per_gpu)
-        at_a = (layer_X, heavy_LP[layer_X, pair_X], rank_a_X)
-        at_b = (layer_X, light_LP[layer_X, pair_X], rank_b_X)
-        for array_LGS in (item_at_LGS, weight_LGS) if expert_LGS is None else (item_at_LGS, weight_LGS, expert_LGS):
-            array_LGS[at_a], array_LGS[at_b] = array_LGS[at_b], array_LGS[at_a]
-    refined_LR = np.empty_like(slot_LR)
-    refined_LR[rows_L1, item_at_LGS.reshape(num_layers, num_slots)] = np.arange(num_slots)
-    return refined_LR
-
-
 def balance_shares(phy2log_LR: np.ndarray, load_LE: np.ndarray, slots_per_gpu: int, num_iters: int) -> np.ndarray:
     """Uneven token shares that even out GPU loads, by projected diffusion from the even split.
 
