@@ -86,7 +86,7 @@ def test_simulate_run_all_figures_without_overwriting(runs):
     after = _files(sim)
     assert {name: after[name] for name in before} == before
     assert sorted(set(after) - set(before)) == ["cdf.png", "comparison-2.png", "timeline.png"]
-    assert _png_size(sim / "comparison-2.png") == (1100, 495)  # comparison_figure's 10 x 4.5 in at 110 dpi
+    assert _png_size(sim / "comparison-2.png") == (1100, 495)  # the comparison figure's 10 x 4.5 in at 110 dpi
     assert _png_size(sim / "cdf.png") == (1100, 440)
     assert _png_size(sim / "timeline.png") == (990, 440)
 

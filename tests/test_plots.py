@@ -1,10 +1,18 @@
+import inspect
+import json
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgba
 
-from symi_sim.figures import plots
+from symi_sim.figures import policy_figures, registry, training_figures
+from symi_sim.figures.colours import policy_colour
+from symi_sim.figures.registry import save_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -41,14 +49,14 @@ def _replay_table() -> pd.DataFrame:
 
 def test_phase_columns_and_names():
     table = _comparison_table()
-    assert plots.phase_columns(table) == ["phase_dispatch_s", "phase_expert_compute_s", "phase_grad_sync_s"]
-    assert plots.phase_name("phase_grad_sync_s") == "grad sync"
-    assert plots.phase_columns(pd.DataFrame(columns=["phase__s", "phase_x", "x_s"])) == []
+    assert policy_figures.phase_columns(table) == ["phase_dispatch_s", "phase_expert_compute_s", "phase_grad_sync_s"]
+    assert policy_figures.phase_name("phase_grad_sync_s") == "grad sync"
+    assert policy_figures.phase_columns(pd.DataFrame(columns=["phase__s", "phase_x", "x_s"])) == []
 
 
 def test_comparison_figure(tmp_path):
     table = _comparison_table()
-    fig = plots._build_comparison(table)
+    fig = policy_figures.draw_comparison(table)
     ax_target, ax_phase = fig.axes
     assert len(fig.axes) == 2
     # speed-ups vs static: 300/300, 300/240, 300/200
@@ -69,14 +77,14 @@ def test_comparison_figure(tmp_path):
     assert [label.get_text() for label in ax_phase.get_xticklabels()] == ["static", "symi", "symi-balanced"]
 
     path = tmp_path / "out" / "comparison.png"
-    plots.comparison_figure(table, path)
+    save_figure("comparison", table, path)
     assert _png_size(path) == (1100, 495)  # 10 x 4.5 in at 110 dpi
     assert list(path.parent.iterdir()) == [path]  # no temporary left behind
 
 
 def test_comparison_without_static_labels_seconds():
     table = _comparison_table().iloc[1:]
-    ax_target = plots._build_comparison(table).axes[0]
+    ax_target = policy_figures.draw_comparison(table).axes[0]
     assert [text.get_text() for text in ax_target.texts] == ["240 s", "200 s"]
     assert "speed-up" not in ax_target.get_title()
 
@@ -86,7 +94,7 @@ def test_comparison_without_static_labels_seconds():
     [
         (lambda t: t.drop(columns="mean_time_s"), "missing column"),
         (lambda t: t.iloc[:0], "empty"),
-        (lambda t: t.drop(columns=plots.phase_columns(t)), "phase_"),
+        (lambda t: t.drop(columns=policy_figures.phase_columns(t)), "phase_"),
         (lambda t: t.assign(policy=["static", "symi", "symi"]), "repeated"),
         (lambda t: t.assign(time_to_target_s=[300.0, np.nan, 200.0]), "'symi' has nan"),
         (lambda t: t.assign(phase_dispatch_s=[0.1, -0.1, 0.1]), "phase_dispatch_s"),
@@ -96,20 +104,20 @@ def test_comparison_without_static_labels_seconds():
 def test_comparison_bad_input_writes_nothing(tmp_path, mutate, match):
     path = tmp_path / "comparison.png"
     with pytest.raises(ValueError, match=match):
-        plots.comparison_figure(mutate(_comparison_table()), path)
+        save_figure("comparison", mutate(_comparison_table()), path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_comparison_rejects_non_png_path_and_non_table(tmp_path):
     with pytest.raises(ValueError, match=r"\.png"):
-        plots.comparison_figure(_comparison_table(), tmp_path / "figure.pdf")
+        save_figure("comparison", _comparison_table(), tmp_path / "figure.pdf")
     with pytest.raises(ValueError, match="DataFrame"):
-        plots.comparison_figure({"policy": ["static"]}, tmp_path / "figure.png")
+        save_figure("comparison", {"policy": ["static"]}, tmp_path / "figure.png")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_replay_figure(tmp_path):
-    fig = plots._build_replay(_replay_table())
+    fig = policy_figures.draw_replay(_replay_table())
     ax_imbalance, ax_dropped = fig.axes
     assert len(fig.axes) == 2
     assert [patch.get_height() for patch in ax_imbalance.patches] == [1.0, 2.3, 1.2]
@@ -119,7 +127,7 @@ def test_replay_figure(tmp_path):
         "static\n(plan 0.01 ms)", "symi\n(plan 0.4 ms)", "eplb\n(plan 30 ms)"]
     assert "max / mean" in ax_imbalance.get_ylabel()
     path = tmp_path / "replay.png"
-    plots.replay_figure(_replay_table(), path)
+    save_figure("replay", _replay_table(), path)
     assert _png_size(path) == (990, 440)  # 9 x 4 in at 110 dpi
 
 
@@ -133,13 +141,13 @@ def test_replay_figure(tmp_path):
 )
 def test_replay_bad_input_writes_nothing(tmp_path, mutate, match):
     with pytest.raises(ValueError, match=match):
-        plots.replay_figure(mutate(_replay_table()), tmp_path / "replay.png")
+        save_figure("replay", mutate(_replay_table()), tmp_path / "replay.png")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_expert_share():
     counts_SLE = np.array([[[1, 3], [0, 0]], [[2, 2], [5, 0]]])
-    np.testing.assert_allclose(plots.expert_share_SLE(counts_SLE.astype(float)),
+    np.testing.assert_allclose(training_figures.expert_share_SLE(counts_SLE.astype(float)),
                                [[[0.25, 0.75], [0.0, 0.0]], [[0.5, 0.5], [1.0, 0.0]]])
 
 
@@ -148,7 +156,7 @@ def test_load_heatmap(tmp_path):
     counts_SLE[:, :, 0] = 1.0
     counts_SLE[:, :, 2] = 3.0
     counts_SLE[4, 5] = [0.0, 8.0, 0.0]
-    fig = plots._build_heatmap(counts_SLE, [0, 5])
+    fig = training_figures.draw_heatmap(counts_SLE, layers=[0, 5])
     assert len(fig.axes) == 3  # two layer panels + the colour bar
     ax_first, ax_last = fig.axes[:2]
     assert [ax_first.get_title(), ax_last.get_title()] == ["layer 0", "layer 5"]
@@ -159,10 +167,10 @@ def test_load_heatmap(tmp_path):
     assert ax_last.get_xlabel() == "training step"
 
     path = tmp_path / "heat.png"
-    plots.load_heatmap(counts_SLE, path, layers=[0, 5])
+    save_figure("heatmap", counts_SLE, path, layers=[0, 5])
     assert _png_size(path) == (880, 550)  # 8 x (1.2 + 2 * 1.9) in at 110 dpi
     # default layers: up to 4 spread over the depth, first and last included: linspace(0, 5, 4) rounded
-    default = plots._build_heatmap(*plots._check_counts(counts_SLE, None))
+    default = training_figures.draw_heatmap(training_figures.check_heatmap(counts_SLE))
     assert [ax.get_title() for ax in default.axes[:-1]] == ["layer 0", "layer 2", "layer 3", "layer 5"]
 
 
@@ -181,7 +189,7 @@ def test_load_heatmap(tmp_path):
 )
 def test_load_heatmap_bad_input_writes_nothing(tmp_path, counts, layers, match):
     with pytest.raises(ValueError, match=match):
-        plots.load_heatmap(counts, tmp_path / "heat.png", layers=layers)
+        save_figure("heatmap", counts, tmp_path / "heat.png", layers=layers)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -197,13 +205,13 @@ def _steps_table() -> pd.DataFrame:
 
 
 def test_ecdf():
-    x, y = plots.ecdf(np.array([3.0, 1.0, 2.0, 2.0]))
+    x, y = policy_figures.ecdf(np.array([3.0, 1.0, 2.0, 2.0]))
     np.testing.assert_allclose(x, [1.0, 2.0, 2.0, 3.0])
     np.testing.assert_allclose(y, [0.25, 0.5, 0.75, 1.0])
 
 
 def test_cdf_figure(tmp_path):
-    fig = plots._build_cdf(_steps_table())
+    fig = policy_figures.draw_cdf(_steps_table())
     ax_imbalance, ax_dropped = fig.axes
     assert [line.get_label() for line in ax_imbalance.get_lines() if not line.get_label().startswith("_")] == [
         "a", "b"]
@@ -218,19 +226,19 @@ def test_cdf_figure(tmp_path):
     assert ax_imbalance.get_ylabel() == "fraction of iterations (CDF)"
     assert [text.get_text() for text in ax_dropped.get_legend().get_texts()] == ["a", "b"]
     path = tmp_path / "cdf.png"
-    plots.cdf_figure(_steps_table(), path)
+    save_figure("cdf", _steps_table(), path)
     assert _png_size(path) == (1100, 440)
 
 
 def test_timeline_figure(tmp_path):
-    ax = plots._build_timeline(_steps_table()).axes[0]
+    ax = policy_figures.draw_timeline(_steps_table()).axes[0]
     line_a, line_b = ax.get_lines()
     assert (line_a.get_label(), line_b.get_label()) == ("a", "b")
     np.testing.assert_allclose(line_b.get_xdata(), [1, 2, 3])
     np.testing.assert_allclose(line_b.get_ydata(), [0.8, 1.0, 0.9])
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("training step", "iteration time (s)")
     path = tmp_path / "timeline.png"
-    plots.timeline_figure(_steps_table(), path)
+    save_figure("timeline", _steps_table(), path)
     assert _png_size(path) == (990, 440)
 
 
@@ -240,7 +248,7 @@ def _metrics_table() -> pd.DataFrame:
 
 
 def test_loss_figure(tmp_path):
-    fig = plots._build_loss(_metrics_table(), "policy symi")
+    fig = training_figures.draw_loss(_metrics_table(), label="policy symi")
     ax_wall, ax_step = fig.axes
     # sorted by step: step_s 0.5, 0.25, 1.0 -> wall time at the end of each step 0.5, 0.75, 1.75
     np.testing.assert_allclose(ax_wall.get_lines()[0].get_xdata(), [0.5, 0.75, 1.75])
@@ -251,68 +259,68 @@ def test_loss_figure(tmp_path):
     assert "loss" in ax_wall.get_ylabel()
     assert fig.get_suptitle() == "Training loss (policy symi)"
     path = tmp_path / "loss.png"
-    plots.loss_figure(_metrics_table(), path)
+    save_figure("loss", _metrics_table(), path)
     assert _png_size(path) == (1100, 440)
 
 
 def test_dropped_figure(tmp_path):
-    ax = plots._build_dropped(_metrics_table()).axes[0]
+    ax = training_figures.draw_dropped(_metrics_table()).axes[0]
     per_step, mean = ax.get_lines()
     np.testing.assert_allclose(per_step.get_ydata(), [10.0, 20.0, 30.0])
     np.testing.assert_allclose(mean.get_ydata(), [20.0, 20.0])
     assert [text.get_text() for text in ax.get_legend().get_texts()] == ["per step", "mean 20.00%"]
     assert ax.get_ylabel() == "dropped tokens (% of assignments)"
     path = tmp_path / "dropped.png"
-    plots.dropped_figure(_metrics_table(), path)
+    save_figure("dropped", _metrics_table(), path)
     assert _png_size(path) == (990, 440)
 
 
 @pytest.mark.parametrize(
     "figure,table,match",
     [
-        (plots.cdf_figure, _steps_table().drop(columns="imbalance"), "missing column"),
-        (plots.cdf_figure, _steps_table().iloc[:0], "empty"),
-        (plots.cdf_figure, _steps_table().assign(dropped_fraction=[0, 0, 0, 0, 0, 1.5]), r"in \[0, 1\]; policy 'b'"),
-        (plots.cdf_figure, _steps_table().assign(step=[1, 2, 3, 3, 1, 1]), "policy 'b', step 1"),
-        (plots.timeline_figure, _steps_table().assign(step=[1, 2, 3.5, 3, 1, 2]), "whole numbers"),
-        (plots.timeline_figure, _steps_table().assign(time_s=[1, 1, 1, 1, 1, -1]), "row 6 has -1"),
-        (plots.loss_figure, _metrics_table().assign(loss=[1.0, np.inf, 1.0]), "'loss' must hold finite numbers"),
-        (plots.loss_figure, _metrics_table().assign(step=[0, 0, 1]), "more than one row for step 0"),
-        (plots.dropped_figure, _metrics_table().drop(columns="dropped_fraction"), "missing column"),
-        (plots.dropped_figure, [1, 2], "DataFrame"),
+        ("cdf", _steps_table().drop(columns="imbalance"), "missing column"),
+        ("cdf", _steps_table().iloc[:0], "empty"),
+        ("cdf", _steps_table().assign(dropped_fraction=[0, 0, 0, 0, 0, 1.5]), r"in \[0, 1\]; policy 'b'"),
+        ("cdf", _steps_table().assign(step=[1, 2, 3, 3, 1, 1]), "policy 'b', step 1"),
+        ("timeline", _steps_table().assign(step=[1, 2, 3.5, 3, 1, 2]), "whole numbers"),
+        ("timeline", _steps_table().assign(time_s=[1, 1, 1, 1, 1, -1]), "row 6 has -1"),
+        ("loss", _metrics_table().assign(loss=[1.0, np.inf, 1.0]), "'loss' must hold finite numbers"),
+        ("loss", _metrics_table().assign(step=[0, 0, 1]), "more than one row for step 0"),
+        ("dropped", _metrics_table().drop(columns="dropped_fraction"), "missing column"),
+        ("dropped", [1, 2], "DataFrame"),
     ],
 )
 def test_step_figures_bad_input_writes_nothing(tmp_path, figure, table, match):
     with pytest.raises(ValueError, match=match):
-        figure(table, tmp_path / "figure.png")
+        save_figure(figure, table, tmp_path / "figure.png")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_loss_accepts_negative_loss_but_not_negative_time():
-    plots._checked_loss(_metrics_table().assign(loss=[-1.0, 0.0, 1.0]))
+    training_figures.check_loss(_metrics_table().assign(loss=[-1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="'step_s' must hold finite numbers >= 0"):
-        plots._checked_loss(_metrics_table().assign(step_s=[0.1, -0.1, 0.1]))
+        training_figures.check_loss(_metrics_table().assign(step_s=[0.1, -0.1, 0.1]))
 
 
 def test_detect_run(tmp_path):
-    for kind, marker in plots.RUN_MARKERS.items():
+    for kind, marker in registry.RUN_MARKERS.items():
         (tmp_path / kind).mkdir()
         (tmp_path / kind / marker).write_text("x")
-        assert plots.detect_run(tmp_path / kind) == kind
+        assert registry.detect_run(tmp_path / kind) == kind
     (tmp_path / "x.CSV").write_text("x")
-    assert plots.detect_run(tmp_path / "x.CSV") == "trace"
-    assert plots.run_figure_kinds(tmp_path / "train") == ("train", ["loss", "dropped"])
+    assert registry.detect_run(tmp_path / "x.CSV") == "trace"
+    assert registry.run_figure_kinds(tmp_path / "train") == ("train", ["loss", "dropped"])
     (tmp_path / "train" / "trace.parquet").write_text("x")
-    assert plots.run_figure_kinds(tmp_path / "train") == ("train", ["loss", "heatmap", "dropped"])
+    assert registry.run_figure_kinds(tmp_path / "train") == ("train", ["loss", "heatmap", "dropped"])
     with pytest.raises(ValueError, match="not a symi run directory"):
-        plots.detect_run(tmp_path)
+        registry.detect_run(tmp_path)
 
 
 def test_free_png(tmp_path):
-    assert plots._free_png(tmp_path, "cdf", set()) == tmp_path / "cdf.png"
+    assert registry._free_png(tmp_path, "cdf", set()) == tmp_path / "cdf.png"
     (tmp_path / "cdf.png").write_bytes(b"")
     (tmp_path / "cdf-2.png").write_bytes(b"")
-    assert plots._free_png(tmp_path, "cdf", {tmp_path / "cdf-3.png"}) == tmp_path / "cdf-4.png"
+    assert registry._free_png(tmp_path, "cdf", {tmp_path / "cdf-3.png"}) == tmp_path / "cdf-4.png"
 
 
 def test_plot_run_removes_its_figures_when_a_later_write_fails(tmp_path, monkeypatch):
@@ -320,7 +328,7 @@ def test_plot_run_removes_its_figures_when_a_later_write_fails(tmp_path, monkeyp
     run.mkdir()
     _metrics_table().to_csv(run / "metrics.csv", index=False)
     saved = []
-    real_save = plots._save
+    real_save = registry._save
 
     def failing_save(fig, path):
         if saved:
@@ -328,8 +336,69 @@ def test_plot_run_removes_its_figures_when_a_later_write_fails(tmp_path, monkeyp
         real_save(fig, path)
         saved.append(path)
 
-    monkeypatch.setattr(plots, "_save", failing_save)
+    monkeypatch.setattr(registry, "_save", failing_save)
     with pytest.raises(ValueError, match=f"cannot write '{run / 'dropped.png'}': disk full"):
-        plots.plot_run(run)
+        registry.plot_run(run)
     assert saved == [run / "loss.png"]  # it was written, then removed
     assert sorted(p.name for p in run.iterdir()) == ["metrics.csv"]
+
+
+# ---------------------------------------------------------------- one colour per policy, one registry of figures
+
+
+def test_a_policy_has_the_same_colour_in_every_figure():
+    policies = ["static", "symi", "symi-balanced"]
+    steps = _steps_table().assign(policy=[policies[0]] * 2 + [policies[1]] * 2 + [policies[2]] * 2,
+                                  step=[1, 2, 1, 2, 1, 2])
+    expected = [to_rgba(policy_colour(policy)) for policy in policies]
+    assert len(set(expected)) == 3
+    comparison_target = policy_figures.draw_comparison(_comparison_table()).axes[0]
+    assert [patch.get_facecolor() for patch in comparison_target.patches] == expected
+    for ax in policy_figures.draw_cdf(steps).axes:
+        assert [to_rgba(line.get_color()) for line in ax.get_lines() if line.get_label() in policies] == expected
+    timeline = policy_figures.draw_timeline(steps).axes[0]
+    assert [to_rgba(line.get_color()) for line in timeline.get_lines()] == expected
+    # the same policies in another order keep their colours
+    replay = _replay_table().assign(policy=policies[::-1])
+    for ax in policy_figures.draw_replay(replay).axes:
+        assert [patch.get_facecolor() for patch in ax.patches] == expected[::-1]
+
+
+def test_every_figure_applies_to_a_run_kind_whose_marker_is_known():
+    assert set(registry.RUN_KIND_NAMES) == {*registry.RUN_MARKERS, registry.TRACE}
+    for name, spec in registry.FIGURES.items():
+        assert spec.name == name
+        assert spec.sources, f"figure {name!r} applies to no run kind"
+        assert set(spec.sources) <= set(registry.RUN_KIND_NAMES), name
+        assert set(spec.optional) <= set(spec.sources), name
+        for deferred in (spec.read, spec.check, spec.draw):
+            assert callable(deferred.resolve()), (name, deferred)
+        keyword_only = {parameter.name for parameter in inspect.signature(spec.draw.resolve()).parameters.values()
+                        if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert set(spec.options) == keyword_only, name
+    for run_kind, marker in registry.RUN_MARKERS.items():
+        assert marker in {registry.FIGURES[name].sources[run_kind] for name in registry.figure_names(run_kind)}
+    # the drawing order of each kind of run (plot_run's output order)
+    assert {kind: registry.figure_names(kind) for kind in registry.RUN_KIND_NAMES} == {
+        "simulate": ["comparison", "cdf", "timeline"], "replay": ["replay", "cdf"],
+        "train": ["loss", "heatmap", "dropped"], "trace": ["heatmap"]}
+
+
+def test_help_text_from_the_registry_without_matplotlib_or_pandas():
+    probe = ("import json, sys; from symi_sim.figures import registry; text = registry.plot_kinds_help(); "
+             "print(json.dumps([text, sorted(m for m in ('matplotlib', 'pandas', 'numpy') if m in sys.modules)]))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    text, heavy = json.loads(result.stdout)
+    assert heavy == []
+    assert text == ("simulate runs: comparison, cdf, timeline; plan --replay runs: replay, cdf; train runs: loss, "
+                    "heatmap (needs trace.parquet), dropped; a trace file: heatmap")
+
+
+def test_save_figure_refuses_unknown_figures_and_options(tmp_path):
+    with pytest.raises(ValueError, match="unknown figure kind 'pie'; choices: comparison, replay"):
+        save_figure("pie", _replay_table(), tmp_path / "pie.png")
+    with pytest.raises(TypeError, match=r"takes no option\(s\) \['label'\]"):
+        save_figure("replay", _replay_table(), tmp_path / "replay.png", label="x")
+    assert save_figure("loss", _metrics_table(), tmp_path / "loss.png", label="policy x") == tmp_path / "loss.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
