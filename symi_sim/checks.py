@@ -22,9 +22,13 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    """A finite real number (int or float, Python or numpy), not a bool."""
-    return (isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
-            and math.isfinite(value))
+    """A finite real number (int or float, Python or numpy), not a bool; an int too large for a float is not."""
+    if not isinstance(value, int | float | np.integer | np.floating) or isinstance(value, bool | np.bool_):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_int(value: Any, what: str, *, minimum: int | None = None, maximum: int | None = None,

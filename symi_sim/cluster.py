@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from symi_sim.checks import check_number, check_positive_int
 from symi_sim.config_files import load_preset_or_file
 
 BYTES_PER_GBPS = 1.25e8  # 1 Gb/s = 1e9 bit/s = 1.25e8 bytes/s: every link's bandwidth is in Gb/s
@@ -44,20 +45,13 @@ class Cluster:
     gpu_memory_bytes: float = 80e9
 
     def __post_init__(self) -> None:
+        where = f"cluster {self.name!r}"
         for field in ("num_nodes", "gpus_per_node", "slots_per_gpu", "nics_per_node"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"cluster {self.name!r}: {field} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, field), f"{where}: {field}")
         for field in ("nic_gbps", "intra_node_gbps", "pcie_gbps", "gpu_peak_flops", "gpu_memory_bytes"):
-            value = getattr(self, field)
-            if not _is_finite_number(value) or value <= 0:
-                raise ValueError(f"cluster {self.name!r}: {field} must be a positive number, got {value!r}")
-        if not _is_finite_number(self.link_latency_s) or self.link_latency_s < 0:
-            raise ValueError(f"cluster {self.name!r}: link_latency_s must be >= 0, got {self.link_latency_s!r}")
-        if not _is_finite_number(self.compute_efficiency) or not 0 < self.compute_efficiency <= 1:
-            raise ValueError(
-                f"cluster {self.name!r}: compute_efficiency must be in (0, 1], got {self.compute_efficiency!r}"
-            )
+            check_number(getattr(self, field), f"{where}: {field}", low=0, low_open=True)
+        check_number(self.link_latency_s, f"{where}: link_latency_s", low=0)
+        check_number(self.compute_efficiency, f"{where}: compute_efficiency", low=0, high=1, low_open=True)
 
     @property
     def num_gpus(self) -> int:
@@ -95,12 +89,6 @@ class Cluster:
                 f"but cluster {self.name!r} has {self.num_gpus} GPUs x {self.slots_per_gpu} slots = "
                 f"{self.num_slots} slots"
             )
-
-
-def _is_finite_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return value == value and abs(value) != float("inf")
 
 
 PRESETS: dict[str, Cluster] = {

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from symi_sim.checks import check_non_negative_int, check_positive_int
 from symi_sim.config_files import load_preset_or_file
 
 logger = logging.getLogger(__name__)
@@ -76,13 +77,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), f"model {self.name!r}: {name}")
         for name in _NON_NEGATIVE_INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"model {self.name!r}: {name} must be an integer >= 0, got {value!r}")
+            check_non_negative_int(getattr(self, name), f"model {self.name!r}: {name}")
         for name in ("tied_embeddings", "learned_positions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model {self.name!r}: {name} must be true or false, got {getattr(self, name)!r}")

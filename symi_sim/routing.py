@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from symi_sim.checks import check_choice, check_number
 from symi_sim.placement import Placement
 
 CAPACITY_MODES = ("slot", "gpu")
@@ -99,10 +100,8 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     load_LE: [L, E] tokens routed to each expert (integers >= 0); capacity_factor None means dropless.
     num_assignments_L: [L] k x tokens, the capacity reference (default: load_LE.sum(1)).
     """
-    if capacity_mode not in CAPACITY_MODES:
-        raise ValueError(f"unknown capacity mode {capacity_mode!r}; choices: {', '.join(CAPACITY_MODES)}")
-    if capacity_factor is not None and not 0 < capacity_factor < float("inf"):
-        raise ValueError(f"capacity factor must be a finite number > 0 (None for dropless), got {capacity_factor!r}")
+    check_choice(capacity_mode, "capacity mode", CAPACITY_MODES)
+    check_number(capacity_factor, "capacity factor", low=0, low_open=True, optional=True)
     load_LE = np.asarray(load_LE)
     if load_LE.shape != (placement.num_layers, placement.num_experts):
         raise ValueError(

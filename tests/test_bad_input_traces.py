@@ -226,8 +226,8 @@ def test_csv_fixed_bad_files(tmp_path, body, expected):
 
 def test_overridden_top_k_or_tokens_per_step_is_named(tmp_path):
     path = _write_rows(tmp_path / "t.csv", [[0, 0, 0, 5]])
-    assert "tokens_per_step must be positive, got -1" in _read_error(path, tokens_per_step=-1)
-    assert "tokens_per_step must be positive, got 0" in _read_error(path, tokens_per_step=0)
+    assert "tokens_per_step must be a positive integer, got -1" in _read_error(path, tokens_per_step=-1)
+    assert "tokens_per_step must be a positive integer, got 0" in _read_error(path, tokens_per_step=0)
     assert "top_k must be a positive integer, got 0" in _read_error(path, top_k=0, tokens_per_step=5)
     assert "top_k 2 exceeds the number of experts 1" in _read_error(path, top_k=2)
 

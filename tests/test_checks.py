@@ -21,6 +21,7 @@ def test_is_int_and_is_number():
         True, True, False, False, False, False, False]
     assert [is_number(v) for v in (3, 2.5, np.float32(0.5), np.int64(-1), True, math.nan, math.inf, "1", None)] == [
         True, True, True, True, False, False, False, False, False]
+    assert not is_number(10**400)
 
 
 def test_int_checks_return_python_ints():

@@ -106,7 +106,8 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path):
                                "top1"), "do not apply to format 'csv'")
     _assert_clean_failure(_run("trace", "convert", bad, out_dir / "x.parquet", "--from", "json"), "--from")
     _assert_clean_failure(_run("trace", "synth", "--experts", "4", "--layers", "1", "--steps", "3", "--skew", "1",
-                               "--drift", "2", "--seed", "0", out_dir / "s.parquet"), "drift must be in [0, 1]")
+                               "--drift", "2", "--seed", "0", out_dir / "s.parquet"),
+                          "drift must be a number in [0, 1]")
     _assert_clean_failure(_run("trace", "synth", "--experts", "4", "--layers", "1", "--steps", "3", "--skew", "1",
                                "--drift", "0.1", "--seed", "0", out_dir / "s.csv"), "must end in .parquet")
     _assert_clean_failure(_run("trace", "synth", "--experts", "4", out_dir / "s.parquet"), "--layers")

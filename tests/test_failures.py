@@ -212,7 +212,7 @@ def test_cli_injected_failures_add_sampled_columns(tmp_path, trace_path):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--mtbf-hours", "-1"], "mtbf hours must be a finite number > 0"),
-    (["--mtbf-hours", "1", "--checkpoint", "full-0"], "interval must be >= 1"),
+    (["--mtbf-hours", "1", "--checkpoint", "full-0"], "the interval must be a positive integer, got 0"),
     (["--mtbf-hours", "1", "--checkpoint", "hourly"], "unknown checkpoint mode"),
     (["--checkpoint", "full-10"], "needs --mtbf-hours"),
     (["--mtbf-hours", "1", "--gpu-mtbf-hours", "1"], "exactly one"),

@@ -154,7 +154,7 @@ def test_errors() -> None:
     p = _even([0, 0, 0, 1], 2)
     with pytest.raises(ValueError, match="unknown capacity mode 'node'; choices: slot, gpu"):
         route(np.array([[1, 1]]), p, slots_per_gpu=2, capacity_mode="node")
-    with pytest.raises(ValueError, match="capacity factor must be a finite number > 0 .None for dropless., got 0"):
+    with pytest.raises(ValueError, match="capacity factor must be a finite number > 0 or None, got 0"):
         route(np.array([[1, 1]]), p, slots_per_gpu=2, capacity_factor=0)
     with pytest.raises(ValueError, match=r"load shape \(1, 3\) does not match .* \(1, 2\)"):
         route(np.array([[1, 1, 1]]), p, slots_per_gpu=2)

@@ -206,7 +206,7 @@ def test_load_trace_validation():
         LoadTrace(np.array([[[-1, 2]]]))
     with pytest.raises(ValueError, match="sum to the expert counts"):
         LoadTrace(np.array([[[1, 2]]]), src_counts_SLEG=np.array([[[[1, 0], [1, 0]]]]))
-    with pytest.raises(ValueError, match="tokens_per_step must be positive"):
+    with pytest.raises(ValueError, match="tokens_per_step must be a positive integer"):
         LoadTrace(np.array([[[1, 2]]]), tokens_per_step=0)
     with pytest.raises(ValueError, match="step 0 layer 0 expert 1 receives 3 assignments, more than the 2 tokens"):
         LoadTrace(np.array([[[1, 3]]]), top_k=2, tokens_per_step=2)

@@ -99,10 +99,10 @@ def test_bursts_multiply_an_expert_for_a_few_steps():
         ({"num_experts": 0}, "num_experts must be a positive integer"),
         ({"top_k": 9}, "top_k 9 exceeds the number of experts 8"),
         ({"skew": -1.0}, "skew must be a finite number >= 0"),
-        ({"drift": 1.5}, r"drift must be in \[0, 1\]"),
-        ({"burst_prob": 2.0}, r"burst probability must be in \[0, 1\]"),
+        ({"drift": 1.5}, r"drift must be a number in \[0, 1\]"),
+        ({"burst_prob": 2.0}, r"burst probability must be a number in \[0, 1\]"),
         ({"burst_scale": 0.0}, "burst scale must be a finite number > 0"),
-        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
     ],
 )
 def test_bad_parameters(change, expected):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from symi_sim.checks import check_positive_int
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -64,8 +66,7 @@ def sample_wall_times(timeline: Timeline, *, num_runs: int, seed: int, max_wall_
     """([runs] wall time, [runs] failures) of `num_runs` sampled runs; a run whose wall time passes
     max_wall_factor x the failure-free time, or that fails max_failures times, is stopped and given an infinite
     wall time (the job does not finish in any useful sense)."""
-    if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
-        raise ValueError(f"the number of failure runs must be a positive integer, got {num_runs!r}")
+    check_positive_int(num_runs, "the number of failure runs")
     rng = np.random.default_rng(seed)
     cap_s = max_wall_factor * timeline.duration_s(0)
     wall_R = np.zeros(num_runs)

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from symi_sim.checks import check_non_negative_int, check_number, check_positive_int
 from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 from symi_sim.failures.injection import Timeline, sample_wall_times
 from symi_sim.models import ModelConfig
@@ -110,23 +111,18 @@ def parse_checkpoint(spec: str) -> Checkpointing:
     if match.group(1) == "none":
         return Checkpointing("none")
     if match.group(2) is not None:
-        return Checkpointing("full", _positive_steps(int(match.group(2)), spec))
-    every = _positive_steps(int(match.group(3)), spec) if match.group(3) else DEFAULT_SPARSE_FULL_EVERY
+        return Checkpointing("full", check_positive_int(int(match.group(2)), f"checkpoint {spec!r}: the interval"))
+    every = DEFAULT_SPARSE_FULL_EVERY
+    if match.group(3):
+        every = check_positive_int(int(match.group(3)), f"checkpoint {spec!r}: the interval")
     hot_share = DEFAULT_HOT_SHARE
     if match.group(4) is not None:
         try:
             hot_share = float(match.group(4))
         except ValueError:
             raise ValueError(f"checkpoint {spec!r}: hot share must be a number in (0, 1]") from None
-        if not 0 < hot_share <= 1:
-            raise ValueError(f"checkpoint {spec!r}: hot share must be in (0, 1], got {hot_share!r}")
+        check_number(hot_share, f"checkpoint {spec!r}: hot share", low=0, high=1, low_open=True)
     return Checkpointing("sparse", every, hot_share)
-
-
-def _positive_steps(steps: int, spec: str) -> int:
-    if steps < 1:
-        raise ValueError(f"checkpoint {spec!r}: the interval must be >= 1 step, got {steps}")
-    return steps
 
 
 @dataclass(frozen=True)
@@ -145,12 +141,10 @@ class FailureModel:
             raise ValueError("give exactly one of the job's MTBF (--mtbf-hours) and one GPU's (--gpu-mtbf-hours)")
         for name in ("mtbf_hours", "gpu_mtbf_hours"):
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and 0 < value < math.inf):
-                raise ValueError(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
-        if not (_is_number(self.restart_overhead_s) and 0 <= self.restart_overhead_s < math.inf):
-            raise ValueError(f"restart overhead must be a finite number >= 0, got {self.restart_overhead_s!r}")
-        if isinstance(self.sampled_runs, bool) or not isinstance(self.sampled_runs, int) or self.sampled_runs < 0:
-            raise ValueError(f"the number of failure runs must be an integer >= 0, got {self.sampled_runs!r}")
+            if value is not None:
+                check_number(value, name.replace("_", " "), low=0, low_open=True)
+        check_number(self.restart_overhead_s, "restart overhead", low=0)
+        check_non_negative_int(self.sampled_runs, "the number of failure runs")
         parse_checkpoint(self.checkpoint)
 
     @property
@@ -173,10 +167,6 @@ class FailureModel:
                          + ("; checked by injected failures on sampled timelines" if self.sampled_runs else "")}
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
-
-
 def checkpoint_bandwidth_bytes_per_s(cluster: Cluster) -> float:
     """B: per-GPU rate of writing checkpoint shards (host memory over PCIe, a peer node's over the NIC)."""
     pcie = cluster.pcie_gbps * BYTES_PER_GBPS
@@ -196,8 +186,7 @@ def full_checkpoint_bytes(model: ModelConfig) -> float:
 
 def hot_experts_SL(counts_SLE: np.ndarray, hot_share: float) -> np.ndarray:
     """[S, L] the fewest most popular experts whose loads cover `hot_share` of each (step, layer) (0 if idle)."""
-    if not 0 < hot_share <= 1:
-        raise ValueError(f"hot share must be in (0, 1], got {hot_share!r}")
+    check_number(hot_share, "hot share", low=0, high=1, low_open=True)
     counts_SLE = np.asarray(counts_SLE, dtype=np.float64)
     if counts_SLE.ndim != 3:
         raise ValueError(f"counts must be [steps, layers, experts], got shape {counts_SLE.shape}")
@@ -217,10 +206,9 @@ def hot_snapshot_bytes(model: ModelConfig, counts_SLE: np.ndarray, hot_share: fl
 def failure_costs(*, step_time_s: float, iterations_to_target: float, model: ModelConfig, cluster: Cluster,
                   counts_SLE: np.ndarray, failures: FailureModel) -> dict[str, float]:
     """The FAILURE_COLUMNS of one policy (see the module docstring for the formulas)."""
-    if not (_is_number(step_time_s) and 0 < step_time_s < math.inf):
-        raise ValueError(f"step time must be a finite number > 0, got {step_time_s!r}")
-    if not (_is_number(iterations_to_target) and iterations_to_target >= 0):
-        raise ValueError(f"iterations to target must be >= 0, got {iterations_to_target!r}")
+    check_number(step_time_s, "step time", low=0, low_open=True)
+    if iterations_to_target != math.inf:   # inf: no token survives, the target is never reached
+        check_number(iterations_to_target, "iterations to target", low=0)
     checkpoint = parse_checkpoint(failures.checkpoint)
     num_gpus = cluster.num_gpus
     mtbf_s = failures.job_mtbf_s(num_gpus)

@@ -30,9 +30,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from symi_sim.checks import check_int, check_positive_int
 from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
+from symi_sim.policies.static import static_phy2log
 
 FP32_BYTES = 4
 
@@ -63,13 +65,8 @@ class FasterMoEPolicy(Policy):
 
     def __post_init__(self) -> None:
         for field in ("d_model", "d_ff"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"fastermoe: {field} must be a positive integer, got {value!r}")
-        if self.max_shadow is not None and (
-            isinstance(self.max_shadow, bool) or not isinstance(self.max_shadow, int) or self.max_shadow < 0
-        ):
-            raise ValueError(f"fastermoe: max_shadow must be None or an integer >= 0, got {self.max_shadow!r}")
+            check_positive_int(getattr(self, field), f"fastermoe: {field}")
+        check_int(self.max_shadow, "fastermoe: max_shadow", minimum=0, optional=True)
 
     def times_s(self, cluster: Cluster) -> tuple[float, float, float]:
         """(comp, feat, send_model) in seconds: per token compute, per token features, per expert weights."""
@@ -85,8 +82,8 @@ class FasterMoEPolicy(Policy):
         comp_s, feat_s, send_model_s = self.times_s(cluster)
         shadow_LE = np.stack([shadow_mask(load_E, comp_s, feat_s, send_model_s, self.max_shadow)
                               for load_E in load_LE])
-        phy2log_R = np.arange(cluster.num_slots, dtype=np.int64) % num_experts
-        return Placement.even(np.tile(phy2log_R, (num_layers, 1)), num_experts, shadow_LE)
+        phy2log_LR = static_phy2log(num_layers=num_layers, num_experts=num_experts, num_slots=cluster.num_slots)
+        return Placement.even(phy2log_LR, num_experts, shadow_LE)
 
 
 POLICY = FasterMoEPolicy

@@ -40,9 +40,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from symi_sim.checks import check_number, check_positive_int
 from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
+from symi_sim.policies.static import static_phy2log
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +74,11 @@ class FlexMoEPolicy(Policy):
     d_ff: int = 3072
 
     def __post_init__(self) -> None:
-        if isinstance(self.rebalance_every, bool) or not isinstance(self.rebalance_every, int) \
-                or self.rebalance_every < 1:
-            raise ValueError(f"flexmoe: rebalance_every must be a positive integer, got {self.rebalance_every!r}")
-        if not isinstance(self.threshold, (int, float)) or not np.isfinite(self.threshold) or self.threshold < 1:
-            raise ValueError(f"flexmoe: threshold (max/mean GPU load) must be a number >= 1, got {self.threshold!r}")
-        if not isinstance(self.min_gain_ratio, (int, float)) or not np.isfinite(self.min_gain_ratio) \
-                or self.min_gain_ratio < 0:
-            raise ValueError(f"flexmoe: min_gain_ratio must be a number >= 0, got {self.min_gain_ratio!r}")
+        check_positive_int(self.rebalance_every, "flexmoe: rebalance_every")
+        check_number(self.threshold, "flexmoe: threshold (max/mean GPU load)", low=1)
+        check_number(self.min_gain_ratio, "flexmoe: min_gain_ratio", low=0)
         for field in ("d_model", "d_ff"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"flexmoe: {field} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, field), f"flexmoe: {field}")
 
     @property
     def expert_params(self) -> int:
@@ -106,8 +101,8 @@ class FlexMoEPolicy(Policy):
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         num_layers, num_experts = load_LE.shape
         if previous is None:
-            phy2log_R = np.arange(cluster.num_slots, dtype=np.int64) % num_experts
-            return Placement.even(np.tile(phy2log_R, (num_layers, 1)), num_experts)
+            phy2log_LR = static_phy2log(num_layers=num_layers, num_experts=num_experts, num_slots=cluster.num_slots)
+            return Placement.even(phy2log_LR, num_experts)
         cost_s = self.min_gain_ratio * self.migration_cost_s(cluster)
         gain_s_per_token = self.gain_s_per_token(cluster)
         phy2log_LR = previous.phy2log_LR.copy()

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from symi_sim.checks import check_positive_int
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
@@ -83,8 +84,7 @@ class LazarusPolicy(Policy):
     min_replicas: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) or self.min_replicas < 1:
-            raise ValueError(f"lazarus: min_replicas must be a positive integer, got {self.min_replicas!r}")
+        check_positive_int(self.min_replicas, "lazarus: min_replicas")
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         phy2log_LR = np.stack([

@@ -17,6 +17,12 @@ from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
 
 
+def static_phy2log(*, num_layers: int, num_experts: int, num_slots: int) -> np.ndarray:
+    """[L, R] DeepSpeed's layout in every layer: slot p holds expert p % E."""
+    phy2log_R = np.arange(num_slots, dtype=np.int64) % num_experts
+    return np.tile(phy2log_R, (num_layers, 1))
+
+
 @dataclass
 class StaticPolicy(Policy):
     name: ClassVar[str] = "static"
@@ -24,8 +30,8 @@ class StaticPolicy(Policy):
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         num_layers, num_experts = load_LE.shape
-        phy2log_R = np.arange(cluster.num_slots, dtype=np.int64) % num_experts
-        return Placement.even(np.tile(phy2log_R, (num_layers, 1)), num_experts)
+        phy2log_LR = static_phy2log(num_layers=num_layers, num_experts=num_experts, num_slots=cluster.num_slots)
+        return Placement.even(phy2log_LR, num_experts)
 
 
 POLICY = StaticPolicy

@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from symi_sim.checks import check_choice, check_number, is_number
+
 FORMS = ("power", "exponential")
 
 PAPER_SURVIVAL = (0.4490, 0.6556, 0.7491)
@@ -86,15 +88,10 @@ class ConvergenceModel:
     rms_rel_error: float = dataclasses.field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.form not in FORMS:
-            raise ValueError(f"unknown convergence form {self.form!r}; choose from {', '.join(FORMS)}")
-        if not (math.isfinite(self.i_full) and self.i_full > 0):
-            raise ValueError(f"i_full must be a positive finite number of iterations, got {self.i_full!r}")
-        if not (math.isfinite(self.exponent) and self.exponent >= 0):
-            raise ValueError(
-                f"exponent must be finite and >= 0 (fewer surviving tokens cannot converge faster), "
-                f"got {self.exponent!r}"
-            )
+        check_choice(self.form, "convergence form", FORMS)
+        check_number(self.i_full, "i_full", low=0, low_open=True)
+        # < 0 would mean that dropping more tokens converges faster
+        check_number(self.exponent, "exponent", low=0)
         if len(self.survival_points) != len(self.iteration_points):
             raise ValueError(
                 f"{len(self.survival_points)} survival points but {len(self.iteration_points)} iteration points"
@@ -140,8 +137,7 @@ def fit_convergence(survival: Sequence[float] | np.ndarray, iterations: Sequence
     """Least-squares fit of `form` to P points: survival [P] in (0, 1], iterations [P] > 0, P >= 2 with at
     least two distinct survival values. Fitted in log space, so it minimises relative rather than absolute
     error."""
-    if form not in FORMS:
-        raise ValueError(f"unknown convergence form {form!r}; choose from {', '.join(FORMS)}")
+    check_choice(form, "convergence form", FORMS)
     survival_P = np.asarray(survival, dtype=np.float64)
     iterations_P = np.asarray(iterations, dtype=np.float64)
     if survival_P.ndim != 1 or survival_P.shape != iterations_P.shape:
@@ -185,13 +181,18 @@ def iterations_to_target(survival: float | np.ndarray, model: ConvergenceModel |
     return (model or paper_model()).iterations_to_target(survival)
 
 
-def _number(value: Any, what: str, where: str) -> float:
-    if isinstance(value, bool):
+def _point_value(value: Any, what: str, where: str) -> float:
+    """A calibration point's survival or iterations (a JSON number or a CSV field's text) as a float."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    # NaN and infinities are numbers here: the checks below name them
+    if not (is_number(number) or isinstance(number, float)):
         raise ValueError(f"{where}: {what} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {what} must be a number, got {value!r}") from None
+    number = float(number)
     if math.isnan(number):
         raise ValueError(f"{where}: {what} is NaN")
     if what == "survival" and not 0 < number <= 1:
@@ -211,8 +212,8 @@ def _read_csv_points(path: Path) -> list[tuple[float, float]]:
         for row in reader:
             row = {(key or "").strip(): value for key, value in row.items()}
             where = f"{path} line {reader.line_num}"
-            points.append((_number(row["survival"], "survival", where),
-                           _number(row["iterations"], "iterations", where)))
+            points.append((_point_value(row["survival"], "survival", where),
+                           _point_value(row["iterations"], "iterations", where)))
     return points
 
 
@@ -238,8 +239,8 @@ def _read_json_points(path: Path) -> list[tuple[float, float]]:
         where = f"{path} point {index}"
         if not isinstance(record, dict) or "survival" not in record or "iterations" not in record:
             raise ValueError(f"{where}: expected an object with 'survival' and 'iterations', got {record!r}")
-        points.append((_number(record["survival"], "survival", where),
-                       _number(record["iterations"], "iterations", where)))
+        points.append((_point_value(record["survival"], "survival", where),
+                       _point_value(record["iterations"], "iterations", where)))
     return points
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from symi_sim.checks import check_choice, check_number
 from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 
 POPULARITY_BYTES_PER_EXPERT = 4  # int32 token counts
@@ -38,8 +39,7 @@ OPTIMIZER_LAYOUTS = ("sharded", "group", "replica")
 
 def bytes_time_s(num_bytes: float | np.ndarray, gbps: float, latency_s: float = 0.0) -> float | np.ndarray:
     """Alpha-beta transfer time: latency_s + bytes / bandwidth, and 0 when nothing moves."""
-    if gbps <= 0:
-        raise ValueError(f"bandwidth must be positive, got {gbps!r} Gb/s")
+    check_number(gbps, "bandwidth (Gb/s)", low=0, low_open=True)
     num_bytes = np.asarray(num_bytes, dtype=np.float64)
     time_s = np.where(num_bytes > 0, latency_s + num_bytes / (gbps * BYTES_PER_GBPS), 0.0)
     return float(time_s) if time_s.ndim == 0 else time_s
@@ -147,8 +147,7 @@ def expert_state_bytes(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: in
     phy2log_LR: [L, R] expert of every slot; expert_bytes: X, one expert's gradient (= weight) bytes.
     See the module docstring for the layouts. One message per phase.
     """
-    if layout not in OPTIMIZER_LAYOUTS:
-        raise ValueError(f"unknown optimizer layout {layout!r}; choices: {', '.join(OPTIMIZER_LAYOUTS)}")
+    check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
     phy2log_LR = np.asarray(phy2log_LR, dtype=np.int64)
     num_rows, num_slots = phy2log_LR.shape
     num_gpus, gpn, num_nodes = cluster.num_gpus, cluster.gpus_per_node, cluster.num_nodes

@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
+from symi_sim.checks import check_positive_int
+
 
 def smoothed(losses: Sequence[float], window: int) -> list[float]:
     """Trailing mean over up to `window` steps (a step's loss is one small batch: noisy)."""
-    if window < 1:
-        raise ValueError(f"smoothing window must be >= 1, got {window!r}")
+    check_positive_int(window, "smoothing window")
     return [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
 
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from symi_sim.checks import check_positive_int
 from symi_sim.cluster import Cluster
-from symi_sim.outputs import atomic_dir
+from symi_sim.figures.registry import save_figure
+from symi_sim.outputs import atomic_dir, json_default
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy, get_policy, with_context
 from symi_sim.routing import route
@@ -48,15 +50,10 @@ def known_load(counts_SLE: np.ndarray, step: int, window: int, current: bool) ->
     return counts_SLE[lo:step].mean(axis=0)
 
 
-def check_window(window: int) -> None:
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window must be a positive integer, got {window!r}")
-
-
 def iter_plans(counts_SLE: np.ndarray, policy: Policy, cluster: Cluster, *, window: int = 1,
                start: int = 1, stop: int | None = None) -> Iterator[PlannedStep]:
     """Placements for steps start..stop-1 (start >= 1: the first step has no history to plan from)."""
-    check_window(window)
+    check_positive_int(window, "window")
     num_steps = counts_SLE.shape[0]
     stop = num_steps if stop is None else stop
     if not 1 <= start < stop <= num_steps:
@@ -79,7 +76,7 @@ def iter_plans(counts_SLE: np.ndarray, policy: Policy, cluster: Cluster, *, wind
 
 def plan_step(trace: LoadTrace, cluster: Cluster, policy: Policy, *, step: int, window: int = 1) -> Placement:
     """The placement `policy` gives for step `step` of `trace`, planned from the `window` steps before it."""
-    check_window(window)
+    check_positive_int(window, "window")
     if not 0 <= step < trace.num_steps:
         raise ValueError(f"step {step} is outside the trace's steps 0..{trace.num_steps - 1}")
     load_LE = known_load(trace.counts_SLE, step, window, policy.uses_current_load)
@@ -138,11 +135,9 @@ def summarize_replay(steps: pd.DataFrame) -> pd.DataFrame:
 
 def write_replay(out_dir: str, steps: pd.DataFrame, summary: pd.DataFrame, config: dict) -> None:
     """Run directory of a replay: config.json, steps.csv, summary.csv, summary.json, replay.png (all or nothing)."""
-    from symi_sim.figures.plots import replay_figure  # matplotlib only when a figure is written
-
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=json_default) + "\n")
         steps.to_csv(tmp / "steps.csv", index=False)
         summary.to_csv(tmp / "summary.csv", index=False)
         (tmp / "summary.json").write_text(summary.to_json(orient="records", indent=1) + "\n")
-        replay_figure(summary, tmp / "replay.png")
+        save_figure("replay", summary, tmp / "replay.png")

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from symi_sim.checks import check_positive_int
 from symi_sim.models import ModelConfig
 from symi_sim.traces.format import LoadTrace
 
@@ -81,8 +82,7 @@ def tile_layers(trace: LoadTrace, num_layers: int) -> LoadTrace:
 
     For a trace recorded from a shallower model than the one simulated; the tiled layers are correlated copies.
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise ValueError(f"number of layers to tile to must be a positive integer, got {num_layers!r}")
+    check_positive_int(num_layers, "number of layers to tile to")
     layers_L = np.arange(num_layers) % trace.num_layers
     src = None if trace.src_counts_SLEG is None else trace.src_counts_SLEG[:, layers_L]
     return LoadTrace(counts_SLE=trace.counts_SLE[:, layers_L, :], top_k=trace.top_k,

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from symi_sim.checks import check_positive_int, is_int
 from symi_sim.outputs import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -55,16 +56,13 @@ class LoadTrace:
             s, layer, e = np.argwhere(counts < 0)[0]
             raise ValueError(f"trace counts are negative (step {s}, layer {layer}, expert {e}: {counts[s, layer, e]})")
         object.__setattr__(self, "counts_SLE", counts.astype(np.int64))
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        check_positive_int(self.top_k, "top_k")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k {self.top_k} exceeds the number of experts {self.num_experts}")
         if not isinstance(self.meta, dict):
             raise ValueError(f"trace meta must be a dict, got {type(self.meta).__name__}")
         if self.tokens_per_step is not None:
-            if (isinstance(self.tokens_per_step, bool) or not isinstance(self.tokens_per_step, (int, np.integer))
-                    or self.tokens_per_step < 1):
-                raise ValueError(f"tokens_per_step must be positive, got {self.tokens_per_step!r}")
+            check_positive_int(self.tokens_per_step, "tokens_per_step")
             totals = self.counts_SLE.sum(axis=2)
             expected = self.top_k * self.tokens_per_step
             bad = np.argwhere(totals > expected)
@@ -344,19 +342,18 @@ def _parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise ValueError(f"{where}: metadata 'symi' must be a JSON object, got {type(info).__name__}")
     version = info.get("schema_version")
-    if not _is_int(version) or not 1 <= version <= SCHEMA_VERSION:
+    if not is_int(version) or not 1 <= version <= SCHEMA_VERSION:
         raise ValueError(
             f"{where}: unsupported trace schema_version {version!r} (this reader knows 1..{SCHEMA_VERSION})"
         )
     for key in ("num_layers", "num_experts", "top_k"):
-        if key in info and not (_is_int(info[key]) and info[key] >= 1):
-            raise ValueError(f"{where}: metadata {key} must be a positive integer, got {info[key]!r}")
+        if key in info:
+            check_positive_int(info[key], f"{where}: metadata {key}")
     for key in ("num_layers", "num_experts"):   # the id columns are int16 (and the counts are held densely)
         if key in info and info[key] > np.iinfo(np.int16).max:
-            raise ValueError(f"{where}: metadata {key} {info[key]} exceeds the int16 id limit "
-                             f"{np.iinfo(np.int16).max}")
+            raise ValueError(f"{where}: metadata {key} {info[key]} exceeds the int16 id limit {np.iinfo(np.int16).max}")
     value = info.get("tokens_per_step")
-    if value is not None and not (_is_int(value) and value >= 1):
+    if value is not None and not (is_int(value) and value >= 1):   # by hand: the file says null, not None
         raise ValueError(f"{where}: metadata tokens_per_step must be a positive integer or null, got {value!r}")
     for key in ("model", "source", "provenance"):
         if key in info and not isinstance(info[key], str):
@@ -369,10 +366,6 @@ def _parse_metadata(raw: bytes | None, where: str) -> dict[str, Any]:
 def _one_line(exc: BaseException) -> str:
     """A library's error message on one line (pandas' and Arrow's messages may hold newlines)."""
     return " ".join(str(exc).split())
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _build_trace(columns: dict[str, np.ndarray], *, where: str, row_word: str, info: dict[str, Any],
@@ -422,7 +415,7 @@ def _build_trace(columns: dict[str, np.ndarray], *, where: str, row_word: str, i
     counts_SLEG[step_idx, layer, expert, src_idx] = tokens
     top_k = top_k if top_k is not None else info.get("top_k", 1)
     tokens_per_step = tokens_per_step if tokens_per_step is not None else info.get("tokens_per_step")
-    if _is_int(top_k) and _is_int(tokens_per_step) and top_k >= 1 and tokens_per_step >= 1:  # else LoadTrace says
+    if is_int(top_k) and is_int(tokens_per_step) and top_k >= 1 and tokens_per_step >= 1:  # else LoadTrace says
         totals_SL = counts_SLEG.sum(axis=(2, 3))
         over = np.argwhere(totals_SL > top_k * tokens_per_step)
         if len(over):

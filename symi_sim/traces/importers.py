@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from symi_sim.checks import check_choice, is_int, is_number
 from symi_sim.traces.format import LoadTrace, parse_integer_column, read_csv_frame, read_trace_csv, write_trace
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,8 @@ def import_olmoe(path: str | Path, *, model: str = "olmoe", selection: str = "to
     top_k = the model's k for topk (8 OLMoE, 2 Mixtral), 1 for top1; tokens_per_step = layer_total / top_k
     (None, with meta["tokens_per_domain"], if the chosen domains differ).
     """
-    if model not in OLMOE_MODELS:
-        raise ValueError(f"unknown OLMoE-analysis model {model!r}; choices: {', '.join(OLMOE_MODELS)}")
-    if selection not in OLMOE_SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; choices: {', '.join(OLMOE_SELECTIONS)}")
+    check_choice(model, "OLMoE-analysis model", OLMOE_MODELS)
+    check_choice(selection, "selection", OLMOE_SELECTIONS)
     model_id, num_experts, model_k = OLMOE_MODELS[model]
     top_k = model_k if selection == "topk" else 1
     path = Path(path)
@@ -213,13 +212,13 @@ def import_megatron_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: 
         if not isinstance(record, dict):
             raise ValueError(f"{at}: expected a JSON object, got {type(record).__name__}")
         step = record.get("iteration", record.get("step"))
-        if not _is_count(step):
+        if not _is_token_count(step):
             raise ValueError(f"{at}: 'iteration' (or 'step') must be a non-negative integer, got {step!r}")
         counts = record.get("tokens_per_expert")
         if not isinstance(counts, list) or not counts:
             raise ValueError(f"{at}: 'tokens_per_expert' must be a non-empty list, got {counts!r}")
         if "layer" in record:
-            if not _is_count(record["layer"]):
+            if not _is_token_count(record["layer"]):
                 raise ValueError(f"{at}: 'layer' must be a non-negative integer, got {record['layer']!r}")
             rows = {int(record["layer"]): counts}
         else:
@@ -227,7 +226,7 @@ def import_megatron_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: 
                 raise ValueError(f"{at}: without 'layer', 'tokens_per_expert' must be a list of per-layer lists")
             rows = dict(enumerate(counts))
         for layer, row in rows.items():
-            bad = [x for x in row if not _is_count(x)]
+            bad = [x for x in row if not _is_token_count(x)]
             if bad or not row:
                 raise ValueError(f"{at}: layer {layer} tokens_per_expert must be non-negative integers, "
                                  f"got {bad[0] if bad else row!r}")
@@ -277,8 +276,7 @@ IMPORTERS: dict[str, Callable[..., LoadTrace]] = {
 
 def import_trace(in_path: str | Path | Sequence[str | Path], *, fmt: str, **options: Any) -> LoadTrace:
     """Run the importer `fmt` on `in_path`; options left None take the importer's defaults."""
-    if fmt not in IMPORTERS:
-        raise ValueError(f"unknown trace format {fmt!r}; choices: {', '.join(IMPORTERS)}")
+    check_choice(fmt, "trace format", IMPORTERS)
     importer = IMPORTERS[fmt]
     allowed = [name for name, p in inspect.signature(importer).parameters.items() if p.kind == p.KEYWORD_ONLY]
     options = {k: v for k, v in options.items() if v is not None}
@@ -316,9 +314,6 @@ def _rank_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _is_count(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, float):
-        return value.is_integer() and value >= 0
-    return isinstance(value, int) and value >= 0
+def _is_token_count(value: Any) -> bool:
+    """An integer >= 0, or a float holding one (statistics written from float tensors read back as 2.0)."""
+    return (is_int(value) or (is_number(value) and float(value).is_integer())) and value >= 0

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from symi_sim.checks import is_int
 from symi_sim.traces.format import LoadTrace
 
 LAYER_COLUMNS = ("skew_median", "skew_overall", "cv_median", "top2_share_median", "top2_share_max", "tv_mean",
@@ -102,7 +103,7 @@ def _nan_reduce(reduce: Any, x_SL: np.ndarray) -> np.ndarray:
 
 
 def _json_number(value: Any) -> Any:
-    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+    if is_int(value):
         return int(value)
     if isinstance(value, (np.floating, float)):
         return None if math.isnan(value) else float(value)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from symi_sim.checks import check_non_negative_int, check_number, check_positive_int
 from symi_sim.traces.format import LoadTrace
 
 REVERT = 0.1             # OU pull toward the base per step
@@ -44,22 +45,16 @@ def synth_trace(*, num_experts: int, num_layers: int, num_steps: int, skew: floa
     """
     for name, value in (("num_experts", num_experts), ("num_layers", num_layers), ("num_steps", num_steps),
                         ("top_k", top_k), ("tokens_per_step", tokens_per_step)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(value, name)
     if top_k > num_experts:
         raise ValueError(f"top_k {top_k} exceeds the number of experts {num_experts}")
     if num_experts > np.iinfo(np.int16).max or top_k * tokens_per_step > np.iinfo(np.int32).max:
         raise ValueError(f"too large: {num_experts} experts, top_k x tokens_per_step = {top_k * tokens_per_step}")
-    if not (np.isfinite(skew) and skew >= 0):
-        raise ValueError(f"skew must be a finite number >= 0, got {skew!r}")
-    if not 0 <= drift <= 1:
-        raise ValueError(f"drift must be in [0, 1], got {drift!r}")
-    if not 0 <= burst_prob <= 1:
-        raise ValueError(f"burst probability must be in [0, 1], got {burst_prob!r}")
-    if not (np.isfinite(burst_scale) and burst_scale > 0):
-        raise ValueError(f"burst scale must be a finite number > 0, got {burst_scale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_number(skew, "skew", low=0)
+    check_number(drift, "drift", low=0, high=1)
+    check_number(burst_prob, "burst probability", low=0, high=1)
+    check_number(burst_scale, "burst scale", low=0, low_open=True)
+    check_non_negative_int(seed, "seed")
 
     rng = np.random.default_rng(seed)
     logp_SLE = _log_popularity(rng, num_steps, num_layers, num_experts, float(skew), float(drift),

@@ -1,0 +1,296 @@
+"""The work of every phase of an iteration, for a chunk of C consecutive steps at once (numpy, no simpy).
+
+Legend: C steps of the chunk, L MoE layers, E logical experts, R physical slots, G GPUs, K backward segments,
+D distinct placements of the chunk. "row" arrays have one row per (step, layer): C x L rows, step after step.
+
+The chunk's placements are stacked into one [C x L, R] placement so that routing and every cost formula run
+once per chunk; each function below turns that into one phase group's durations (seconds) and bytes per step,
+and `chunk_work` assembles them into engine.IterationWork and the table columns of the steps.
+
+Modelling choices (the formulas are in costs.py):
+  - capacity_mode "slot" (DeepSpeed, the paper): fixed per-slot buffers of ceil(cf x k x tokens / R) tokens,
+    padded. The all-to-all moves whole buffers and the experts compute whole buffers, whatever the load:
+    skew costs dropped tokens, not time. "gpu" (ours: variable-size all-to-all, grouped expert kernels): the
+    all-to-all moves and the experts compute only the served tokens, and the busiest GPU gates each layer.
+  - FasterMoE's shadowed experts are computed where their tokens come from (outside the slots, never dropped);
+    their weights are broadcast before the forward and their gradients reduced back after the backward.
+  - Dense compute: tokens / G per GPU (data parallel); all non-expert FLOPs (attention, dense and shared MLPs,
+    router, LM head) are spread evenly over the MoE layers. Backward = 2 x forward.
+  - The optimizer step is charged OPTIMIZER_FLOPS_PER_PARAM at the GPU's achieved FLOP rate for the expert
+    parameters the busiest GPU updates plus all dense parameters (plain data parallel).
+  - Weight send-out after step i goes to step i+1's placement (the last step's to its own).
+  - The backward runs in K = min(L, MAX_BACKWARD_SEGMENTS) segments of consecutive layers, last layers first,
+    with one dense-gradient bucket all-reduced per segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from symi_sim.cluster import Cluster
+from symi_sim.models import ModelConfig
+from symi_sim.placement import Placement
+from symi_sim.routing import Routing, route
+from symi_sim.simulator.costs import (
+    POPULARITY_BYTES_PER_EXPERT,
+    allreduce_bytes,
+    alltoall_bytes,
+    broadcast_bytes,
+    expert_state_bytes,
+    migration_bytes,
+    optimizer_params_per_gpu,
+)
+from symi_sim.simulator.engine import IterationWork
+from symi_sim.simulator.replay import PlannedStep
+from symi_sim.traces.format import LoadTrace
+
+OPTIMIZER_FLOPS_PER_PARAM = 12     # mixed-precision Adam: moments, bias correction, sqrt, divide, update
+MAX_BACKWARD_SEGMENTS = 4          # DDP-like gradient buckets overlapping the backward pass
+BYTE_KINDS = ("popularity", "a2a", "dense_allreduce", "grad_collect", "weight_sendout", "migration", "shadow",
+              "pcie")
+
+
+def per_step(values_row: np.ndarray, num_steps: int) -> np.ndarray:
+    """[C x L] -> [C]: the sum over each step's layers."""
+    return values_row.reshape(num_steps, -1).sum(axis=1)
+
+
+def stack_placements(placements: Sequence[Placement]) -> Placement:
+    """One placement whose rows are the given placements' layers, step after step."""
+    shadows = [p.shadow_LE for p in placements]
+    shadow = None
+    if any(s is not None for s in shadows):
+        shadow = np.concatenate([s if s is not None else np.zeros(p.logcnt_LE.shape, dtype=bool)
+                                 for s, p in zip(shadows, placements, strict=True)])
+    return Placement(np.concatenate([p.phy2log_LR for p in placements]),
+                     np.concatenate([p.share_LR for p in placements]), placements[0].num_experts, shadow)
+
+
+@dataclass(frozen=True)
+class PlacementRuns:
+    """The chunk's placements with runs of equal ones (every step of static, the steps between two rebalances)
+    kept once, so that what depends only on the placement is costed once per run."""
+
+    distinct: list[Placement]
+    index_C: np.ndarray        # which distinct placement serves each step
+    phy2log_row_R: np.ndarray  # [D x L, R] the distinct placements stacked
+
+    @classmethod
+    def of(cls, placements: Sequence[Placement]) -> PlacementRuns:
+        distinct = [placements[0]]
+        index_C = np.zeros(len(placements), dtype=np.int64)
+        for i, placement in enumerate(placements[1:], start=1):
+            if placement is not distinct[-1] and not np.array_equal(placement.phy2log_LR, distinct[-1].phy2log_LR):
+                distinct.append(placement)
+            index_C[i] = len(distinct) - 1
+        return cls(distinct, index_C, np.concatenate([p.phy2log_LR for p in distinct]))
+
+    def per_step(self, values_row: np.ndarray) -> np.ndarray:
+        """[D x L] -> [C]: the sum over the layers of the placement serving each step."""
+        return values_row.reshape(len(self.distinct), -1).sum(axis=1)[self.index_C]
+
+
+def route_chunk(plans: Sequence[PlannedStep], *, counts_SLE: np.ndarray, trace: LoadTrace, cluster: Cluster,
+                capacity_factor: float, capacity_mode: str) -> tuple[Placement, Routing]:
+    """The chunk's stacked placement and its routing of the steps' loads (rows = C x L)."""
+    num_steps = len(plans)
+    stacked = stack_placements([p.placement for p in plans])
+    assignments_row = np.tile(trace.num_assignments_L(0), num_steps)
+    load_row_E = counts_SLE[[p.step for p in plans]].reshape(num_steps * trace.num_layers, -1)
+    routing = route(load_row_E, stacked, slots_per_gpu=cluster.slots_per_gpu, capacity_factor=capacity_factor,
+                    capacity_mode=capacity_mode, num_assignments_L=assignments_row)
+    return stacked, routing
+
+
+def alltoall_and_experts(routing: Routing, *, num_steps: int, cluster: Cluster, model: ModelConfig,
+                         capacity_factor: float, capacity_mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All-to-all and expert compute of the routed rows: (a2a_CL seconds of one all-to-all, expert_CL seconds of
+    the forward expert compute, a2a_bytes_C over the four all-to-alls of a step)."""
+    # padded buffers (slot) or served tokens (gpu)
+    if capacity_mode == "slot":
+        capacity_row = np.ceil(capacity_factor * routing.num_assignments_L / cluster.num_slots)
+        slot_tokens_row_G = np.broadcast_to((capacity_row * cluster.slots_per_gpu)[:, None], routing.shadow_LG.shape)
+    else:
+        slot_tokens_row_G = routing.gpu_served_LG - routing.shadow_LG
+    a2a = alltoall_bytes(slot_tokens_row_G, cluster, model.d_model * model.activation_bytes)
+    a2a_row_s = a2a.time_L(cluster)
+    expert_row_s = ((slot_tokens_row_G + routing.shadow_LG).max(axis=1) * model.expert_flops_per_assignment
+                    / cluster.achieved_flops)
+    return (a2a_row_s.reshape(num_steps, -1), expert_row_s.reshape(num_steps, -1),
+            4 * per_step(a2a.network_L, num_steps))
+
+
+def dense_layer_s(*, cluster: Cluster, model: ModelConfig) -> float:
+    """Forward dense compute of one MoE layer's share of the model (tokens / G per GPU)."""
+    return (model.tokens_per_step / cluster.num_gpus * model.dense_flops_per_token / model.num_moe_layers
+            / cluster.achieved_flops)
+
+
+def popularity(*, num_steps: int, num_experts: int, num_layers: int, cluster: Cluster,
+               needed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The popularity all-reduce of every layer's expert counts: (seconds [C], bytes [C]); zeros if not needed."""
+    if not needed:
+        zeros_C = np.zeros(num_steps)
+        return zeros_C, zeros_C
+    pop = allreduce_bytes(np.full(num_layers, float(num_experts * POPULARITY_BYTES_PER_EXPERT)), cluster)
+    return np.full(num_steps, pop.time_L(cluster).sum()), np.full(num_steps, pop.network_L.sum())
+
+
+def shadow_broadcast(stacked: Placement, *, num_steps: int, cluster: Cluster,
+                     model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """FasterMoE's shadow-weight broadcast (and, as long, the gradient reduction back): (seconds of one [C],
+    bytes of both [C]); zeros without shadows."""
+    if stacked.shadow_LE is None:
+        zeros_C = np.zeros(num_steps)
+        return zeros_C, zeros_C
+    shadow = broadcast_bytes(stacked.shadow_LE.sum(axis=1) * float(model.expert_weight_bytes), cluster)
+    return per_step(shadow.time_L(cluster), num_steps), 2 * per_step(shadow.network_L, num_steps)
+
+
+@dataclass(frozen=True)
+class ExpertState:
+    """Gradient collection to the optimizer shards and weight send-out from them: seconds and bytes per step [C]."""
+
+    collect_net_s: np.ndarray
+    collect_pcie_s: np.ndarray
+    collect_bytes: np.ndarray
+    collect_pcie_bytes: np.ndarray
+    sendout_net_s: np.ndarray
+    sendout_pcie_s: np.ndarray
+    sendout_bytes: np.ndarray
+    sendout_pcie_bytes: np.ndarray
+
+
+def expert_state(runs: PlacementRuns, next_placement: Placement, *, cluster: Cluster, model: ModelConfig,
+                 num_experts: int, layout: str) -> ExpertState:
+    """Collection on each step's placement, send-out to the next step's (`next_placement` after the chunk)."""
+    grads = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_grad_bytes)
+    collect_net_s = runs.per_step(grads.network_time_L(cluster))
+    collect_pcie_s = runs.per_step(grads.pcie_time_L(cluster))
+    collect_bytes, collect_pcie_bytes = runs.per_step(grads.network_L), runs.per_step(grads.pcie_L)
+    if layout == "replica":
+        zeros_C = np.zeros(len(runs.index_C))
+        return ExpertState(collect_net_s, collect_pcie_s, collect_bytes, collect_pcie_bytes,
+                           zeros_C, zeros_C, zeros_C, zeros_C)
+    tail = expert_state_bytes(next_placement.phy2log_LR, cluster, num_experts, layout, model.expert_weight_bytes)
+    # step i sends out to step i+1's placement: the collection rows shifted by one step (bytes scale with X)
+    ratio = model.expert_weight_bytes / model.expert_grad_bytes
+
+    def shifted(values_C: np.ndarray, tail_value: float) -> np.ndarray:
+        return np.append(values_C[1:] * ratio, tail_value)
+
+    return ExpertState(
+        collect_net_s, collect_pcie_s, collect_bytes, collect_pcie_bytes,
+        sendout_net_s=shifted(collect_net_s, tail.network_time_L(cluster).sum()),
+        sendout_pcie_s=shifted(collect_pcie_s, tail.pcie_time_L(cluster).sum()),
+        sendout_bytes=shifted(collect_bytes, tail.network_L.sum()),
+        sendout_pcie_bytes=shifted(collect_pcie_bytes, tail.pcie_L.sum()),
+    )
+
+
+def migration(plans: Sequence[PlannedStep], *, cluster: Cluster, model: ModelConfig, num_experts: int,
+              coupled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Replicas moved with their optimizer state (optimizer-coupled policies): (seconds [C], bytes [C])."""
+    migration_s, migration_total = np.zeros(len(plans)), np.zeros(len(plans))
+    if coupled:
+        replica_bytes = float(model.expert_weight_bytes + model.expert_optimizer_bytes)
+        for i, planned in enumerate(plans):
+            if planned.previous is not None and planned.moves_L.any():
+                moved = migration_bytes(planned.placement.phy2log_LR, planned.previous.phy2log_LR, cluster,
+                                        num_experts, replica_bytes)
+                migration_s[i] = moved.time_L(cluster).sum()
+                migration_total[i] = moved.network_L.sum()
+    return migration_s, migration_total
+
+
+def optimizer(runs: PlacementRuns, *, cluster: Cluster, model: ModelConfig, num_experts: int,
+              layout: str) -> np.ndarray:
+    """[C] seconds of the optimizer step: the busiest GPU's expert parameters plus every dense one."""
+    expert_params_C = runs.per_step(optimizer_params_per_gpu(runs.phy2log_row_R, cluster, num_experts, layout,
+                                                             model.expert_params))
+    return (expert_params_C + model.dense_params) * OPTIMIZER_FLOPS_PER_PARAM / cluster.achieved_flops
+
+
+def backward_segments(a2a_CL: np.ndarray, expert_CL: np.ndarray, *, layer_s: float, cluster: Cluster,
+                      model: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """The backward in K segments of consecutive layers, last layers first, one dense-gradient bucket each:
+    (a2a_CK, expert_CK, dense_CK, allreduce_CK seconds, all-reduce bytes of a step)."""
+    num_steps, num_layers = a2a_CL.shape
+    num_segments = min(num_layers, MAX_BACKWARD_SEGMENTS)
+    bounds = np.linspace(num_layers, 0, num_segments + 1).round().astype(int)
+    segments = [slice(lo, hi) for hi, lo in zip(bounds[:-1], bounds[1:], strict=True)]
+    dense_grad_bytes = float(model.dense_params * model.grad_bytes)
+    bucket_K = np.array([(s.stop - s.start) / num_layers * dense_grad_bytes for s in segments])
+    allreduce = allreduce_bytes(bucket_K, cluster)
+    layers_K = np.array([s.stop - s.start for s in segments], dtype=float)
+    return (np.stack([2 * a2a_CL[:, s].sum(axis=1) for s in segments], axis=1),
+            np.stack([2 * expert_CL[:, s].sum(axis=1) for s in segments], axis=1),
+            np.tile(2 * layer_s * layers_K, (num_steps, 1)),
+            np.tile(allreduce.time_L(cluster), (num_steps, 1)),
+            allreduce.network_L.sum())
+
+
+def chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, *, counts_SLE: np.ndarray,
+               trace: LoadTrace, cluster: Cluster, model: ModelConfig, needs_popularity: bool,
+               optimizer_coupled: bool, layout: str, capacity_factor: float,
+               capacity_mode: str) -> tuple[IterationWork, dict[str, np.ndarray]]:
+    """Phase durations and table columns of the chunk's C steps (`next_placement` serves the step after it)."""
+    num_steps, num_layers, num_experts = len(plans), trace.num_layers, trace.num_experts
+    stacked, routing = route_chunk(plans, counts_SLE=counts_SLE, trace=trace, cluster=cluster,
+                                   capacity_factor=capacity_factor, capacity_mode=capacity_mode)
+    a2a_CL, expert_CL, a2a_bytes_C = alltoall_and_experts(
+        routing, num_steps=num_steps, cluster=cluster, model=model, capacity_factor=capacity_factor,
+        capacity_mode=capacity_mode)
+    layer_s = dense_layer_s(cluster=cluster, model=model)
+    popularity_s, popularity_bytes = popularity(num_steps=num_steps, num_experts=num_experts, num_layers=num_layers,
+                                                cluster=cluster, needed=needs_popularity)
+    shadow_s, shadow_bytes = shadow_broadcast(stacked, num_steps=num_steps, cluster=cluster, model=model)
+    runs = PlacementRuns.of([p.placement for p in plans])
+    state = expert_state(runs, next_placement, cluster=cluster, model=model, num_experts=num_experts, layout=layout)
+    migration_s, migration_total = migration(plans, cluster=cluster, model=model, num_experts=num_experts,
+                                             coupled=optimizer_coupled)
+    a2a_CK, expert_CK, dense_CK, allreduce_CK, allreduce_bytes_step = backward_segments(
+        a2a_CL, expert_CL, layer_s=layer_s, cluster=cluster, model=model)
+
+    work = IterationWork(
+        popularity_s=popularity_s,
+        migration_s=migration_s,
+        shadow_broadcast_s=shadow_s,
+        a2a_forward_s=2 * a2a_CL.sum(axis=1),
+        expert_forward_s=expert_CL.sum(axis=1),
+        dense_forward_s=np.full(num_steps, layer_s * num_layers),
+        a2a_backward_SK=a2a_CK,
+        expert_backward_SK=expert_CK,
+        dense_backward_SK=dense_CK,
+        allreduce_SK=allreduce_CK,
+        shadow_reduce_s=shadow_s,
+        grad_collect_net_s=state.collect_net_s,
+        grad_collect_pcie_s=state.collect_pcie_s,
+        optimizer_s=optimizer(runs, cluster=cluster, model=model, num_experts=num_experts, layout=layout),
+        sendout_pcie_s=state.sendout_pcie_s,
+        sendout_net_s=state.sendout_net_s,
+    )
+    bytes_C = {
+        "popularity": popularity_bytes,
+        "a2a": a2a_bytes_C,
+        "dense_allreduce": np.full(num_steps, allreduce_bytes_step),
+        "grad_collect": state.collect_bytes,
+        "weight_sendout": state.sendout_bytes,
+        "migration": migration_total,
+        "shadow": shadow_bytes,
+        "pcie": state.collect_pcie_bytes + state.sendout_pcie_bytes,
+    }
+    dropped_C = per_step(routing.dropped_LE.sum(axis=1), num_steps)
+    assignments_C = per_step(routing.num_assignments_L, num_steps)
+    columns = {
+        **{f"bytes_{kind}": bytes_C[kind] for kind in BYTE_KINDS},
+        "imbalance": routing.imbalance_L.reshape(num_steps, num_layers).mean(axis=1),
+        "dropped_tokens": dropped_C,
+        "assignments": assignments_C,
+        "dropped_fraction": dropped_C / np.maximum(assignments_C, 1),
+        "replica_moves": np.array([int(p.moves_L.sum()) for p in plans]),
+    }
+    return work, columns
