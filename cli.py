@@ -12,6 +12,9 @@ import sys
 
 import click
 
+from symi_sim.figures.registry import plot_kinds_help
+from symi_sim.outputs import timestamped_dir
+
 
 class _SymiGroup(click.Group):
     """Turns library ValueErrors into `Error: ...` and exit 1, never a traceback."""
@@ -31,7 +34,7 @@ def symi(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-# ---------------------------------------------------------------- trace (section owned by the trace work)
+# ---------------------------------------------------------------- trace
 
 
 @symi.group("trace")
@@ -109,11 +112,6 @@ def trace_synth_cmd(out_path: str, num_experts: int, num_layers: int, num_steps:
 # ---------------------------------------------------------------- plan
 
 
-def _timestamped(command: str) -> str:
-    import datetime
-
-    return f"runs/{command}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
 
 @symi.command()
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
@@ -152,7 +150,7 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, ste
             get_policy(name)  # fail on an unknown name before any work
         steps, summary = replay_trace(trace, cluster, names, capacity_factor=capacity_factor,
                                       capacity_mode=capacity_mode, window=window)
-        out_dir = out or _timestamped("plan-replay")
+        out_dir = out or str(timestamped_dir("plan-replay"))
         config = {"command": "plan --replay", "trace": trace_path, "trace_model": trace.model,
                   "cluster": cluster.to_dict(), "policies": names, "capacity_factor": capacity_factor,
                   "capacity_mode": capacity_mode, "window": window}
@@ -228,7 +226,7 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     from symi_sim.traces.fit import fit_trace
     from symi_sim.traces.format import read_trace
 
-    out_dir = Path(out or _timestamped("simulate"))
+    out_dir = Path(out or timestamped_dir("simulate"))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output directory {str(out_dir)!r} already exists and is not empty")
     failures = None
@@ -261,9 +259,7 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
 
 # ---------------------------------------------------------------- plot
 
-# kept here as text so that --help shows it without importing matplotlib
-PLOT_KINDS_HELP = ("simulate runs: comparison, cdf, timeline; plan --replay runs: replay, cdf; train runs: loss, "
-                   "heatmap (needs trace.parquet), dropped; a trace file: heatmap")
+PLOT_KINDS_HELP = plot_kinds_help()  # from the figure registry, which loads matplotlib only to draw
 
 
 @symi.command("plot")
@@ -277,7 +273,7 @@ def plot(run_dir: str, kinds: tuple[str, ...], out: str | None) -> None:
     The kind of run is told by its files. A figure goes to <kind>.png (a trace's to <stem>-heatmap.png), or to
     <kind>-2.png, -3, ... when that name is taken: nothing is overwritten. A bad input writes no file at all.
     """
-    from symi_sim.figures.plots import plot_run
+    from symi_sim.figures.registry import plot_run
 
     names = [name.strip() for raw in kinds for name in raw.split(",") if name.strip()]
     if kinds and not names:
@@ -289,8 +285,8 @@ def plot(run_dir: str, kinds: tuple[str, ...], out: str | None) -> None:
 # ---------------------------------------------------------------- train
 
 
-def _capacity_factor(raw: str) -> float | None:
-    if raw.strip().lower() in ("none", "dropless"):
+def _capacity_factor(raw: str | None) -> float | None:
+    if raw is None or raw.strip().lower() in ("none", "dropless"):
         return None
     try:
         return float(raw)
@@ -298,59 +294,76 @@ def _capacity_factor(raw: str) -> float | None:
         raise ValueError(f"capacity factor must be a number or 'none', got {raw!r}") from None
 
 
+class _TrainOption(click.Option):
+    """A `symi train` option whose default is TrainConfig's (symi_exec.config): each default lives there only.
+    Read when the command runs or shows its help, so that `import cli` never imports symi_exec."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, show_default=True, **kwargs)
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> object:
+        from symi_exec.config import default_of
+
+        return default_of(self.name)
+
+
+def _train_option(*decls: str, **attrs: object):
+    """click.option for an option of `symi train` named like its TrainConfig field."""
+    return click.option(*decls, cls=_TrainOption, **attrs)
+
+
 @symi.command()
 @click.option("--nproc-per-node", type=int, default=2, show_default=True,
               help="Local ranks to spawn (ignored under torchrun, which sets RANK/WORLD_SIZE).")
-@click.option("--model", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
-@click.option("--experts", "num_experts", type=int, default=4, show_default=True, help="Experts per MoE layer (E).")
-@click.option("--slots", "slots_per_rank", type=int, default=2, show_default=True, help="Expert slots per rank.")
-@click.option("--top-k", type=int, default=1, show_default=True)
-@click.option("--policy", default="symi", show_default=True,
-              help="Replica placement policy (static, symi, symi-balanced, eplb, lazarus, flexmoe[-N]).")
+@_train_option("--model", type=click.Choice(["tiny", "small"]), help="Model preset (symi_exec/model.py).")
+@_train_option("--experts", "num_experts", type=int, help="Experts per MoE layer (E).")
+@_train_option("--slots", "slots_per_rank", type=int, help="Expert slots per rank.")
+@_train_option("--top-k", type=int, help="Experts each token is routed to.")
+@_train_option("--policy", help="Replica placement policy (static, symi, symi-balanced, eplb, lazarus, flexmoe[-N]).")
 @click.option("-o", "--option", "options", multiple=True, help="Policy option key=value (repeatable).")
-@click.option("--capacity-factor", default="1.0", show_default=True, help="A number, or 'none' for dropless.")
-@click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per rank per step.")
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate (cosine decay).")
-@click.option("--aux-loss-coef", type=float, default=0.01, show_default=True, help="Load-balancing loss weight.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Text file to train on (bytes are tokens); default: the shipped Wikipedia sample.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
-@click.option("--log-interval", type=int, default=10, show_default=True, help="Steps between rank-0 log lines.")
+@_train_option("--capacity-factor", type=str, help="A number, or 'none' for dropless.")
+@_train_option("--capacity-mode", type=click.Choice(["slot", "gpu"]),
+               help="Capacity per slot, or per GPU shared by its slots.")
+@_train_option("--steps", type=int, help="Training steps.")
+@_train_option("--batch-size", type=int, help="Sequences per rank per step.")
+@_train_option("--lr", type=float, help="Peak learning rate (cosine decay to a tenth of it).")
+@_train_option("--aux-loss-coef", type=float, help="Load-balancing loss weight.")
+@_train_option("--seed", type=int, help="Random seed (model initialisation and batches).")
+@_train_option("--data", type=click.Path(dir_okay=False),
+               help="Text file to train on (bytes are tokens); default: the shipped Wikipedia sample.")
+@_train_option("--dtype", type=click.Choice(["float32", "float64"]), help="Parameter and activation dtype.")
+@_train_option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
+@_train_option("--log-interval", type=int, help="Steps between rank-0 log lines.")
 @click.option("--out", default=None, help="Run directory (default runs/train-<timestamp>).")
-@click.option("--checkpoint-every", type=int, default=0, show_default=True,
-              help="Checkpoint every K steps and after the last one (0: never).")
-@click.option("--checkpoint-dir", default=None,
-              help="Where checkpoints go (default: the --resume directory, else <out>-checkpoints).")
-@click.option("--resume", default=None, type=click.Path(file_okay=False),
-              help="Continue from the latest complete checkpoint in this directory (any number of ranks).")
-@click.option("--sparse-hot-share", type=float, default=None,
-              help="Between full checkpoints, snapshot after every step only the hot experts, covering this share "
-                   "(0-1] of the tokens since each expert's last snapshot (MoEtion-style; needs --checkpoint-every).")
-@click.option("--keep-checkpoints", type=int, default=0, show_default=True,
-              help="Keep only the newest N full checkpoints (0: keep all).")
-@click.option("--overlap-checkpoints", is_flag=True,
-              help="Write checkpoints and snapshots in a background thread while training goes on.")
-@click.option("--fail-at-step", type=int, default=None,
-              help="Failure drill: every rank kills itself (SIGKILL) when this step starts; resume with --resume.")
+@_train_option("--checkpoint-every", type=int, help="Checkpoint every K steps and after the last one (0: never).")
+@_train_option("--checkpoint-dir",
+               help="Where checkpoints go (default: the --resume directory, else <out>-checkpoints).")
+@_train_option("--resume", type=click.Path(file_okay=False),
+               help="Continue from the latest complete checkpoint in this directory (any number of ranks).")
+@_train_option("--sparse-hot-share", type=float,
+               help="Between full checkpoints, snapshot after every step only the hot experts, covering this share "
+                    "(0-1] of the tokens since each expert's last snapshot (MoEtion-style; needs --checkpoint-every).")
+@_train_option("--keep-checkpoints", type=int, help="Keep only the newest N full checkpoints (0: keep all).")
+@_train_option("--overlap-checkpoints", is_flag=True,
+               help="Write checkpoints and snapshots in a background thread while training goes on.")
+@_train_option("--fail-at-step", type=int,
+               help="Failure drill: every rank kills itself (SIGKILL) when this step starts; resume with --resume.")
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
-          options: tuple[str, ...], capacity_factor: str, capacity_mode: str, steps: int, batch_size: int, lr: float,
-          aux_loss_coef: float, seed: int, data: str | None, dtype: str, record_trace: bool, log_interval: int,
-          out: str | None, checkpoint_every: int, checkpoint_dir: str | None, resume: str | None,
+          options: tuple[str, ...], capacity_factor: str | None, capacity_mode: str, steps: int, batch_size: int,
+          lr: float, aux_loss_coef: float, seed: int, data: str | None, dtype: str, record_trace: bool,
+          log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None, resume: str | None,
           sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
           fail_at_step: int | None) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
 
-    from symi_exec.trainer import JobFailed, TrainConfig, launch
+    from symi_exec.config import TrainConfig
+    from symi_exec.launch import JobFailed, launch
     from symi_sim.policies import parse_options
 
     config = TrainConfig(
-        out=out or _timestamped("train"), model=model, num_experts=num_experts, slots_per_rank=slots_per_rank,
+        out=out or str(timestamped_dir("train")), model=model, num_experts=num_experts, slots_per_rank=slots_per_rank,
         top_k=top_k, policy=policy, policy_options=parse_options(options),
         capacity_factor=_capacity_factor(capacity_factor), capacity_mode=capacity_mode, steps=steps,
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, seed=seed, data=data,

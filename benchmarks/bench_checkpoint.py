@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from report import print_table, write_csv
 
-from symi_exec.trainer import JobFailed, TrainConfig, launch
+from symi_exec.config import TrainConfig
+from symi_exec.launch import JobFailed, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_MODEL = {"model": "tiny", "num_experts": 8, "slots_per_rank": 5}

@@ -39,7 +39,8 @@ import torch
 from report import print_table, write_csv
 
 from symi_exec.comm import BYTE_KINDS
-from symi_exec.trainer import TrainConfig, launch
+from symi_exec.config import TrainConfig
+from symi_exec.launch import launch
 from symi_sim.simulator.curves import smoothed, steps_to
 
 ROOT = Path(__file__).resolve().parent.parent

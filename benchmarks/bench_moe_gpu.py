@@ -195,7 +195,9 @@ def bench_shape(*, dtype_name: str, d_model: int, num_experts: int, top_k: int, 
 
 def run_train_suite(args: argparse.Namespace, results_dir: Path) -> list[dict[str, Any]]:
     """`symi train` on one rank for each policy x top-k; copies each metrics.csv and returns a summary row each."""
-    from symi_exec.trainer import PHASES, TrainConfig, launch
+    from symi_exec.config import TrainConfig
+    from symi_exec.launch import launch
+    from symi_exec.loop import PHASES
 
     summary: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

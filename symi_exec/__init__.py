@@ -1,4 +1,14 @@
 """The SYMI executor: trains a small MoE GPT with torch.distributed (gloo on CPU, NCCL on GPUs).
 
-Imports torch; the simulator (symi_sim) and the CLI never import this package at module level.
+  config.py         TrainConfig, a job's options and their checks (free of torch: the CLI reads its defaults)
+  launch.py         launch: spawns the local ranks or joins a torchrun job; JobFailed
+  loop.py           train: the training loop of one rank, read top to bottom
+  data.py           the tokens, each step's batch, the learning-rate schedule
+  model.py          the single-device GPT and its reference MoE layer
+  moe.py, comm.py   the expert-parallel MoE layer and its communication (bytes counted by kind)
+  optim.py          the expert optimizers' base and SYMI's sharded layout; optim_replica.py FlexMoE's
+  outputs.py        metrics rows, placement records, the run directory
+  checkpointing.py  the loop's checkpoints (Checkpointer) over checkpoint.py, snapshots.py and writer.py
+
+Everything but config.py imports torch; the simulator (symi_sim) and the CLI never import it at module level.
 """

@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from symi_exec.config import DTYPE_NAMES
+
 VOCAB_SIZE = 256
+# TrainConfig.dtype's names as torch dtypes
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)

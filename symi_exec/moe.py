@@ -99,7 +99,7 @@ def assignment_slots(expert_A: torch.Tensor, plan: DispatchPlan, rank: int) -> t
 class ReplicatedMoE(nn.Module):
     """Expert-parallel MoE layer: this rank's S slots hold the weights of the experts the placement gives them.
 
-    The trainer sets `placement` (1 layer) before forward and fills `slot_weights_SP` with the matching experts'
+    The training loop sets `placement` (1 layer) before forward and fills `slot_weights_SP` with the matching experts'
     weights (optim.ShardedExpertOptimizer.send_out). After forward the layer exposes this step's counts.
     """
 

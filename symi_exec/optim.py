@@ -14,7 +14,8 @@ ShardedExpertOptimizer (SYMI; the paper's pipeline, steps 4-8):
 Every transfer is a real point-to-point segment inside one all-to-all per phase, so the counted bytes are the
 bytes the scheme moves. Optimizer state never leaves its rank: the `optimizer_state` byte count stays zero.
 
-ReplicaExpertOptimizer (FlexMoE, as the SYMI authors re-implemented it; the simulator's "replica" layout):
+ReplicaExpertOptimizer (optim_replica.py; FlexMoE, as the SYMI authors re-implemented it; the simulator's
+"replica" layout):
   replica_grad_sync  as above; afterwards every holder rank has e's full summed gradient
   step               every holder rank runs AdamW on its full copy of e (weights, m, v): the copies stay identical
   send_out           only when the placement changes: a rank that starts hosting e receives e's weights
@@ -23,12 +24,15 @@ ReplicaExpertOptimizer (FlexMoE, as the SYMI authors re-implemented it; the simu
                      Slots then take their expert's weights from the local copy. No gradient collection.
 Several slots of one expert on one rank share one copy (state is per rank, not per slot), so moving a replica
 within a rank, or to a rank that already hosts the expert, moves nothing.
+
+Both derive from ExpertOptimizer, the interface the training loop runs either through.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -103,8 +107,11 @@ def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement,
     return representative, holders
 
 
-class ShardedExpertOptimizer:
-    """Every expert's master weights and AdamW moments for this rank's shard; the gradient and weight traffic."""
+class ExpertOptimizer(ABC):
+    """What both layouts share: the hyperparameters, the step count, AdamW over (weights, gradient, moments)
+    tensors, the global gradient norm, and this rank's slots of a placement. The training loop runs either."""
+
+    layout: str   # "sharded" or "replica": the checkpoint layout (state_dict) and run config.json's name
 
     def __init__(self, expert_weights_LEP: list[torch.Tensor], comm: Comm, *, slots_per_rank: int, lr: float,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
@@ -112,17 +119,77 @@ class ShardedExpertOptimizer:
         self.comm = comm
         self.slots_per_rank = slots_per_rank
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.num_layers = len(expert_weights_LEP)
         self.num_experts, self.expert_numel = expert_weights_LEP[0].shape
-        self.start, self.stop = shard_bounds(self.expert_numel, comm.world_size, comm.rank)
+        self.num_steps = 0
+        self._init_state(expert_weights_LEP)
+
+    @abstractmethod
+    def _init_state(self, expert_weights_LEP: list[torch.Tensor]) -> None:
+        """This rank's initial expert state, from every expert's full initial weights."""
+
+    def _local_R(self, phy2log_R: np.ndarray) -> np.ndarray:
+        """The experts of this rank's slots in one layer's placement."""
+        spr, me = self.slots_per_rank, self.comm.rank
+        return phy2log_R[me * spr:(me + 1) * spr]
+
+    @abstractmethod
+    def _adam_tensors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(weights, gradient, exp_avg, exp_avg_sq) of every tensor this rank updates."""
+
+    @abstractmethod
+    def _counted_grads(self) -> Iterable[torch.Tensor]:
+        """This rank's part of the expert gradients, each element counted on exactly one rank."""
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared L2 norm of the expert gradients over ALL ranks (an all-reduce of one number)."""
+        return global_sq_norm(self._counted_grads(), self.comm)
+
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """AdamW with learning rate `lr`, gradients multiplied by `grad_scale` (clipping)."""
+        self.num_steps += 1
+        beta1, beta2 = self.betas
+        for weights, grad, exp_avg, exp_avg_sq in self._adam_tensors():
+            adamw_update_(weights, grad * grad_scale if grad_scale != 1.0 else grad, exp_avg, exp_avg_sq,
+                          step=self.num_steps, lr=lr, beta1=beta1, beta2=beta2, eps=self.eps,
+                          weight_decay=self.weight_decay)
+
+    @abstractmethod
+    def collect_gradients(self, slot_grads_LSP: list[torch.Tensor], placement: Placement) -> None:
+        """Take this rank's slot gradients under `placement` (the one the step ran with), averaged over ranks."""
+
+    @abstractmethod
+    def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
+        """Fill this rank's slots with the current weights of the experts `placement` gives them."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, object]:
+        """This rank's part of every expert's state (checkpoint.assemble_expert_state assembles them)."""
+
+    @abstractmethod
+    def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
+        """This rank's part of the state of the experts in `mask_LE` ([L, E] bool) (snapshots.py)."""
+
+    @abstractmethod
+    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
+        """Take this rank's part of every expert's full state (checkpoint.assemble_expert_state)."""
+
+    @abstractmethod
+    def full_weights(self) -> list[torch.Tensor]:
+        """[L] x [E, P]: every expert's full weights, assembled on every rank."""
+
+
+class ShardedExpertOptimizer(ExpertOptimizer):
+    """Every expert's master weights and AdamW moments for this rank's shard; the gradient and weight traffic."""
+
+    layout = "sharded"
+
+    def _init_state(self, expert_weights_LEP: list[torch.Tensor]) -> None:
+        self.start, self.stop = self._bounds(self.comm.rank)
         self.master_LEp = [w[:, self.start:self.stop].detach().clone() for w in expert_weights_LEP]
         self.exp_avg_LEp = [torch.zeros_like(w) for w in self.master_LEp]
         self.exp_avg_sq_LEp = [torch.zeros_like(w) for w in self.master_LEp]
         self.grad_LEp = [torch.zeros_like(w) for w in self.master_LEp]
-        self.num_steps = 0
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.master_LEp)
 
     def _bounds(self, rank: int) -> tuple[int, int]:
         return shard_bounds(self.expert_numel, self.comm.world_size, rank)
@@ -155,25 +222,17 @@ class ShardedExpertOptimizer:
 
         exchange(collect_segs, comm, "grad_collection", dtype, read_rep, write_grad)
 
-    def grad_sq_norm(self) -> torch.Tensor:
-        """Squared L2 norm of the collected expert gradients over ALL ranks (an all-reduce of one number)."""
-        return _global_sq_norm(self.grad_LEp, self.comm)
+    def _counted_grads(self) -> Iterable[torch.Tensor]:
+        return self.grad_LEp   # shards: every element lives on one rank
 
     # ------------------------------------------------------------------ update and send-out
 
-    def step(self, lr: float, grad_scale: float = 1.0) -> None:
-        """AdamW on this rank's shards with learning rate `lr`, gradients multiplied by `grad_scale` (clipping)."""
-        self.num_steps += 1
-        beta1, beta2 = self.betas
-        for master, grad, m, v in zip(self.master_LEp, self.grad_LEp, self.exp_avg_LEp, self.exp_avg_sq_LEp,
-                                      strict=True):
-            adamw_update_(master, grad * grad_scale if grad_scale != 1.0 else grad, m, v, step=self.num_steps,
-                          lr=lr, beta1=beta1, beta2=beta2, eps=self.eps, weight_decay=self.weight_decay)
+    def _adam_tensors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return zip(self.master_LEp, self.grad_LEp, self.exp_avg_LEp, self.exp_avg_sq_LEp, strict=True)
 
     def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
         """Fill every rank's slots with the current weights of the experts `placement` gives them."""
         comm, spr = self.comm, self.slots_per_rank
-        me = comm.rank
         segs = []
         for layer in range(self.num_layers):
             phy2log_R = placement.phy2log_LR[layer]
@@ -187,16 +246,15 @@ class ShardedExpertOptimizer:
 
         def write_slots(seg: Segment, data: torch.Tensor) -> None:
             layer, expert = seg.key
-            local_R = placement.phy2log_LR[layer][me * spr:(me + 1) * spr]
             with torch.no_grad():
-                for s in np.flatnonzero(local_R == expert):
+                for s in np.flatnonzero(self._local_R(placement.phy2log_LR[layer]) == expert):
                     slot_weights_LSP[layer][s, seg.start:seg.stop] = data
 
         exchange(segs, comm, "weight_sendout", self.master_LEp[0].dtype, read_master, write_slots)
 
     def state_dict(self) -> dict[str, object]:
         """This rank's shard of every expert: master weights and AdamW moments (checkpoint.py assembles them)."""
-        return {"layout": "sharded", "num_steps": self.num_steps, "start": self.start, "stop": self.stop,
+        return {"layout": self.layout, "num_steps": self.num_steps, "start": self.start, "stop": self.stop,
                 "weights": [w.detach().cpu().clone() for w in self.master_LEp],
                 "exp_avg": [m.detach().cpu().clone() for m in self.exp_avg_LEp],
                 "exp_avg_sq": [v.detach().cpu().clone() for v in self.exp_avg_sq_LEp]}
@@ -204,7 +262,7 @@ class ShardedExpertOptimizer:
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
         """This rank's shard of the experts in `mask_LE` ([L, E] bool) only (snapshots.py assembles them)."""
         keys = [(int(layer), int(expert)) for layer, expert in zip(*np.nonzero(mask_LE), strict=True)]
-        return {"layout": "sharded", "keys": keys,
+        return {"layout": self.layout, "keys": keys,
                 **{name: torch.stack([table[layer][expert] for layer, expert in keys]).cpu().clone()
                    if keys else torch.zeros(0, self.stop - self.start)
                    for name, table in (("weights", self.master_LEp), ("exp_avg", self.exp_avg_LEp),
@@ -243,164 +301,7 @@ class ShardedExpertOptimizer:
         return out
 
 
-class ReplicaExpertOptimizer:
-    """FlexMoE's coupled layout: every rank hosting an expert keeps its full weights and AdamW moments.
-
-    Same interface as ShardedExpertOptimizer, so the training loop runs either. The copies of an expert on its
-    holder ranks see the same summed gradient and run the same update, so they stay bit-identical; the one on
-    the lowest holder rank is the one counted (gradient norm) and checkpointed.
-    """
-
-    def __init__(self, expert_weights_LEP: list[torch.Tensor], comm: Comm, *, slots_per_rank: int, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        """expert_weights_LEP: the full initial weights of every expert (identical on all ranks)."""
-        self.comm = comm
-        self.slots_per_rank = slots_per_rank
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.num_experts, self.expert_numel = expert_weights_LEP[0].shape
-        self.num_layers = len(expert_weights_LEP)
-        # kept only until the first placement says which experts this rank hosts
-        self._initial_LEP: list[torch.Tensor] | None = [w.detach().clone() for w in expert_weights_LEP]
-        self.weights: dict[tuple[int, int], torch.Tensor] = {}     # (layer, expert) -> [P], hosted experts only
-        self.exp_avg: dict[tuple[int, int], torch.Tensor] = {}
-        self.exp_avg_sq: dict[tuple[int, int], torch.Tensor] = {}
-        self.grad: dict[tuple[int, int], torch.Tensor] = {}
-        self.placement: Placement | None = None
-        self.num_steps = 0
-
-    def _hosted(self, placement: Placement) -> set[tuple[int, int]]:
-        spr, me = self.slots_per_rank, self.comm.rank
-        return {(layer, int(e)) for layer, phy2log_R in enumerate(placement.phy2log_LR)
-                for e in phy2log_R[me * spr:(me + 1) * spr]}
-
-    def _lead(self, placement: Placement) -> set[tuple[int, int]]:
-        """Keys whose lowest holder rank is this one."""
-        return {key for key in self._hosted(placement)
-                if holder_ranks(placement.phy2log_LR[key[0]], key[1], self.slots_per_rank)[0] == self.comm.rank}
-
-    # ------------------------------------------------------------------ gradients
-
-    def collect_gradients(self, slot_grads_LSP: list[torch.Tensor], placement: Placement) -> None:
-        """Replica gradient sync; every holder keeps the full summed gradient, averaged over ranks."""
-        assert self.placement is not None and np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR), \
-            "gradients must come from the placement the optimizer filled the slots for"
-        representative, _ = sync_replica_grads(slot_grads_LSP, placement, self.comm, self.slots_per_rank,
-                                               self.num_experts)
-        self.grad = {key: grad / self.comm.world_size for key, grad in representative.items()}
-
-    def grad_sq_norm(self) -> torch.Tensor:
-        """Squared L2 norm of the expert gradients, each expert counted once (on its lowest holder rank)."""
-        assert self.placement is not None
-        return _global_sq_norm((self.grad[key] for key in self._lead(self.placement)), self.comm)
-
-    # ------------------------------------------------------------------ update and migration
-
-    def step(self, lr: float, grad_scale: float = 1.0) -> None:
-        """AdamW on every hosted expert's full copy with learning rate `lr`, gradients times `grad_scale`."""
-        self.num_steps += 1
-        beta1, beta2 = self.betas
-        for key, weights in self.weights.items():
-            grad = self.grad[key]
-            adamw_update_(weights, grad * grad_scale if grad_scale != 1.0 else grad, self.exp_avg[key],
-                          self.exp_avg_sq[key], step=self.num_steps, lr=lr, beta1=beta1, beta2=beta2,
-                          eps=self.eps, weight_decay=self.weight_decay)
-        self.grad = {}
-
-    def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
-        """Migrate the experts whose holder ranks change (weights and moments), then fill this rank's slots."""
-        hosted = self._hosted(placement)
-        if self.placement is None:
-            assert self._initial_LEP is not None
-            for layer, expert in sorted(hosted):
-                weights = self._initial_LEP[layer][expert].clone()
-                self.weights[layer, expert] = weights
-                self.exp_avg[layer, expert] = torch.zeros_like(weights)
-                self.exp_avg_sq[layer, expert] = torch.zeros_like(weights)
-            self._initial_LEP = None
-        elif not np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR):
-            self._migrate(placement)
-        for key in set(self.weights) - hosted:
-            del self.weights[key], self.exp_avg[key], self.exp_avg_sq[key]
-        assert set(self.weights) == hosted
-        spr, me = self.slots_per_rank, self.comm.rank
-        with torch.no_grad():
-            for layer, phy2log_R in enumerate(placement.phy2log_LR):
-                for s, expert in enumerate(phy2log_R[me * spr:(me + 1) * spr]):
-                    slot_weights_LSP[layer][s] = self.weights[layer, int(expert)]
-        self.placement = placement
-
-    def _migrate(self, placement: Placement) -> None:
-        assert self.placement is not None
-        spr, numel = self.slots_per_rank, self.expert_numel
-        segs = []
-        for layer in range(self.num_layers):
-            old_R, new_R = self.placement.phy2log_LR[layer], placement.phy2log_LR[layer]
-            for expert in range(self.num_experts):
-                old = holder_ranks(old_R, expert, spr)
-                segs += [Segment(old[dst % len(old)], dst, (layer, expert), 0, numel)
-                         for dst in holder_ranks(new_R, expert, spr) if dst not in old]
-        dtype = next(iter(self.weights.values())).dtype
-
-        def read_weights(seg: Segment) -> torch.Tensor:
-            return self.weights[seg.key].clone()
-
-        def write_weights(seg: Segment, data: torch.Tensor) -> None:
-            self.weights[seg.key] = data.clone()
-
-        def read_moments(seg: Segment) -> torch.Tensor:
-            return torch.cat([self.exp_avg[seg.key], self.exp_avg_sq[seg.key]])
-
-        def write_moments(seg: Segment, data: torch.Tensor) -> None:
-            self.exp_avg[seg.key] = data[:numel].clone()
-            self.exp_avg_sq[seg.key] = data[numel:].clone()
-
-        exchange(segs, self.comm, "weight_sendout", dtype, read_weights, write_weights)
-        moment_segs = [Segment(seg.src, seg.dst, seg.key, 0, 2 * numel) for seg in segs]
-        exchange(moment_segs, self.comm, "optimizer_state", dtype, read_moments, write_moments)
-
-    def state_dict(self) -> dict[str, object]:
-        """Full weights and AdamW moments of the experts whose lowest holder this rank is (each expert once)."""
-        assert self.placement is not None
-        return {"num_steps": self.num_steps, **self._lead_state(sorted(self._lead(self.placement)))}
-
-    def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
-        """Full state of the experts in `mask_LE` ([L, E] bool) whose lowest holder this rank is."""
-        assert self.placement is not None
-        return self._lead_state(sorted(key for key in self._lead(self.placement) if mask_LE[key]))
-
-    def _lead_state(self, keys: list[tuple[int, int]]) -> dict[str, object]:
-        return {"layout": "replica",
-                **{name: {key: table[key].detach().cpu().clone() for key in keys}
-                   for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
-                                       ("exp_avg_sq", self.exp_avg_sq))}}
-
-    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
-        """Become a holder of every expert `placement` gives this rank, with its full state from the checkpoint
-        (checkpoint.assemble_expert_state); the next send_out with the same placement only fills the slots."""
-        assert self._initial_LEP is not None, "load the state before the first send_out"
-        device, dtype = self._initial_LEP[0].device, self._initial_LEP[0].dtype
-        for layer, expert in sorted(self._hosted(placement)):
-            for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
-                                ("exp_avg_sq", self.exp_avg_sq)):
-                table[layer, expert] = full[name][layer][expert].to(device=device, dtype=dtype).clone()
-        self.num_steps = int(full["num_steps"])
-        self.placement = placement
-        self._initial_LEP = None
-
-    def full_weights(self) -> list[torch.Tensor]:
-        """[L] x [E, P]: every expert's full weights, assembled on every rank (for checkpoints)."""
-        assert self.placement is not None
-        device = next(iter(self.weights.values())).device
-        dtype = next(iter(self.weights.values())).dtype
-        out_LEP = torch.zeros(self.num_layers, self.num_experts, self.expert_numel, dtype=dtype, device=device)
-        for layer, expert in self._lead(self.placement):
-            out_LEP[layer, expert] = self.weights[layer, expert]
-        if self.comm.world_size > 1:
-            dist.all_reduce(out_LEP)   # exactly one rank contributes each expert; the others add zeros
-        return list(out_LEP)
-
-
-def _global_sq_norm(grads: Iterable[torch.Tensor], comm: Comm) -> torch.Tensor:
+def global_sq_norm(grads: Iterable[torch.Tensor], comm: Comm) -> torch.Tensor:
     """Sum over all ranks of this rank's squared gradient norms (float64; one all-reduce of one number)."""
     sq = torch.zeros((), dtype=torch.float64, device=comm.device)
     for grad in grads:

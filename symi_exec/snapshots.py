@@ -32,6 +32,7 @@ import torch
 
 from symi_exec import checkpoint
 from symi_exec.checkpoint import MARKER, read_meta
+from symi_sim.checks import check_number
 
 SPARSE_PREFIX = "sparse-"
 
@@ -39,8 +40,7 @@ SPARSE_PREFIX = "sparse-"
 def hot_mask_LE(unsaved_LE: np.ndarray, age_LE: np.ndarray, hot_share: float) -> np.ndarray:
     """[L, E] bool: per layer, the fewest experts by unsaved tokens (ties: larger age, then lower id) covering
     `hot_share` of the layer's unsaved tokens; every expert when hot_share >= 1; none in a layer with no tokens."""
-    if not 0 < hot_share <= 1:
-        raise ValueError(f"sparse hot share must be in (0, 1], got {hot_share!r}")
+    check_number(hot_share, "sparse hot share", low=0, high=1, low_open=True)
     unsaved_LE = np.asarray(unsaved_LE, dtype=np.float64)
     if hot_share >= 1:
         return np.ones(unsaved_LE.shape, dtype=bool)

@@ -5,7 +5,7 @@ every rank writes its file (atomically: temporary name, fsync, rename), then a `
 file's size and expert bytes; rank 0, once all G notes are there, writes meta.json and COMPLETE (finish()). At most
 one write per rank is in flight: a new one waits for the previous one, so snapshots complete in step order (a
 sparse chain never has a later snapshot complete before an earlier one). The state handed over must be a copy the
-training loop does not touch again (trainer.py clones tensors and copies lists before handing them over).
+training loop does not touch again (checkpointing.py clones tensors and copies lists before handing them over).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""All-or-nothing output: files and run directories appear only once complete; JSON of numpy values.
+"""All-or-nothing output: files and run directories appear only once complete; JSON of numpy values; the default
+run directory name (timestamped).
 
 A command that fails half-way must leave no partial file behind, so everything is written under a
 temporary name next to its destination and renamed into place at the end (rename is atomic on POSIX).
@@ -11,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def timestamped_dir(prefix: str, root: str | Path = "runs") -> Path:
+    """`root/<prefix>-YYYYmmdd-HHMMSS` (local time now): the default run directory of a command or study."""
+    return Path(root) / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _make_parent(path: Path) -> None:

@@ -11,8 +11,10 @@ import torch
 from train_jobs import finish, kill_once, read_rows, symi_train
 
 from symi_exec import checkpoint
+from symi_exec.config import TrainConfig
+from symi_exec.data import get_batch, load_tokens, lr_at
+from symi_exec.launch import launch
 from symi_exec.model import GPT, param_groups
-from symi_exec.trainer import TrainConfig, get_batch, launch, load_tokens, lr_at
 
 STEPS = 30
 
@@ -71,7 +73,8 @@ def test_resume_on_fewer_ranks_matches_single_process(tmp_path: Path) -> None:
     (torch's AdamW, clip_grad_norm_) loaded with the checkpoint's full state: dense weights and AdamW state,
     every expert's weights and moments assembled from the 3 shards. Float64, dropless: equal to 1e-10."""
     config = TrainConfig(out=str(tmp_path / "three"), num_experts=4, slots_per_rank=2, top_k=2, policy="symi",
-                         steps=2, batch_size=2, dtype="float64", checkpoint_every=2, lr=1e-2, log_interval=1000)
+                         steps=2, batch_size=2, dtype="float64", checkpoint_every=2, lr=1e-2, log_interval=1000,
+                         capacity_factor=None)
     launch(config, 3)
     ckpt = config.checkpoint_root()
     saved = checkpoint.step_dir(ckpt, 2)

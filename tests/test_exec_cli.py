@@ -4,6 +4,7 @@ directory; the CLI and the simulator stay free of torch."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +12,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import symi_exec.launch
 from cli import symi
+from symi_exec.config import TrainConfig, default_of
 
 
 @pytest.mark.parametrize("args,message", [
     (["--experts", "9", "--slots", "2"], "9 experts need at least 9 slots"),
     (["--policy", "nope"], "unknown policy 'nope'"),
     (["--policy", "oracle"], "current step's loads"),
-    (["--policy", "flexmoe-5", "-o", "threshold=0.5"], "threshold (max/mean GPU load) must be a number >= 1"),
+    (["--policy", "flexmoe-5", "-o", "threshold=0.5"], "threshold (max/mean GPU load) must be a finite number >= 1"),
     (["--policy", "flexmoe", "-o", "nope=1"], "unknown option(s) ['nope'] for policy 'flexmoe'"),
     (["--capacity-factor", "abc"], "capacity factor must be a number"),
     (["--capacity-factor", "-1"], "capacity factor must be a finite number > 0"),
@@ -62,7 +65,35 @@ def test_cli_and_simulator_do_not_import_torch() -> None:
 
 
 def test_executor_does_not_import_simpy() -> None:
-    code = "import sys, symi_exec.trainer; print('simpy' in sys.modules)"
+    code = "import sys, symi_exec.launch; print('simpy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parent.parent)
     assert result.stdout.strip() == "False"
+
+
+def test_train_option_defaults_are_train_config_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each default lives in TrainConfig: `symi train` without options builds TrainConfig's defaults and shows
+    them in --help, and every option but the launcher's names a TrainConfig field (so a new one cannot drift)."""
+    command = symi.commands["train"]
+    field_names = {spec.name for spec in dataclasses.fields(TrainConfig)}
+    assert {param.name for param in command.params} - field_names == {"nproc_per_node", "options"}
+
+    launched: list[TrainConfig] = []
+
+    def fake_launch(config: TrainConfig, nproc_per_node: int, **_: object) -> Path:
+        launched.append(config)
+        raise symi_exec.launch.JobFailed("not launched")
+
+    monkeypatch.setattr(symi_exec.launch, "launch", fake_launch)
+    out = str(tmp_path / "run")
+    result = CliRunner().invoke(symi, ["train", "--out", out])
+    assert result.exit_code == 1 and "not launched" in result.output, result.output
+    got, want = dataclasses.asdict(launched[0]), dataclasses.asdict(TrainConfig(out=out))
+    assert got.pop("min_lr") == got["lr"] / 10   # the CLI derives it from --lr
+    want.pop("min_lr")
+    assert got == want
+
+    ctx = command.make_context("train", [])
+    for param in command.params:
+        if param.name in field_names and param.name != "out" and default_of(param.name) not in (None, False):
+            assert f"default: {default_of(param.name)}" in param.get_help_record(ctx)[1], param.name

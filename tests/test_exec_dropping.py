@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_exec_train import NUM_RANKS, read_metrics
 
-from symi_exec.trainer import TrainConfig, launch
+from symi_exec.config import TrainConfig
+from symi_exec.launch import launch
 from symi_sim.placement import Placement
 from symi_sim.routing import route
 from symi_sim.traces.format import read_trace

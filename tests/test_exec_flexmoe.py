@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from test_exec_train import NUM_RANKS, scheme_bytes, train_and_compare
 
-from symi_exec.trainer import TrainConfig
+from symi_exec.config import TrainConfig
 
 ELEM_BYTES = 8   # float64
 
@@ -32,7 +32,7 @@ def test_flexmoe_matches_single_process_and_migrates_exactly_the_moved_state(tmp
     # replicas of experts this small); flexmoe-2: a new plan only after steps 1, 3, 5
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy="flexmoe-2",
                          policy_options={"min_gain_ratio": 0}, steps=6, batch_size=2, dtype="float64", seed=0,
-                         lr=1e-2, grad_clip=0.5)
+                         lr=1e-2, grad_clip=0.5, capacity_factor=None)
     out, rows, _ = train_and_compare(config)
     assert all(row["dropped_fraction"] == 0 for row in rows)
     assert all(row["grad_norm"] > config.grad_clip for row in rows)   # clipping active: each expert counted once

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from test_exec_train import train_and_compare
 
-from symi_exec.trainer import TrainConfig
+from symi_exec.config import TrainConfig
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 
@@ -30,7 +30,7 @@ def random_planner(step: int, load_LE: np.ndarray, cluster: Cluster, previous: P
 
 def test_random_uneven_placements_match_single_process(tmp_path: Path) -> None:
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=3, slots_per_rank=4, top_k=2, policy="symi",
-                         steps=3, batch_size=2, dtype="float64", seed=2, lr=1e-2, grad_clip=0.5)
+                         steps=3, batch_size=2, dtype="float64", seed=2, lr=1e-2, grad_clip=0.5, capacity_factor=None)
     out, rows, _ = train_and_compare(config, planner=random_planner)
     assert all(row["replica_moves"] > 0 for row in rows)
     assert all(row["grad_norm"] > config.grad_clip for row in rows)   # clipping was active

@@ -16,8 +16,9 @@ from train_jobs import finish, kill_once, read_rows, symi_train
 
 from cli import symi
 from symi_exec import checkpoint, snapshots
+from symi_exec.config import TrainConfig
+from symi_exec.launch import JobFailed, launch
 from symi_exec.model import GPT
-from symi_exec.trainer import JobFailed, TrainConfig, launch
 from symi_sim.traces.format import read_trace
 
 STEPS = 30
@@ -229,7 +230,8 @@ def test_sparse_chain_resumes_on_fewer_ranks(tmp_path: Path) -> None:
     """A chain written by 2 ranks (each file holding its half of every hot expert) resumes on 1 rank: the expert
     state it loads is the chain's merged state, re-sharded."""
     config = TrainConfig(out=str(tmp_path / "two"), num_experts=4, slots_per_rank=3, top_k=2, steps=6, batch_size=2,
-                         checkpoint_every=100, sparse_hot_share=0.5, fail_at_step=4, log_interval=1000)
+                         checkpoint_every=100, sparse_hot_share=0.5, fail_at_step=4, log_interval=1000,
+                         capacity_factor=None)
     with pytest.raises(JobFailed, match="died"):
         launch(config, 2)
     ckpt = config.checkpoint_root()

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from test_exec_train import train_and_compare
 
-from symi_exec.trainer import TrainConfig
+from symi_exec.config import TrainConfig
 
 
 def test_static_matches_single_process(tmp_path: Path) -> None:
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=2, top_k=1, policy="static",
-                         steps=3, batch_size=2, dtype="float64", seed=1, lr=1e-2)
+                         steps=3, batch_size=2, dtype="float64", seed=1, lr=1e-2, capacity_factor=None)
     out, rows, _ = train_and_compare(config)
     assert all(row["replica_moves"] == 0 for row in rows)
     assert not (out / "trace.parquet").exists()

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from symi_exec.config import TrainConfig
+from symi_exec.data import get_batch, load_tokens, lr_at
+from symi_exec.launch import launch
 from symi_exec.model import GPT, param_groups
-from symi_exec.trainer import TrainConfig, get_batch, launch, load_tokens, lr_at
 from symi_sim.traces.format import read_trace
 
 NUM_RANKS = 2
@@ -102,7 +104,8 @@ def train_and_compare(config: TrainConfig, planner=None) -> tuple[Path, list[dic
 
 def test_symi_matches_single_process_and_moves_no_optimizer_state(tmp_path: Path) -> None:
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy="symi",
-                         steps=3, batch_size=2, dtype="float64", record_trace=True, seed=0, lr=1e-2)
+                         steps=3, batch_size=2, dtype="float64", record_trace=True, seed=0, lr=1e-2,
+                         capacity_factor=None)
     out, rows, counts_SLEG = train_and_compare(config)
     assert sum(row["replica_moves"] for row in rows[:-1]) > 0        # the placement did change between steps
     assert all(row["bytes_optimizer_state"] == 0 for row in rows)    # SYMI never moves optimizer state

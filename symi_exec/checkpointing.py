@@ -1,0 +1,232 @@
+"""The training loop's checkpoints: one Checkpointer per rank writes full checkpoints and sparse snapshots of the
+run's state and restores a resumed run from them.
+
+Legend: L MoE layers, E experts.
+
+With checkpoint_every K, every rank writes its part of a resumable checkpoint every K steps and after the last
+one (checkpoint.py); with sparse_hot_share F also one at step 0 and a sparse snapshot of the hot experts after
+every other step (snapshots.py). `resume` continues from the latest complete checkpoint and the sparse snapshots
+after it, on any number of ranks. Rank 0 then also writes checkpoints.csv (one row per write of this job: step,
+kind, hot experts, bytes, expert bytes, the loop's blocked time, the write time) and, when resumed, recovery.json
+(what was restored and lost). overlap_checkpoints hands the writes to a background thread (writer.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from symi_exec import checkpoint, snapshots
+from symi_exec.comm import Comm
+from symi_exec.config import Planner, TrainConfig
+from symi_exec.data import lr_at
+from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig
+from symi_exec.optim import ExpertOptimizer
+from symi_exec.outputs import History, dense_state_dict
+from symi_exec.writer import SnapshotWriter
+from symi_sim.cluster import Cluster
+from symi_sim.placement import Placement
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class Restored:
+    """Where a resumed run continues: the next step, its placement, the last step's loads, the outputs so far."""
+
+    step: int
+    placement: Placement
+    load_LE: np.ndarray
+    history: History
+
+
+class Checkpointer:
+    """This rank's checkpoint state: the writer, the sparse snapshots' tracker, the rows of checkpoints.csv and
+    the recovery record, over the model and optimizers it saves and restores."""
+
+    def __init__(self, *, config: TrainConfig, cfg: ModelConfig, comm: Comm, model: GPT,
+                 dense_opt: torch.optim.Optimizer, expert_opt: ExpertOptimizer) -> None:
+        self.config, self.cfg, self.comm = config, cfg, comm
+        self.model, self.dense_opt, self.expert_opt = model, dense_opt, expert_opt
+        self.root = config.checkpoint_root()
+        self.writer = SnapshotWriter(comm.rank, comm.world_size, overlapped=config.overlap_checkpoints)
+        self.tracker = snapshots.SnapshotTracker.fresh(cfg.num_layers, cfg.num_experts)
+        self.writes: list[dict[str, Any]] = []        # checkpoints.csv: one row per write of this job
+        self.recovery: dict[str, Any] | None = None    # recovery.json, when resumed
+        self._rng_state: dict[str, Any] | None = None  # read by restore, applied by resume_rng
+
+    # ------------------------------------------------------------------ saving
+
+    def save_start(self, step: int, *, placement: Placement, load_LE: np.ndarray, history: History) -> None:
+        """Before the first step: the sparse chain needs a full state to start from in its own directory."""
+        config = self.config
+        if config.sparse_hot_share is not None and (config.resume is None or self.root != Path(config.resume)):
+            self.save_full(step, placement=placement, load_LE=load_LE, history=history)
+
+    def maybe_save(self, step: int, *, placement: Placement, load_LE: np.ndarray, history: History) -> None:
+        """After step `step` ran with loads `load_LE` (`placement`: the next one): full checkpoint `step + 1`
+        every K steps and after the last step, else (sparse_hot_share) a sparse snapshot."""
+        config, done = self.config, step + 1
+        self.tracker.record_step(load_LE)
+        if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+            self.save_full(done, placement=placement, load_LE=load_LE, history=history)
+            self.tracker = snapshots.SnapshotTracker.fresh(self.cfg.num_layers, self.cfg.num_experts)
+        elif config.sparse_hot_share is not None:
+            self.save_sparse(done, placement=placement, load_LE=load_LE, history=history)
+
+    def save_full(self, step: int, *, placement: Placement, load_LE: np.ndarray, history: History) -> None:
+        """Every rank writes its file of full checkpoint `step` (the state after `step` steps); once complete,
+        rank 0 drops the sparse snapshots it supersedes."""
+        self._write(checkpoint.step_dir(self.root, step), step, "full", self.expert_opt.state_dict(), placement,
+                    load_LE, history=history.to_dict())
+
+    def save_sparse(self, step: int, *, placement: Placement, load_LE: np.ndarray, history: History) -> None:
+        """Every rank writes its file of sparse snapshot `step`: the hot experts the tracker picks (snapshots.py)."""
+        mask_LE = snapshots.hot_mask_LE(self.tracker.unsaved_LE, self.tracker.age_LE, self.config.sparse_hot_share)
+        self.tracker.mark_saved(mask_LE)
+        self._write(snapshots.sparse_dir(self.root, step), step, "sparse", self.expert_opt.hot_state_dict(mask_LE),
+                    placement, load_LE, history_delta=history.to_dict(last_only=True), tracker=self.tracker.state(),
+                    hot_keys=[(int(layer), int(e)) for layer, e in zip(*np.nonzero(mask_LE), strict=True)])
+
+    def _write(self, directory: Path, step: int, kind: str, expert_state: dict[str, Any], placement: Placement,
+               load_LE: np.ndarray, **head: Any) -> None:
+        """Full checkpoints and sparse snapshots alike: rank 0 prepares `directory`; every rank hands its state
+        (rank 0: plus the dense state, the next placement, the loads and `head`) to its writer (writer.py), rank 0
+        with the step that writes meta.json and COMPLETE once every file is in place. Adds the checkpoints.csv
+        row: bytes and expert_bytes summed over ranks, blocked_s (the loop's wait), write_s (the write itself)."""
+        config, cfg, comm = self.config, self.cfg, self.comm
+        start = time.perf_counter()
+        self.writer.wait()   # one write in flight: this directory is prepared only after the previous one completed
+        if comm.rank == 0:
+            checkpoint.prepare_dir(directory)
+        if comm.world_size > 1:
+            dist.barrier()
+        state: dict[str, Any] = {"step": step, "rank": comm.rank, "world_size": comm.world_size,
+                                 "rng": _rng_state(),
+                                 ("expert_optimizer" if kind == "full" else "hot_experts"): expert_state}
+        if comm.rank == 0:
+            # dense parameters and their optimizer are the same on every rank (data parallel): stored once;
+            # copies, since the loop updates them in place while an overlapped write may still run
+            state.update(dense=dense_state_dict(self.model), dense_optimizer=copy.deepcopy(self.dense_opt.state_dict()),
+                         phy2log_LR=placement.phy2log_LR.copy(), share_LR=placement.share_LR.copy(),
+                         load_LE=np.asarray(load_LE, dtype=np.float64).copy(), **head)
+        num_hot = len(head["hot_keys"]) if kind == "sparse" else cfg.num_layers * cfg.num_experts
+        record: dict[str, Any] = {"step": step, "kind": kind, "hot_experts": num_hot, "bytes": None,
+                                  "expert_bytes": None, "blocked_s": None, "write_s": None}
+        finish = None
+        if comm.rank == 0:
+            def finish(num_bytes: int, num_expert_bytes: int) -> None:
+                meta = {"step": step, "kind": kind, "world_size": comm.world_size,
+                        "slots_per_rank": config.slots_per_rank, "policy": config.policy, "dtype": config.dtype,
+                        "model": cfg.to_dict(), "expert_optimizer": expert_state["layout"],
+                        "next_lr": lr_at(step, config), "bytes": num_bytes, "expert_bytes": num_expert_bytes,
+                        "hot_experts": num_hot, "placement": placement.to_json_dict()}
+                checkpoint.mark_complete(directory, meta)
+                record.update(bytes=num_bytes, expert_bytes=num_expert_bytes)
+                if kind == "full":
+                    snapshots.prune_sparse(directory.parent, step)
+                    if config.keep_checkpoints:
+                        checkpoint.keep_latest(directory.parent, config.keep_checkpoints)
+                logger.info("%s snapshot %s: %d bytes in %.3f s", kind, directory, num_bytes,
+                            time.perf_counter() - start)
+
+        self.writer.write(directory, state, _tensor_bytes(expert_state), finish, record)
+        record["blocked_s"] = time.perf_counter() - start
+        self.writes.append(record)   # write_s (and on rank 0 the bytes) filled in once the write is done
+
+    def wait(self) -> None:
+        """Until the write in flight is done."""
+        self.writer.wait()
+
+    def write_records(self, out_dir: Path) -> None:
+        """checkpoints.csv (when this job wrote any) and recovery.json (when resumed) into the run directory."""
+        if self.writes:
+            with open(out_dir / "checkpoints.csv", "w", newline="") as f:
+                table = csv.DictWriter(f, fieldnames=list(self.writes[0]))
+                table.writeheader()
+                table.writerows(self.writes)
+        if self.recovery is not None:
+            (out_dir / "recovery.json").write_text(json.dumps(self.recovery, indent=1) + "\n")
+
+    # ------------------------------------------------------------------ restoring
+
+    def restore(self, *, cluster: Cluster, planner: Planner) -> Restored:
+        """Load the latest complete checkpoint of config.resume and the sparse snapshots after it into this rank
+        (model, optimizers, tracker; the RNG state waits for resume_rng)."""
+        config, cfg, comm = self.config, self.cfg, self.comm
+        assert config.resume is not None
+        start = time.perf_counter()
+        recovered = snapshots.recover(config.resume, cfg.num_layers, cfg.num_experts)
+        meta, states, step = recovered.meta, recovered.states, recovered.step
+        head = states[0]
+        device, dtype = comm.device, TORCH_DTYPES[config.dtype]
+        missing, unexpected = self.model.load_state_dict(
+            {k: v.to(device=device, dtype=dtype) for k, v in head["dense"].items()}, strict=False)
+        assert not unexpected and all(k.endswith("slot_weights_SP") for k in missing), (missing, unexpected)
+        self.dense_opt.load_state_dict(head["dense_optimizer"])
+        if meta["world_size"] == comm.world_size and meta["slots_per_rank"] == config.slots_per_rank:
+            placement = Placement(head["phy2log_LR"], head["share_LR"], cfg.num_experts)
+        else:
+            # another cluster shape: the policy re-places from the last step's loads (SYMI: at no extra cost)
+            placement = planner(step - 1, head["load_LE"], cluster, None)
+            placement.validate(cluster, num_layers=cfg.num_layers)
+        self.expert_opt.load_full_state(recovered.expert_state, placement)
+        self._rng_state = states[comm.rank]["rng"] if comm.rank < len(states) else None
+        history = History.from_dict(recovered.history)
+        if meta["world_size"] != comm.world_size:
+            # per-source-rank counts of another world size do not stack (--record-trace refuses this case)
+            history.src_counts_SLEG = []
+        self.tracker = tracker = recovered.tracker
+        self.recovery = {"checkpoint": str(recovered.full_dir), "sparse_snapshots": len(recovered.chain),
+                         "step": step, "world_size_then": meta["world_size"], "world_size_now": comm.world_size,
+                         "stale_experts": int((tracker.age_LE > 0).sum()),
+                         "max_staleness_steps": int(tracker.age_LE.max()),
+                         "lost_expert_assignments": float(tracker.unsaved_LE.sum()),
+                         "restore_s": time.perf_counter() - start}
+        if comm.rank == 0:
+            logger.info("resumed from %s + %d sparse snapshots (step %d, %d ranks then, %d now; %d stale experts)",
+                        recovered.full_dir, len(recovered.chain), step, meta["world_size"], comm.world_size,
+                        self.recovery["stale_experts"])
+        return Restored(step, placement, np.asarray(head["load_LE"], dtype=np.float64), history)
+
+    def resume_rng(self) -> None:
+        """Continue this rank's random streams from the checkpoint (a rank the checkpoint had not: fresh ones)."""
+        if self._rng_state is not None:
+            _set_rng_state(self._rng_state)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002 (the global one)
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002 (the global one, which library code may draw from)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested state (dicts, lists, tuples)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0

@@ -1,0 +1,160 @@
+"""A training job's options (TrainConfig) and their checks; the planner's type.
+
+Free of torch, so that the CLI reads the defaults of `symi train` from here without loading it; the checks that
+need the model or a checkpoint import those modules when they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from symi_sim.checks import check_choice, check_non_negative_int, check_number, check_positive_int
+from symi_sim.cluster import Cluster
+from symi_sim.placement import Placement
+from symi_sim.policies import get_policy
+from symi_sim.routing import CAPACITY_MODES
+
+if TYPE_CHECKING:
+    from symi_exec.model import ModelConfig
+
+DEFAULT_DATA = Path(__file__).parent / "data" / "wikipedia_texts.txt"
+DTYPE_NAMES = ("float32", "float64")   # model.TORCH_DTYPES maps them to torch dtypes
+
+# planner(step, load_LE, cluster, previous) -> the placement of the next step: the policy's plan by default
+# (loop.policy_planner); launch takes another (tests use it for arbitrary placements)
+Planner = Callable[[int, np.ndarray, Cluster, Placement | None], Placement]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    model: str = "tiny"
+    num_experts: int = 4
+    slots_per_rank: int = 2
+    top_k: int = 1
+    policy: str = "symi"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    capacity_factor: float | None = 1.0    # None: dropless
+    capacity_mode: str = "slot"
+    steps: int = 50
+    batch_size: int = 4                    # sequences per rank per step
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0                 # 0 disables clipping
+    aux_loss_coef: float = 0.01
+    seed: int = 0
+    data: str | None = None                # a text file (bytes are tokens); None: the shipped Wikipedia sample
+    record_trace: bool = False
+    dtype: str = "float32"
+    log_interval: int = 10
+    model_overrides: dict[str, int] = field(default_factory=dict)
+    checkpoint_every: int = 0              # 0: no checkpoints; K: every K steps and after the last step
+    checkpoint_dir: str | None = None      # None: the --resume directory, else "<out>-checkpoints"
+    resume: str | None = None              # a checkpoint root: continue from its latest complete checkpoint
+    sparse_hot_share: float | None = None  # F: between full checkpoints, a sparse snapshot of the hot experts
+                                           # (covering F of the unsaved tokens) after every step (snapshots.py)
+    keep_checkpoints: int = 0              # 0: keep every full checkpoint; N: only the newest N
+    overlap_checkpoints: bool = False      # write checkpoints in a background thread while training goes on
+    fail_at_step: int | None = None        # failure drill: every rank SIGKILLs itself when this step starts
+
+    def checkpoint_root(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir)
+        if self.resume is not None:
+            return Path(self.resume)
+        out = Path(self.out)
+        return out.with_name(f"{out.name}-checkpoints")
+
+    def model_config(self) -> ModelConfig:
+        from symi_exec.model import model_config
+
+        return model_config(self.model, num_experts=self.num_experts, top_k=self.top_k,
+                            aux_loss_coef=self.aux_loss_coef, **self.model_overrides)
+
+    def data_path(self) -> Path:
+        return Path(self.data) if self.data is not None else DEFAULT_DATA
+
+    def validate(self, world_size: int) -> None:
+        """ValueError naming the first bad option (checked before any process starts)."""
+        for name in ("num_experts", "slots_per_rank", "top_k", "steps", "batch_size", "log_interval"):
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(world_size, "the number of ranks")
+        if self.num_experts > world_size * self.slots_per_rank:
+            raise ValueError(f"{self.num_experts} experts need at least {self.num_experts} slots, but {world_size} "
+                             f"ranks x {self.slots_per_rank} slots = {world_size * self.slots_per_rank}")
+        self.model_config()
+        if self.capacity_factor is not None:
+            check_number(self.capacity_factor, "capacity factor", low=0, low_open=True)
+        check_choice(self.capacity_mode, "capacity mode", CAPACITY_MODES)
+        check_choice(self.dtype, "dtype", DTYPE_NAMES)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            check_number(getattr(self, name), name, low=0)
+        for name in ("beta1", "beta2"):
+            check_number(getattr(self, name), name, low=0, high=1, high_open=True)
+        check_non_negative_int(self.warmup_steps, "warmup_steps")
+        policy = get_policy(self.policy, **self.policy_options)
+        if policy.uses_current_load:
+            raise ValueError(f"policy {self.policy!r} plans on the current step's loads; the executor cannot run it")
+        path = self.data_path()
+        if not path.is_file():
+            raise ValueError(f"data file {str(path)!r} does not exist")
+        seq_len = self.model_config().seq_len
+        if path.stat().st_size < seq_len + 2:
+            raise ValueError(f"data file {str(path)!r} holds {path.stat().st_size} bytes, fewer than a sequence "
+                             f"needs ({seq_len + 2})")
+        out = Path(self.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"output directory {self.out!r} already exists and is not empty")
+        check_non_negative_int(self.checkpoint_every, "checkpoint_every")
+        check_non_negative_int(self.keep_checkpoints, "keep_checkpoints")
+        if self.sparse_hot_share is not None:
+            check_number(self.sparse_hot_share, "sparse hot share", low=0, high=1, low_open=True)
+            if not self.checkpoint_every:
+                raise ValueError("sparse snapshots need full checkpoints to start from: set checkpoint_every "
+                                 "(--checkpoint-every K) too")
+        if self.fail_at_step is not None:
+            check_non_negative_int(self.fail_at_step, "fail_at_step")
+        if self.resume is not None:
+            self._validate_resume(world_size)
+
+    def _validate_resume(self, world_size: int) -> None:
+        from symi_exec import checkpoint, snapshots
+
+        latest = checkpoint.latest_complete(self.resume)
+        if latest is None:
+            raise ValueError(f"no complete checkpoint in {self.resume!r}")
+        meta = checkpoint.read_meta(latest)
+        if meta["model"] != self.model_config().to_dict():
+            raise ValueError(f"checkpoint {str(latest)!r} holds another model: {meta['model']}")
+        chain = snapshots.sparse_chain(self.resume, meta["step"])
+        if chain:
+            meta = checkpoint.read_meta(chain[-1])
+        if meta["step"] >= self.steps:
+            raise ValueError(f"checkpoint {str(latest)!r} (and its sparse snapshots) reach step {meta['step']}; "
+                             f"nothing left of {self.steps} steps")
+        if self.record_trace and meta["world_size"] != world_size:
+            raise ValueError(f"--record-trace needs the checkpoint's world size ({meta['world_size']}), got "
+                             f"{world_size}")
+
+
+def default_of(name: str) -> Any:
+    """TrainConfig's default for field `name` (a fresh one for a default factory): `symi train` shows and uses it,
+    so that every default lives here only."""
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name == name:
+            if spec.default is not dataclasses.MISSING:
+                return spec.default
+            if spec.default_factory is not dataclasses.MISSING:
+                return spec.default_factory()
+            raise ValueError(f"TrainConfig.{name} has no default")
+    raise ValueError(f"TrainConfig has no field {name!r}")

@@ -1,0 +1,226 @@
+"""The SYMI training loop (nanoGPT-like, explicit): `train` runs it on one rank of an initialised process group.
+
+Legend: L MoE layers, E experts, G ranks, S slots per rank (in `_SP` names), B sequences per rank, T sequence
+length, P parameters of one expert.
+
+One step on every rank:
+  forward     router top-k, popularity all-gather, dispatch to the replicas of the current placement, combine
+  backward    through the same all-to-alls
+  dense_grad  plain data parallel: all-reduce (mean) of every non-expert gradient
+  expert_grad replica gradient sync + collection into this rank's 1/G shard of every expert (optim.py)
+  optimizer   gradient clipping on the global norm; AdamW on dense parameters and on the expert shards
+  plan        the policy plans the next placement from this step's global popularity (every rank, deterministic);
+              a policy with a period (flexmoe-N) is asked only every N steps and the placement kept in between
+  send_out    updated expert shards go to the slots of the next placement
+Optimizer-coupled policies (flexmoe) run with optim_replica.ReplicaExpertOptimizer instead: expert_grad is the
+replica gradient sync alone, every holder rank updates its full copy of the expert, and send_out migrates the
+weights and AdamW moments of replicas that change rank (counted as `weight_sendout` and `optimizer_state` bytes).
+After the step: its metrics row and placement record (outputs.py), then a checkpoint when one is due
+(checkpointing.py). At the end rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from symi_exec.checkpointing import Checkpointer
+from symi_exec.comm import Comm
+from symi_exec.config import Planner, TrainConfig
+from symi_exec.data import get_batch, load_tokens, lr_at
+from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig, param_groups
+from symi_exec.moe import ReplicatedMoE
+from symi_exec.optim import ExpertOptimizer, ShardedExpertOptimizer
+from symi_exec.optim_replica import ReplicaExpertOptimizer
+from symi_exec.outputs import History, step_metrics, step_record, write_run_dir
+from symi_sim.cluster import Cluster
+from symi_sim.placement import Placement
+from symi_sim.policies import Policy, get_policy, with_context
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("forward", "backward", "dense_grad", "expert_grad", "optimizer", "plan", "send_out")
+
+
+def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planner | None = None) -> None:
+    """Run the training loop on this rank (process group initialised); rank 0 passes the directory to write."""
+    device, cfg = comm.device, config.model_config()
+    cluster = executor_cluster(config, comm.world_size)
+    policy = executor_policy(config)
+    planner = planner if planner is not None else policy_planner(policy)
+
+    model, dense_opt, expert_opt = build_model(config, cfg, comm, coupled=policy.optimizer_coupled)
+    moe_layers: list[ReplicatedMoE] = list(model.moe_layers)
+    dense_params = [p for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
+    slot_params = [moe.slot_weights_SP for moe in moe_layers]
+    checkpointer = Checkpointer(config=config, cfg=cfg, comm=comm, model=model, dense_opt=dense_opt,
+                                expert_opt=expert_opt)
+    if config.resume is not None:
+        restored = checkpointer.restore(cluster=cluster, planner=planner)
+        start_step, placement, load_LE, history = (restored.step, restored.placement, restored.load_LE,
+                                                   restored.history)
+    else:
+        start_step, load_LE, history = 0, np.ones((cfg.num_layers, cfg.num_experts)), History()
+        placement = planner(-1, load_LE, cluster, None)
+    placement.validate(cluster, num_layers=cfg.num_layers)
+    expert_opt.send_out(placement, [p.data for p in slot_params])
+    comm.take_bytes()   # the initial fill is not part of any step
+    checkpointer.resume_rng()
+    checkpointer.save_start(start_step, placement=placement, load_LE=load_LE, history=history)
+
+    tokens = load_tokens(config.data_path())
+    tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
+    for step in range(start_step, config.steps):
+        if step == config.fail_at_step:
+            logger.warning("failure drill: rank %d killed at the start of step %d", comm.rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        times = dict.fromkeys(PHASES, 0.0)
+        step_start = clock = _now(device)
+        lr = lr_at(step, config)
+        for layer, moe in enumerate(moe_layers):
+            moe.placement = Placement(placement.phy2log_LR[layer:layer + 1], placement.share_LR[layer:layer + 1],
+                                      cfg.num_experts)
+        x_BT, y_BT = get_batch(tokens, step, rank=comm.rank, world_size=comm.world_size,
+                               batch_size=config.batch_size, seq_len=cfg.seq_len, seed=config.seed)
+        _, loss = model(x_BT.to(device), y_BT.to(device))
+        times["forward"], clock = _lap(clock, device)
+
+        for p in model.parameters():
+            p.grad = None
+        loss.backward()
+        times["backward"], clock = _lap(clock, device)
+
+        dense_sq = _all_reduce_dense_grads(dense_params, comm)
+        times["dense_grad"], clock = _lap(clock, device)
+
+        slot_grads_LSP = [p.grad if p.grad is not None else torch.zeros_like(p) for p in slot_params]
+        expert_opt.collect_gradients(slot_grads_LSP, placement)
+        times["expert_grad"], clock = _lap(clock, device)
+
+        grad_norm = math.sqrt(float(dense_sq) + float(expert_opt.grad_sq_norm()))
+        # torch.nn.utils.clip_grad_norm_'s rule, on the norm over all ranks' shards and the dense gradients
+        grad_scale = min(config.grad_clip / (grad_norm + 1e-6), 1.0) if config.grad_clip > 0 else 1.0
+        for group in dense_opt.param_groups:
+            group["lr"] = lr
+        if grad_scale != 1.0:
+            for p in dense_params:
+                if p.grad is not None:
+                    p.grad.mul_(grad_scale)
+        dense_opt.step()
+        expert_opt.step(lr, grad_scale)
+        times["optimizer"], clock = _lap(clock, device)
+
+        count_LGE = np.stack([moe.count_GE for moe in moe_layers])
+        load_LE = count_LGE.sum(axis=1)
+        next_placement = planner(step, load_LE.astype(np.float64), cluster, placement)
+        next_placement.validate(cluster, num_layers=cfg.num_layers)
+        times["plan"], clock = _lap(clock, device)
+
+        expert_opt.send_out(next_placement, [p.data for p in slot_params])
+        times["send_out"], clock = _lap(clock, device)
+        step_s = _now(device) - step_start
+
+        row = step_metrics(step, loss=loss, lr=lr, grad_norm=grad_norm, step_s=step_s, times=times,
+                           moe_layers=moe_layers, placement=placement, next_placement=next_placement,
+                           tokens_per_step=tokens_per_step, comm=comm)
+        record = step_record(step, placement=placement, moe_layers=moe_layers, comm=comm)
+        history.append(row, record, count_LGE.transpose(0, 2, 1))
+        if comm.rank == 0 and (step % config.log_interval == 0 or step == config.steps - 1):
+            logger.info("step %d | loss %.4f | %.0f tok/s | dropped %.2f%% | imbalance %.2f | moves %d",
+                        step, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"], row["imbalance"],
+                        row["replica_moves"])
+        placement = next_placement
+        checkpointer.maybe_save(step, placement=placement, load_LE=load_LE, history=history)
+
+    checkpointer.wait()
+    full_LEP = expert_opt.full_weights()
+    if out_dir is not None:
+        write_run_dir(out_dir, config=config, cfg=cfg, comm=comm, model=model, full_LEP=full_LEP, history=history,
+                      tokens_per_step=tokens_per_step, final_placement=placement, expert_layout=expert_opt.layout)
+        checkpointer.write_records(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def build_model(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, coupled: bool
+                ) -> tuple[GPT, torch.optim.AdamW, ExpertOptimizer]:
+    """This rank's expert-parallel model, the AdamW of its dense parameters and the expert optimizer (the replica
+    layout for an optimizer-coupled policy)."""
+    # every rank builds the same single-device model, then swaps its MoE layers for the expert-parallel ones
+    torch.manual_seed(config.seed)
+    model = GPT(cfg).to(device=comm.device, dtype=TORCH_DTYPES[config.dtype])
+    expert_weights_LEP = [moe.experts.flat_EP().detach() for moe in model.moe_layers]
+    for block in model.blocks:
+        block.moe = ReplicatedMoE(block.moe.router, cfg, slots_per_rank=config.slots_per_rank, comm=comm,
+                                  capacity_factor=config.capacity_factor, capacity_mode=config.capacity_mode)
+    dense_named = [(n, p) for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
+    dense_opt = torch.optim.AdamW(param_groups(dense_named, config.weight_decay), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=1e-8)
+    optimizer_cls = ReplicaExpertOptimizer if coupled else ShardedExpertOptimizer
+    expert_opt = optimizer_cls(expert_weights_LEP, comm, slots_per_rank=config.slots_per_rank, lr=config.lr,
+                               betas=(config.beta1, config.beta2), eps=1e-8, weight_decay=config.weight_decay)
+    return model, dense_opt, expert_opt
+
+
+def executor_cluster(config: TrainConfig, world_size: int) -> Cluster:
+    """The job as the policies see it: torchrun's LOCAL_WORLD_SIZE ranks per node, one node when spawned."""
+    ranks_per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
+    return Cluster(name="executor", num_nodes=max(world_size // ranks_per_node, 1), gpus_per_node=ranks_per_node,
+                   slots_per_gpu=config.slots_per_rank)
+
+
+def executor_policy(config: TrainConfig) -> Policy:
+    """The configured policy; one that estimates costs from the expert's shape, or shapes shares for a capacity
+    mode, gets the real ones (unless its options set them)."""
+    cfg = config.model_config()
+    context = {k: v for k, v in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("capacity_mode", config.capacity_mode))
+               if k not in config.policy_options}
+    return with_context(get_policy(config.policy, **config.policy_options), **context)
+
+
+def policy_planner(policy: Policy) -> Planner:
+    """The policy's plan, asked only every `rebalance_every` steps (the placement kept in between)."""
+    def planner(step: int, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
+        if previous is not None and (step + 1) % policy.rebalance_every:
+            return previous
+        return policy.plan(load_LE, cluster, previous=previous)
+
+    return planner
+
+
+# ---------------------------------------------------------------------------------------------- step helpers
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _lap(clock: float, device: torch.device) -> tuple[float, float]:
+    now = _now(device)
+    return now - clock, now
+
+
+def _all_reduce_dense_grads(params: list[torch.nn.Parameter], comm: Comm) -> float:
+    """Mean of the dense gradients over ranks, in one flat all-reduce; returns their squared norm."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if comm.world_size > 1:
+        dist.all_reduce(flat)
+        flat /= comm.world_size
+        comm.count("dense_grad", 2 * (comm.world_size - 1) * flat.numel() * flat.element_size() // comm.world_size)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+    return float((flat.double() ** 2).sum())

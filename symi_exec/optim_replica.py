@@ -1,0 +1,162 @@
+"""FlexMoE's coupled expert optimizer: every rank hosting an expert keeps that expert's full AdamW state, which
+moves with it (the pipeline: optim.py's docstring).
+
+Legend: L MoE layers, E experts, P parameters of one expert (flat), S slots per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from symi_exec.comm import Segment, exchange
+from symi_exec.optim import ExpertOptimizer, holder_ranks, sync_replica_grads
+from symi_sim.placement import Placement
+
+
+class ReplicaExpertOptimizer(ExpertOptimizer):
+    """FlexMoE's coupled layout: every rank hosting an expert keeps its full weights and AdamW moments.
+
+    The copies of an expert on its holder ranks see the same summed gradient and run the same update, so they
+    stay bit-identical; the one on the lowest holder rank is the one counted (gradient norm) and checkpointed.
+    """
+
+    layout = "replica"
+
+    def _init_state(self, expert_weights_LEP: list[torch.Tensor]) -> None:
+        # kept only until the first placement says which experts this rank hosts
+        self._initial_LEP: list[torch.Tensor] | None = [w.detach().clone() for w in expert_weights_LEP]
+        self.weights: dict[tuple[int, int], torch.Tensor] = {}     # (layer, expert) -> [P], hosted experts only
+        self.exp_avg: dict[tuple[int, int], torch.Tensor] = {}
+        self.exp_avg_sq: dict[tuple[int, int], torch.Tensor] = {}
+        self.grad: dict[tuple[int, int], torch.Tensor] = {}
+        self.placement: Placement | None = None
+
+    def _hosted(self, placement: Placement) -> set[tuple[int, int]]:
+        return {(layer, int(e)) for layer, phy2log_R in enumerate(placement.phy2log_LR)
+                for e in self._local_R(phy2log_R)}
+
+    def _lead(self, placement: Placement) -> set[tuple[int, int]]:
+        """Keys whose lowest holder rank is this one."""
+        return {key for key in self._hosted(placement)
+                if holder_ranks(placement.phy2log_LR[key[0]], key[1], self.slots_per_rank)[0] == self.comm.rank}
+
+    # ------------------------------------------------------------------ gradients
+
+    def collect_gradients(self, slot_grads_LSP: list[torch.Tensor], placement: Placement) -> None:
+        """Replica gradient sync; every holder keeps the full summed gradient, averaged over ranks."""
+        assert self.placement is not None and np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR), \
+            "gradients must come from the placement the optimizer filled the slots for"
+        representative, _ = sync_replica_grads(slot_grads_LSP, placement, self.comm, self.slots_per_rank,
+                                               self.num_experts)
+        self.grad = {key: grad / self.comm.world_size for key, grad in representative.items()}
+
+    def _counted_grads(self) -> Iterable[torch.Tensor]:
+        assert self.placement is not None
+        return (self.grad[key] for key in self._lead(self.placement))   # each expert once: on its lowest holder
+
+    # ------------------------------------------------------------------ update and migration
+
+    def _adam_tensors(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return ((weights, self.grad[key], self.exp_avg[key], self.exp_avg_sq[key])
+                for key, weights in self.weights.items())
+
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """AdamW on every hosted expert's full copy; the gradients are used up."""
+        super().step(lr, grad_scale)
+        self.grad = {}
+
+    def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
+        """Migrate the experts whose holder ranks change (weights and moments), then fill this rank's slots."""
+        hosted = self._hosted(placement)
+        if self.placement is None:
+            assert self._initial_LEP is not None
+            for layer, expert in sorted(hosted):
+                weights = self._initial_LEP[layer][expert].clone()
+                self.weights[layer, expert] = weights
+                self.exp_avg[layer, expert] = torch.zeros_like(weights)
+                self.exp_avg_sq[layer, expert] = torch.zeros_like(weights)
+            self._initial_LEP = None
+        elif not np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR):
+            self._migrate(placement)
+        for key in set(self.weights) - hosted:
+            del self.weights[key], self.exp_avg[key], self.exp_avg_sq[key]
+        assert set(self.weights) == hosted
+        with torch.no_grad():
+            for layer, phy2log_R in enumerate(placement.phy2log_LR):
+                for s, expert in enumerate(self._local_R(phy2log_R)):
+                    slot_weights_LSP[layer][s] = self.weights[layer, int(expert)]
+        self.placement = placement
+
+    def _migrate(self, placement: Placement) -> None:
+        assert self.placement is not None
+        spr, numel = self.slots_per_rank, self.expert_numel
+        segs = []
+        for layer in range(self.num_layers):
+            old_R, new_R = self.placement.phy2log_LR[layer], placement.phy2log_LR[layer]
+            for expert in range(self.num_experts):
+                old = holder_ranks(old_R, expert, spr)
+                segs += [Segment(old[dst % len(old)], dst, (layer, expert), 0, numel)
+                         for dst in holder_ranks(new_R, expert, spr) if dst not in old]
+        dtype = next(iter(self.weights.values())).dtype
+
+        def read_weights(seg: Segment) -> torch.Tensor:
+            return self.weights[seg.key].clone()
+
+        def write_weights(seg: Segment, data: torch.Tensor) -> None:
+            self.weights[seg.key] = data.clone()
+
+        def read_moments(seg: Segment) -> torch.Tensor:
+            return torch.cat([self.exp_avg[seg.key], self.exp_avg_sq[seg.key]])
+
+        def write_moments(seg: Segment, data: torch.Tensor) -> None:
+            self.exp_avg[seg.key] = data[:numel].clone()
+            self.exp_avg_sq[seg.key] = data[numel:].clone()
+
+        exchange(segs, self.comm, "weight_sendout", dtype, read_weights, write_weights)
+        moment_segs = [Segment(seg.src, seg.dst, seg.key, 0, 2 * numel) for seg in segs]
+        exchange(moment_segs, self.comm, "optimizer_state", dtype, read_moments, write_moments)
+
+    def state_dict(self) -> dict[str, object]:
+        """Full weights and AdamW moments of the experts whose lowest holder this rank is (each expert once)."""
+        assert self.placement is not None
+        return {"num_steps": self.num_steps, **self._lead_state(sorted(self._lead(self.placement)))}
+
+    def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
+        """Full state of the experts in `mask_LE` ([L, E] bool) whose lowest holder this rank is."""
+        assert self.placement is not None
+        return self._lead_state(sorted(key for key in self._lead(self.placement) if mask_LE[key]))
+
+    def _lead_state(self, keys: list[tuple[int, int]]) -> dict[str, object]:
+        return {"layout": self.layout,
+                **{name: {key: table[key].detach().cpu().clone() for key in keys}
+                   for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
+                                       ("exp_avg_sq", self.exp_avg_sq))}}
+
+    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
+        """Become a holder of every expert `placement` gives this rank, with its full state from the checkpoint
+        (checkpoint.assemble_expert_state); the next send_out with the same placement only fills the slots."""
+        assert self._initial_LEP is not None, "load the state before the first send_out"
+        device, dtype = self._initial_LEP[0].device, self._initial_LEP[0].dtype
+        for layer, expert in sorted(self._hosted(placement)):
+            for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
+                                ("exp_avg_sq", self.exp_avg_sq)):
+                table[layer, expert] = full[name][layer][expert].to(device=device, dtype=dtype).clone()
+        self.num_steps = int(full["num_steps"])
+        self.placement = placement
+        self._initial_LEP = None
+
+    def full_weights(self) -> list[torch.Tensor]:
+        """[L] x [E, P]: every expert's full weights, assembled on every rank (for checkpoints)."""
+        assert self.placement is not None
+        device = next(iter(self.weights.values())).device
+        dtype = next(iter(self.weights.values())).dtype
+        out_LEP = torch.zeros(self.num_layers, self.num_experts, self.expert_numel, dtype=dtype, device=device)
+        for layer, expert in self._lead(self.placement):
+            out_LEP[layer, expert] = self.weights[layer, expert]
+        if self.comm.world_size > 1:
+            dist.all_reduce(out_LEP)   # exactly one rank contributes each expert; the others add zeros
+        return list(out_LEP)
