@@ -1,5 +1,5 @@
 """The executor studies' --quick variants (experiments/capacity_factor, experiments/convergence_calibration) run
-end to end on real gloo training and write consistent tables and figures."""
+end to end on real gloo training, as `python -m experiments.<study>`, and write consistent tables and figures."""
 
 from __future__ import annotations
 
@@ -16,16 +16,25 @@ import pytest
 from symi_sim.simulator.convergence import load_calibration, paper_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPACITY_FACTOR = ROOT / "experiments" / "capacity_factor" / "run.py"
-CALIBRATION = ROOT / "experiments" / "convergence_calibration" / "run.py"
+CAPACITY_FACTOR = "capacity_factor"
+CALIBRATION = "convergence_calibration"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_script(script: Path, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+def run_study(study: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", f"experiments.{study}", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def read_config(out: Path, study: str, *args: str) -> dict:
+    """config.json of a run directory: the study, its resolved arguments, the command line that made it."""
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == study and config["args"]["out"] == str(out)
+    assert config["argv"] == list(args)
+    assert config["command"].startswith(f"python -m experiments.{study} ")
+    return config["args"]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -48,8 +57,12 @@ def smoothed_steps_to(target: float, losses: list[float], window: int) -> int | 
 @pytest.fixture(scope="module")
 def capacity_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cf") / "run"
-    stdout = run_script(CAPACITY_FACTOR, "--quick", "--out", str(out))
+    stdout = run_study(CAPACITY_FACTOR, "--quick", "--out", str(out))
     assert "tokens surviving" in stdout and f"wrote {out}" in stdout
+    args = read_config(out, CAPACITY_FACTOR, "--quick", "--out", str(out))
+    assert args["quick"] and args["nproc"] == 2 and args["experts"] == 4 and args["steps"] == 30
+    assert args["capacity_factors"] == [1.0, 4.0] and args["policies"] == ["static", "symi-balanced"]
+    assert args["target_loss"] == "auto" and args["reanalyse"] is None
     return out
 
 
@@ -111,12 +124,16 @@ def test_capacity_factor_quick_outputs(capacity_run: Path) -> None:
 
 def test_capacity_factor_reanalyse_reproduces_the_table(capacity_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "again"
-    run_script(CAPACITY_FACTOR, "--reanalyse", str(capacity_run), "--target-loss", "auto", "--out", str(out))
+    run_study(CAPACITY_FACTOR, "--reanalyse", str(capacity_run), "--target-loss", "auto", "--out", str(out))
     assert read_csv(out / "table.csv") == read_csv(capacity_run / "table.csv")
+    # the reanalysis records the earlier run's training configuration as its own
+    args = read_config(out, CAPACITY_FACTOR, "--reanalyse", str(capacity_run), "--target-loss", "auto", "--out",
+                       str(out))
+    assert args["reanalyse"] == str(capacity_run) and args["quick"] and args["steps"] == 30
     # another target: crossings move the right way (a lower loss is reached later, or never)
     lower = tmp_path / "lower"
     target = json.loads((capacity_run / "summary.json").read_text())["target_loss"]
-    run_script(CAPACITY_FACTOR, "--reanalyse", str(capacity_run), "--target-loss", str(target - 0.05), "--out",
+    run_study(CAPACITY_FACTOR, "--reanalyse", str(capacity_run), "--target-loss", str(target - 0.05), "--out",
                str(lower))
     for before, after in zip(read_csv(capacity_run / "table.csv"), read_csv(lower / "table.csv"), strict=True):
         assert after["steps_to_target"] == "" or int(after["steps_to_target"]) >= int(before["steps_to_target"])
@@ -160,7 +177,7 @@ def check_calibration(out: Path, capacity_rows: list[dict[str, str]]) -> dict:
 
 def test_convergence_calibration_from_capacity_run(capacity_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "calibration"
-    stdout = run_script(CALIBRATION, "--from", str(capacity_run), "--out", str(out))
+    stdout = run_study(CALIBRATION, "--from", str(capacity_run), "--out", str(out))
     assert "exponential" in stdout and f"wrote {out}" in stdout
     summary = check_calibration(out, read_csv(capacity_run / "table.csv"))
     # the symi-balanced points are held out and scored against the static fit
@@ -168,13 +185,20 @@ def test_convergence_calibration_from_capacity_run(capacity_run: Path, tmp_path:
     assert {p["policy"] for p in held} == {"symi-balanced"}
     assert summary["held_out_validation"]["power"]["points"] == len(held) == 2
     assert not (out / "capacity_factor").exists()
+    args = read_config(out, CALIBRATION, "--from", str(capacity_run), "--out", str(out))
+    assert args["source"] == str(capacity_run) and args["policies"] == "static" and not args["quick"]
 
 
 def test_convergence_calibration_quick_runs_its_own_study(tmp_path: Path) -> None:
     out = tmp_path / "calibration"
-    run_script(CALIBRATION, "--quick", "--out", str(out))
+    run_study(CALIBRATION, "--quick", "--out", str(out))
     capacity_rows = read_csv(out / "capacity_factor" / "table.csv")
     assert sorted(float(r["capacity_factor"]) for r in capacity_rows) == [1.0, 2.0, 4.0]
     assert {r["policy"] for r in capacity_rows} == {"static"}
     summary = check_calibration(out, capacity_rows)
     assert summary["held_out_validation"]["power"] is None
+    assert read_config(out, CALIBRATION, "--quick", "--out", str(out))["quick"]
+    # the capacity-factor run it made for itself has its own config.json, with the arguments it was given
+    nested = json.loads((out / "capacity_factor" / "config.json").read_text())
+    assert nested["study"] == "capacity_factor" and nested["args"]["policies"] == ["static"]
+    assert nested["args"]["capacity_factors"] == [1.0, 2.0, 4.0] and nested["args"]["quick"]

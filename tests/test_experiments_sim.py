@@ -1,9 +1,12 @@
 """The simulator studies under experiments/ (paper_comparison, scale_out, sensitivity): their --quick variants run
 and write tables and figures whose content holds the properties that must hold. (sensitivity's aux-loss axis also
-trains: two short gloo runs on CPU.)"""
+trains: two short gloo runs on CPU.) Also: the shared harness (run directory with config.json), every study runs as
+`python -m experiments.<study>`, and no source file of the repository edits the import path or loads a module from a
+file path."""
 
-import importlib.util
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,24 +14,33 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from experiments import harness
+from experiments.paper_comparison import study as paper_comparison
+from experiments.scale_out import study as scale_out
+from experiments.sensitivity import study as sensitivity_study
+from symi_sim.outputs import timestamped_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _load(study: str):
-    path = REPO_ROOT / "experiments" / study / "run.py"
-    spec = importlib.util.spec_from_file_location(f"experiments_{study}_run", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+STUDIES = ("paper_comparison", "scale_out", "sensitivity", "capacity_factor", "convergence_calibration")
+MODULES = {"paper_comparison": paper_comparison, "scale_out": scale_out, "sensitivity": sensitivity_study}
 
 
 def _run_quick(study: str, tmp_path_factory) -> tuple[object, Path]:
-    module = _load(study)
+    module = MODULES[study]
     out = tmp_path_factory.mktemp(study) / "run"
     assert module.main(["--quick", "--out", str(out)]) == out
     return module, out
+
+
+def _check_config(out: Path, study: str) -> dict:
+    """config.json of a quick run made by _run_quick: the study, its resolved arguments and its command line."""
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == study
+    assert config["args"]["quick"] is True and config["args"]["out"] == str(out)
+    assert config["argv"] == ["--quick", "--out", str(out)]
+    assert config["command"] == f"python -m experiments.{study} --quick --out {out}"
+    return config["args"]
 
 
 def _check_png(path: Path) -> None:
@@ -78,6 +90,8 @@ def test_paper_comparison_outputs(paper):
     assert all(t["steps"] == 20 for t in summary["traces"])
     assert "tiled" in summary["traces"][0]["mapping"]
     assert set(summary["headline"]) == set(traces)
+    args = _check_config(out, "paper_comparison")
+    assert args["steps"] == 20 and args["traces"] == traces
 
 
 def test_paper_comparison_consistency(paper):
@@ -141,6 +155,8 @@ def test_scale_out_outputs(scale):
         assert table.loc[table["point"] == point, "policy"].tolist() == list(module.POLICIES)
     _check_common(table, ["point"])
     assert (table["num_gpus"] == table["num_nodes"] * table["gpus_per_node"]).all()
+    args = _check_config(out, "scale_out")
+    assert args["small_steps"] == 4 and args["large_steps"] == 4 and args["skip"] == 100 and args["points"] == points
     # weak scaling: every GPU sees the same tokens per step within a model family
     per_gpu = table["tokens_per_step"] / table["num_gpus"]
     for _, rows in table.groupby("model"):
@@ -150,7 +166,7 @@ def test_scale_out_outputs(scale):
 
 
 def test_scale_out_full_points():
-    module = _load("scale_out")
+    module = scale_out
     gpus = sorted({p.num_gpus for p in module.POINTS})
     assert gpus == [16, 64, 256, 1024, 2048]
     assert any(p.preset == "paper-a100-16" for p in module.POINTS)
@@ -184,6 +200,9 @@ def test_sensitivity_outputs(sensitivity):
             expected = [float(v) for v in values if not (trace == "recorded" and axis == "top_k" and v == 4)]
             assert got == expected, (axis, trace)
     _check_common(table, ["axis", "value", "trace"])
+    args = _check_config(out, "sensitivity")
+    assert args["steps"] == 8 and not args["no_aux"]
+    assert args["aux_steps"] == module.aux_loss.QUICK_STEPS and args["aux_coefs"] == list(module.aux_loss.QUICK_COEFS)
 
 
 def test_sensitivity_properties(sensitivity):
@@ -250,3 +269,82 @@ def test_sensitivity_aux_loss_axis(sensitivity):
         assert static == pytest.approx(1 - dropped / assignments, rel=1e-9)
         assert static == pytest.approx(next(r["static_survival"] for r in summary["aux_loss"]["runs"]
                                             if r["coef"] == coef), abs=1e-4)
+
+
+# ---------------------------------------------------------------- the harness and the package
+
+
+def test_timestamped_run_directory(tmp_path):
+    assert re.fullmatch(r"runs/study-\d{8}-\d{6}", timestamped_dir("study").as_posix())
+    assert re.fullmatch(r"x-\d{8}-\d{6}", timestamped_dir("x", tmp_path).name)
+    assert timestamped_dir("x", tmp_path).parent == tmp_path
+    assert harness.run_path("scale_out", None).parent == Path("runs")
+    assert harness.run_path("scale_out", tmp_path / "here") == tmp_path / "here"
+
+
+def test_run_dir_writes_config_and_refuses_a_non_empty_directory(tmp_path):
+    out = tmp_path / "run"
+    with harness.run_dir(out, study="demo", args={"steps": np.int64(3), "out": out}, argv=["--steps", "3"]) as tmp:
+        assert not out.exists()
+        harness.write_json(tmp / "summary.json", {"x": np.float64(0.5)})
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == "demo" and config["args"] == {"steps": 3, "out": str(out)}
+    assert config["command"] == "python -m experiments.demo --steps 3"
+    assert json.loads((out / "summary.json").read_text()) == {"x": 0.5}
+    with pytest.raises(ValueError, match="not empty"):
+        with harness.run_dir(out, study="demo", args={}, argv=[]):
+            pass
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "summary.json"]
+
+
+def test_write_rows_leaves_none_empty(tmp_path):
+    harness.write_rows(tmp_path / "t.csv", ["a", "b"], [{"a": 1, "b": None}, [2.5, "x"]])
+    assert (tmp_path / "t.csv").read_bytes() == b"a,b\r\n1,\r\n2.5,x\r\n"
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_study_runs_as_a_module(study):
+    result = subprocess.run([sys.executable, "-m", f"experiments.{study}", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m experiments.{study}")
+    assert "--quick" in result.stdout and "--out" in result.stdout
+
+
+# Edits of the import path and loading modules from file paths. Each pattern is written so that this file's own
+# text does not match it (an escaped dot, or a final letter in brackets).
+FORBIDDEN = re.compile(
+    r"\bsys\.path\s*(\.\s*(insert|append|extend|remove|pop|clear)\b|\[[^\]]*\]\s*=|\+?=(?!=))"
+    r"|spec_from_file_locatio[n]|SourceFileLoade[r]|SourcelessFileLoade[r]|runpy\.run_path|imp\.load_source"
+    r"|site\.addsitedir")
+SKIPPED_DIRS = {".venv", ".git", "__pycache__", "build", "dist", "runs"}
+
+
+def _sources() -> list[Path]:
+    found = []
+    for path in sorted(REPO_ROOT.rglob("*.py")):
+        parts = path.relative_to(REPO_ROOT).parts[:-1]
+        if not any(part in SKIPPED_DIRS or part.startswith(".") or part.endswith(".egg-info") for part in parts):
+            found.append(path)
+    return found
+
+
+def test_forbidden_pattern_catches_path_edits():
+    bad = ["sys.path" + ".insert(0, str(ROOT))", "sys.path" + ".append(here)", "sys.path" + "[:0] = [root]",
+           "sys.path" + " += [root]", "sys.path" + " = [root]",
+           "importlib.util.spec_from_file" + "_location(name, path)", "runpy.run" + "_path('x.py')"]
+    for line in bad:
+        assert FORBIDDEN.search(line), line
+    for line in ["if root in sys.path" + ":", "print(sys.path" + ")", "sys.path" + " == before",
+                 "importlib.import_module('symi_sim.policies.eplb')"]:
+        assert not FORBIDDEN.search(line), line
+
+
+def test_no_source_edits_the_import_path_or_loads_modules_by_path():
+    sources = _sources()
+    assert Path(__file__).resolve() in sources and REPO_ROOT / "experiments" / "harness.py" in sources
+    offenders = [f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}"
+                 for path in sources
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+                 if FORBIDDEN.search(line)]
+    assert not offenders, "import path edits or file-path module loading:\n" + "\n".join(offenders)

@@ -59,7 +59,7 @@ def test_figures_exist_are_png_and_small(readme: Path) -> None:
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_is_linked_from_the_experiments_index(study: str) -> None:
     folder = EXPERIMENTS_INDEX.parent / study
-    assert (folder / "run.py").is_file() and (folder / "README.md").is_file(), study
+    assert (folder / "__main__.py").is_file() and (folder / "README.md").is_file(), study
     assert folder.resolve() in _targets(EXPERIMENTS_INDEX, LINK), f"experiments/README.md does not link {study}/"
     figure_names = [path.name for path in figures(EXPERIMENTS_INDEX)]
     assert any(name.startswith(f"{study}-") for name in figure_names), (

@@ -1,15 +1,15 @@
 """The auxiliary-loss-coefficient axis of the sensitivity study: real training records the routing at each
-coefficient, the simulator (experiments/sensitivity/run.py) replays each recording at the paper's configuration.
+coefficient, the simulator (experiments/sensitivity/study.py) replays each recording at the paper's configuration.
 
 The aux-loss coefficient changes the routing itself, so unlike the other axes it cannot be varied in the simulator:
-for every coefficient the executor's `tiny` model is trained (symi_exec.trainer.launch, 4 local gloo ranks on CPU)
+for every coefficient the executor's `tiny` model is trained (symi_exec.launch.launch, 4 local gloo ranks on CPU)
 with the router counts recorded (record_trace), under policy `static` with no capacity limit (dropless), so that the
 recorded routing is the model's own, shaped by no policy and no drops. The recording has the shape of the shipped
 traces/recorded-tiny-e16-top1.parquet (2 MoE layers, 16 experts, top-1, 4 ranks x 4 slots, 4 sequences of 64
 bytes per rank per step, seed 0, the shipped Wikipedia sample); only the coefficient, the step count and the
 capacity limit differ. Every run sees the same batches.
 
-Imported by run.py; torch is imported only where training happens.
+Imported by study.py; torch is imported only where training happens.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.harness import say
 from symi_sim.traces.format import LoadTrace, read_trace
 from symi_sim.traces.stats import layer_stats
 
@@ -44,7 +45,8 @@ def run_name(coef: float) -> str:
 def record(coef: float, steps: int, out: Path) -> dict[str, Any]:
     """Train `steps` steps at aux-loss coefficient `coef` with the routing recorded; keep trace.parquet and
     metrics.csv in out/<run_name(coef)>/. Returns the run's facts (directory, wall time, final loss)."""
-    from symi_exec.trainer import TrainConfig, launch  # torch: imported only where training happens
+    from symi_exec.config import TrainConfig
+    from symi_exec.launch import launch  # torch: imported only where training happens
 
     keep = out / run_name(coef)
     keep.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,6 @@ def record_all(coefs: tuple[float, ...], steps: int, out: Path) -> list[dict[str
         run["skew"] = round(trace_skew(trace), 4)
         run["per_layer_skew"] = [round(float(v), 4) for v in layer_stats(trace)["skew_median"]]
         runs.append(run)
-        print(f"{AXIS} [{index + 1}/{len(coefs)}] {coef:g}: trained {steps} steps in {run['train_wall_s']:.0f} s, "
-              f"skew (busiest / mean expert) {run['skew']:.2f}", flush=True)
+        say(f"{AXIS} [{index + 1}/{len(coefs)}] {coef:g}: trained {steps} steps in {run['train_wall_s']:.0f} s, "
+            f"skew (busiest / mean expert) {run['skew']:.2f}")
     return runs

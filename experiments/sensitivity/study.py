@@ -1,7 +1,7 @@
 """Sensitivity of time to target and token survival to slots per GPU, top-k, the popularity window, the
 capacity factor and the auxiliary-loss coefficient, for the main policies.
 
-    .venv/bin/python experiments/sensitivity/run.py [--quick] [--steps N] [--aux-steps N] [--no-aux] [--out DIR]
+    .venv/bin/python -m experiments.sensitivity [--quick] [--steps N] [--aux-steps N] [--no-aux] [--out DIR]
 
 Base configuration (the paper's): paper-a100-16 (16 x 1 A100, 4 slots per GPU), gpt-small shapes (12 MoE blocks,
 16 experts, top-1, 32,768 tokens per step), capacity factor 1.0, slot capacity mode, window 1. One axis is
@@ -31,33 +31,33 @@ aux_loss/aux-<coefficient>/ (trace.parquet and metrics.csv of each training run)
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import importlib.util
-import json
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from symi_sim.cluster import load_cluster  # noqa: E402
-from symi_sim.models import load_model  # noqa: E402
-from symi_sim.outputs import atomic_dir  # noqa: E402
-from symi_sim.simulator.driver import simulate  # noqa: E402
-from symi_sim.traces.fit import fit_trace, tile_layers  # noqa: E402
-from symi_sim.traces.format import LoadTrace, read_trace  # noqa: E402
-from symi_sim.traces.synth import synth_trace  # noqa: E402
-
-# the aux-loss axis's training half, a sibling file (experiments/ is not a package)
-_spec = importlib.util.spec_from_file_location("sensitivity_aux_loss", Path(__file__).with_name("aux_loss.py"))
-aux_loss = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(aux_loss)
+from experiments.harness import (
+    REPO_ROOT,
+    TRACES_DIR,
+    add_out_option,
+    policy_colour,
+    run_dir,
+    run_path,
+    say,
+    say_table,
+    study_parser,
+    write_json,
+    write_png,
+    write_table,
+)
+from experiments.sensitivity import aux_loss
+from symi_sim.cluster import load_cluster
+from symi_sim.models import load_model
+from symi_sim.simulator.driver import simulate
+from symi_sim.traces.fit import fit_trace, tile_layers
+from symi_sim.traces.format import LoadTrace, read_trace
+from symi_sim.traces.synth import synth_trace
 
 STUDY = "sensitivity"
 CLUSTER = "paper-a100-16"
@@ -69,7 +69,7 @@ AXIS_LABELS = {"slots": "slots per GPU", "top_k": "top-k", "window": "popularity
                "capacity": "capacity factor", aux_loss.AXIS: aux_loss.LABEL}
 SYNTH = {"num_experts": 16, "num_layers": 12, "num_steps": 1000, "skew": 1.0, "drift": 0.2, "seed": 1,
          "burst_prob": 0.01, "tokens_per_step": 32768}
-RECORDED = {k: ROOT / "traces" / f"recorded-tiny-e16-top{k}.parquet" for k in (1, 2)}
+RECORDED = {k: TRACES_DIR / f"recorded-tiny-e16-top{k}.parquet" for k in (1, 2)}
 TRACES = ("synthetic", "recorded")
 PRINT_COLUMNS = ("axis", "value", "trace", "trace_skew", "policy", "mean_time_s", "survival", "time_to_target_s",
                  "speedup_vs_static")
@@ -149,8 +149,8 @@ def aux_loss_axis(coefs: tuple[float, ...], train_steps: int, steps: int | None,
                       "survival": {p: round(float(by.loc[p, "survival"]), 4) for p in POLICIES},
                       "time_to_target_s": {p: round(float(by.loc[p, "time_to_target_s"]), 3) for p in POLICIES},
                       "speedup_vs_static": {p: round(float(by.loc[p, "speedup_vs_static"]), 4) for p in POLICIES}})
-    print(f"{aux_loss.AXIS}: done ({train_wall_s:.0f} s training, {time.perf_counter() - t0 - train_wall_s:.1f} s "
-          "simulating)", flush=True)
+    say(f"{aux_loss.AXIS}: done ({train_wall_s:.0f} s training, {time.perf_counter() - t0 - train_wall_s:.1f} s "
+        "simulating)")
     info = {"coefs": list(coefs), "train_steps": train_steps, "nproc": aux_loss.NPROC, "train": aux_loss.TRAIN,
             "skew": "busiest / mean expert load, median over steps, mean over the recorded layers",
             "runs": facts, "train_wall_s": round(train_wall_s, 1),
@@ -163,10 +163,6 @@ def sensitivity_figure(table: pd.DataFrame) -> Figure:
     metrics = (("time_to_target_s", "time to target (s)"), ("survival", "tokens surviving (fraction)"),
                ("speedup_vs_static", "speed-up vs static (x)"))
     policies = list(dict.fromkeys(table["policy"]))
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    colors = {p: cmap(i) for i, p in enumerate(policies)}
     styles = {"synthetic": "-", "recorded": "--"}
     widths = [1.3 if axis == aux_loss.AXIS else 1.0 for axis in axes_names]
     fig = Figure(figsize=(4 * sum(widths), 10), layout="constrained")
@@ -185,7 +181,7 @@ def sensitivity_figure(table: pd.DataFrame) -> Figure:
                 for policy in policies:
                     p = rows[(rows["trace"] == trace) & (rows["policy"] == policy)].sort_values("value")
                     ax.plot(p["value"], p[metric], ls=styles.get(trace, "-"), marker="o", ms=3,
-                            color=colors[policy], label=f"{policy} ({trace})")
+                            color=policy_colour(policy), label=f"{policy} ({trace})")
             if axis == aux_loss.AXIS:
                 ax.set_xscale("log")
                 ax.minorticks_off()
@@ -205,7 +201,7 @@ def sensitivity_figure(table: pd.DataFrame) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(STUDY, __doc__)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: every simulator axis value, 8 steps; aux-loss axis at 2 coefficients, "
                              f"{aux_loss.QUICK_STEPS} training steps")
@@ -214,15 +210,17 @@ def main(argv: list[str] | None = None) -> Path:
                         help=f"training steps per aux-loss coefficient (default {aux_loss.STEPS}; --quick "
                              f"{aux_loss.QUICK_STEPS})")
     parser.add_argument("--no-aux", action="store_true", help="leave out the aux-loss axis (no training)")
-    parser.add_argument("--out", default=None, help=f"run directory (default runs/{STUDY}-<timestamp>)")
+    add_out_option(parser, STUDY)
     args = parser.parse_args(argv)
-    out = Path(args.out or f"runs/{STUDY}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out = run_path(STUDY, args.out)
     steps = args.steps if args.steps is not None else (8 if args.quick else None)
     aux_steps = args.aux_steps or (aux_loss.QUICK_STEPS if args.quick else aux_loss.STEPS)
     coefs = aux_loss.QUICK_COEFS if args.quick else aux_loss.COEFS
+    resolved = {"quick": args.quick, "steps": steps, "aux_steps": None if args.no_aux else aux_steps,
+                "aux_coefs": [] if args.no_aux else list(coefs), "no_aux": args.no_aux, "out": out}
 
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with run_dir(out, study=STUDY, args=resolved, argv=argv) as tmp:
         tables = []
         for axis, values in AXES.items():
             for value in values:
@@ -231,7 +229,7 @@ def main(argv: list[str] | None = None) -> Path:
                     table = run_config(trace_name, config, steps)
                     if table is not None:
                         tables.append(label_rows(table, axis, value, trace_name, config))
-            print(f"{axis}: done ({time.perf_counter() - t0:.1f} s)", flush=True)
+            say(f"{axis}: done ({time.perf_counter() - t0:.1f} s)")
         aux_info = None
         if not args.no_aux:
             aux_tables, aux_info = aux_loss_axis(coefs, aux_steps, steps, tmp)
@@ -241,23 +239,18 @@ def main(argv: list[str] | None = None) -> Path:
         summary = {"study": STUDY, "quick": args.quick, "cluster": CLUSTER, "model": MODEL, "policies": list(POLICIES),
                    "base": BASE, "axes": {k: list(v) for k, v in AXES.items()}, "traces": list(TRACES),
                    "synthetic_trace": SYNTH,
-                   "recorded_traces": {k: str(v.relative_to(ROOT)) for k, v in RECORDED.items()},
+                   "recorded_traces": {k: str(v.relative_to(REPO_ROOT)) for k, v in RECORDED.items()},
                    "aux_loss": aux_info, "steps": steps, "wall_s": round(wall_s, 2),
                    "simulate_wall_s": round(wall_s - (aux_info["train_wall_s"] if aux_info else 0.0), 2)}
-        table.to_csv(tmp / "table.csv", index=False)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        sensitivity_figure(table).savefig(tmp / "sensitivity.png", dpi=110)
+        write_table(tmp / "table.csv", table)
+        write_json(tmp / "summary.json", summary)
+        write_png(sensitivity_figure(table), tmp / "sensitivity.png")
 
-    pd.set_option("display.width", 200)
-    print(table.loc[:, list(PRINT_COLUMNS)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    say_table(table, PRINT_COLUMNS, ".4g")
     if aux_info is not None:
         for run in aux_info["runs"]:
             speedups = ", ".join(f"{p} {v:.2f}x" for p, v in run["speedup_vs_static"].items() if p != "static")
-            print(f"aux-loss {run['coef']:g}: skew {run['skew']:.2f}, static survives "
-                  f"{100 * run['static_survival']:.1f}%; {speedups}")
-    print(f"wrote {out}; {summary['wall_s']:.1f} s ({summary['simulate_wall_s']:.1f} s simulating)")
+            say(f"aux-loss {run['coef']:g}: skew {run['skew']:.2f}, static survives "
+                f"{100 * run['static_survival']:.1f}%; {speedups}")
+    say(f"wrote {out}; {summary['wall_s']:.1f} s ({summary['simulate_wall_s']:.1f} s simulating)")
     return out
-
-
-if __name__ == "__main__":
-    main()

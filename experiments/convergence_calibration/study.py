@@ -1,7 +1,7 @@
 """Recalibrate the simulator's convergence model (symi_sim/simulator/convergence.py) from executor training runs.
 
-    .venv/bin/python experiments/convergence_calibration/run.py --from runs/capacity_factor-<time> [--out DIR]
-    .venv/bin/python experiments/convergence_calibration/run.py [--quick]   # runs the capacity-factor study first
+    .venv/bin/python -m experiments.convergence_calibration --from runs/capacity_factor-<time> [--out DIR]
+    .venv/bin/python -m experiments.convergence_calibration [--quick]   # runs the capacity-factor study first
 
 Takes the (tokens surviving, steps to target loss) points of the capacity-factor study (experiments/capacity_factor:
 its table.csv): by default the `static` rows, the paper's own design (static placement, the capacity factor varied
@@ -21,25 +21,28 @@ both fits' predictions), summary.json, calibration.png; with no --from, also the
 
 from __future__ import annotations
 
-import argparse
 import csv
-import importlib.util
 import json
 import math
-import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from symi_sim.outputs import atomic_dir  # noqa: E402
-from symi_sim.simulator.convergence import (  # noqa: E402
+from experiments.capacity_factor import study as capacity_factor
+from experiments.harness import (
+    add_out_option,
+    policy_colour,
+    run_dir,
+    run_path,
+    say,
+    study_parser,
+    write_json,
+    write_png,
+    write_rows,
+)
+from symi_sim.simulator.convergence import (
     FORMS,
     PAPER_ITERATIONS,
     PAPER_SURVIVAL,
@@ -50,7 +53,6 @@ from symi_sim.simulator.convergence import (  # noqa: E402
 )
 
 STUDY = "convergence_calibration"
-CAPACITY_FACTOR_SCRIPT = ROOT / "experiments" / "capacity_factor" / "run.py"
 # the capacity-factor study's static-only arm when this study has to run it itself (no --from)
 OWN_RUN_ARGS = ["--policies", "static", "--capacity-factors", "1,1.5,2,3,4", "--extra-static-cfs", ""]
 OWN_QUICK_ARGS = ["--quick", "--policies", "static", "--capacity-factors", "1,2,4", "--extra-static-cfs", ""]
@@ -107,13 +109,11 @@ def describe(model: ConvergenceModel, source: str, rejected: str | None, loo: fl
 
 def write_figure(path: Path, ours: dict[str, ConvergenceModel], paper: dict[str, ConvergenceModel],
                  points: list[dict[str, Any]], target: float) -> None:
-    import matplotlib
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11.0, 4.3), dpi=110, layout="constrained")
     ax_abs, ax_norm = fig.subplots(1, 2)
     policies = list(dict.fromkeys(p["policy"] for p in points))
-    colors = {p: matplotlib.colormaps["tab10"](i) for i, p in enumerate(policies)}
     s_min = min(0.2, *(p["survival"] for p in points), *PAPER_SURVIVAL)
     grid = np.linspace(s_min, 1.0, 200)
     styles = {"power": "-", "exponential": "--"}
@@ -126,11 +126,11 @@ def write_figure(path: Path, ours: dict[str, ConvergenceModel], paper: dict[str,
         used = [p for p in mine if p["used_in_fit"]]
         other = [p for p in mine if not p["used_in_fit"]]
         if used:
-            ax_abs.scatter([p["survival"] for p in used], [p["iterations"] for p in used], color=colors[policy],
+            ax_abs.scatter([p["survival"] for p in used], [p["iterations"] for p in used], color=policy_colour(policy),
                            zorder=3, label=f"{policy} (fitted)")
         if other:
             ax_abs.scatter([p["survival"] for p in other], [p["iterations"] for p in other], facecolors="none",
-                           edgecolors=colors[policy], zorder=3, label=f"{policy} (not fitted)")
+                           edgecolors=policy_colour(policy), zorder=3, label=f"{policy} (not fitted)")
         for p in mine:
             ax_abs.annotate(f"cf {p['capacity_factor']:g}", (p["survival"], p["iterations"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
@@ -157,31 +157,27 @@ def write_figure(path: Path, ours: dict[str, ConvergenceModel], paper: dict[str,
     ax_norm.legend(fontsize=7)
     ax_norm.grid(alpha=0.3)
     fig.suptitle("Convergence model: iterations to target loss against token survival")
-    fig.savefig(path, format="png")
+    write_png(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> Path:
+    parser = study_parser(STUDY, __doc__)
     parser.add_argument("--from", dest="source", type=Path, default=None,
-                        help="A capacity-factor run directory (experiments/capacity_factor/run.py --out).")
+                        help="A capacity-factor run directory (python -m experiments.capacity_factor --out).")
     parser.add_argument("--quick", action="store_true",
                         help="Without --from: run the capacity-factor study's quick variant (static, cf 1, 2, 4).")
     parser.add_argument("--policies", default="static",
                         help="Comma-separated policies whose points are fitted, or 'all' (default: static).")
-    parser.add_argument("--out", type=Path, default=None, help="Run directory (default runs/convergence_calibration-"
-                                                               "<time>).")
+    add_out_option(parser, STUDY)
     args = parser.parse_args(argv)
-    out = args.out or ROOT / "runs" / f"{STUDY}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = run_path(STUDY, args.out)
     start_s = time.perf_counter()
 
-    with atomic_dir(out) as tmp_out:
+    with run_dir(out, study=STUDY, args={**vars(args), "out": out}, argv=argv) as tmp_out:
         source = args.source
         if source is None:
-            spec = importlib.util.spec_from_file_location("capacity_factor_run", CAPACITY_FACTOR_SCRIPT)
-            capacity_factor_run = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(capacity_factor_run)
             source = tmp_out / "capacity_factor"
-            capacity_factor_run.main([*(OWN_QUICK_ARGS if args.quick else OWN_RUN_ARGS), "--out", str(source)])
+            capacity_factor.main([*(OWN_QUICK_ARGS if args.quick else OWN_RUN_ARGS), "--out", str(source)])
         rows, cf_summary = read_table(source)
         target = float(cf_summary["target_loss"])
         wanted = None if args.policies == "all" else set(args.policies.split(","))
@@ -189,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         points = []
         for row in rows:
             if row["steps_to_target"] is None:
-                print(f"note: {row['policy']} at cf {row['capacity_factor']:g} never reached loss {target:g}; "
-                      "left out")
+                say(f"note: {row['policy']} at cf {row['capacity_factor']:g} never reached loss {target:g}; "
+                    "left out")
                 continue
             points.append({"policy": row["policy"], "capacity_factor": row["capacity_factor"],
                            "survival": row["survival"], "iterations": row["steps_to_target"],
@@ -230,51 +226,41 @@ def main(argv: list[str] | None = None) -> None:
             spearman = frame["survival"].rank().corr(frame["iterations"].rank())
             spearman = None if math.isnan(spearman) else round(float(spearman), 3)
 
-        with open(tmp_out / "calibration.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["survival", "iterations", "policy", "capacity_factor"])
-            for p in fitted:
-                writer.writerow([p["survival"], p["iterations"], p["policy"], p["capacity_factor"]])
+        write_rows(tmp_out / "calibration.csv", ["survival", "iterations", "policy", "capacity_factor"], fitted)
         usable = all(fit_row["rejected"] is None for fit_row in fits if fit_row["source"] == "executor")
         if usable:  # what `symi simulate --convergence` will do with the file: the same fit
             reloaded = load_calibration(tmp_out / "calibration.csv")
             assert math.isclose(reloaded.exponent, ours["power"].exponent, rel_tol=1e-9, abs_tol=1e-12)
         for name, table in (("fits.csv", fits), ("points.csv", points)):
-            columns = list(dict.fromkeys(c for r in table for c in r))
-            with open(tmp_out / name, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows({c: ("" if r.get(c) is None else r[c]) for c in columns} for r in table)
+            write_rows(tmp_out / name, list(dict.fromkeys(c for r in table for c in r)), table)
         summary = {"study": STUDY, "source": str(args.source) if args.source else "capacity_factor (this run)",
                    "target_loss": target, "fitted_policies": sorted({p["policy"] for p in fitted}),
                    "calibration_usable": usable, "fits": fits, "held_out_validation": validation,
                    "spearman_survival_vs_steps_all_points": spearman, "points": points,
                    "capacity_factor_config": cf_summary.get("config"),
                    "wall_s": round(time.perf_counter() - start_s, 1)}
-        (tmp_out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(tmp_out / "summary.json", summary)
         write_figure(tmp_out / "calibration.png", ours, paper, points, target)
 
-    print(f"points (target loss {target:.4f}; fitted: {', '.join(summary['fitted_policies'])}):")
-    print(f"{'policy':>14} {'cf':>4} {'survival':>9} {'steps':>6} {'power':>7} {'err':>7} {'exp':>7} {'err':>7}")
+    say(f"points (target loss {target:.4f}; fitted: {', '.join(summary['fitted_policies'])}):")
+    say(f"{'policy':>14} {'cf':>4} {'survival':>9} {'steps':>6} {'power':>7} {'err':>7} {'exp':>7} {'err':>7}")
     for p in points:
-        print(f"{p['policy']:>14} {p['capacity_factor']:>4g} {100 * p['survival']:>8.2f}% {p['iterations']:>6g} "
-              f"{p['predicted_power']:>7.1f} {100 * p['rel_error_power']:>+6.1f}% "
-              f"{p['predicted_exponential']:>7.1f} {100 * p['rel_error_exponential']:>+6.1f}%"
-              f"{'' if p['used_in_fit'] else '  (held out)'}")
-    print(f"{'source':>9} {'form':>12} {'i_full':>8} {'exponent':>9} {'max err':>8} {'RMS err':>8} {'LOO max':>8} "
-          f"{'slowdown':>9}")
+        say(f"{p['policy']:>14} {p['capacity_factor']:>4g} {100 * p['survival']:>8.2f}% {p['iterations']:>6g} "
+            f"{p['predicted_power']:>7.1f} {100 * p['rel_error_power']:>+6.1f}% "
+            f"{p['predicted_exponential']:>7.1f} {100 * p['rel_error_exponential']:>+6.1f}%"
+            f"{'' if p['used_in_fit'] else '  (held out)'}")
+    say(f"{'source':>9} {'form':>12} {'i_full':>8} {'exponent':>9} {'max err':>8} {'RMS err':>8} {'LOO max':>8} "
+        f"{'slowdown':>9}")
     for r in fits:
         loo = "-" if r["loo_max_rel_error"] is None else f"{100 * r['loo_max_rel_error']:.1f}%"
-        print(f"{r['source']:>9} {r['form']:>12} {r['i_full']:>8.1f} {r['exponent']:>9.4f} "
-              f"{100 * r['max_rel_error']:>7.2f}% {100 * r['rms_rel_error']:>7.2f}% {loo:>8} "
-              f"{r['slowdown_at_lowest_survival']:>8.3f}x" + (f"  REJECTED: {r['rejected']}" if r["rejected"] else ""))
+        say(f"{r['source']:>9} {r['form']:>12} {r['i_full']:>8.1f} {r['exponent']:>9.4f} "
+            f"{100 * r['max_rel_error']:>7.2f}% {100 * r['rms_rel_error']:>7.2f}% {loo:>8} "
+            f"{r['slowdown_at_lowest_survival']:>8.3f}x" + (f"  REJECTED: {r['rejected']}" if r["rejected"] else ""))
     for form, v in validation.items():
         if v:
-            print(f"held-out points ({v['points']}), {form} fit: max error {100 * v['max_rel_error']:.1f}%, "
-                  f"RMS {100 * v['rms_rel_error']:.1f}%")
-    print(f"rank correlation of survival and steps over all points: {spearman}")
-    print(f"wrote {out}" + ("" if usable else " (the points were rejected: calibration.csv is not a usable model)"))
+            say(f"held-out points ({v['points']}), {form} fit: max error {100 * v['max_rel_error']:.1f}%, "
+                f"RMS {100 * v['rms_rel_error']:.1f}%")
+    say(f"rank correlation of survival and steps over all points: {spearman}")
+    say(f"wrote {out}" + ("" if usable else " (the points were rejected: calibration.csv is not a usable model)"))
+    return out
 
-
-if __name__ == "__main__":
-    main()

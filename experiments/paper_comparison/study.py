@@ -1,6 +1,6 @@
 """Time to target loss per policy at the SYMI paper's configuration, driven by our recorded training traces.
 
-    .venv/bin/python experiments/paper_comparison/run.py [--quick] [--steps N] [--out DIR]
+    .venv/bin/python -m experiments.paper_comparison [--quick] [--steps N] [--out DIR]
 
 Configuration (the paper's): cluster paper-a100-16 (16 nodes x 1 A100, 4 slots per GPU, 100 Gb/s NIC),
 model gpt-small shapes (12 blocks, d_model 768, 16 experts, top-1, 32,768 tokens per step), capacity factor 1.0,
@@ -24,10 +24,6 @@ speedup.png (time-to-target reduction vs static and vs FlexMoE next to the paper
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -35,16 +31,26 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from symi_sim.cluster import load_cluster  # noqa: E402
-from symi_sim.models import ModelConfig, load_model  # noqa: E402
-from symi_sim.outputs import atomic_dir  # noqa: E402
-from symi_sim.simulator.driver import simulate  # noqa: E402
-from symi_sim.traces.fit import fit_trace, tile_layers  # noqa: E402
-from symi_sim.traces.format import LoadTrace, read_trace  # noqa: E402
+from experiments.harness import (
+    TRACES_DIR,
+    add_out_option,
+    phase_colours,
+    policy_colour,
+    run_dir,
+    run_path,
+    say,
+    say_table,
+    short_label,
+    study_parser,
+    write_json,
+    write_png,
+    write_table,
+)
+from symi_sim.cluster import load_cluster
+from symi_sim.models import ModelConfig, load_model
+from symi_sim.simulator.driver import simulate
+from symi_sim.traces.fit import fit_trace, tile_layers
+from symi_sim.traces.format import LoadTrace, read_trace
 
 STUDY = "paper_comparison"
 CLUSTER = "paper-a100-16"
@@ -57,8 +63,8 @@ POLICIES = ("static", *FLEXMOE_RULE, *FLEXMOE_SCHEDULED, "fastermoe", "eplb", "s
             "symi-balanced:packing=grouped", "oracle:packing=grouped")
 PAPER = {"reduction_vs_static": 0.305, "reduction_vs_flexmoe": 0.259,
          "source": "SYMI (NSDI '26): time to target loss 30.5% lower than DeepSpeed, 25.9% lower than FlexMoE"}
-RECORDED = ROOT / "traces" / "recorded-tiny-e16-top1.parquet"
-SYNTHETIC = ROOT / "traces" / "synthetic-drift.parquet"
+RECORDED = TRACES_DIR / "recorded-tiny-e16-top1.parquet"
+SYNTHETIC = TRACES_DIR / "synthetic-drift.parquet"
 TRACES = ("recorded-tile12", "recorded-adopt2", "synthetic-drift")
 QUICK_TRACES = ("recorded-tile12", "synthetic-drift")
 PRINT_COLUMNS = ("trace", "policy", "mean_time_s", "p99_time_s", "survival", "time_to_target_s",
@@ -129,24 +135,23 @@ def comparison_figure(table: pd.DataFrame, trace: str) -> Figure:
     x = np.arange(len(policies))
     fig = Figure(figsize=(13, 5.2), layout="constrained")
     ax_t, ax_p = fig.subplots(1, 2)
-    colors = [_policy_color(p) for p in policies]
-    bars = ax_t.bar(x, rows["time_to_target_s"], color=colors)
+    bars = ax_t.bar(x, rows["time_to_target_s"], color=[policy_colour(p) for p in policies])
     ax_t.bar_label(bars, labels=[f"{v:.2f}x" for v in rows["speedup_vs_static"]], fontsize=7, padding=2)
     ax_t.set_ylabel("simulated time to target loss (s)")
     ax_t.set_title("Time to target (labels: speed-up vs static)", fontsize=10)
     ax_t.margins(y=0.12)
     phases = [c for c in rows.columns if c.startswith("phase_") and c.endswith("_s") and rows[c].max() > 0]
     bottom = np.zeros(len(policies))
-    cmap = _cmap(len(phases))
-    for i, column in enumerate(phases):
+    colours = phase_colours(phases)
+    for column in phases:
         values = rows[column].to_numpy(dtype=float) * 1e3
-        ax_p.bar(x, values, bottom=bottom, color=cmap[i], label=column[len("phase_"):-2].replace("_", " "))
+        ax_p.bar(x, values, bottom=bottom, color=colours[column], label=column[len("phase_"):-2].replace("_", " "))
         bottom += values
     ax_p.set_ylabel("time per iteration (ms), critical-path phases")
     ax_p.set_title("Where an iteration's time goes (mean over steps)", fontsize=10)
     ax_p.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="phase", title_fontsize=8)
     for ax in (ax_t, ax_p):
-        ax.set_xticks(x, labels=[_short(p) for p in policies], rotation=45, ha="right", rotation_mode="anchor",
+        ax.set_xticks(x, labels=[short_label(p) for p in policies], rotation=45, ha="right", rotation_mode="anchor",
                       fontsize=7)
         ax.set_xlabel("policy")
     fig.suptitle(f"{CLUSTER}, {MODEL}, capacity factor {CAPACITY_FACTOR:g} ({CAPACITY_MODE}), trace {trace}")
@@ -169,7 +174,7 @@ def speedup_figure(table: pd.DataFrame) -> Figure:
         ax.axhline(100 * PAPER["reduction_vs_flexmoe"], color="tab:orange", ls=":", lw=1.2,
                    label="paper: SYMI vs FlexMoE (25.9%)")
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_xticks(x, labels=[_short(p) for p in rows["policy"]], rotation=45, ha="right",
+        ax.set_xticks(x, labels=[short_label(p) for p in rows["policy"]], rotation=45, ha="right",
                       rotation_mode="anchor", fontsize=7)
         ax.set_xlabel("policy")
         ax.set_title(f"trace {trace}", fontsize=10)
@@ -179,39 +184,15 @@ def speedup_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def _short(policy: str) -> str:
-    return policy.replace(":min_gain_ratio=0", " sched").replace(":packing=grouped", " grouped")
-
-
-def _cmap(n: int) -> list:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _policy_color(policy: str) -> str:
-    if policy == "static":
-        return "tab:gray"
-    if policy.startswith("flexmoe"):
-        return "tab:orange"
-    if policy.startswith("symi"):
-        return "tab:blue"
-    if policy.startswith("oracle"):
-        return "tab:green"
-    return "tab:purple"
-
-
 # ---------------------------------------------------------------- main
 
 
 def write_outputs(out: Path, table: pd.DataFrame, summary: dict) -> None:
-    with atomic_dir(out) as tmp:
-        table.to_csv(tmp / "table.csv", index=False)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        for trace in dict.fromkeys(table["trace"]):
-            comparison_figure(table, trace).savefig(tmp / f"comparison-{trace}.png", dpi=110)
-        speedup_figure(table).savefig(tmp / "speedup.png", dpi=110)
+    write_table(out / "table.csv", table)
+    write_json(out / "summary.json", summary)
+    for trace in dict.fromkeys(table["trace"]):
+        write_png(comparison_figure(table, trace), out / f"comparison-{trace}.png")
+    write_png(speedup_figure(table), out / "speedup.png")
 
 
 def headline(table: pd.DataFrame) -> dict:
@@ -230,12 +211,12 @@ def headline(table: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(STUDY, __doc__)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 traces, 20 steps")
     parser.add_argument("--steps", type=int, default=None, help="steps per trace (default: all; --quick: 20)")
-    parser.add_argument("--out", default=None, help=f"run directory (default runs/{STUDY}-<timestamp>)")
+    add_out_option(parser, STUDY)
     args = parser.parse_args(argv)
-    out = Path(args.out or f"runs/{STUDY}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out = run_path(STUDY, args.out)
     steps = args.steps if args.steps is not None else (20 if args.quick else None)
     cases = QUICK_TRACES if args.quick else TRACES
 
@@ -245,7 +226,7 @@ def main(argv: list[str] | None = None) -> Path:
         table, info = run_case(name, steps)
         tables.append(table)
         infos.append(info)
-        print(f"{name}: {info['steps']} steps, {info['wall_s']:.1f} s ({info['mapping']})", flush=True)
+        say(f"{name}: {info['steps']} steps, {info['wall_s']:.1f} s ({info['mapping']})")
     table = pd.concat(tables, ignore_index=True)
     summary = {
         "study": STUDY, "quick": args.quick, "cluster": CLUSTER, "model": MODEL,
@@ -253,14 +234,11 @@ def main(argv: list[str] | None = None) -> Path:
         "traces": infos, "paper": PAPER, "headline": headline(table),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    write_outputs(out, table, summary)
+    resolved = {"quick": args.quick, "steps": steps, "traces": list(cases), "out": out}
+    with run_dir(out, study=STUDY, args=resolved, argv=argv) as tmp:
+        write_outputs(tmp, table, summary)
 
-    pd.set_option("display.width", 200)
-    print(table.loc[:, list(PRINT_COLUMNS)].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"paper: {PAPER['source']}")
-    print(f"wrote {out} in {summary['wall_s']:.1f} s")
+    say_table(table, PRINT_COLUMNS, ".3f")
+    say(f"paper: {PAPER['source']}")
+    say(f"wrote {out} in {summary['wall_s']:.1f} s")
     return out
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """What-if scale-out from 16 to 2,048 GPUs: where each policy's iteration time goes, and time to target per policy.
 
-    .venv/bin/python experiments/scale_out/run.py [--quick] [--small-steps N] [--large-steps N] [--skip N] [--out DIR]
+    .venv/bin/python -m experiments.scale_out [--quick] [--small-steps N] [--large-steps N] [--skip N] [--out DIR]
 
 Scale points (clusters from presets with load_cluster overrides; weak scaling: the global batch grows with the
 GPUs, so every GPU sees the same number of tokens per step at every scale):
@@ -28,10 +28,6 @@ per scale point) and time_to_target.png (time to target and speed-up vs static p
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +37,27 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from symi_sim.cluster import Cluster, load_cluster  # noqa: E402
-from symi_sim.models import ModelConfig, load_model  # noqa: E402
-from symi_sim.outputs import atomic_dir  # noqa: E402
-from symi_sim.simulator.driver import simulate  # noqa: E402
-from symi_sim.traces.fit import fit_trace  # noqa: E402
-from symi_sim.traces.format import LoadTrace, read_trace  # noqa: E402
-from symi_sim.traces.synth import synth_trace  # noqa: E402
+from experiments.harness import (
+    TRACES_DIR,
+    add_out_option,
+    phase_colours,
+    policy_colour,
+    run_dir,
+    run_path,
+    say,
+    say_table,
+    short_label,
+    study_parser,
+    write_json,
+    write_png,
+    write_table,
+)
+from symi_sim.cluster import Cluster, load_cluster
+from symi_sim.models import ModelConfig, load_model
+from symi_sim.simulator.driver import simulate
+from symi_sim.traces.fit import fit_trace
+from symi_sim.traces.format import LoadTrace, read_trace
+from symi_sim.traces.synth import synth_trace
 
 STUDY = "scale_out"
 POLICIES = ("static", "flexmoe-10", "flexmoe-10:min_gain_ratio=0", "fastermoe", "eplb", "symi", "symi-balanced",
@@ -59,7 +65,7 @@ POLICIES = ("static", "flexmoe-10", "flexmoe-10:min_gain_ratio=0", "fastermoe", 
 CAPACITY_FACTOR = 1.0
 GPT_SEQUENCES_PER_GPU = 4           # the paper's global batch 64 on 16 GPUs
 DSV3_SEQUENCES_PER_GPU_X2 = 15      # 7.5 sequences of 4096 per GPU: DeepSeek-V3's 15,360 sequences on 2,048 GPUs
-SYNTHETIC = ROOT / "traces" / "synthetic-drift.parquet"
+SYNTHETIC = TRACES_DIR / "synthetic-drift.parquet"
 PRINT_COLUMNS = ("point", "policy", "mean_time_s", "survival", "phase_expert_forward_s", "phase_a2a_forward_s",
                  "phase_grad_collect_s", "phase_weight_sendout_s", "time_to_target_s", "speedup_vs_static")
 
@@ -152,21 +158,10 @@ def run_point(point: Point, steps: int, skip: int) -> tuple[pd.DataFrame, dict]:
 # ---------------------------------------------------------------- figures
 
 
-def _short(policy: str) -> str:
-    return policy.replace(":min_gain_ratio=0", " sched").replace(":packing=grouped", " grouped")
-
-
-def _colors(n: int) -> list:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
 def phases_figure(table: pd.DataFrame) -> Figure:
     points = list(dict.fromkeys(table["point"]))
     phases = [c for c in table.columns if c.startswith("phase_") and c.endswith("_s") and table[c].max() > 0]
-    colors = dict(zip(phases, _colors(len(phases)), strict=True))
+    colours = phase_colours(phases)
     cols = min(4, len(points))
     rows_n = int(np.ceil(len(points) / cols))
     fig = Figure(figsize=(4.2 * cols + 1.8, 3.9 * rows_n), layout="constrained")
@@ -177,9 +172,9 @@ def phases_figure(table: pd.DataFrame) -> Figure:
         bottom = np.zeros(len(rows))
         for column in phases:
             values = rows[column].to_numpy(dtype=float)
-            ax.bar(x, values, bottom=bottom, color=colors[column], label=column[6:-2].replace("_", " "))
+            ax.bar(x, values, bottom=bottom, color=colours[column], label=column[6:-2].replace("_", " "))
             bottom += values
-        ax.set_xticks(x, labels=[_short(p) for p in rows["policy"]], rotation=50, ha="right",
+        ax.set_xticks(x, labels=[short_label(p) for p in rows["policy"]], rotation=50, ha="right",
                       rotation_mode="anchor", fontsize=6)
         ax.set_title(f"{point} ({int(rows['num_gpus'].iloc[0])} GPUs)", fontsize=9)
         ax.set_ylabel("time per iteration (s)")
@@ -198,10 +193,6 @@ _PLAIN = FuncFormatter(lambda value, _pos: f"{value:,.0f}" if value >= 100 else 
 def time_to_target_figure(table: pd.DataFrame) -> Figure:
     families = list(dict.fromkeys(table["family"]))
     policies = list(dict.fromkeys(table["policy"]))
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    colors = {policy: cmap(i % cmap.N) for i, policy in enumerate(policies)}
     fig = Figure(figsize=(4.6 * len(families) + 2.2, 7.5), layout="constrained")
     axes = fig.subplots(2, len(families), squeeze=False)
     for j, family in enumerate(families):
@@ -209,7 +200,7 @@ def time_to_target_figure(table: pd.DataFrame) -> Figure:
         ax_t, ax_s = axes[0, j], axes[1, j]
         for policy in policies:
             p = rows[rows["policy"] == policy].sort_values("num_gpus")
-            style = {"color": colors[policy], "marker": "o", "ms": 4, "label": _short(policy)}
+            style = {"color": policy_colour(policy), "marker": "o", "ms": 4, "label": short_label(policy)}
             ax_t.plot(p["num_gpus"], p["time_to_target_s"], **style)
             ax_s.plot(p["num_gpus"], p["speedup_vs_static"], **style)
         for ax in (ax_t, ax_s):
@@ -236,43 +227,41 @@ def time_to_target_figure(table: pd.DataFrame) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(STUDY, __doc__)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 points (16 A100, 16 H100, 64 H100 deepseek-v3), 4 steps")
     parser.add_argument("--small-steps", type=int, default=None, help="gpt-small steps (default 200; --quick 4)")
     parser.add_argument("--large-steps", type=int, default=None, help="deepseek-v3 steps (default 50; --quick 4)")
     parser.add_argument("--skip", type=int, default=100, help="trace steps skipped before the first simulated one")
-    parser.add_argument("--out", default=None, help=f"run directory (default runs/{STUDY}-<timestamp>)")
+    add_out_option(parser, STUDY)
     args = parser.parse_args(argv)
-    out = Path(args.out or f"runs/{STUDY}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out = run_path(STUDY, args.out)
     small = args.small_steps or (4 if args.quick else 200)
     large = args.large_steps or (4 if args.quick else 50)
+    points = QUICK_POINTS if args.quick else POINTS
 
     t0 = time.perf_counter()
     tables, infos = [], []
-    for point in QUICK_POINTS if args.quick else POINTS:
+    for point in points:
         steps = small if point.model == "gpt-small" else large
         table, info = run_point(point, steps, args.skip)
         tables.append(table)
         infos.append(info)
-        print(f"{info['point']}: {info['num_gpus']} GPUs, {steps} steps, {info['wall_s']:.1f} s", flush=True)
+        say(f"{info['point']}: {info['num_gpus']} GPUs, {steps} steps, {info['wall_s']:.1f} s")
     table = pd.concat(tables, ignore_index=True)
     weak = {"gpt-small_sequences_per_gpu": GPT_SEQUENCES_PER_GPU,
             "deepseek-v3_sequences_per_gpu": DSV3_SEQUENCES_PER_GPU_X2 / 2}
     summary = {"study": STUDY, "quick": args.quick, "policies": list(POLICIES), "capacity_factor": CAPACITY_FACTOR,
                "capacity_mode": "slot", "weak_scaling": weak, "points": infos,
                "wall_s": round(time.perf_counter() - t0, 2)}
-    with atomic_dir(out) as tmp:
-        table.to_csv(tmp / "table.csv", index=False)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        phases_figure(table).savefig(tmp / "phases.png", dpi=110)
-        time_to_target_figure(table).savefig(tmp / "time_to_target.png", dpi=110)
+    resolved = {"quick": args.quick, "small_steps": small, "large_steps": large, "skip": args.skip,
+                "points": [p.label for p in points], "out": out}
+    with run_dir(out, study=STUDY, args=resolved, argv=argv) as tmp:
+        write_table(tmp / "table.csv", table)
+        write_json(tmp / "summary.json", summary)
+        write_png(phases_figure(table), tmp / "phases.png")
+        write_png(time_to_target_figure(table), tmp / "time_to_target.png")
 
-    pd.set_option("display.width", 220)
-    print(table.loc[:, list(PRINT_COLUMNS)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"wrote {out}; simulation {summary['wall_s']:.1f} s")
+    say_table(table, PRINT_COLUMNS, ".4g")
+    say(f"wrote {out}; simulation {summary['wall_s']:.1f} s")
     return out
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """The SYMI paper's motivation table on our executor: capacity factor versus token survival and steps to a target loss.
 
-    .venv/bin/python experiments/capacity_factor/run.py [--quick] [--out DIR] [--steps N] [--target-loss L]
+    .venv/bin/python -m experiments.capacity_factor [--quick] [--out DIR] [--steps N] [--target-loss L]
 
 Real `symi train` runs (CPU, gloo, local ranks), one after another: for every capacity factor in
 --capacity-factors and every policy in --policies (static = DeepSpeed's fixed replicas; symi = the paper's
@@ -36,19 +36,23 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from symi_sim.outputs import atomic_dir  # noqa: E402
-from symi_sim.simulator.curves import smoothed, steps_to  # noqa: E402
+from experiments.harness import (
+    add_out_option,
+    policy_colour,
+    run_dir,
+    run_path,
+    say,
+    study_parser,
+    write_json,
+    write_png,
+    write_rows,
+)
+from symi_sim.simulator.curves import smoothed, steps_to
 
 STUDY = "capacity_factor"
 # chosen from the full run's curves (README.md): the smoothed losses of all 11 runs fall through 2.8 between about
@@ -63,6 +67,8 @@ QUICK = {"nproc": 2, "experts": 4, "slots": 4, "steps": 30, "capacity_factors": 
 TABLE_COLUMNS = ("policy", "capacity_factor", "survival", "dropped_fraction", "first_step_survival", "steps_to_target",
                  "steps_to_target_trailing", "final_smoothed_loss", "fit_a", "fit_b", "fit_c", "step_ms_mean",
                  "step_ms_median", "imbalance", "replica_moves_per_step", "wall_s")
+CURVE_COLUMNS = ("policy", "capacity_factor", "step", "loss", "smoothed_loss", "fitted_loss", "dropped_fraction",
+                 "step_s")
 RUN_COLUMNS = ("survival", "dropped_fraction", "first_step_survival", "step_ms_mean", "step_ms_median", "imbalance",
                "replica_moves_per_step", "wall_s")
 
@@ -103,7 +109,8 @@ def auto_target(curves: dict[tuple[str, float], list[float]], window: int) -> fl
 
 def train_one(policy: str, capacity_factor: float, args: argparse.Namespace, root: Path) -> list[dict[str, float]]:
     """One `symi train` run; its metrics rows (one per step)."""
-    from symi_exec.trainer import TrainConfig, launch  # torch: imported only where training happens
+    from symi_exec.config import TrainConfig
+    from symi_exec.launch import launch  # torch: imported only where training happens
 
     out = root / f"{policy}-cf{capacity_factor:g}"
     config = TrainConfig(out=str(out), model="tiny", num_experts=args.experts, slots_per_rank=args.slots, top_k=1,
@@ -139,10 +146,10 @@ def print_table(rows: list[dict[str, Any]], target: float) -> None:
               *("-" if r[c] is None else str(r[c]) for c in ("steps_to_target", "steps_to_target_trailing")),
               f"{r['final_smoothed_loss']:.3f}", f"{r['step_ms_mean']:.1f}", f"{r['imbalance']:.2f}") for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    print(f"target loss {target:.4f}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    say(f"target loss {target:.4f}")
+    say("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for c in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
+        say("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
 
 
 def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str, float], list[float]],
@@ -152,7 +159,6 @@ def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str,
     import numpy as np
     from matplotlib.figure import Figure
 
-    colors = {p: matplotlib.colormaps["tab10"](i) for i, p in enumerate(policies)}
     all_cfs = sorted({r["capacity_factor"] for r in rows})
 
     panels = [(f"capacity factor {cf:g}", [(p, cf) for p in policies]) for cf in main_cfs]
@@ -166,7 +172,7 @@ def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str,
                 continue
             curve = curves[key]
             last = index == len(panels) - 1
-            color = cf_colors[all_cfs.index(key[1])] if last else colors[key[0]]
+            color = cf_colors[all_cfs.index(key[1])] if last else policy_colour(key[0])
             label = f"cf {key[1]:g}" if last else key[0]
             steps = np.arange(1, len(curve) + 1)
             ax.plot(steps[args.window - 1:], curve[args.window - 1:], color=color, linewidth=1.0, alpha=0.6,
@@ -182,7 +188,7 @@ def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str,
     fig.suptitle(f"Loss curves (solid: trailing mean of {args.window} steps; dotted: fitted a + b t^-c): "
                  f"{args.experts} experts, top-1, {args.nproc} ranks x {args.slots} slots, aux-loss coefficient "
                  f"{args.aux_loss_coef:g}")
-    fig.savefig(out / "loss_curves.png", format="png")
+    write_png(fig, out / "loss_curves.png")
 
     fig = Figure(figsize=(11.0, 4.2), dpi=110, layout="constrained")
     ax_surv, ax_steps = fig.subplots(1, 2)
@@ -198,10 +204,10 @@ def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str,
             xs.append(x_C[c] + (i - (len(policies) - 1) / 2) * width)
             survival.append(100 * row["survival"])
             steps.append(row["steps_to_target"])
-        bars = ax_surv.bar(xs, survival, width, color=colors[policy], label=policy)
+        bars = ax_surv.bar(xs, survival, width, color=policy_colour(policy), label=policy)
         ax_surv.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
         reached = [s if s is not None else 0 for s in steps]
-        bars = ax_steps.bar(xs, reached, width, color=colors[policy], label=policy)
+        bars = ax_steps.bar(xs, reached, width, color=policy_colour(policy), label=policy)
         ax_steps.bar_label(bars, labels=[str(s) if s is not None else "not reached" for s in steps], fontsize=7,
                            padding=1, rotation=90)
     for ax in (ax_surv, ax_steps):
@@ -214,15 +220,15 @@ def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str,
     ax_steps.set_ylabel(f"steps to fitted loss {target:.3f} (steps)")
     ax_steps.set_title("Steps to the target loss", fontsize=10)
     fig.suptitle("Capacity factor: tokens surviving and steps to target (executor, CPU)")
-    fig.savefig(out / "survival_steps.png", format="png")
+    write_png(fig, out / "survival_steps.png")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> Path:
+    parser = study_parser(STUDY, __doc__)
     parser.add_argument("--quick", action="store_true",
                         help="Smoke variant: 2 ranks, 4 experts, 30 steps, static and symi-balanced at cf 1 and 4 "
                              "(+ static at 2), auto target.")
-    parser.add_argument("--out", type=Path, default=None, help="Run directory (default runs/capacity_factor-<time>).")
+    add_out_option(parser, STUDY)
     parser.add_argument("--nproc", type=int)
     parser.add_argument("--experts", type=int)
     parser.add_argument("--slots", type=int, help="Expert slots per rank.")
@@ -250,17 +256,20 @@ def main(argv: list[str] | None = None) -> None:
         args.target_loss = "auto" if args.quick else str(TARGET_LOSS)
     if "static" not in args.policies and args.extra_static_cfs:
         parser.error("--extra-static-cfs needs `static` in --policies")
-    out = args.out or ROOT / "runs" / f"{STUDY}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = run_path(STUDY, args.out)
 
     start_s = time.perf_counter()
-    with atomic_dir(out) as tmp_out:
-        if args.reanalyse is not None:
-            rows, per_step, training_wall_s = load_previous(args.reanalyse, args)
+    # a reanalysis takes the earlier run's training configuration into args: read it before config.json records args
+    previous = load_previous(args.reanalyse, args) if args.reanalyse is not None else None
+    with run_dir(out, study=STUDY, args={**vars(args), "out": out}, argv=argv) as tmp_out:
+        if previous is not None:
+            rows, per_step, training_wall_s = previous
         else:
             rows, per_step = train_all(args)
             training_wall_s = time.perf_counter() - start_s
         analyse_and_write(tmp_out, rows, per_step, args, training_wall_s)
-    print(f"wrote {out}")
+    say(f"wrote {out}")
+    return out
 
 
 def train_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[tuple[str, float], list[dict]]]:
@@ -274,20 +283,20 @@ def train_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[tupl
             per_step[(policy, cf)] = train_one(policy, cf, args, Path(tmp))
             wall_s = time.perf_counter() - run_start
             rows.append(summarise(policy, cf, per_step[(policy, cf)], wall_s, args))
-            print(f"[{index + 1}/{len(runs)}] {policy} cf {cf:g}: survival {100 * rows[-1]['survival']:.1f}% "
-                  f"({wall_s:.0f} s)", flush=True)
+            say(f"[{index + 1}/{len(runs)}] {policy} cf {cf:g}: survival {100 * rows[-1]['survival']:.1f}% "
+                f"({wall_s:.0f} s)")
     return rows, per_step
 
 
-def load_previous(run_dir: Path, args: argparse.Namespace
+def load_previous(earlier: Path, args: argparse.Namespace
                   ) -> tuple[list[dict[str, Any]], dict[tuple[str, float], list[dict]], float]:
     """The training results of an earlier run directory (table.csv, curves.csv, summary.json), to analyse again."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    with open(run_dir / "table.csv") as f:
+    summary = json.loads((earlier / "summary.json").read_text())
+    with open(earlier / "table.csv") as f:
         rows = [{"policy": r["policy"], "capacity_factor": float(r["capacity_factor"]),
                  **{c: float(r[c]) for c in RUN_COLUMNS}} for r in csv.DictReader(f)]
     per_step: dict[tuple[str, float], list[dict]] = {}
-    with open(run_dir / "curves.csv") as f:
+    with open(earlier / "curves.csv") as f:
         for r in csv.DictReader(f):
             per_step.setdefault((r["policy"], float(r["capacity_factor"])), []).append(
                 {"step": int(r["step"]), "loss": float(r["loss"]), "dropped_fraction": float(r["dropped_fraction"]),
@@ -319,20 +328,14 @@ def analyse_and_write(out: Path, rows: list[dict[str, Any]], per_step: dict[tupl
     rows.sort(key=lambda r: (args.policies.index(r["policy"]), r["capacity_factor"]))
 
     print_table(rows, target)
-    print(f"training wall time {training_wall_s:.0f} s for {len(rows)} runs")
+    say(f"training wall time {training_wall_s:.0f} s for {len(rows)} runs")
     columns = [*TABLE_COLUMNS, *(f"steps_to_{t:g}{kind}" for t in extra_targets for kind in ("", "_trailing"))]
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({c: ("" if r[c] is None else r[c]) for c in columns} for r in rows)
-    with open(out / "curves.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["policy", "capacity_factor", "step", "loss", "smoothed_loss", "fitted_loss",
-                         "dropped_fraction", "step_s"])
-        for (policy, cf), values in per_step.items():
-            for row, smooth, fit in zip(values, trailing[(policy, cf)], fitted[(policy, cf)], strict=True):
-                writer.writerow([policy, cf, int(row["step"]), row["loss"], round(smooth, 6), round(fit, 6),
-                                 row["dropped_fraction"], row["step_s"]])
+    write_rows(out / "table.csv", columns, rows)
+    write_rows(out / "curves.csv", CURVE_COLUMNS,
+               ([policy, cf, int(row["step"]), row["loss"], round(smooth, 6), round(fit, 6), row["dropped_fraction"],
+                 row["step_s"]]
+                for (policy, cf), values in per_step.items()
+                for row, smooth, fit in zip(values, trailing[(policy, cf)], fitted[(policy, cf)], strict=True)))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     summary = {"study": STUDY, "target_loss": target,
                "target_rule": ("auto: highest of the runs' lowest fitted losses" if args.target_loss == "auto"
@@ -347,9 +350,6 @@ def analyse_and_write(out: Path, rows: list[dict[str, Any]], per_step: dict[tupl
                "wall_s": round(training_wall_s, 1),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "python": platform.python_version()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     write_figures(out, rows, trailing, fitted, args.capacity_factors, args.policies, target, args)
 
-
-if __name__ == "__main__":
-    main()

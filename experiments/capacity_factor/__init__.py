@@ -1,0 +1,2 @@
+"""The SYMI paper's motivation table on our executor: capacity factor versus token survival and steps to a target
+loss."""

@@ -1,0 +1,3 @@
+from experiments.capacity_factor.study import main
+
+main()

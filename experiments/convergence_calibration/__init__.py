@@ -1,0 +1,1 @@
+"""Recalibrate the simulator's convergence model (symi_sim/simulator/convergence.py) from executor training runs."""

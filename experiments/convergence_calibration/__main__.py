@@ -1,0 +1,3 @@
+from experiments.convergence_calibration.study import main
+
+main()

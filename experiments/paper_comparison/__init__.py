@@ -1,0 +1,1 @@
+"""Time to target per policy at the SYMI paper's configuration, driven by our recorded training traces."""

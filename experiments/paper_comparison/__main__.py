@@ -1,0 +1,3 @@
+from experiments.paper_comparison.study import main
+
+main()

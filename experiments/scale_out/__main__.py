@@ -1,0 +1,3 @@
+from experiments.scale_out.study import main
+
+main()

@@ -1,0 +1,3 @@
+from experiments.sensitivity.study import main
+
+main()
