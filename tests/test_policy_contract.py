@@ -18,6 +18,7 @@ import pytest
 from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.placement import Placement
 from symi_sim.policies import available_policies, get_policy
+from symi_sim.policies.base import OPTIMIZER_LAYOUTS
 from symi_sim.routing import route
 
 POLICIES = available_policies()
@@ -124,6 +125,16 @@ def test_class_attributes(name: str) -> None:
     assert isinstance(policy.needs_popularity, bool)
     assert isinstance(policy.rebalance_every, int) and policy.rebalance_every >= 1
     assert policy.config()["name"] == name
+    assert policy.optimizer_layout in OPTIMIZER_LAYOUTS
+    # moving a replica moves its optimizer state exactly in the layout where every replica holds it
+    assert policy.optimizer_coupled == (policy.optimizer_layout == "replica")
+
+
+def test_optimizer_layouts() -> None:
+    layouts = {name: get_policy(name).optimizer_layout for name in POLICIES}
+    assert layouts["static"] == layouts["fastermoe"] == "group"
+    assert layouts["flexmoe"] == "replica"
+    assert layouts["symi"] == layouts["symi-balanced"] == layouts["eplb"] == layouts["oracle"] == "sharded"
 
 
 BAD_LOADS = {

@@ -68,7 +68,7 @@ class FlipPolicy(Policy):
     """Optimizer-coupled: DeepSpeed's layout first, then experts 0 and 1 swap slots 0 and 1 for good."""
 
     name: ClassVar[str] = "flip"
-    optimizer_coupled: ClassVar[bool] = True
+    optimizer_layout: ClassVar[str] = "replica"
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         phy2log_R = [0, 1, 0, 1] if previous is None else [1, 0, 0, 1]

@@ -7,7 +7,10 @@ Legend: L MoE layers, E logical experts, R physical slots, G GPUs.
 
 Class attributes tell a driver (simulator, replay, executor) what a plan costs and when to ask for one:
   rebalance_every    ask for a new plan only every that many steps (keep the previous placement otherwise)
-  optimizer_coupled  moving a replica also moves its optimizer state (FlexMoE: yes; SYMI: no)
+  optimizer_layout   how the policy's system keeps the experts' optimizer state: "sharded" (SYMI: 1/G of every
+                     expert on every GPU, never moved), "group" (DeepSpeed: ZeRO-1 sharded within each expert's
+                     replica group) or "replica" (FlexMoE: every replica holds its expert's full state)
+  optimizer_coupled  (derived) moving a replica also moves its optimizer state: the "replica" layout
   uses_current_load  plans on the loads of the very step it serves (the oracle), not the previous ones
   needs_popularity   the policy needs the per-iteration popularity all-reduce
 """
@@ -23,14 +26,22 @@ import numpy as np
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 
+OPTIMIZER_LAYOUTS = ("sharded", "group", "replica")
+
 
 @dataclass
 class Policy:
+    """A replica-allocation policy; the class attributes are described in the module docstring."""
+
     name: ClassVar[str] = "policy"
-    optimizer_coupled: ClassVar[bool] = False
+    optimizer_layout: ClassVar[str] = "sharded"
     uses_current_load: ClassVar[bool] = False
     needs_popularity: ClassVar[bool] = True
     rebalance_every: ClassVar[int] = 1  # a policy with a period makes it a dataclass field instead
+
+    @property
+    def optimizer_coupled(self) -> bool:
+        return self.optimizer_layout == "replica"
 
     def plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None = None) -> Placement:
         """Placement for the next step from the popularity `load_LE` [L, E] (token counts or averages)."""

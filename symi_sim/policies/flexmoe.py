@@ -66,7 +66,7 @@ def balance_ratio(gpu_load_G: np.ndarray) -> float:
 @dataclass
 class FlexMoEPolicy(Policy):
     name: ClassVar[str] = "flexmoe"
-    optimizer_coupled: ClassVar[bool] = True
+    optimizer_layout: ClassVar[str] = "replica"
     rebalance_every: int = 10
     threshold: float = 1.1
     min_gain_ratio: float = 1.0

@@ -26,6 +26,7 @@ def static_phy2log(*, num_layers: int, num_experts: int, num_slots: int) -> np.n
 @dataclass
 class StaticPolicy(Policy):
     name: ClassVar[str] = "static"
+    optimizer_layout: ClassVar[str] = "group"
     needs_popularity: ClassVar[bool] = False
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:

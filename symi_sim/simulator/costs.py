@@ -32,9 +32,9 @@ import numpy as np
 
 from symi_sim.checks import check_choice, check_number
 from symi_sim.cluster import BYTES_PER_GBPS, Cluster
+from symi_sim.policies.base import OPTIMIZER_LAYOUTS
 
 POPULARITY_BYTES_PER_EXPERT = 4  # int32 token counts
-OPTIMIZER_LAYOUTS = ("sharded", "group", "replica")
 
 
 def bytes_time_s(num_bytes: float | np.ndarray, gbps: float, latency_s: float = 0.0) -> float | np.ndarray:

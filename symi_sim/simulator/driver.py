@@ -8,9 +8,8 @@ vectorised (the modelling choices are listed there); the per-step phase duration
 which runs the iteration timeline (overlap, contention) in simpy.
 
 Modelling choices made here (the per-phase ones are in phases.py, the formulas in costs.py and engine.py):
-  - Optimizer layout by policy (costs.py): FlexMoE-like optimizer-coupled policies "replica", static and
-    fastermoe (DeepSpeed-based) "group", every other policy runs on SYMI's system: "sharded". A policy class
-    may say otherwise with an `optimizer_layout` attribute.
+  - Optimizer layout by policy (Policy.optimizer_layout, costs.py): FlexMoE "replica", static and fastermoe
+    (DeepSpeed-based) "group", every other policy runs on SYMI's system: "sharded".
   - All-to-all sources are spread uniformly over the GPUs; per-source-rank counts in a trace are not used yet.
 """
 
@@ -45,7 +44,6 @@ from symi_sim.traces.format import LoadTrace
 logger = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 2_000_000         # steps x layers x slots routed at once (bounds memory on big clusters)
-_LAYOUT_BY_NAME = {"static": "group", "fastermoe": "group"}
 
 
 @dataclass(frozen=True)
@@ -53,16 +51,6 @@ class SimulationResult:
     iterations: pd.DataFrame   # one row per (policy, step)
     summary: pd.DataFrame      # one row per policy
     config: dict[str, Any]     # everything resolved (what config.json holds)
-
-
-def optimizer_layout(policy: Policy) -> str:
-    """How `policy`'s system keeps expert optimizer state: "sharded" (SYMI), "group" (DeepSpeed), "replica"."""
-    explicit = getattr(policy, "optimizer_layout", None)
-    if explicit:
-        return str(explicit)
-    if policy.optimizer_coupled:
-        return "replica"
-    return _LAYOUT_BY_NAME.get(policy.name, "sharded")
 
 
 def resolve_policy(spec: str | Policy, model: ModelConfig, capacity_mode: str = "slot") -> tuple[str, Policy]:
@@ -125,7 +113,7 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
                   "source": trace.source, "provenance": trace.provenance},
         "cluster": cluster.to_dict(),
         "model": model.to_dict(),
-        "policies": [{"label": label, "optimizer_layout": optimizer_layout(policy), **policy.config()}
+        "policies": [{"label": label, "optimizer_layout": policy.optimizer_layout, **policy.config()}
                      for label, policy in resolved],
         "capacity_factor": capacity_factor,
         "capacity_mode": capacity_mode,
@@ -180,7 +168,7 @@ def _simulate_policy(label: str, policy: Policy, counts_SLE: np.ndarray, trace: 
     plans = list(iter_plans(counts_SLE, policy, cluster, window=window, start=1))
     num_layers = trace.num_layers
     chunk = max(1, CHUNK_ELEMENTS // (num_layers * cluster.num_slots))
-    layout = optimizer_layout(policy)
+    layout = policy.optimizer_layout
     columns: list[dict[str, np.ndarray]] = []
     works: list[IterationWork] = []
     for lo in range(0, len(plans), chunk):
