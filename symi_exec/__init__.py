@@ -6,7 +6,8 @@
   data.py           the tokens, each step's batch, the learning-rate schedule
   model.py          the single-device GPT and its reference MoE layer
   moe.py, comm.py   the expert-parallel MoE layer and its communication (bytes counted by kind)
-  optim.py          the expert optimizers' base and SYMI's sharded layout; optim_replica.py FlexMoE's
+  optim.py          the expert optimizers' base and SYMI's sharded layout; optim_group.py DeepSpeed's group
+                    layout (static, fastermoe); optim_replica.py FlexMoE's
   outputs.py        metrics rows, placement records, the run directory
   checkpointing.py  the loop's checkpoints (Checkpointer) over checkpoint.py, snapshots.py and writer.py
 

@@ -7,8 +7,9 @@ Layout of a checkpoint root (`--checkpoint-dir`):
     rank-00000.pt ...         one file per rank (torch.save), each written to a temporary name, then renamed:
                                 step, world size, RNG states (python, numpy, torch), the expert optimizer state
                                 (SYMI layout: this rank's 1/G shard of every expert - master weights and both
-                                AdamW moments; FlexMoE layout: the full weights and moments of the experts whose
-                                lowest holder this rank is, so every expert is stored exactly once);
+                                AdamW moments; DeepSpeed's group layout: this rank's 1/r shard of every expert it
+                                holds, with its bounds; FlexMoE layout: the full weights and moments of the
+                                experts whose lowest holder this rank is: every element is stored exactly once);
                                 rank 0 also: dense parameters, dense AdamW state, the placement of the next step,
                                 the last step's loads and the metrics history (rows, placements, trace counts)
     meta.json                 human-readable summary (rank 0)
@@ -38,6 +39,7 @@ from symi_exec.optim import shard_bounds
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+STATE_NAMES = ("weights", "exp_avg", "exp_avg_sq")   # an expert's optimizer state, per element of its P
 STEP_PREFIX = "step-"
 
 
@@ -119,31 +121,46 @@ def load_rank(directory: Path, rank: int) -> dict[str, Any]:
 
 def assemble_expert_state(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Every expert's full state from all ranks' files (ranks in order): weights, exp_avg, exp_avg_sq, each
-    [L] x [E, P], and num_steps. SYMI layout: the G shards of each expert concatenated; FlexMoE layout: each
-    expert from the one file that stores it."""
+    [L] x [E, P], and num_steps. SYMI layout: the G shards of each expert concatenated; DeepSpeed's group layout:
+    each expert's shards from its holders' files joined (keyed_expert_state); FlexMoE layout: each expert from the
+    one file that stores it."""
     layouts = {s["expert_optimizer"]["layout"] for s in states}
     assert len(layouts) == 1, layouts
     num_steps = {s["expert_optimizer"]["num_steps"] for s in states}
     assert len(num_steps) == 1, num_steps
-    names = ("weights", "exp_avg", "exp_avg_sq")
     if layouts == {"sharded"}:
         parts = [s["expert_optimizer"] for s in states]
         numel = parts[-1]["stop"]
         for rank, part in enumerate(parts):
             assert (part["start"], part["stop"]) == shard_bounds(numel, len(parts), rank), "shards out of order"
         full = {name: [torch.cat([part[name][layer] for part in parts], dim=1)
-                       for layer in range(len(parts[0][name]))] for name in names}
+                       for layer in range(len(parts[0][name]))] for name in STATE_NAMES}
     else:
-        stored: dict[str, dict[tuple[int, int], torch.Tensor]] = {name: {} for name in names}
-        for s in states:
-            for name in names:
-                for key, value in s["expert_optimizer"][name].items():
-                    assert key not in stored[name], f"expert {key} stored twice"
-                    stored[name][key] = value
-        num_layers = 1 + max(layer for layer, _ in stored["weights"])
-        num_experts = 1 + max(expert for _, expert in stored["weights"])
-        assert len(stored["weights"]) == num_layers * num_experts, "an expert is missing from the checkpoint"
-        full = {name: [torch.stack([stored[name][layer, e] for e in range(num_experts)])
-                       for layer in range(num_layers)] for name in names}
+        stored = keyed_expert_state([s["expert_optimizer"] for s in states])
+        num_layers = 1 + max(layer for layer, _ in stored)
+        num_experts = 1 + max(expert for _, expert in stored)
+        assert len(stored) == num_layers * num_experts, "an expert is missing from the checkpoint"
+        full = {name: [torch.stack([stored[layer, e][name] for e in range(num_experts)])
+                       for layer in range(num_layers)] for name in STATE_NAMES}
     full["num_steps"] = num_steps.pop()
     return full
+
+
+def keyed_expert_state(parts: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """(layer, expert) -> {weights, exp_avg, exp_avg_sq} ([P] each) from the ranks' parts of a checkpoint or sparse
+    snapshot in a keyed layout: FlexMoE's (whole experts, each in one part) or the group layout's (shards with
+    their "bounds", joined in order; together they must cover [0, P) exactly once)."""
+    pieces: dict[tuple[int, int], list[tuple[int, int, dict[str, torch.Tensor]]]] = {}
+    for part in parts:
+        for key, value in part["weights"].items():
+            start, stop = part["bounds"][key] if "bounds" in part else (0, value.numel())
+            pieces.setdefault(tuple(key), []).append((start, stop, {name: part[name][key] for name in STATE_NAMES}))
+    joined: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, shards in pieces.items():
+        shards.sort(key=lambda piece: piece[0])
+        stops = [0] + [stop for _, stop, _ in shards]
+        assert [start for start, _, _ in shards] == stops[:-1], f"expert {key}: shards overlap or leave a gap"
+        numel = parts[0].get("numel", stops[-1])
+        assert stops[-1] == numel, f"expert {key}: shards end at {stops[-1]} of {numel} elements"
+        joined[key] = {name: torch.cat([shard[name] for _, _, shard in shards]) for name in STATE_NAMES}
+    return joined

@@ -7,9 +7,11 @@ Byte counts are what this rank SENDS to other ranks (payload only; nothing a ran
   dispatch / combine    forward all-to-all of token features to the slots and back
   dispatch_grad / combine_grad   the same all-to-alls in backward
   dense_grad            data-parallel all-reduce of the dense gradients (ring model: 2 (G-1)/G of the buffer)
-  replica_grad_sync     all-reduce of an expert's gradient among the ranks holding it
+  replica_grad_sync     all-reduce of an expert's gradient among the ranks holding it (group layout: its
+                        reduce-scatter half only)
   grad_collection       every rank fetching its 1/G shard of every expert's gradient from one holder
-  weight_sendout        updated weight shards sent to the slots of the next placement
+  weight_sendout        updated weight shards sent to the slots of the next placement (group layout: the
+                        all-gather among the holders)
   optimizer_state       optimizer state moved between ranks (SYMI: never)
 """
 

@@ -12,9 +12,12 @@ One step on every rank:
   plan        the policy plans the next placement from this step's global popularity (every rank, deterministic);
               a policy with a period (flexmoe-N) is asked only every N steps and the placement kept in between
   send_out    updated expert shards go to the slots of the next placement
-Optimizer-coupled policies (flexmoe) run with optim_replica.ReplicaExpertOptimizer instead: expert_grad is the
-replica gradient sync alone, every holder rank updates its full copy of the expert, and send_out migrates the
-weights and AdamW moments of replicas that change rank (counted as `weight_sendout` and `optimizer_state` bytes).
+That is SYMI's layout (policy.optimizer_layout "sharded"). The "group" policies (static, fastermoe: DeepSpeed) run
+with optim_group.GroupExpertOptimizer: expert_grad is a reduce-scatter within each expert's replica group, every
+holder updates its 1/r shard, and send_out is the all-gather within the group (the placement never changes). The
+"replica" policies (flexmoe) run with optim_replica.ReplicaExpertOptimizer: expert_grad is the replica gradient sync
+alone, every holder rank updates its full copy of the expert, and send_out migrates the weights and AdamW moments
+of replicas that change rank (counted as `weight_sendout` and `optimizer_state` bytes).
 After the step: its metrics row and placement record (outputs.py), then a checkpoint when one is due
 (checkpointing.py). At the end rank 0 writes the run directory.
 """
@@ -39,13 +42,19 @@ from symi_exec.data import get_batch, load_tokens, lr_at
 from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig, param_groups
 from symi_exec.moe import ReplicatedMoE
 from symi_exec.optim import ExpertOptimizer, ShardedExpertOptimizer
+from symi_exec.optim_group import GroupExpertOptimizer
 from symi_exec.optim_replica import ReplicaExpertOptimizer
 from symi_exec.outputs import History, step_metrics, step_record, write_run_dir
+from symi_sim.checks import check_choice
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy, get_policy, with_context
 
 logger = logging.getLogger(__name__)
+
+# policy.optimizer_layout -> the expert optimizer that keeps the state that way
+EXPERT_OPTIMIZERS: dict[str, type[ExpertOptimizer]] = {
+    "sharded": ShardedExpertOptimizer, "group": GroupExpertOptimizer, "replica": ReplicaExpertOptimizer}
 
 PHASES = ("forward", "backward", "dense_grad", "expert_grad", "optimizer", "plan", "send_out")
 
@@ -57,7 +66,7 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     policy = executor_policy(config)
     planner = planner if planner is not None else policy_planner(policy)
 
-    model, dense_opt, expert_opt = build_model(config, cfg, comm, coupled=policy.optimizer_coupled)
+    model, dense_opt, expert_opt = build_model(config, cfg, comm, layout=policy.optimizer_layout)
     moe_layers: list[ReplicatedMoE] = list(model.moe_layers)
     dense_params = [p for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
     slot_params = [moe.slot_weights_SP for moe in moe_layers]
@@ -151,10 +160,11 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def build_model(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, coupled: bool
+def build_model(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, layout: str
                 ) -> tuple[GPT, torch.optim.AdamW, ExpertOptimizer]:
-    """This rank's expert-parallel model, the AdamW of its dense parameters and the expert optimizer (the replica
-    layout for an optimizer-coupled policy)."""
+    """This rank's expert-parallel model, the AdamW of its dense parameters and the expert optimizer of the
+    policy's optimizer `layout` ("sharded", "group" or "replica")."""
+    check_choice(layout, "expert optimizer layout", tuple(EXPERT_OPTIMIZERS))
     # every rank builds the same single-device model, then swaps its MoE layers for the expert-parallel ones
     torch.manual_seed(config.seed)
     model = GPT(cfg).to(device=comm.device, dtype=TORCH_DTYPES[config.dtype])
@@ -165,8 +175,7 @@ def build_model(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, coupled: b
     dense_named = [(n, p) for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
     dense_opt = torch.optim.AdamW(param_groups(dense_named, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=1e-8)
-    optimizer_cls = ReplicaExpertOptimizer if coupled else ShardedExpertOptimizer
-    expert_opt = optimizer_cls(expert_weights_LEP, comm, slots_per_rank=config.slots_per_rank, lr=config.lr,
+    expert_opt = EXPERT_OPTIMIZERS[layout](expert_weights_LEP, comm, slots_per_rank=config.slots_per_rank, lr=config.lr,
                                betas=(config.beta1, config.beta2), eps=1e-8, weight_decay=config.weight_decay)
     return model, dense_opt, expert_opt
 
@@ -179,11 +188,14 @@ def executor_cluster(config: TrainConfig, world_size: int) -> Cluster:
 
 
 def executor_policy(config: TrainConfig) -> Policy:
-    """The configured policy; one that estimates costs from the expert's shape, or shapes shares for a capacity
-    mode, gets the real ones (unless its options set them)."""
+    """The configured policy; one that estimates costs from the expert's shape and bytes, or shapes shares for a
+    capacity, gets the real ones (unless its options set them): the same facts the simulator gives it."""
     cfg = config.model_config()
-    context = {k: v for k, v in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("capacity_mode", config.capacity_mode))
-               if k not in config.policy_options}
+    value_bytes = TORCH_DTYPES[config.dtype].itemsize
+    facts = {"d_model": cfg.d_model, "d_ff": cfg.d_ff, "capacity_mode": config.capacity_mode,
+             "capacity_factor": config.capacity_factor, "weight_bytes": value_bytes, "activation_bytes": value_bytes,
+             "optimizer_bytes": 3 * value_bytes}   # AdamW here: master weights, m and v in the model's dtype
+    context = {k: v for k, v in facts.items() if k not in config.policy_options}
     return with_context(get_policy(config.policy, **config.policy_options), **context)
 
 

@@ -1,4 +1,5 @@
 """Expert optimizers. SYMI's decoupled layout: every expert's AdamW state sharded 1/G over ALL ranks, never moved;
+DeepSpeed's group layout: every expert's AdamW state sharded 1/r over the r ranks holding it, on a fixed placement;
 FlexMoE's coupled layout: every rank hosting an expert keeps that expert's full AdamW state, which moves with it.
 
 Legend: L MoE layers, E experts, P parameters of one expert (flat: w_in then w_out), p this rank's shard of P,
@@ -25,7 +26,15 @@ ReplicaExpertOptimizer (optim_replica.py; FlexMoE, as the SYMI authors re-implem
 Several slots of one expert on one rank share one copy (state is per rank, not per slot), so moving a replica
 within a rank, or to a rank that already hosts the expert, moves nothing.
 
-Both derive from ExpertOptimizer, the interface the training loop runs either through.
+GroupExpertOptimizer (optim_group.py; DeepSpeed-MoE's expert data parallelism with ZeRO-1 inside each expert's
+replica group; the simulator's "group" layout, run by static and fastermoe):
+  replica_grad_sync  the reduce-scatter half of the sync above: holder i of e's sorted holders gets shard i of 1/r
+  step               AdamW on this rank's shard of every expert it holds
+  send_out           the all-gather half (counted as `weight_sendout`): every holder gets the updated shards of
+                     the other holders. Nothing goes to or comes from a rank that does not hold e; the placement
+                     must never change (DeepSpeed's static replication).
+
+All three derive from ExpertOptimizer, the interface the training loop runs any of them through.
 """
 
 from __future__ import annotations
@@ -68,30 +77,45 @@ def holder_ranks(phy2log_R: np.ndarray, expert: int, slots_per_rank: int) -> lis
 Key = tuple[int, int]   # (layer, expert)
 
 
+def expert_holders(placement: Placement, slots_per_rank: int, num_experts: int) -> dict[Key, list[int]]:
+    """Sorted holder ranks of every (layer, expert) of `placement` (layers, then experts, in order)."""
+    return {(layer, expert): holder_ranks(phy2log_R, expert, slots_per_rank)
+            for layer, phy2log_R in enumerate(placement.phy2log_LR) for expert in range(num_experts)}
+
+
+def group_shards(holders: dict[Key, list[int]], expert_numel: int
+                 ) -> Iterator[tuple[Key, list[int], int, int, int]]:
+    """(key, ranks, owner, start, stop) of every shard of every expert split among its holders (ZeRO within the
+    replica group): the i-th of the sorted holder ranks owns shard i of len(ranks), [start, stop) of P."""
+    for key, ranks in holders.items():
+        for i, owner in enumerate(ranks):
+            yield (key, ranks, owner, *shard_bounds(expert_numel, len(ranks), i))
+
+
+def local_grad_sums(slot_grads_LSP: list[torch.Tensor], placement: Placement, rank: int, slots_per_rank: int
+                    ) -> dict[Key, torch.Tensor]:
+    """(layer, expert) -> [P]: the gradients of `rank`'s slots holding the expert, summed (hosted experts only)."""
+    sums: dict[Key, torch.Tensor] = {}
+    for layer, phy2log_R in enumerate(placement.phy2log_LR):
+        local_R = phy2log_R[rank * slots_per_rank:(rank + 1) * slots_per_rank]
+        for expert in np.unique(local_R).tolist():
+            sums[layer, expert] = slot_grads_LSP[layer][np.flatnonzero(local_R == expert)].sum(dim=0)
+    return sums
+
+
 def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement, comm: Comm, slots_per_rank: int,
                        num_experts: int) -> tuple[dict[Key, torch.Tensor], dict[Key, list[int]]]:
     """The replica gradient sync: every holder rank of (layer, expert) ends with the expert's gradient summed over
     all its slots on all ranks. Returns (representative[(layer, expert)] [P] on holder ranks, holders[(layer,
     expert)] sorted holder ranks for every key)."""
-    me, spr = comm.rank, slots_per_rank
     expert_numel = slot_grads_LSP[0].shape[1]
     dtype = slot_grads_LSP[0].dtype
-    representative: dict[Key, torch.Tensor] = {}
-    holders: dict[Key, list[int]] = {}
-    for layer, phy2log_R in enumerate(placement.phy2log_LR):
-        local_R = phy2log_R[me * spr:(me + 1) * spr]
-        for expert in range(num_experts):
-            holders[layer, expert] = holder_ranks(phy2log_R, expert, spr)
-            mine = np.flatnonzero(local_R == expert)
-            if mine.size:
-                representative[layer, expert] = slot_grads_LSP[layer][mine].sum(dim=0)
-
+    holders = expert_holders(placement, slots_per_rank, num_experts)
+    representative = local_grad_sums(slot_grads_LSP, placement, comm.rank, slots_per_rank)
     reduce_segs, gather_segs = [], []
-    for key, ranks in holders.items():
-        for i, owner in enumerate(ranks):
-            start, stop = shard_bounds(expert_numel, len(ranks), i)
-            reduce_segs += [Segment(h, owner, key, start, stop) for h in ranks if h != owner]
-            gather_segs += [Segment(owner, h, key, start, stop) for h in ranks if h != owner]
+    for key, ranks, owner, start, stop in group_shards(holders, expert_numel):
+        reduce_segs += [Segment(h, owner, key, start, stop) for h in ranks if h != owner]
+        gather_segs += [Segment(owner, h, key, start, stop) for h in ranks if h != owner]
 
     def read_rep(seg: Segment) -> torch.Tensor:
         return representative[seg.key][seg.start:seg.stop].clone()
@@ -108,10 +132,10 @@ def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement,
 
 
 class ExpertOptimizer(ABC):
-    """What both layouts share: the hyperparameters, the step count, AdamW over (weights, gradient, moments)
-    tensors, the global gradient norm, and this rank's slots of a placement. The training loop runs either."""
+    """What the layouts share: the hyperparameters, the step count, AdamW over (weights, gradient, moments)
+    tensors, the global gradient norm, and this rank's slots of a placement. The training loop runs any of them."""
 
-    layout: str   # "sharded" or "replica": the checkpoint layout (state_dict) and run config.json's name
+    layout: str   # "sharded", "group" or "replica": the checkpoint layout (state_dict), run config.json's name
 
     def __init__(self, expert_weights_LEP: list[torch.Tensor], comm: Comm, *, slots_per_rank: int, lr: float,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0) -> None:

@@ -5,8 +5,8 @@ Legend: L MoE layers, E experts, P parameters of one expert (flat), G ranks.
 With `sparse_hot_share` F, a job writes a full checkpoint (checkpoint.py) at step 0, every K steps and at the end,
 and after every other step a sparse snapshot `sparse-NNNNNNNN/` holding:
   every rank   its RNG states and, for the hot experts only, its part of their optimizer state (SYMI layout: its
-               1/G shard of their master weights and AdamW moments; FlexMoE layout: the full state of the hot
-               experts whose lowest holder it is);
+               1/G shard of their master weights and AdamW moments; group layout: its 1/r shard of the hot experts
+               it holds; FlexMoE layout: the full state of the hot experts whose lowest holder it is);
   rank 0       the dense parameters and their AdamW state (they change every step), the next placement, the last
                step's loads, the snapshot bookkeeping (SnapshotTracker) and the metrics rows of the step just run.
 Hot experts, per layer: the fewest experts, by tokens processed since their own last snapshot, that cover F of the
@@ -118,18 +118,12 @@ def assemble_hot_experts(states: list[dict[str, Any]]) -> dict[tuple[int, int], 
     parts = [s["hot_experts"] for s in states]
     layouts = {part["layout"] for part in parts}
     assert len(layouts) == 1, layouts
-    names = ("weights", "exp_avg", "exp_avg_sq")
     if layouts == {"sharded"}:
         keys = parts[0]["keys"]
         assert all(part["keys"] == keys for part in parts), "ranks snapshotted different experts"
-        return {key: {name: torch.cat([part[name][i] for part in parts]) for name in names}
+        return {key: {name: torch.cat([part[name][i] for part in parts]) for name in checkpoint.STATE_NAMES}
                 for i, key in enumerate(keys)}
-    hot: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    for part in parts:
-        for key in part["weights"]:
-            assert key not in hot, f"expert {key} snapshotted twice"
-            hot[key] = {name: part[name][key] for name in names}
-    return hot
+    return checkpoint.keyed_expert_state(parts)
 
 
 def apply_hot_experts(full: dict[str, Any], hot: dict[tuple[int, int], dict[str, torch.Tensor]],

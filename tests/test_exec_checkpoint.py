@@ -68,11 +68,14 @@ def test_resume_picks_latest_complete_checkpoint_flexmoe(tmp_path: Path) -> None
     assert sum(float(row["bytes_optimizer_state"]) for row in rows[2:]) > 0   # moments did migrate after resuming
 
 
-def test_resume_on_fewer_ranks_matches_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["symi", "static"])
+def test_resume_on_fewer_ranks_matches_single_process(tmp_path: Path, policy: str) -> None:
     """3 ranks train 2 steps and checkpoint; 2 ranks resume from it for 2 more steps. The reference is one process
     (torch's AdamW, clip_grad_norm_) loaded with the checkpoint's full state: dense weights and AdamW state,
-    every expert's weights and moments assembled from the 3 shards. Float64, dropless: equal to 1e-10."""
-    config = TrainConfig(out=str(tmp_path / "three"), num_experts=4, slots_per_rank=2, top_k=2, policy="symi",
+    every expert's weights and moments assembled from the shards (symi: 3 shards of 1/3 each; static, DeepSpeed's
+    group layout: slots 0 1 | 2 3 | 0 1, so experts 0 and 1 in halves on ranks 0 and 2, experts 2 and 3 whole on
+    rank 1). Float64, dropless: equal to 1e-10."""
+    config = TrainConfig(out=str(tmp_path / "three"), num_experts=4, slots_per_rank=2, top_k=2, policy=policy,
                          steps=2, batch_size=2, dtype="float64", checkpoint_every=2, lr=1e-2, log_interval=1000,
                          capacity_factor=None)
     launch(config, 3)
@@ -87,8 +90,17 @@ def test_resume_on_fewer_ranks_matches_single_process(tmp_path: Path) -> None:
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
     assert len(two["placement"]["layers"][0]["phy2log"]) == 2 * 2                 # re-placed on 4 slots
     final_states = [checkpoint.load_rank(checkpoint.step_dir(tmp_path / "two-ckpt", 4), r) for r in range(2)]
-    assert [s["expert_optimizer"]["stop"] - s["expert_optimizer"]["start"] for s in final_states] == \
-        [full["weights"][0].shape[1] // 2] * 2                                   # re-sharded in halves
+    numel = full["weights"][0].shape[1]
+    if policy == "symi":
+        assert [s["expert_optimizer"]["stop"] - s["expert_optimizer"]["start"] for s in final_states] == \
+            [numel // 2] * 2                                                     # re-sharded in halves
+    else:
+        assert [s["expert_optimizer"]["layout"] for s in states] == ["group"] * 3
+        assert (states[0]["expert_optimizer"]["bounds"][0, 0], states[2]["expert_optimizer"]["bounds"][0, 0]) == \
+            ((0, numel // 2), (numel // 2, numel))
+        # static on 2 ranks x 2 slots holds every expert once (slots 0 1 | 2 3): whole experts, re-sharded
+        assert [sorted(s["expert_optimizer"]["bounds"].items()) for s in final_states] == \
+            [[((layer, e), (0, numel)) for layer in range(2) for e in experts] for experts in ((0, 1), (2, 3))]
     final = checkpoint.assemble_expert_state(final_states)
 
     # the reference, from the checkpoint's full state

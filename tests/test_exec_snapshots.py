@@ -75,11 +75,12 @@ def replay_masks(counts_SLE: np.ndarray, hot_share: float, full_steps: set[int])
 
 
 @pytest.mark.parametrize("policy, options, overlap", [("symi", {}, False),
-                                                     ("flexmoe-2", {"min_gain_ratio": 0.0}, True)])
+                                                     ("flexmoe-2", {"min_gain_ratio": 0.0}, True),
+                                                     ("static", {}, True)])
 def test_snapshot_bytes_are_the_hot_experts_state(tmp_path: Path, policy: str, options: dict, overlap: bool) -> None:
     """Every write's expert bytes = (hot experts) x 3 tensors (weights, two moments) x P x 4 bytes (float32), in
-    both optimizer layouts, blocking or overlapped; the hot experts of each sparse snapshot are those the rule
-    picks on the real loads."""
+    all three optimizer layouts (sharded, replica, group), blocking or overlapped; the hot experts of each sparse
+    snapshot are those the rule picks on the real loads."""
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy=policy,
                          policy_options=options, steps=8, batch_size=2, capacity_factor=1.0, checkpoint_every=5,
                          sparse_hot_share=0.6, record_trace=True, log_interval=1000, overlap_checkpoints=overlap)

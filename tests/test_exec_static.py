@@ -1,7 +1,9 @@
-"""Static (DeepSpeed-like) placement on 2 gloo ranks trains exactly like one process (float64)."""
+"""Static (DeepSpeed-like) placement on 2 gloo ranks trains exactly like one process (float64), in DeepSpeed's
+group optimizer layout (tests/test_exec_group.py has the groups of several ranks)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from test_exec_train import train_and_compare
@@ -15,3 +17,7 @@ def test_static_matches_single_process(tmp_path: Path) -> None:
     out, rows, _ = train_and_compare(config)
     assert all(row["replica_moves"] == 0 for row in rows)
     assert not (out / "trace.parquet").exists()
+    assert json.loads((out / "config.json").read_text())["expert_optimizer"] == "group"
+    # slots 0 1 | 2 3: every expert's replica group is one rank, so no expert byte leaves its rank
+    for kind in ("replica_grad_sync", "grad_collection", "weight_sendout", "optimizer_state"):
+        assert all(row[f"bytes_{kind}"] == 0 for row in rows), kind

@@ -90,12 +90,13 @@ def assert_same_parameters(out: Path, reference: GPT, seed: int) -> None:
     assert max(float((state[n] - init[n]).abs().max()) for n in init) > 1e-3
 
 
-def train_and_compare(config: TrainConfig, planner=None) -> tuple[Path, list[dict[str, float]], np.ndarray]:
-    """Train `config` on NUM_RANKS gloo ranks and in one process without expert parallelism; assert equal
+def train_and_compare(config: TrainConfig, planner=None, *, num_ranks: int = NUM_RANKS
+                      ) -> tuple[Path, list[dict[str, float]], np.ndarray]:
+    """Train `config` on `num_ranks` gloo ranks and in one process without expert parallelism; assert equal
     parameters and per-step losses. Returns (run directory, metrics rows, the reference's per-rank counts)."""
-    launch(config, NUM_RANKS, planner=planner)
+    launch(config, num_ranks, planner=planner)
     out = Path(config.out)
-    reference, losses, counts_SLEG = train_single_process(config, NUM_RANKS)
+    reference, losses, counts_SLEG = train_single_process(config, num_ranks)
     assert_same_parameters(out, reference, config.seed)
     rows = read_metrics(out)
     assert [row["loss"] for row in rows] == pytest.approx(losses, rel=1e-12)
