@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	rm -rf runs/demo
 	$(SYMI) trace info traces/synthetic-drift.parquet
 	$(SYMI) simulate --trace traces/synthetic-drift.parquet --cluster paper-a100-16 --model gpt-small \
-		--capacity-factor 1.0 --out runs/demo
+		--calibration paper-a100-16-gpt-small --capacity-factor 1.0 --out runs/demo
 	@echo "figure: runs/demo/comparison.png; tables: runs/demo/summary.csv, runs/demo/iterations.parquet"
 
 lint: $(VENV)/.installed

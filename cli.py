@@ -208,11 +208,23 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
 @click.option("--failure-runs", type=int, default=0, show_default=True,
               help="With an MTBF: also inject failures into this many sampled job timelines (sampled_* columns).")
 @click.option("--failure-seed", type=int, default=0, show_default=True, help="Seed of the injected failures.")
+@click.option("--calibration", "calibration_spec", default=None,
+              help="Measured compute terms: a shipped calibration (paper-a100-16-gpt-small) or a .json/.toml file "
+                   "from `symi calibrate` (default: the FLOP model, whose absolute times are not measured).")
+@click.option("--optimizer-location", type=click.Choice(["host", "gpu"]), default=None,
+              help="Where every policy keeps the experts' optimizer state: host (the paper's setting: gradients down "
+                   "and weights up over PCIe, FlexMoE's replicas included) or gpu (no policy pays PCIe) "
+                   "[default: the calibration's; host for the FLOP model].")
+@click.option("--expert-state-accounting", type=click.Choice(["pairs", "paper"]), default="pairs",
+              show_default=True,
+              help="SYMI's gradient collection and weight send-out: once per distinct (expert, GPU) pair, or per slot "
+                   "as the paper's formula counts ((sN - s)/N X over the network + E/N X over PCIe).")
 @click.option("--out", "out", default=None, help="Run directory (default runs/simulate-<timestamp>).")
 def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str, capacity_factor: float,
              capacity_mode: str, steps: int | None, loop: bool, window: int, slots: int | None,
              fit_model_to_trace: bool, convergence_path: str | None, convergence_form: str, mtbf_hours: float | None,
              gpu_mtbf_hours: float | None, checkpoint: str | None, failure_runs: int, failure_seed: int,
+             calibration_spec: str | None, optimizer_location: str | None, expert_state_accounting: str,
              out: str | None) -> None:
     """Replay a trace through every policy on the simulated cluster; compare time to target loss."""
     from pathlib import Path
@@ -220,7 +232,8 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     from symi_sim.cluster import load_cluster
     from symi_sim.failures.model import DEFAULT_CHECKPOINT, FailureModel
     from symi_sim.models import load_model
-    from symi_sim.simulator.convergence import load_calibration, paper_model
+    from symi_sim.simulator.calibration import load_calibration
+    from symi_sim.simulator.convergence import load_convergence, paper_model
     from symi_sim.simulator.driver import simulate as run_simulation
     from symi_sim.simulator.driver import write_run
     from symi_sim.traces.fit import fit_trace
@@ -244,16 +257,21 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     trace = read_trace(trace_path)
     cluster.check_experts(trace.num_experts)
     model, trace = fit_trace(model, trace, adopt_trace_shape=fit_model_to_trace)
-    convergence = (load_calibration(convergence_path, form=convergence_form) if convergence_path
+    convergence = (load_convergence(convergence_path, form=convergence_form) if convergence_path
                    else paper_model(form=convergence_form))
+    calibration = load_calibration(calibration_spec) if calibration_spec is not None else None
     result = run_simulation(trace=trace, cluster=cluster, model=model, policies=names,
                             capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps, loop=loop,
-                            window=window, convergence=convergence, failures=failures)
+                            window=window, convergence=convergence, failures=failures, calibration=calibration,
+                            optimizer_location=optimizer_location, expert_state_accounting=expert_state_accounting)
     result.config["trace"]["path"] = trace_path
     result.config["command"] = "simulate"
     write_run(result, out_dir)
     columns = list(SUMMARY_COLUMNS) + (list(failures.columns) if failures is not None else [])
     click.echo(result.summary.loc[:, columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    source = result.config["calibration"]["source"]
+    click.echo(f"times from: {source}" + ("; absolute times are not measured (see --calibration)"
+                                           if calibration is None else ""))
     click.echo(f"wrote {out_dir}")
 
 
@@ -385,6 +403,66 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
     click.echo(f"step {last['step']}: loss {float(last['loss']):.4f}, {mean_tps:.0f} tokens/s on average, "
                f"dropped {100 * float(last['dropped_fraction']):.2f}%, optimizer state moved {state_mib:.2f} MiB")
     click.echo(f"wrote {run_dir}")
+
+
+# ---------------------------------------------------------------- calibrate
+
+# kept here as text so that --help shows them without importing scipy (tests check they match the library's)
+CALIBRATE_GEMM_FORMS = ("linear", "power")
+CALIBRATE_WARMUP_STEPS = 3
+CALIBRATE_OPTIMIZER_STATE = ("host", "gpu")
+
+
+@symi.command("calibrate")
+@click.argument("run_dirs", nargs=-1)
+@click.option("--latencies", "latencies_path", default=None,
+              help="CSV of measured static forward latencies: columns capacity_factor, forward_ms ('#' lines are "
+                   "comments), e.g. symi_sim/data/calibrations/paper-motivation-forward.csv.")
+@click.option("--cluster", "cluster_spec", default=None,
+              help="The measured cluster, a preset or TOML/JSON file: needed with --latencies; for run directories "
+                   "it replaces the one node of world-size ranks that `symi train` spawns.")
+@click.option("--model", "model_spec", default=None,
+              help="With --latencies: the measured model (preset or TOML/JSON file).")
+@click.option("--experts", "num_experts", type=int, default=None,
+              help="With --latencies: experts per MoE layer (overrides the model's).")
+@click.option("--gemm-form", type=click.Choice(CALIBRATE_GEMM_FORMS), default=None,
+              help="Expert GEMM time: linear (2 fitted terms with --latencies; the default, and the only form for "
+                   "run directories) or power (a small-batch regime, 3 terms: for sweeps of more than 3 points).")
+@click.option("--warmup-steps", type=int, default=CALIBRATE_WARMUP_STEPS, show_default=True,
+              help="Run directories: first steps left out of the per-phase medians.")
+@click.option("--optimizer-state", type=click.Choice(CALIBRATE_OPTIMIZER_STATE), default="host", show_default=True,
+              help="Where every policy's optimizer state lives in the simulation (not fitted: a choice).")
+@click.option("--out", required=True, help="Calibration file to write (.json), for `symi simulate --calibration`.")
+def calibrate(run_dirs: tuple[str, ...], latencies_path: str | None, cluster_spec: str | None,
+              model_spec: str | None, num_experts: int | None, gemm_form: str | None, warmup_steps: int,
+              optimizer_state: str, out: str) -> None:
+    """Fit measured compute and communication terms to forward latencies (--latencies) or to `symi train` RUN_DIRS;
+    prints every term, its standard error and the residuals, and writes a calibration file."""
+    from symi_sim.cluster import load_cluster
+    from symi_sim.models import load_model
+    from symi_sim.simulator.calibrate import fit_latencies, fit_runs, format_fit
+    from symi_sim.simulator.calibration import write_calibration
+
+    if (latencies_path is None) == (not run_dirs):
+        raise ValueError("give either --latencies FILE.csv or run directories (they describe different machines)")
+    if latencies_path is not None:
+        if cluster_spec is None or model_spec is None:
+            raise ValueError("--latencies needs --cluster and --model (and --experts if not the model's)")
+        model = load_model(model_spec, num_experts=num_experts)
+        fit = fit_latencies(latencies_path=latencies_path, cluster=load_cluster(cluster_spec), model=model,
+                            gemm_form=gemm_form or "linear", optimizer_state_location=optimizer_state)
+    else:
+        if model_spec is not None or num_experts is not None:
+            raise ValueError("--model and --experts go with --latencies; run directories name their own model")
+        if gemm_form == "power":
+            raise ValueError("run directories fit the linear GEMM form only (the power form needs a sweep of "
+                             "tokens per slot: use --latencies)")
+        cluster = load_cluster(cluster_spec) if cluster_spec is not None else None
+        fit = fit_runs(run_dirs=run_dirs, warmup_steps=warmup_steps, cluster=cluster,
+                       optimizer_state_location=optimizer_state)
+    write_calibration(out, fit.calibration)
+    click.echo(format_fit(fit))
+    click.echo(f"wrote {out}")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from symi_sim.figures.colours import POLICY_COLOURS, policy_colour, policy_famil
 
 def test_family_strips_period_keeps_options():
     assert policy_family("flexmoe-50") == "flexmoe"
-    assert policy_family("flexmoe-10:min_gain_ratio=0") == "flexmoe:min_gain_ratio=0"
+    assert policy_family("flexmoe-10:rule=cost_benefit") == "flexmoe:rule=cost_benefit"
     assert policy_family("symi-balanced:packing=grouped") == "symi-balanced:packing=grouped"
     assert policy_family("symi") == "symi"
 
@@ -15,7 +15,7 @@ def test_family_strips_period_keeps_options():
 def test_colours_by_spec_then_family():
     assert policy_colour("static") == POLICY_COLOURS["static"]
     assert policy_colour("flexmoe-10") == policy_colour("flexmoe-100") == POLICY_COLOURS["flexmoe"]
-    assert policy_colour("flexmoe-10:min_gain_ratio=0") == POLICY_COLOURS["flexmoe:min_gain_ratio=0"]
+    assert policy_colour("flexmoe-10:rule=cost_benefit") == POLICY_COLOURS["flexmoe:rule=cost_benefit"]
     assert policy_colour("symi-balanced:packing=grouped") == POLICY_COLOURS["symi-balanced:packing=grouped"]
     assert policy_colour("oracle:packing=grouped") == POLICY_COLOURS["oracle"]
     assert policy_colour("eplb:num_groups=4") == POLICY_COLOURS["eplb"]
@@ -32,5 +32,5 @@ def test_unknown_policy_gets_a_stable_colour():
 
 def test_short_label():
     assert short_label("symi-balanced:packing=grouped") == "symi-balanced grouped"
-    assert short_label("flexmoe-10:min_gain_ratio=0") == "flexmoe-10 sched"
+    assert short_label("flexmoe-10:rule=cost_benefit") == "flexmoe-10 rule"
     assert short_label("eplb") == "eplb"

@@ -12,7 +12,7 @@ from symi_sim.simulator.convergence import (
     ConvergenceModel,
     fit_convergence,
     iterations_to_target,
-    load_calibration,
+    load_convergence,
     paper_model,
 )
 
@@ -149,11 +149,11 @@ def test_load_calibration_csv_and_json(tmp_path):
     columns_path = tmp_path / "columns.json"
     columns_path.write_text(json.dumps({"survival": survival, "iterations": iterations}))
     for path in (csv_path, records_path, columns_path):
-        model = load_calibration(path)
+        model = load_convergence(path)
         assert model.i_full == pytest.approx(400.0, rel=1e-12)
         assert model.exponent == pytest.approx(0.5, rel=1e-12)
         assert model.survival_points == (0.25, 0.64, 1.0)
-    assert load_calibration(csv_path, form="exponential").form == "exponential"
+    assert load_convergence(csv_path, form="exponential").form == "exponential"
 
 
 @pytest.mark.parametrize(
@@ -178,10 +178,10 @@ def test_load_calibration_bad_files(tmp_path, name, text, match):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ValueError, match=match) as info:
-        load_calibration(path)
+        load_convergence(path)
     assert str(path) in str(info.value)
 
 
 def test_load_calibration_missing_file(tmp_path):
     with pytest.raises(ValueError, match="not found"):
-        load_calibration(tmp_path / "absent.csv")
+        load_convergence(tmp_path / "absent.csv")

@@ -57,6 +57,33 @@ def test_expert_state_bytes_reproduce_the_paper_formulas():
     assert sharded.time_L(cluster)[0] == pytest.approx(paper_collection_time_s(layout="sharded", **args), rel=1e-12)
 
 
+def test_paper_accounting_reproduces_the_paper_formula_for_any_placement():
+    # SYMI's contiguous placement of the worked example (2048 ranks x 2 slots, 64 experts: expert e on the 64
+    # slots 64e..64e+63): both slots of a rank hold one expert. Pairs send once per rank, (N-1)/N X; the paper
+    # counts every slot, (s N - s)/N X, and its +1.52% per phase against static holds exactly.
+    cluster = _cluster(num_nodes=2048, slots_per_gpu=2, nic_gbps=400.0, pcie_gbps=512.0)
+    contiguous_LR = np.repeat(np.arange(64), 64)[None, :]
+    args = dict(num_experts=64, num_ranks=2048, slots_per_rank=2, expert_bytes=X, pcie_gbps=512.0, nic_gbps=400.0)
+    pairs = expert_state_bytes(contiguous_LR, cluster, 64, "sharded", X)
+    paper = expert_state_bytes(contiguous_LR, cluster, 64, "sharded", X, accounting="paper")
+    np.testing.assert_allclose(pairs.nic_LN, (2048 - 1) / 2048 * X, rtol=1e-12)
+    np.testing.assert_allclose(paper.nic_LN, (2 * 2048 - 2) / 2048 * X, rtol=1e-12)
+    np.testing.assert_allclose(paper.pcie_LG, 64 / 2048 * X, rtol=1e-12)
+    paper_s = paper.time_L(cluster)[0]
+    assert paper_s == pytest.approx(paper_collection_time_s(layout="sharded", **args), rel=1e-12)
+    static = expert_state_bytes((np.arange(4096) % 64)[None, :], cluster, 64, "group", X)
+    assert paper_s / static.time_L(cluster)[0] - 1 == pytest.approx(0.0152, abs=5e-5)   # "+1.52% per phase"
+    # "paper" changes SYMI's sharded layout only; group and replica count distinct holdings either way
+    for layout in ("group", "replica"):
+        one = expert_state_bytes(contiguous_LR, cluster, 64, layout, X)
+        other = expert_state_bytes(contiguous_LR, cluster, 64, layout, X, accounting="paper")
+        np.testing.assert_array_equal(one.nic_LN, other.nic_LN)
+    with pytest.raises(ValueError, match="expert-state accounting"):
+        expert_state_bytes(contiguous_LR, cluster, 64, "sharded", X, accounting="slots")
+    with pytest.raises(ValueError, match="optimizer location"):
+        expert_state_bytes(contiguous_LR, cluster, 64, "sharded", X, location="disk")
+
+
 def test_slots_of_one_expert_on_one_gpu_send_once():
     cluster = _cluster(num_nodes=2, slots_per_gpu=2)
     # GPU 0 holds expert 0 twice, GPU 1 holds experts 0 and 1: 3 holdings; each sends X/2 to the other owner
@@ -67,12 +94,28 @@ def test_slots_of_one_expert_on_one_gpu_send_once():
     assert sharded.pcie_LG.tolist() == [[1000.0, 1000.0]]  # E X / G each
 
 
-def test_replica_layout_all_reduces_and_skips_pcie():
+def test_replica_layout_all_reduces_then_pays_pcie_per_holding():
     cluster = _cluster(num_nodes=2, slots_per_gpu=2)
     replica = expert_state_bytes(np.array([[0, 1, 0, 1]]), cluster, 2, "replica", 1000.0)
-    # each GPU all-reduces 2 experts over 2 holders: 2 x 2 (2-1)/2 X
+    # each GPU all-reduces 2 experts over 2 holders: 2 x 2 (2-1)/2 X, in 2 messages (reduce-scatter, all-gather)
     assert replica.nic_LN.tolist() == [[2000.0, 2000.0]]
-    assert replica.pcie_LG.tolist() == [[0.0, 0.0]]
+    assert replica.messages == 2
+    # host memory (the default): each holding's full X goes down PCIe, and its weights come back up, PCIe only
+    assert replica.pcie_LG.tolist() == [[2000.0, 2000.0]]
+    sendout = expert_state_bytes(np.array([[0, 1, 0, 1]]), cluster, 2, "replica", 1000.0, phase="sendout")
+    assert sendout.pcie_LG.tolist() == [[2000.0, 2000.0]]
+    assert sendout.network_L.tolist() == [0.0] and sendout.nic_LN.tolist() == [[0.0, 0.0]]
+    # no message either: no latency on a cluster that has one
+    assert sendout.time_L(cluster.with_(link_latency_s=1e-3)).tolist() == [2000.0 / (16.0 * BYTES_PER_GBPS)]
+    # state on the GPU: nothing crosses PCIe, in any layout
+    for layout in ("sharded", "group", "replica"):
+        for phase in ("collect", "sendout"):
+            on_gpu = expert_state_bytes(np.array([[0, 1, 0, 1]]), cluster, 2, layout, 1000.0, location="gpu",
+                                        phase=phase)
+            assert on_gpu.pcie_LG.tolist() == [[0.0, 0.0]]
+    # group (static's ZeRO-1) moves the 1/r shard of each holding: X/2 x 2 holdings
+    group = expert_state_bytes(np.array([[0, 1, 0, 1]]), cluster, 2, "group", 1000.0)
+    assert group.pcie_LG.tolist() == [[1000.0, 1000.0]] and group.nic_LN.tolist() == [[1000.0, 1000.0]]
     assert optimizer_params_per_gpu(np.array([[0, 1, 0, 1]]), cluster, 2, "replica", 10).tolist() == [20.0]
     assert optimizer_params_per_gpu(np.array([[0, 1, 0, 1]]), cluster, 2, "group", 10).tolist() == [10.0]
     assert optimizer_params_per_gpu(np.array([[0, 1, 0, 1]]), cluster, 2, "sharded", 10).tolist() == [10.0]

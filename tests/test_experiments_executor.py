@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from symi_sim.simulator.convergence import load_calibration, paper_model
+from symi_sim.simulator.convergence import load_convergence, paper_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPACITY_FACTOR = "capacity_factor"
@@ -162,15 +162,15 @@ def check_calibration(out: Path, capacity_rows: list[dict[str, str]]) -> dict:
         assert float(ours["max_rel_error"]) == pytest.approx(max(abs(e) for e in errors), abs=2e-3)
         assert float(ours["rms_rel_error"]) == pytest.approx(math.sqrt(statistics.fmean(e * e for e in errors)),
                                                              abs=2e-3)
-    # the shipped format: load_calibration refits the same curve, or rejects the points as the study says
+    # the shipped format: load_convergence refits the same curve, or rejects the points as the study says
     if summary["calibration_usable"]:
-        model = load_calibration(out / "calibration.csv")
+        model = load_convergence(out / "calibration.csv")
         assert model.exponent == pytest.approx(float(fits[("executor", "power")]["exponent"]), abs=1e-4)
         assert model.i_full == pytest.approx(float(fits[("executor", "power")]["i_full"]), abs=0.01)
     else:
         assert fits[("executor", "power")]["rejected"]
         with pytest.raises(ValueError):
-            load_calibration(out / "calibration.csv")
+            load_convergence(out / "calibration.csv")
     assert_png(out / "calibration.png")
     return summary
 

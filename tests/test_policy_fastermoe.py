@@ -71,6 +71,23 @@ def test_default_shapes_break_even_on_the_paper_cluster() -> None:
     assert not shadow_LE[1].any()
 
 
+def test_decision_prices_the_given_byte_sizes() -> None:
+    # The simulator charges 2-byte weights and activations (driver.resolve_policy passes them); FasterMoE's own
+    # fp32 sizes are the defaults. Break-even of a one-hot load T on the paper cluster: send_model / per_token,
+    # 2 bytes: 2*768*3072*2 / 12.5e9 over 3*comp + 4*768*2 / 12.5e9, about 1053 tokens; 4 bytes: about 1248.
+    cluster = Cluster(num_nodes=16, slots_per_gpu=4, nic_gbps=100.0, gpu_peak_flops=312e12, compute_efficiency=0.4)
+    comp = 4 * 768 * 3072 / 124.8e12
+    half = get_policy("fastermoe", weight_bytes=2, activation_bytes=2)
+    assert half.times_s(cluster) == pytest.approx((comp, 768 * 2 / 12.5e9, 2 * 768 * 3072 * 2 / 12.5e9))
+    break_even_2 = (2 * 768 * 3072 * 2 / 12.5e9) / (3 * comp + 4 * 768 * 2 / 12.5e9)
+    break_even_4 = (2 * 768 * 3072 * 4 / 12.5e9) / (3 * comp + 4 * 768 * 4 / 12.5e9)
+    assert 1050 < break_even_2 < 1060 and 1245 < break_even_4 < 1250
+    load_LE = np.zeros((1, 16))
+    load_LE[0, 5] = 1150
+    assert np.flatnonzero(half.plan(load_LE, cluster).shadow_LE[0]).tolist() == [5]
+    assert not get_policy("fastermoe").plan(load_LE, cluster).shadow_LE.any()
+
+
 def test_routing_spreads_shadowed_tokens_over_gpus() -> None:
     placement = get_policy("fastermoe", **SHAPES).plan(LOAD_E[None, :], UNIT)
     routing = route(LOAD_E[None, :], placement, slots_per_gpu=3, capacity_factor=None)
@@ -80,7 +97,8 @@ def test_routing_spreads_shadowed_tokens_over_gpus() -> None:
     assert routing.assigned_LR.sum() == 3
 
 
-@pytest.mark.parametrize("bad", [{"max_shadow": -1}, {"d_model": 0}, {"d_ff": True}])
+@pytest.mark.parametrize("bad", [{"max_shadow": -1}, {"d_model": 0}, {"d_ff": True}, {"weight_bytes": 0},
+                                 {"activation_bytes": 2.5}])
 def test_bad_options_raise(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         get_policy("fastermoe", **bad)

@@ -13,7 +13,7 @@ predicts the other policies' points (symi, symi-balanced: same model, survival f
 larger capacity factor). If the points say iterations grow with survival, fit_convergence rejects them; the study
 then reports the rejection and the constrained fit (exponent 0) and ships no usable calibration.
 
-Writes into the run directory (atomically): calibration.csv (survival,iterations: what `load_calibration` and
+Writes into the run directory (atomically): calibration.csv (survival,iterations: what `load_convergence` and
 `symi simulate --convergence FILE` read, plus provenance columns), fits.csv, points.csv (every policy's point with
 both fits' predictions), summary.json, calibration.png; with no --from, also the capacity-factor run it made
 (capacity_factor/).
@@ -48,7 +48,7 @@ from symi_sim.simulator.convergence import (
     PAPER_SURVIVAL,
     ConvergenceModel,
     fit_convergence,
-    load_calibration,
+    load_convergence,
     paper_model,
 )
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> Path:
         write_rows(tmp_out / "calibration.csv", ["survival", "iterations", "policy", "capacity_factor"], fitted)
         usable = all(fit_row["rejected"] is None for fit_row in fits if fit_row["source"] == "executor")
         if usable:  # what `symi simulate --convergence` will do with the file: the same fit
-            reloaded = load_calibration(tmp_out / "calibration.csv")
+            reloaded = load_convergence(tmp_out / "calibration.csv")
             assert math.isclose(reloaded.exponent, ours["power"].exponent, rel_tol=1e-9, abs_tol=1e-12)
         for name, table in (("fits.csv", fits), ("points.csv", points)):
             write_rows(tmp_out / name, list(dict.fromkeys(c for r in table for c in r)), table)

@@ -60,7 +60,7 @@ from symi_sim.traces.format import LoadTrace, read_trace
 from symi_sim.traces.synth import synth_trace
 
 STUDY = "scale_out"
-POLICIES = ("static", "flexmoe-10", "flexmoe-10:min_gain_ratio=0", "fastermoe", "eplb", "symi", "symi-balanced",
+POLICIES = ("static", "flexmoe-10", "flexmoe-10:rule=cost_benefit", "fastermoe", "eplb", "symi", "symi-balanced",
             "symi-balanced:packing=grouped", "oracle:packing=grouped")
 CAPACITY_FACTOR = 1.0
 GPT_SEQUENCES_PER_GPU = 4           # the paper's global batch 64 on 16 GPUs

@@ -17,7 +17,7 @@ POLICY_COLOURS = {
     "symi-balanced": "#aec7e8",                   # light blue: ours, spread packing
     "symi-balanced:packing=grouped": "#17becf",   # cyan: ours, grouped packing
     "flexmoe": "#ff7f0e",                         # orange
-    "flexmoe:min_gain_ratio=0": "#ffbb78",        # light orange: FlexMoE rebalancing on schedule
+    "flexmoe:rule=cost_benefit": "#ffbb78",       # light orange: FlexMoE under its own cost-benefit rule
     "fastermoe": "#9467bd",                       # purple
     "eplb": "#d62728",                            # red
     "lazarus": "#8c564b",                         # brown
@@ -25,11 +25,11 @@ POLICY_COLOURS = {
 }
 _FALLBACK = ("#e377c2", "#bcbd22", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#98df8a")
 _PERIOD = re.compile(r"^([a-z-]+?)-\d+$")
-SHORT_LABELS = ((":min_gain_ratio=0", " sched"), (":packing=grouped", " grouped"))
+SHORT_LABELS = ((":rule=cost_benefit", " rule"), (":packing=grouped", " grouped"))
 
 
 def policy_family(spec: str) -> str:
-    """`flexmoe-50:min_gain_ratio=0` -> `flexmoe:min_gain_ratio=0`; `symi-balanced` -> itself."""
+    """`flexmoe-50:rule=cost_benefit` -> `flexmoe:rule=cost_benefit`; `symi-balanced` -> itself."""
     name, sep, options = spec.partition(":")
     match = _PERIOD.match(name)
     return (match.group(1) if match else name) + sep + options

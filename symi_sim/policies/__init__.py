@@ -91,10 +91,11 @@ def get_policy(name: str, **config: Any) -> Policy:
 
 
 def with_context(policy: Policy, **context: Any) -> Policy:
-    """A copy of `policy` given the context values it takes as options (e.g. d_model, d_ff, capacity_mode).
+    """A copy of `policy` given the context values it takes as options (e.g. d_model, d_ff, weight_bytes,
+    activation_bytes, optimizer_bytes, capacity_mode, capacity_factor).
 
-    Drivers know facts a policy may need (the model's shapes, the capacity semantics the plan is served under);
-    a policy without such an option ignores them.
+    Drivers know facts a policy may need (the model's shapes and bytes per value, the capacity the plan is served
+    under); a policy without such an option ignores them.
     """
     names = {f.name for f in dataclasses.fields(policy)}
     given = {key: value for key, value in context.items() if key in names}

@@ -8,9 +8,9 @@ their gradients are reduced back to the owner (routing spreads a shadowed expert
 The choice follows the FasterMoE paper's model (PPoPP '22) as its public code applies it:
 
   B          = the layer's expert loads sorted descending (ties: lower expert id first); B[0] is the hottest
-  feat       = d_model * 4 / bw_net                    s per token of fp32 features over the network
-  send_model = 2 * alpha * d_model^2 * 4 / bw_net      s to broadcast one expert's fp32 weights
-  comp       = 4 * alpha * d_model^2 / bw_mm           s of one token's forward GEMMs
+  feat       = d_model * activation_bytes / bw_net              s per token of features over the network
+  send_model = 2 * alpha * d_model^2 * weight_bytes / bw_net    s to broadcast one expert's weights
+  comp       = 4 * alpha * d_model^2 / bw_mm                    s of one token's forward GEMMs
   alpha = d_ff / d_model,  bw_net = cluster.nic_gbps * 1.25e8 bytes/s,  bw_mm = cluster.achieved_flops
 
   lat = 3 * comp * B[0] + 4 * feat * B[0]              (no shadow: the busiest expert gates the layer)
@@ -21,6 +21,10 @@ The choice follows the FasterMoE paper's model (PPoPP '22) as its public code ap
 
 The coldest expert is never shadowed (there is no B[E] to compare with), and `max_shadow` (None: no limit)
 caps the shadows per layer.
+
+Byte sizes: FasterMoE's public code trains in fp32, hence the defaults weight_bytes = activation_bytes = 4. The
+simulator passes its model's sizes (2-byte weights and activations by default, driver.resolve_policy) so that the
+decision prices the bytes the simulator charges for the broadcast and the all-to-all.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy
 from symi_sim.policies.static import static_phy2log
 
-FP32_BYTES = 4
+FP32_BYTES = 4  # FasterMoE's public code: fp32 weights and features
 
 
 def shadow_mask(load_E: np.ndarray, comp_s: float, feat_s: float, send_model_s: float,
@@ -63,9 +67,11 @@ class FasterMoEPolicy(Policy):
     d_model: int = 768
     d_ff: int = 3072
     max_shadow: int | None = None
+    weight_bytes: int = FP32_BYTES
+    activation_bytes: int = FP32_BYTES
 
     def __post_init__(self) -> None:
-        for field in ("d_model", "d_ff"):
+        for field in ("d_model", "d_ff", "weight_bytes", "activation_bytes"):
             check_positive_int(getattr(self, field), f"fastermoe: {field}")
         check_int(self.max_shadow, "fastermoe: max_shadow", minimum=0, optional=True)
 
@@ -73,8 +79,8 @@ class FasterMoEPolicy(Policy):
         """(comp, feat, send_model) in seconds: per token compute, per token features, per expert weights."""
         alpha = self.d_ff / self.d_model
         bw_net = cluster.nic_gbps * BYTES_PER_GBPS
-        feat_s = self.d_model * FP32_BYTES / bw_net
-        send_model_s = 2 * alpha * self.d_model**2 * FP32_BYTES / bw_net
+        feat_s = self.d_model * self.activation_bytes / bw_net
+        send_model_s = 2 * alpha * self.d_model**2 * self.weight_bytes / bw_net
         comp_s = 4 * alpha * self.d_model**2 / cluster.achieved_flops
         return comp_s, feat_s, send_model_s
 

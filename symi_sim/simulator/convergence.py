@@ -36,7 +36,7 @@ i_full, the iterations at s = 1.0 (no token dropped), is an EXTRAPOLATION: the h
 74.91%. The forms disagree there by 8% (421.5 versus 390.0). Policies that drop almost nothing (symi-balanced
 with gpu capacity, survival ~98%) sit in that extrapolated range; read their time-to-target as an estimate.
 
-Recalibrate with load_calibration(path): a CSV with header `survival,iterations`, or JSON, either a list of
+Recalibrate with load_convergence(path): a CSV with header `survival,iterations`, or JSON, either a list of
 {"survival": s, "iterations": n} objects or {"survival": [...], "iterations": [...]}. Survival is a fraction
 in (0, 1], not a percentage.
 """
@@ -244,7 +244,7 @@ def _read_json_points(path: Path) -> list[tuple[float, float]]:
     return points
 
 
-def load_calibration(path: str | Path, form: str = "power") -> ConvergenceModel:
+def load_convergence(path: str | Path, form: str = "power") -> ConvergenceModel:
     """Fit `form` to the (survival, iterations) points of a .csv or .json file (format in the module
     docstring). ValueError naming the file and the point for anything malformed."""
     path = Path(path)

@@ -10,17 +10,28 @@ bandwidth (both run at once), plus PCIe time where the phase uses host memory, p
 (alpha-beta model; links are full duplex, a link's load is max(bytes out, bytes in)).
 
 Expert state (gradient collection before the optimizer step, weight send-out after it) by optimizer layout:
-  sharded  SYMI: every GPU owns 1/G of every expert's optimizer state (in host memory). Each GPU holding an
-           expert sends 1/G of its (partial) gradient to every owner, which sums them: the replica gradient
-           sync is folded into this reduce-scatter. Slots of the same expert on one GPU sum locally first.
-           Each owner moves its E shards over PCIe. With s distinct experts per GPU this is the paper's
-           T = (E/N) X / BW_pcie + ((s N - s)/N) X / BW_net.
+  sharded  SYMI: every GPU owns 1/G of every expert's optimizer state. Each GPU holding an expert sends 1/G of
+           its (partial) gradient to every owner, which sums them: the replica gradient sync is folded into
+           this reduce-scatter. Each owner moves its E shards over PCIe (optimizer state in host memory).
+           `accounting` says what one sender is:
+             pairs  one distinct (expert, GPU) holding: slots of the same expert on one GPU sum locally first
+                    (what an implementation does; with s distinct experts per GPU this is the paper's formula);
+             paper  every slot, as the paper's cost analysis counts it: (s N - s)/N X per GPU over the network
+                    whatever the placement, T = (E/N) X / BW_pcie + ((s N - s)/N) X / BW_net.
   group    DeepSpeed (ZeRO-1 within each expert's replica group): a reduce-scatter over the r GPUs holding the
            expert, then each moves its 1/r shard over PCIe: T = (E/N) X / BW_pcie + ((s N - E)/N) X / BW_net.
-  replica  FlexMoE: every replica keeps the full optimizer state on its GPU; gradients are ring-all-reduced
-           within the replica group (2 (r-1)/r X per holding), nothing crosses PCIe, and no weights are sent
-           out; moving a replica moves its weights + optimizer state (migration_bytes).
-Weight send-out is the collection in reverse (same bytes), to the next step's placement.
+  replica  FlexMoE: every replica keeps its expert's full optimizer state; gradients are ring-all-reduced within
+           the replica group (2 (r-1)/r X per holding; 2 messages, the reduce-scatter and all-gather halves
+           that the group layout pays in its two phases), then every holding moves its full X over PCIe;
+           its weights come back over PCIe only (no network send-out); moving a replica moves its weights +
+           optimizer state (migration_bytes).
+  group and replica count distinct holdings whatever `accounting` says: DeepSpeed places an expert's replicas
+  on distinct GPUs, where that is the paper's static formula.
+Weight send-out is the collection in reverse (same bytes), to the next step's placement (replica: PCIe only).
+
+Optimizer location (`location`), one choice for every layout: "host" (the state in host memory, as the paper
+keeps SYMI's shards and as its cost formulas charge DeepSpeed too): every layout moves gradients down and weights
+up over PCIe, E X / G (sharded), X / r (group) or X (replica) per holding; "gpu": no layout touches PCIe.
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ from symi_sim.cluster import BYTES_PER_GBPS, Cluster
 from symi_sim.policies.base import OPTIMIZER_LAYOUTS
 
 POPULARITY_BYTES_PER_EXPERT = 4  # int32 token counts
+OPTIMIZER_LOCATIONS = ("host", "gpu")
+EXPERT_STATE_ACCOUNTINGS = ("pairs", "paper")
+EXPERT_STATE_PHASES = ("collect", "sendout")
 
 
 def bytes_time_s(num_bytes: float | np.ndarray, gbps: float, latency_s: float = 0.0) -> float | np.ndarray:
@@ -61,10 +75,14 @@ class LinkBytes:
 
     def network_time_L(self, cluster: Cluster) -> np.ndarray:
         """[L] the busiest NIC or NVLink (they run at once), plus latency when anything moves."""
+        moves = (self.network_L > 0) | (self.pcie_LG.max(axis=1, initial=0.0) > 0)
+        return self.busiest_link_s(cluster) + np.where(moves, self.messages * cluster.link_latency_s, 0.0)
+
+    def busiest_link_s(self, cluster: Cluster) -> np.ndarray:
+        """[L] the busiest NIC or NVLink at full bandwidth, without latency."""
         nic_s = self.nic_LN.max(axis=1, initial=0.0) / (cluster.nics_per_node * cluster.nic_gbps * BYTES_PER_GBPS)
         nvlink_s = self.nvlink_LG.max(axis=1, initial=0.0) / (cluster.intra_node_gbps * BYTES_PER_GBPS)
-        moves = (self.network_L > 0) | (self.pcie_LG.max(axis=1, initial=0.0) > 0)
-        return np.maximum(nic_s, nvlink_s) + np.where(moves, self.messages * cluster.link_latency_s, 0.0)
+        return np.maximum(nic_s, nvlink_s)
 
     def pcie_time_L(self, cluster: Cluster) -> np.ndarray:
         """[L] the busiest PCIe link."""
@@ -74,6 +92,11 @@ class LinkBytes:
     def pcie_L(self) -> np.ndarray:
         """[L] bytes over all GPUs' PCIe links together."""
         return self.pcie_LG.sum(axis=1)
+
+    def scaled(self, factor: float) -> LinkBytes:
+        """The same transfers with every byte count times `factor` (the same messages)."""
+        return LinkBytes(self.nic_LN * factor, self.nvlink_LG * factor, self.pcie_LG * factor,
+                         self.network_L * factor, self.messages)
 
 
 def _empty(num_rows: int, cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,49 +164,72 @@ def broadcast_bytes(num_bytes_L: np.ndarray, cluster: Cluster) -> LinkBytes:
 
 
 def expert_state_bytes(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int, layout: str,
-                       expert_bytes: float) -> LinkBytes:
-    """Gradient collection (or weight send-out) bytes of every layer for a placement, by optimizer layout.
+                       expert_bytes: float, *, location: str = "host", accounting: str = "pairs",
+                       phase: str = "collect") -> LinkBytes:
+    """Gradient collection (phase "collect") or weight send-out ("sendout") bytes of every layer for a placement.
 
-    phy2log_LR: [L, R] expert of every slot; expert_bytes: X, one expert's gradient (= weight) bytes.
-    See the module docstring for the layouts. One message per phase.
+    phy2log_LR: [L, R] expert of every slot; expert_bytes: X, one expert's gradient (or weight) bytes.
+    location: where the optimizer state lives ("host" | "gpu"); accounting: what one sharded sender is ("pairs" |
+    "paper"). See the module docstring for the layouts. One message per phase (two for the replica all-reduce).
     """
     check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
+    check_choice(location, "optimizer location", OPTIMIZER_LOCATIONS)
+    check_choice(accounting, "expert-state accounting", EXPERT_STATE_ACCOUNTINGS)
+    check_choice(phase, "expert-state phase", EXPERT_STATE_PHASES)
     phy2log_LR = np.asarray(phy2log_LR, dtype=np.int64)
     num_rows, num_slots = phy2log_LR.shape
     num_gpus, gpn, num_nodes = cluster.num_gpus, cluster.gpus_per_node, cluster.num_nodes
     if num_slots != cluster.num_slots:
         raise ValueError(f"placement has {num_slots} slots per layer, cluster {cluster.name!r} has {cluster.num_slots}")
     x = float(expert_bytes)
+    pcie_x = x if location == "host" else 0.0
+    if layout == "sharded":
+        if accounting == "paper":
+            holdings_LG = np.full((num_rows, num_gpus), float(cluster.slots_per_gpu))
+        else:
+            layer_H, _, gpu_H = holdings(phy2log_LR, cluster)
+            holdings_LG = np.bincount(layer_H * num_gpus + gpu_H, minlength=num_rows * num_gpus).reshape(
+                num_rows, num_gpus).astype(float)
+        return _sharded_bytes(holdings_LG, cluster, num_experts, x, pcie_x)
     layer_H, expert_H, gpu_H = holdings(phy2log_LR, cluster)
     le_H = layer_H * num_experts + expert_H
-    node_H = gpu_H // gpn
     lg_H = layer_H * num_gpus + gpu_H
-    if layout == "sharded":
-        # each holding sends X/G to each of the G - 1 other owners; each owner receives X/G from each holding
-        holdings_LG = np.bincount(lg_H, minlength=num_rows * num_gpus).reshape(num_rows, num_gpus).astype(float)
-        holdings_LN = holdings_LG.reshape(num_rows, num_nodes, gpn).sum(axis=2)
-        nic_out_LN = holdings_LN * x * (num_gpus - gpn) / num_gpus
-        nic_in_LN = gpn * x / num_gpus * (holdings_LN.sum(axis=1, keepdims=True) - holdings_LN)
-        nvlink_out_LG = holdings_LG * x * (gpn - 1) / num_gpus
-        nvlink_in_LG = x / num_gpus * (np.repeat(holdings_LN, gpn, axis=1) - holdings_LG)
-        pcie_LG = np.full((num_rows, num_gpus), num_experts * x / num_gpus)
-        return LinkBytes(np.maximum(nic_out_LN, nic_in_LN), np.maximum(nvlink_out_LG, nvlink_in_LG), pcie_LG,
-                         (nic_out_LN.sum(axis=1) + nvlink_out_LG.sum(axis=1)), messages=1)
-    # group / replica: collectives within each expert's holders, symmetric (bytes in = bytes out)
+    size = num_rows * num_gpus
     holders_H = np.bincount(le_H, minlength=num_rows * num_experts)[le_H].astype(float)
+    # group: each holding moves its 1/r shard over PCIe; replica: its full copy
+    pcie_H = pcie_x / holders_H if layout == "group" else np.full(le_H.size, pcie_x)
+    pcie_LG = np.bincount(lg_H, weights=pcie_H, minlength=size).reshape(num_rows, num_gpus)
+    if layout == "replica" and phase == "sendout":
+        # every replica updated its own weights: they only come back from the optimizer state over PCIe
+        nic_LN, nvlink_LG, _ = _empty(num_rows, cluster)
+        return LinkBytes(nic_LN, nvlink_LG, pcie_LG, np.zeros(num_rows), messages=0)
+    # collectives within each expert's holders, symmetric (bytes in = bytes out)
+    node_H = gpu_H // gpn
     same_node_H = _group_sizes(le_H * num_nodes + node_H).astype(float)
     factor = 1.0 if layout == "group" else 2.0
     inter_H = factor * x * (holders_H - same_node_H) / holders_H
     intra_H = factor * x * (same_node_H - 1) / holders_H
-    size = num_rows * num_gpus
     inter_LG = np.bincount(lg_H, weights=inter_H, minlength=size).reshape(num_rows, num_gpus)
     intra_LG = np.bincount(lg_H, weights=intra_H, minlength=size).reshape(num_rows, num_gpus)
-    if layout == "group":
-        pcie_LG = np.bincount(lg_H, weights=x / holders_H, minlength=size).reshape(num_rows, num_gpus)
-    else:
-        pcie_LG = np.zeros((num_rows, num_gpus))
     nic_LN = inter_LG.reshape(num_rows, num_nodes, gpn).sum(axis=2)
-    return LinkBytes(nic_LN, intra_LG, pcie_LG, inter_LG.sum(axis=1) + intra_LG.sum(axis=1), messages=1)
+    return LinkBytes(nic_LN, intra_LG, pcie_LG, inter_LG.sum(axis=1) + intra_LG.sum(axis=1),
+                     messages=1 if layout == "group" else 2)
+
+
+def _sharded_bytes(holdings_LG: np.ndarray, cluster: Cluster, num_experts: int, x: float,
+                   pcie_x: float) -> LinkBytes:
+    """SYMI's reduce-scatter to the 1/G owners: each of holdings_LG [L, G] senders sends X/G to each of the
+    G - 1 other owners, each owner receives X/G from each sender; then E X/G per owner over PCIe."""
+    num_rows, num_gpus = holdings_LG.shape
+    gpn, num_nodes = cluster.gpus_per_node, cluster.num_nodes
+    holdings_LN = holdings_LG.reshape(num_rows, num_nodes, gpn).sum(axis=2)
+    nic_out_LN = holdings_LN * x * (num_gpus - gpn) / num_gpus
+    nic_in_LN = gpn * x / num_gpus * (holdings_LN.sum(axis=1, keepdims=True) - holdings_LN)
+    nvlink_out_LG = holdings_LG * x * (gpn - 1) / num_gpus
+    nvlink_in_LG = x / num_gpus * (np.repeat(holdings_LN, gpn, axis=1) - holdings_LG)
+    pcie_LG = np.full((num_rows, num_gpus), num_experts * pcie_x / num_gpus)
+    return LinkBytes(np.maximum(nic_out_LN, nic_in_LN), np.maximum(nvlink_out_LG, nvlink_in_LG), pcie_LG,
+                     (nic_out_LN.sum(axis=1) + nvlink_out_LG.sum(axis=1)), messages=1)
 
 
 def holdings(phy2log_LR: np.ndarray, cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,6 +10,19 @@ which runs the iteration timeline (overlap, contention) in simpy.
 Modelling choices made here (the per-phase ones are in phases.py, the formulas in costs.py and engine.py):
   - Optimizer layout by policy (Policy.optimizer_layout, costs.py): FlexMoE "replica", static and fastermoe
     (DeepSpeed-based) "group", every other policy runs on SYMI's system: "sharded".
+  - `calibration` (calibration.py): the measured compute, all-to-all and optimizer terms; without one, the FLOP
+    model (peak FLOP/s x compute_efficiency), whose absolute times are not measured; config.json says which.
+  - `optimizer_location` (default: the calibration's, "host" for the FLOP model): where every layout keeps the
+    experts' optimizer state, one choice for all of them. "host" is the paper's setting: SYMI's shards live in
+    host memory, and the paper's cost analysis charges DeepSpeed the same PCIe term, so charging FlexMoE's
+    replicas too (X per replica held, each way) is what compares the three systems on equal terms; "gpu": no
+    layout pays PCIe.
+  - `expert_state_accounting` (default "pairs"): SYMI's gradient collection and weight send-out sent once per
+    distinct (expert, GPU) pair, as an implementation does, or "paper": per slot, the paper's formula
+    ((s N - s)/N X over the network + E/N X over PCIe per rank).
+  - Policies get the simulated run's facts they take as options (`resolve_policy`): the model's d_model,
+    expert d_ff and byte sizes per weight / activation / optimizer value, the capacity mode and factor, so that
+    a policy's cost estimates use the sizes the simulator charges.
   - All-to-all sources are spread uniformly over the GPUs; per-source-rank counts in a trace are not used yet.
 """
 
@@ -35,7 +48,9 @@ from symi_sim.models import ModelConfig
 from symi_sim.outputs import atomic_dir, json_default
 from symi_sim.policies import Policy, get_policy, with_context
 from symi_sim.routing import CAPACITY_MODES
+from symi_sim.simulator.calibration import Calibration, flop_calibration
 from symi_sim.simulator.convergence import ConvergenceModel, paper_model
+from symi_sim.simulator.costs import EXPERT_STATE_ACCOUNTINGS, OPTIMIZER_LOCATIONS
 from symi_sim.simulator.engine import PHASES, Engine, IterationWork
 from symi_sim.simulator.phases import BYTE_KINDS, chunk_work
 from symi_sim.simulator.replay import iter_plans
@@ -53,37 +68,48 @@ class SimulationResult:
     config: dict[str, Any]     # everything resolved (what config.json holds)
 
 
-def resolve_policy(spec: str | Policy, model: ModelConfig, capacity_mode: str = "slot") -> tuple[str, Policy]:
+def resolve_policy(spec: str | Policy, model: ModelConfig, capacity_mode: str = "slot",
+                   capacity_factor: float = 1.0) -> tuple[str, Policy]:
     """(label, policy): a name (with an optional period suffix) or a Policy instance, given the context it may take
-    as options: the simulated model's d_model / d_ff (d_ff = one routed expert's width) and the capacity mode."""
+    as options: the simulated model's d_model / d_ff (d_ff = one routed expert's width), its bytes per weight,
+    activation and optimizer value, and the capacity mode and factor."""
     if isinstance(spec, Policy):
         policy, label = spec, spec.name
     elif isinstance(spec, str):
         policy, label = get_policy(spec), spec
     else:
         raise ValueError(f"a policy must be a name or a Policy, got {spec!r}")
-    return label, with_context(policy, d_model=model.d_model, d_ff=model.expert_d_ff, capacity_mode=capacity_mode)
+    return label, with_context(policy, d_model=model.d_model, d_ff=model.expert_d_ff,
+                               weight_bytes=model.weight_bytes, activation_bytes=model.activation_bytes,
+                               optimizer_bytes=model.optimizer_bytes, capacity_mode=capacity_mode,
+                               capacity_factor=capacity_factor)
 
 
 def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies: Sequence[str | Policy],
              capacity_factor: float = 1.0, capacity_mode: str = "slot", steps: int | None = None, loop: bool = False,
              window: int = 1, progress: bool = True, convergence: ConvergenceModel | None = None,
-             failures: FailureModel | None = None) -> SimulationResult:
+             failures: FailureModel | None = None, calibration: Calibration | None = None,
+             optimizer_location: str | None = None, expert_state_accounting: str = "pairs") -> SimulationResult:
     """Simulate `policies` over `trace` (already fitted to `model`, see traces.fit.fit_trace).
 
+    `calibration` (default: calibration.flop_calibration of the cluster and model), `optimizer_location`
+    ("host" | "gpu"; None: the calibration's) and `expert_state_accounting` ("pairs" | "paper"): see the module
+    docstring.
     `convergence` maps token survival to iterations to the target loss (default: convergence.paper_model()).
     Steps 1..steps of the trace are simulated (step 0 only seeds the first plan); `steps` None = all the trace
     has; loop=True cycles a shorter trace up to `steps`. `failures`: add the expected cost of rank failures under
     a checkpoint policy to the summary (failures.FAILURE_COLUMNS).
     """
     _check_inputs(trace, cluster, model, policies, capacity_factor, capacity_mode, window)
+    calibration = _resolve_calibration(calibration, cluster, model, optimizer_location)
+    check_choice(expert_state_accounting, "expert-state accounting", EXPERT_STATE_ACCOUNTINGS)
     if failures is not None and not isinstance(failures, FailureModel):
         raise ValueError(f"failures must be a failures.FailureModel, got {failures!r}")
     counts_SLE = _step_counts(trace, steps, loop)
     if trace.src_counts_SLEG is not None:
         logger.warning("the trace's per-source-rank counts are not used: all-to-all sources are taken as uniform")
     num_steps = counts_SLE.shape[0] - 1
-    resolved = [resolve_policy(spec, model, capacity_mode) for spec in policies]
+    resolved = [resolve_policy(spec, model, capacity_mode, capacity_factor) for spec in policies]
     labels = [label for label, _ in resolved]
     if len(set(labels)) != len(labels):
         raise ValueError(f"policies are listed more than once: {labels}")
@@ -97,7 +123,8 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
         for label, policy in resolved:
             logger.info("simulating %s over %d steps", label, num_steps)
             frame = _simulate_policy(label, policy, counts_SLE, trace, cluster, model, capacity_factor,
-                                     capacity_mode, window, bar)
+                                     capacity_mode, window, bar, calibration=calibration,
+                                     expert_state_accounting=expert_state_accounting)
             frames.append(frame)
     finally:
         bar.close()
@@ -117,6 +144,9 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
                      for label, policy in resolved],
         "capacity_factor": capacity_factor,
         "capacity_mode": capacity_mode,
+        "calibration": {"source": calibration.source, **calibration.to_dict()},
+        "optimizer_location": calibration.optimizer_state_location,
+        "expert_state_accounting": expert_state_accounting,
         "steps": num_steps,
         "loop": loop,
         "window": window,
@@ -125,6 +155,23 @@ def simulate(*, trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies
     if failures is not None:
         config["failures"] = failures.describe(cluster)
     return SimulationResult(iterations, summary, config)
+
+
+def _resolve_calibration(calibration: Calibration | None, cluster: Cluster, model: ModelConfig,
+                         optimizer_location: str | None) -> Calibration:
+    """The calibration to simulate with: the FLOP model's when none is given; an explicit optimizer location
+    overrides the calibration's (one location for every policy either way)."""
+    if calibration is None:
+        calibration = flop_calibration(cluster=cluster, model=model)
+    elif not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration must be a calibration.Calibration, got {calibration!r}")
+    elif (calibration.cluster, calibration.model) != (cluster.name, model.name):
+        logger.warning("calibration %s was measured on cluster %r, model %r; simulating cluster %r, model %r",
+                       calibration.source, calibration.cluster, calibration.model, cluster.name, model.name)
+    if optimizer_location is not None:
+        check_choice(optimizer_location, "optimizer location", OPTIMIZER_LOCATIONS)
+        calibration = calibration.with_(optimizer_state_location=optimizer_location)
+    return calibration
 
 
 def _check_inputs(trace: LoadTrace, cluster: Cluster, model: ModelConfig, policies: Sequence[str | Policy],
@@ -164,7 +211,7 @@ def _step_counts(trace: LoadTrace, steps: int | None, loop: bool) -> np.ndarray:
 
 def _simulate_policy(label: str, policy: Policy, counts_SLE: np.ndarray, trace: LoadTrace, cluster: Cluster,
                      model: ModelConfig, capacity_factor: float, capacity_mode: str, window: int,
-                     bar: Any) -> pd.DataFrame:
+                     bar: Any, *, calibration: Calibration, expert_state_accounting: str) -> pd.DataFrame:
     plans = list(iter_plans(counts_SLE, policy, cluster, window=window, start=1))
     num_layers = trace.num_layers
     chunk = max(1, CHUNK_ELEMENTS // (num_layers * cluster.num_slots))
@@ -175,9 +222,10 @@ def _simulate_policy(label: str, policy: Policy, counts_SLE: np.ndarray, trace: 
         hi = min(lo + chunk, len(plans))
         next_placement = plans[hi].placement if hi < len(plans) else plans[-1].placement
         work, cols = chunk_work(plans[lo:hi], next_placement, counts_SLE=counts_SLE, trace=trace, cluster=cluster,
-                                model=model, needs_popularity=policy.needs_popularity,
+                                model=model, calibration=calibration, needs_popularity=policy.needs_popularity,
                                 optimizer_coupled=policy.optimizer_coupled, layout=layout,
-                                capacity_factor=capacity_factor, capacity_mode=capacity_mode)
+                                capacity_factor=capacity_factor, capacity_mode=capacity_mode,
+                                expert_state_accounting=expert_state_accounting)
         works.append(work)
         columns.append(cols)
         bar.update(hi - lo)

@@ -12,12 +12,20 @@ Modelling choices (the formulas are in costs.py):
     padded. The all-to-all moves whole buffers and the experts compute whole buffers, whatever the load:
     skew costs dropped tokens, not time. "gpu" (ours: variable-size all-to-all, grouped expert kernels): the
     all-to-all moves and the experts compute only the served tokens, and the busiest GPU gates each layer.
-  - FasterMoE's shadowed experts are computed where their tokens come from (outside the slots, never dropped);
-    their weights are broadcast before the forward and their gradients reduced back after the backward.
+  - FasterMoE's shadowed experts are computed where their tokens come from (outside the slots, never dropped,
+    no all-to-all); their weights are broadcast before the forward and their gradients reduced back after the
+    backward. A shadowed expert's slots are idle: in slot mode their buffers are neither sent nor computed, so
+    a shadowed token is charged once (its shadow compute), not also as padding of its expert's slots.
+  - Expert state (costs.expert_state_bytes) by the policy's optimizer layout, with one `optimizer_location`
+    ("host" | "gpu") for every layout and SYMI's sender `expert_state_accounting` ("pairs" | "paper").
+  - Compute, the all-to-all's efficiency and latency and the optimizer step come from a Calibration
+    (calibration.py: measured terms, or the FLOP model as its fallback): expert compute per GPU is the sum of
+    its GEMMs (one per busy slot, plus one of shadowed tokens), the slowest GPU gating the layer; each layer
+    pays the calibration's fixed forward and backward overhead with its dense compute.
   - Dense compute: tokens / G per GPU (data parallel); all non-expert FLOPs (attention, dense and shared MLPs,
-    router, LM head) are spread evenly over the MoE layers. Backward = 2 x forward.
-  - The optimizer step is charged OPTIMIZER_FLOPS_PER_PARAM at the GPU's achieved FLOP rate for the expert
-    parameters the busiest GPU updates plus all dense parameters (plain data parallel).
+    router, LM head) are spread evenly over the MoE layers. Backward = 2 x forward (plus its fixed overhead).
+  - The optimizer step: the optimizer state of the expert parameters the busiest GPU updates plus all dense
+    parameters (plain data parallel), at the calibration's optimizer rate (bytes/s).
   - Weight send-out after step i goes to step i+1's placement (the last step's to its own).
   - The backward runs in K = min(L, MAX_BACKWARD_SEGMENTS) segments of consecutive layers, last layers first,
     with one dense-gradient bucket all-reduced per segment.
@@ -34,8 +42,10 @@ from symi_sim.cluster import Cluster
 from symi_sim.models import ModelConfig
 from symi_sim.placement import Placement
 from symi_sim.routing import Routing, route
+from symi_sim.simulator.calibration import Calibration
 from symi_sim.simulator.costs import (
     POPULARITY_BYTES_PER_EXPERT,
+    LinkBytes,
     allreduce_bytes,
     alltoall_bytes,
     broadcast_bytes,
@@ -47,7 +57,6 @@ from symi_sim.simulator.engine import IterationWork
 from symi_sim.simulator.replay import PlannedStep
 from symi_sim.traces.format import LoadTrace
 
-OPTIMIZER_FLOPS_PER_PARAM = 12     # mixed-precision Adam: moments, bias correction, sqrt, divide, update
 MAX_BACKWARD_SEGMENTS = 4          # DDP-like gradient buckets overlapping the backward pass
 BYTE_KINDS = ("popularity", "a2a", "dense_allreduce", "grad_collect", "weight_sendout", "migration", "shadow",
               "pcie")
@@ -105,28 +114,35 @@ def route_chunk(plans: Sequence[PlannedStep], *, counts_SLE: np.ndarray, trace: 
     return stacked, routing
 
 
-def alltoall_and_experts(routing: Routing, *, num_steps: int, cluster: Cluster, model: ModelConfig,
-                         capacity_factor: float, capacity_mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All-to-all and expert compute of the routed rows: (a2a_CL seconds of one all-to-all, expert_CL seconds of
-    the forward expert compute, a2a_bytes_C over the four all-to-alls of a step)."""
-    # padded buffers (slot) or served tokens (gpu)
+def alltoall_and_experts(routing: Routing, stacked: Placement, *, num_steps: int, cluster: Cluster,
+                         model: ModelConfig, calibration: Calibration, capacity_factor: float,
+                         capacity_mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All-to-all and expert compute of the routed rows of `stacked`: (a2a_CL seconds of one all-to-all, expert_CL
+    seconds of the forward expert compute, a2a_bytes_C over the four all-to-alls of a step)."""
+    num_rows, num_gpus, slots_per_gpu = routing.served_LR.shape[0], cluster.num_gpus, cluster.slots_per_gpu
+    # the tokens of every slot's GEMM: padded buffers of the slots in use (slot) or served tokens (gpu); shadowed
+    # tokens stay where they are and are computed as one more GEMM per GPU
     if capacity_mode == "slot":
         capacity_row = np.ceil(capacity_factor * routing.num_assignments_L / cluster.num_slots)
-        slot_tokens_row_G = np.broadcast_to((capacity_row * cluster.slots_per_gpu)[:, None], routing.shadow_LG.shape)
+        busy_row_R = np.ones(routing.served_LR.shape)
+        if stacked.shadow_LE is not None:
+            busy_row_R -= np.take_along_axis(stacked.shadow_LE, stacked.phy2log_LR, axis=1)
+        slot_tokens_row_GS = capacity_row[:, None, None] * busy_row_R.reshape(num_rows, num_gpus, slots_per_gpu)
     else:
-        slot_tokens_row_G = routing.gpu_served_LG - routing.shadow_LG
-    a2a = alltoall_bytes(slot_tokens_row_G, cluster, model.d_model * model.activation_bytes)
-    a2a_row_s = a2a.time_L(cluster)
-    expert_row_s = ((slot_tokens_row_G + routing.shadow_LG).max(axis=1) * model.expert_flops_per_assignment
-                    / cluster.achieved_flops)
+        slot_tokens_row_GS = routing.served_LR.reshape(num_rows, num_gpus, slots_per_gpu).astype(np.float64)
+    a2a = alltoall_bytes(slot_tokens_row_GS.sum(axis=2), cluster, model.d_model * model.activation_bytes)
+    a2a_row_s = calibration.a2a_time_s(busiest_link_s=a2a.busiest_link_s(cluster), num_messages=a2a.messages)
+    gemm_tokens_row_GS = np.concatenate([slot_tokens_row_GS, routing.shadow_LG[:, :, None]], axis=2)
+    expert_row_s = calibration.expert_time_s(tokens_row_GS=gemm_tokens_row_GS,
+                                             flops_per_assignment=model.expert_flops_per_assignment)
     return (a2a_row_s.reshape(num_steps, -1), expert_row_s.reshape(num_steps, -1),
             4 * per_step(a2a.network_L, num_steps))
 
 
-def dense_layer_s(*, cluster: Cluster, model: ModelConfig) -> float:
-    """Forward dense compute of one MoE layer's share of the model (tokens / G per GPU)."""
-    return (model.tokens_per_step / cluster.num_gpus * model.dense_flops_per_token / model.num_moe_layers
-            / cluster.achieved_flops)
+def dense_layer_s(*, cluster: Cluster, model: ModelConfig, calibration: Calibration) -> float:
+    """Forward dense compute of one MoE layer's share of the model (tokens / G per GPU), fixed overhead apart."""
+    flops = model.tokens_per_step / cluster.num_gpus * model.dense_flops_per_token / model.num_moe_layers
+    return float(calibration.dense_time_s(flops=flops))
 
 
 def popularity(*, num_steps: int, num_experts: int, num_layers: int, cluster: Cluster,
@@ -165,30 +181,32 @@ class ExpertState:
 
 
 def expert_state(runs: PlacementRuns, next_placement: Placement, *, cluster: Cluster, model: ModelConfig,
-                 num_experts: int, layout: str) -> ExpertState:
-    """Collection on each step's placement, send-out to the next step's (`next_placement` after the chunk)."""
-    grads = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_grad_bytes)
-    collect_net_s = runs.per_step(grads.network_time_L(cluster))
-    collect_pcie_s = runs.per_step(grads.pcie_time_L(cluster))
-    collect_bytes, collect_pcie_bytes = runs.per_step(grads.network_L), runs.per_step(grads.pcie_L)
+                 num_experts: int, layout: str, location: str, accounting: str) -> ExpertState:
+    """Collection on each step's placement, send-out to the next step's (`next_placement` after the chunk); the
+    replica layout's weights come back to the replicas that computed them (its moves are migrations)."""
+    options = {"location": location, "accounting": accounting}
+    grads = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_grad_bytes, **options)
     if layout == "replica":
-        zeros_C = np.zeros(len(runs.index_C))
-        return ExpertState(collect_net_s, collect_pcie_s, collect_bytes, collect_pcie_bytes,
-                           zeros_C, zeros_C, zeros_C, zeros_C)
-    tail = expert_state_bytes(next_placement.phy2log_LR, cluster, num_experts, layout, model.expert_weight_bytes)
-    # step i sends out to step i+1's placement: the collection rows shifted by one step (bytes scale with X)
-    ratio = model.expert_weight_bytes / model.expert_grad_bytes
+        weights = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_weight_bytes,
+                                     phase="sendout", **options)
+        return ExpertState(*_state_columns(runs, grads, cluster), *_state_columns(runs, weights, cluster))
+    # the send-out is the collection in reverse: the same transfers with X the weights' bytes
+    weights = grads.scaled(model.expert_weight_bytes / model.expert_grad_bytes)
+    tail = expert_state_bytes(next_placement.phy2log_LR, cluster, num_experts, layout, model.expert_weight_bytes,
+                              phase="sendout", **options)
+    tail_values = (tail.network_time_L(cluster).sum(), tail.pcie_time_L(cluster).sum(), tail.network_L.sum(),
+                   tail.pcie_L.sum())
+    # step i sends out to step i+1's placement: the rows of the step after, the tail's after the chunk's last
+    sendout = [np.append(values_C[1:], tail_value)
+               for values_C, tail_value in zip(_state_columns(runs, weights, cluster), tail_values, strict=True)]
+    return ExpertState(*_state_columns(runs, grads, cluster), *sendout)
 
-    def shifted(values_C: np.ndarray, tail_value: float) -> np.ndarray:
-        return np.append(values_C[1:] * ratio, tail_value)
 
-    return ExpertState(
-        collect_net_s, collect_pcie_s, collect_bytes, collect_pcie_bytes,
-        sendout_net_s=shifted(collect_net_s, tail.network_time_L(cluster).sum()),
-        sendout_pcie_s=shifted(collect_pcie_s, tail.pcie_time_L(cluster).sum()),
-        sendout_bytes=shifted(collect_bytes, tail.network_L.sum()),
-        sendout_pcie_bytes=shifted(collect_pcie_bytes, tail.pcie_L.sum()),
-    )
+def _state_columns(runs: PlacementRuns, moved: LinkBytes,
+                   cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(network seconds, PCIe seconds, network bytes, PCIe bytes) per step [C] of one expert-state phase."""
+    return (runs.per_step(moved.network_time_L(cluster)), runs.per_step(moved.pcie_time_L(cluster)),
+            runs.per_step(moved.network_L), runs.per_step(moved.pcie_L))
 
 
 def migration(plans: Sequence[PlannedStep], *, cluster: Cluster, model: ModelConfig, num_experts: int,
@@ -206,18 +224,20 @@ def migration(plans: Sequence[PlannedStep], *, cluster: Cluster, model: ModelCon
     return migration_s, migration_total
 
 
-def optimizer(runs: PlacementRuns, *, cluster: Cluster, model: ModelConfig, num_experts: int,
-              layout: str) -> np.ndarray:
+def optimizer(runs: PlacementRuns, *, cluster: Cluster, model: ModelConfig, calibration: Calibration,
+              num_experts: int, layout: str) -> np.ndarray:
     """[C] seconds of the optimizer step: the busiest GPU's expert parameters plus every dense one."""
     expert_params_C = runs.per_step(optimizer_params_per_gpu(runs.phy2log_row_R, cluster, num_experts, layout,
                                                              model.expert_params))
-    return (expert_params_C + model.dense_params) * OPTIMIZER_FLOPS_PER_PARAM / cluster.achieved_flops
+    return calibration.optimizer_time_s(state_bytes=(expert_params_C + model.dense_params) * model.optimizer_bytes)
 
 
-def backward_segments(a2a_CL: np.ndarray, expert_CL: np.ndarray, *, layer_s: float, cluster: Cluster,
-                      model: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+def backward_segments(a2a_CL: np.ndarray, expert_CL: np.ndarray, *, layer_s: float, fixed_s: float,
+                      cluster: Cluster, model: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                     float]:
     """The backward in K segments of consecutive layers, last layers first, one dense-gradient bucket each:
-    (a2a_CK, expert_CK, dense_CK, allreduce_CK seconds, all-reduce bytes of a step)."""
+    (a2a_CK, expert_CK, dense_CK, allreduce_CK seconds, all-reduce bytes of a step); every layer's dense backward is
+    2 x its forward `layer_s` plus its fixed backward overhead `fixed_s`."""
     num_steps, num_layers = a2a_CL.shape
     num_segments = min(num_layers, MAX_BACKWARD_SEGMENTS)
     bounds = np.linspace(num_layers, 0, num_segments + 1).round().astype(int)
@@ -228,32 +248,35 @@ def backward_segments(a2a_CL: np.ndarray, expert_CL: np.ndarray, *, layer_s: flo
     layers_K = np.array([s.stop - s.start for s in segments], dtype=float)
     return (np.stack([2 * a2a_CL[:, s].sum(axis=1) for s in segments], axis=1),
             np.stack([2 * expert_CL[:, s].sum(axis=1) for s in segments], axis=1),
-            np.tile(2 * layer_s * layers_K, (num_steps, 1)),
+            np.tile((2 * layer_s + fixed_s) * layers_K, (num_steps, 1)),
             np.tile(allreduce.time_L(cluster), (num_steps, 1)),
             allreduce.network_L.sum())
 
 
 def chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, *, counts_SLE: np.ndarray,
-               trace: LoadTrace, cluster: Cluster, model: ModelConfig, needs_popularity: bool,
-               optimizer_coupled: bool, layout: str, capacity_factor: float,
-               capacity_mode: str) -> tuple[IterationWork, dict[str, np.ndarray]]:
-    """Phase durations and table columns of the chunk's C steps (`next_placement` serves the step after it)."""
+               trace: LoadTrace, cluster: Cluster, model: ModelConfig, calibration: Calibration,
+               needs_popularity: bool, optimizer_coupled: bool, layout: str, capacity_factor: float,
+               capacity_mode: str, expert_state_accounting: str = "pairs"
+               ) -> tuple[IterationWork, dict[str, np.ndarray]]:
+    """Phase durations and table columns of the chunk's C steps (`next_placement` serves the step after it); the
+    optimizer state lives where `calibration` says (optimizer_state_location), for every layout alike."""
     num_steps, num_layers, num_experts = len(plans), trace.num_layers, trace.num_experts
     stacked, routing = route_chunk(plans, counts_SLE=counts_SLE, trace=trace, cluster=cluster,
                                    capacity_factor=capacity_factor, capacity_mode=capacity_mode)
     a2a_CL, expert_CL, a2a_bytes_C = alltoall_and_experts(
-        routing, num_steps=num_steps, cluster=cluster, model=model, capacity_factor=capacity_factor,
-        capacity_mode=capacity_mode)
-    layer_s = dense_layer_s(cluster=cluster, model=model)
+        routing, stacked, num_steps=num_steps, cluster=cluster, model=model, calibration=calibration,
+        capacity_factor=capacity_factor, capacity_mode=capacity_mode)
+    layer_s = dense_layer_s(cluster=cluster, model=model, calibration=calibration)
     popularity_s, popularity_bytes = popularity(num_steps=num_steps, num_experts=num_experts, num_layers=num_layers,
                                                 cluster=cluster, needed=needs_popularity)
     shadow_s, shadow_bytes = shadow_broadcast(stacked, num_steps=num_steps, cluster=cluster, model=model)
     runs = PlacementRuns.of([p.placement for p in plans])
-    state = expert_state(runs, next_placement, cluster=cluster, model=model, num_experts=num_experts, layout=layout)
+    state = expert_state(runs, next_placement, cluster=cluster, model=model, num_experts=num_experts, layout=layout,
+                         location=calibration.optimizer_state_location, accounting=expert_state_accounting)
     migration_s, migration_total = migration(plans, cluster=cluster, model=model, num_experts=num_experts,
                                              coupled=optimizer_coupled)
     a2a_CK, expert_CK, dense_CK, allreduce_CK, allreduce_bytes_step = backward_segments(
-        a2a_CL, expert_CL, layer_s=layer_s, cluster=cluster, model=model)
+        a2a_CL, expert_CL, layer_s=layer_s, fixed_s=calibration.layer_backward_fixed_s, cluster=cluster, model=model)
 
     work = IterationWork(
         popularity_s=popularity_s,
@@ -261,7 +284,7 @@ def chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, *, count
         shadow_broadcast_s=shadow_s,
         a2a_forward_s=2 * a2a_CL.sum(axis=1),
         expert_forward_s=expert_CL.sum(axis=1),
-        dense_forward_s=np.full(num_steps, layer_s * num_layers),
+        dense_forward_s=np.full(num_steps, (layer_s + calibration.layer_forward_fixed_s) * num_layers),
         a2a_backward_SK=a2a_CK,
         expert_backward_SK=expert_CK,
         dense_backward_SK=dense_CK,
@@ -269,7 +292,8 @@ def chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, *, count
         shadow_reduce_s=shadow_s,
         grad_collect_net_s=state.collect_net_s,
         grad_collect_pcie_s=state.collect_pcie_s,
-        optimizer_s=optimizer(runs, cluster=cluster, model=model, num_experts=num_experts, layout=layout),
+        optimizer_s=optimizer(runs, cluster=cluster, model=model, calibration=calibration, num_experts=num_experts,
+                              layout=layout),
         sendout_pcie_s=state.sendout_pcie_s,
         sendout_net_s=state.sendout_net_s,
     )

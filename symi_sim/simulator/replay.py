@@ -92,7 +92,8 @@ def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capac
     plan time median/p99 (ms, over the steps that replanned) and replica moves per step.
     """
     cluster.check_experts(trace.num_experts)
-    resolved = [with_context(get_policy(name), capacity_mode=capacity_mode) for name in policies]
+    resolved = [with_context(get_policy(name), capacity_mode=capacity_mode, capacity_factor=capacity_factor)
+                for name in policies]
     rows = []
     for name, policy in zip(policies, resolved, strict=True):
         log.info("replaying %s over %d steps", name, trace.num_steps - 1)
