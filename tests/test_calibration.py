@@ -91,6 +91,22 @@ def test_gemm_curve():
     assert np.all(np.diff(power.gemm_time_s(np.linspace(1, 5000, 400), flops_per_assignment=1e6)) > 0)
 
 
+def test_expert_time_sums_each_gpus_gemms_and_the_slowest_gpu_gates():
+    cal = flop_calibration(cluster=load_cluster("paper-a100-16"), model=load_model("gpt-small"))
+    power = cal.with_(expert_saturation_tokens=1000.0, expert_small_batch_exponent=0.5, expert_gemm_flops=1e12,
+                      expert_fixed_per_gemm_s=1e-5)
+    # one row, two GPUs of two GEMMs: GPU 0 has 10 and 4000 tokens, GPU 1 two GEMMs of 1000 (and an empty one)
+    tokens_row_GS = np.array([[[10.0, 4000.0, 0.0], [1000.0, 1000.0, 0.0]]])
+    gpu0_s = (math.sqrt(1000 * 10) + 4000) * 1e-6 + 2e-5
+    gpu1_s = 2000 * 1e-6 + 2e-5
+    np.testing.assert_allclose(power.expert_time_s(tokens_row_GS=tokens_row_GS, flops_per_assignment=1e6),
+                               [max(gpu0_s, gpu1_s)], rtol=1e-12)
+    # linear GEMMs without a fixed cost (the fast path): the busiest GPU's tokens at the GEMM rate
+    linear = cal.with_(expert_gemm_flops=1e12)
+    np.testing.assert_allclose(linear.expert_time_s(tokens_row_GS=tokens_row_GS, flops_per_assignment=1e6),
+                               [4010 * 1e-6], rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 

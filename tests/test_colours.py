@@ -19,6 +19,7 @@ def test_colours_by_spec_then_family():
     assert policy_colour("symi-balanced:packing=grouped") == POLICY_COLOURS["symi-balanced:packing=grouped"]
     assert policy_colour("oracle:packing=grouped") == POLICY_COLOURS["oracle"]
     assert policy_colour("eplb:num_groups=4") == POLICY_COLOURS["eplb"]
+    assert policy_colour("symi [paper accounting]") == POLICY_COLOURS["symi"]
     # distinct families never share a colour
     assert len(set(POLICY_COLOURS.values())) == len(POLICY_COLOURS)
     assert all(is_color_like(colour) for colour in POLICY_COLOURS.values())

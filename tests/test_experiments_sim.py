@@ -82,7 +82,8 @@ def test_paper_comparison_outputs(paper):
     traces = list(module.QUICK_TRACES)
     assert list(dict.fromkeys(table["trace"])) == traces
     for trace in traces:
-        assert table.loc[table["trace"] == trace, "policy"].tolist() == list(module.POLICIES)
+        assert table.loc[table["trace"] == trace, "policy"].tolist() == list(module.POLICIES) + [
+            p + module.PAPER_ACCOUNTING_SUFFIX for p in module.PAPER_ACCOUNTING]
         _check_png(out / f"comparison-{trace}.png")
     _check_png(out / "speedup.png")
     assert summary["paper"]["reduction_vs_static"] == 0.305 and summary["paper"]["reduction_vs_flexmoe"] == 0.259
@@ -116,6 +117,11 @@ def test_paper_comparison_consistency(paper):
             assert by.loc[policy, "bytes_migration"] == 0
         for policy in (*module.FLEXMOE_RULE, *module.FLEXMOE_SCHEDULED):
             assert by.loc[policy, "bytes_weight_sendout"] == 0
+        # the paper's accounting counts every slot of an expert as a sender: same plans and drops, never fewer bytes
+        for policy in module.PAPER_ACCOUNTING:
+            paper = policy + module.PAPER_ACCOUNTING_SUFFIX
+            assert by.loc[paper, "survival"] == by.loc[policy, "survival"]
+            assert by.loc[paper, "bytes_grad_collect"] >= by.loc[policy, "bytes_grad_collect"] > 0
         # packing changes where replicas go, not how many: in slot mode drops are the same
         assert by.loc["symi-balanced", "survival"] == by.loc["symi-balanced:packing=grouped", "survival"]
         # grouped packing puts each expert on fewer GPUs: less gradient collection than balanced packing

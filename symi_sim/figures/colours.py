@@ -36,7 +36,8 @@ def policy_family(spec: str) -> str:
 
 
 def policy_colour(spec: str) -> str:
-    """The hex colour of policy `spec`."""
+    """The hex colour of policy `spec` (a bracketed note after it, e.g. " [paper accounting]", is ignored)."""
+    spec = spec.split(" [", 1)[0]
     for key in (spec, policy_family(spec), policy_family(spec).partition(":")[0]):
         if key in POLICY_COLOURS:
             return POLICY_COLOURS[key]

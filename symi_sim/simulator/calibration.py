@@ -162,6 +162,12 @@ class Calibration:
         tokens_row_GS = np.asarray(tokens_row_GS, dtype=np.float64)
         if tokens_row_GS.ndim != 3:
             raise ValueError(f"tokens_row_GS must be [rows, GPUs, GEMMs], got shape {tokens_row_GS.shape}")
+        if self.expert_fixed_per_gemm_s == 0 and not (self.expert_small_batch_exponent < 1
+                                                      and self.expert_saturation_tokens > 0):
+            # linear GEMMs without a fixed cost (the FLOP model among them): a GPU's time is its tokens' time;
+            # summing the tokens first keeps large clusters fast
+            seconds_per_token = flops_per_assignment / self.expert_gemm_flops
+            return tokens_row_GS.sum(axis=2).max(axis=1, initial=0.0) * seconds_per_token
         per_gpu_row_G = self.gemm_time_s(tokens_row_GS, flops_per_assignment=flops_per_assignment).sum(axis=2)
         return per_gpu_row_G.max(axis=1, initial=0.0)
 
