@@ -46,7 +46,9 @@ def load_preset_or_file(spec: str | Path, *, kind: str, cls: type[T], presets: d
         raise ValueError(f"{kind} {spec_str!r}: {exc}") from None
 
 
-def _read_fields(path: Path, *, kind: str, fields: set[str], presets: dict[str, Any]) -> dict[str, Any]:
+def read_fields_file(path: Path, *, kind: str) -> dict[str, Any]:
+    """The fields of a .toml/.json file of `kind` (at top level, or under a table named `kind`); one ValueError
+    naming the file when it cannot be read or holds no table."""
     where = f"{kind} file {str(path)!r}"
     try:
         text = path.read_text()
@@ -58,7 +60,12 @@ def _read_fields(path: Path, *, kind: str, fields: set[str], presets: dict[str, 
     data = data.get(kind, data)
     if not isinstance(data, dict):
         raise ValueError(f"{where}: [{kind}] must be a table of {kind} fields")
-    data = dict(data)
+    return dict(data)
+
+
+def _read_fields(path: Path, *, kind: str, fields: set[str], presets: dict[str, Any]) -> dict[str, Any]:
+    where = f"{kind} file {str(path)!r}"
+    data = read_fields_file(path, kind=kind)
     base: dict[str, Any] = {}
     if "base" in data:
         preset = data.pop("base")

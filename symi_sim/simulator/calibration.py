@@ -66,16 +66,13 @@ import numpy as np
 
 from symi_sim.checks import check_choice, check_number, is_int
 from symi_sim.cluster import Cluster
+from symi_sim.config_files import read_fields_file
 from symi_sim.models import ModelConfig
 from symi_sim.outputs import atomic_file, json_default
+from symi_sim.simulator.costs import OPTIMIZER_LOCATIONS
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib
-
-OPTIMIZER_FLOPS_PER_PARAM = 12   # phases.OPTIMIZER_FLOPS_PER_PARAM: the FLOP model's optimizer step, as bytes/s here
-OPTIMIZER_STATE_LOCATIONS = ("host", "gpu")
+OPTIMIZER_FLOPS_PER_PARAM = 12   # the FLOP model's optimizer step (mixed-precision Adam), as bytes/s here
+OPTIMIZER_STATE_LOCATIONS = OPTIMIZER_LOCATIONS  # where the optimizer state of every policy lives (costs.py)
 FLOP_SOURCE = "flop-model (uncalibrated)"
 SCHEMA_VERSION = 1
 CALIBRATIONS_DIR = Path(__file__).resolve().parents[1] / "data" / "calibrations"
@@ -241,17 +238,8 @@ def load_calibration(spec: str | Path) -> Calibration:
                              f"({', '.join(available_calibrations()) or 'none'}) or a .json/.toml file")
         if not path.is_file():
             raise ValueError(f"calibration file {spec_str!r} does not exist")
-    where = f"calibration file {str(path)!r}"
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{where} cannot be parsed: {exc}") from None
-    if isinstance(data, dict) and isinstance(data.get("calibration"), dict) and len(data) == 1:
-        data = data["calibration"]
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must hold a table/object of calibration fields")
-    return calibration_from_dict(data, where=where, source=source)
+    data = read_fields_file(path, kind="calibration")
+    return calibration_from_dict(data, where=f"calibration file {str(path)!r}", source=source)
 
 
 def calibration_from_dict(data: dict[str, Any], *, where: str, source: str) -> Calibration:
