@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
 import platform
 import shlex
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from symi_sim.figures.colours import policy_colour, short_label
-from symi_sim.outputs import atomic_dir, json_default, timestamped_dir
+from symi_sim.outputs import atomic_dir, timestamped_dir, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,11 +82,6 @@ def write_rows(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any] 
         writer.writerow(columns)
         for row in rows:
             writer.writerow([row.get(c) for c in columns] if isinstance(row, Mapping) else row)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """JSON, one space per indent level (numpy values and paths as plain ones), with a final newline."""
-    path.write_text(json.dumps(obj, indent=1, default=json_default) + "\n")
 
 
 # ---------------------------------------------------------------- what a study prints

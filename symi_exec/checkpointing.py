@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import logging
 import random
 import time
@@ -36,9 +35,11 @@ from symi_exec.optim import ExpertOptimizer
 from symi_exec.outputs import History, dense_state_dict
 from symi_exec.writer import SnapshotWriter
 from symi_sim.cluster import Cluster
+from symi_sim.outputs import write_json
 from symi_sim.placement import Placement
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Restored:
@@ -156,7 +157,7 @@ class Checkpointer:
                 table.writeheader()
                 table.writerows(self.writes)
         if self.recovery is not None:
-            (out_dir / "recovery.json").write_text(json.dumps(self.recovery, indent=1) + "\n")
+            write_json(out_dir / "recovery.json", self.recovery)
 
     # ------------------------------------------------------------------ restoring
 

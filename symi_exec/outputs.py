@@ -24,6 +24,7 @@ from symi_exec.comm import BYTE_KINDS, Comm
 from symi_exec.config import TrainConfig
 from symi_exec.model import GPT, ModelConfig
 from symi_exec.moe import ReplicatedMoE
+from symi_sim.outputs import write_json
 from symi_sim.placement import Placement
 
 
@@ -100,7 +101,7 @@ def write_run_dir(out_dir: Path, *, config: TrainConfig, cfg: ModelConfig, comm:
     resolved = {"train": asdict(config), "model": cfg.to_dict(), "world_size": comm.world_size,
                 "backend": dist.get_backend(), "device": str(comm.device), "data": str(config.data_path()),
                 "tokens_per_step": tokens_per_step, "torch": torch.__version__, "expert_optimizer": expert_layout}
-    (out_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+    write_json(out_dir / "config.json", resolved)
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history.rows[0]))
         writer.writeheader()

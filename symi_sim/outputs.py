@@ -8,6 +8,7 @@ temporary name next to its destination and renamed into place at the end (rename
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -71,6 +72,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """`data` as JSON (one space per indent level, numpy values and paths as plain ones) with a final newline; the
+    one format of every config.json, summary.json and placement file."""
+    Path(path).write_text(json.dumps(data, indent=1, default=json_default) + "\n")
 
 
 def json_default(value: Any) -> Any:

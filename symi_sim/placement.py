@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from symi_sim.cluster import Cluster
-from symi_sim.outputs import atomic_file, json_default
+from symi_sim.outputs import atomic_file, write_json
 
 SCHEMA_VERSION = 1
 SHARE_TOL = 1e-6
@@ -194,7 +194,7 @@ class Placement:
 def write_placement_json(path: str | Path, placement: Placement, cluster: Cluster | None = None,
                          policy: dict[str, Any] | None = None) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(placement.to_json_dict(cluster, policy), indent=1, default=json_default) + "\n")
+        write_json(tmp, placement.to_json_dict(cluster, policy))
 
 
 def read_placement_json(path: str | Path) -> Placement:

@@ -57,7 +57,6 @@ With `flop_calibration(cluster=..., model=...)` every one returns today's number
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,7 @@ from symi_sim.checks import check_choice, check_number, is_int
 from symi_sim.cluster import Cluster
 from symi_sim.config_files import read_fields_file
 from symi_sim.models import ModelConfig
-from symi_sim.outputs import atomic_file, json_default
+from symi_sim.outputs import atomic_file, write_json
 from symi_sim.simulator.costs import OPTIMIZER_LOCATIONS
 
 OPTIMIZER_FLOPS_PER_PARAM = 12   # the FLOP model's optimizer step (mixed-precision Adam), as bytes/s here
@@ -267,6 +266,5 @@ def write_calibration(path: str | Path, calibration: Calibration) -> None:
     path = Path(path)
     if path.suffix.lower() != ".json":
         raise ValueError(f"calibration output {str(path)!r} must be a .json file")
-    text = json.dumps(calibration.to_dict(), indent=1, default=json_default) + "\n"
     with atomic_file(path) as tmp:
-        tmp.write_text(text)
+        write_json(tmp, calibration.to_dict())

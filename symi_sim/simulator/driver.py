@@ -29,7 +29,6 @@ Modelling choices made here (the per-phase ones are in phases.py, the formulas i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from symi_sim.cluster import Cluster
 from symi_sim.failures.model import FailureModel, add_failure_columns
 from symi_sim.figures.registry import save_figure
 from symi_sim.models import ModelConfig
-from symi_sim.outputs import atomic_dir, json_default
+from symi_sim.outputs import atomic_dir, write_json
 from symi_sim.policies import Policy, get_policy, with_context
 from symi_sim.routing import CAPACITY_MODES
 from symi_sim.simulator.calibration import Calibration, flop_calibration
@@ -278,6 +277,6 @@ def write_run(result: SimulationResult, out_dir: str | Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         result.iterations.to_parquet(tmp / "iterations.parquet", index=False)
         result.summary.to_csv(tmp / "summary.csv", index=False)
-        (tmp / "config.json").write_text(json.dumps(result.config, indent=1, default=json_default) + "\n")
+        write_json(tmp / "config.json", result.config)
         save_figure("comparison", result.summary, tmp / "comparison.png")
     return out_dir

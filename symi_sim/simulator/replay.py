@@ -9,7 +9,6 @@ steps and keeps its previous placement in between. The simulator and `symi plan`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,7 @@ import pandas as pd
 from symi_sim.checks import check_positive_int
 from symi_sim.cluster import Cluster
 from symi_sim.figures.registry import save_figure
-from symi_sim.outputs import atomic_dir, json_default
+from symi_sim.outputs import atomic_dir, write_json
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy, get_policy, with_context
 from symi_sim.routing import route
@@ -137,7 +136,7 @@ def summarize_replay(steps: pd.DataFrame) -> pd.DataFrame:
 def write_replay(out_dir: str, steps: pd.DataFrame, summary: pd.DataFrame, config: dict) -> None:
     """Run directory of a replay: config.json, steps.csv, summary.csv, summary.json, replay.png (all or nothing)."""
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=json_default) + "\n")
+        write_json(tmp / "config.json", config)
         steps.to_csv(tmp / "steps.csv", index=False)
         summary.to_csv(tmp / "summary.csv", index=False)
         (tmp / "summary.json").write_text(summary.to_json(orient="records", indent=1) + "\n")
