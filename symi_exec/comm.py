@@ -13,12 +13,19 @@ Byte counts are what this rank SENDS to other ranks (payload only; nothing a ran
   weight_sendout        updated weight shards sent to the slots of the next placement (group layout: the
                         all-gather among the holders)
   optimizer_state       optimizer state moved between ranks (SYMI: never)
+
+Seconds are what this rank spent, per kind (SECOND_KINDS) and call, inside the phases the loop times as a whole:
+  a2a_forward / a2a_backward   the token all-to-alls (dispatch and combine) of the forward / of the backward
+  expert_forward               the forward's slot compute (the experts' GEMMs of this rank), one call per layer
+Every rank makes the same calls in the same order, so the step's metrics can reduce them call by call.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +35,7 @@ BYTE_KINDS = (
     "popularity", "dispatch", "combine", "dispatch_grad", "combine_grad", "dense_grad",
     "replica_grad_sync", "grad_collection", "weight_sendout", "optimizer_state",
 )
+SECOND_KINDS = ("a2a_forward", "a2a_backward", "expert_forward")
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Comm:
     world_size: int
     device: torch.device
     bytes_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds_by_kind: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def count(self, kind: str, num_bytes: int) -> None:
         assert kind in BYTE_KINDS, kind
@@ -48,6 +57,26 @@ class Comm:
         out = {kind: int(self.bytes_by_kind.get(kind, 0)) for kind in BYTE_KINDS}
         self.bytes_by_kind = defaultdict(int)
         return out
+
+    @contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Add the seconds the block takes to `kind` (on a GPU, once its kernels finished)."""
+        assert kind in SECOND_KINDS, kind
+        self._synchronize()
+        start = time.perf_counter()
+        yield
+        self._synchronize()
+        self.seconds_by_kind[kind].append(time.perf_counter() - start)
+
+    def take_seconds(self) -> dict[str, list[float]]:
+        """Seconds of every timed call per kind since the last call, in call order (every kind present)."""
+        out = {kind: list(self.seconds_by_kind.get(kind, [])) for kind in SECOND_KINDS}
+        self.seconds_by_kind = defaultdict(list)
+        return out
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def all_to_all_rows(x_MD: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: Comm, kind: str
@@ -71,12 +100,14 @@ class _AllToAll(torch.autograd.Function):
         ctx.splits = (out_splits, in_splits)
         ctx.comm = comm
         ctx.grad_kind = grad_kind
-        return all_to_all_rows(x_MD, out_splits, in_splits, comm, kind)
+        with comm.timed("a2a_forward"):
+            return all_to_all_rows(x_MD, out_splits, in_splits, comm, kind)
 
     @staticmethod
     def backward(ctx, grad_MD):  # type: ignore[override]
         out_splits, in_splits = ctx.splits
-        grad_in = all_to_all_rows(grad_MD.contiguous(), in_splits, out_splits, ctx.comm, ctx.grad_kind)
+        with ctx.comm.timed("a2a_backward"):
+            grad_in = all_to_all_rows(grad_MD.contiguous(), in_splits, out_splits, ctx.comm, ctx.grad_kind)
         return grad_in, None, None, None, None, None
 
 
@@ -110,6 +141,8 @@ def exchange(segments: Sequence[Segment], comm: Comm, kind: str, dtype: torch.dt
     A segment whose src is its dst never leaves the rank. Reads all happen before any write.
     """
     me = comm.rank
+    # every rank holds the same list: when no segment crosses ranks, all of them skip the (empty) all-to-all
+    crossing = any(seg.src != seg.dst for seg in segments)
     outgoing: list[list[Segment]] = [[] for _ in range(comm.world_size)]
     incoming: list[list[Segment]] = [[] for _ in range(comm.world_size)]
     local: list[Segment] = []
@@ -125,7 +158,7 @@ def exchange(segments: Sequence[Segment], comm: Comm, kind: str, dtype: torch.dt
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=comm.device)
     in_splits = [sum(seg.numel for seg in dst_segs) for dst_segs in outgoing]
     out_splits = [sum(seg.numel for seg in src_segs) for src_segs in incoming]
-    if comm.world_size > 1:
+    if comm.world_size > 1 and crossing:
         recv = all_to_all_rows(send.to(dtype), out_splits, in_splits, comm, kind)
     else:
         recv = send

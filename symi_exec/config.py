@@ -52,6 +52,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0                 # 0 disables clipping
     aux_loss_coef: float = 0.01
+    router_skew: float = 0.0               # s: expert e's router logit biased by -s ln(1 + e) (skewed load)
     seed: int = 0
     data: str | None = None                # a text file (bytes are tokens); None: the shipped Wikipedia sample
     record_trace: bool = False
@@ -79,7 +80,8 @@ class TrainConfig:
         from symi_exec.model import model_config
 
         return model_config(self.model, num_experts=self.num_experts, top_k=self.top_k,
-                            aux_loss_coef=self.aux_loss_coef, **self.model_overrides)
+                            aux_loss_coef=self.aux_loss_coef, router_skew=self.router_skew,
+                            **self.model_overrides)
 
     def data_path(self) -> Path:
         return Path(self.data) if self.data is not None else DEFAULT_DATA

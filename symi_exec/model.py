@@ -35,6 +35,7 @@ class ModelConfig:
     top_k: int = 1
     aux_loss_coef: float = 0.01   # Switch-style load-balancing loss; 0 disables it
     vocab_size: int = VOCAB_SIZE
+    router_skew: float = 0.0      # s: a fixed bias -s ln(1 + e) on expert e's router logit (skewed load); 0: none
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "d_model", "num_heads", "d_ff", "seq_len", "num_experts", "top_k", "vocab_size"):
@@ -45,8 +46,11 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k {self.top_k} exceeds the number of experts {self.num_experts}")
-        if not (self.aux_loss_coef >= 0 and math.isfinite(self.aux_loss_coef)):
-            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef!r}")
+        for name in ("aux_loss_coef", "router_skew"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value)
+                                                                                      and value >= 0):
+                raise ValueError(f"model {name} must be a finite number >= 0, got {value!r}")
 
     @property
     def expert_numel(self) -> int:
@@ -81,9 +85,17 @@ class RouterOutput:
     count_E: torch.Tensor       # assignments per expert on this device (int64)
 
 
-def route_topk(x_ND: torch.Tensor, router: nn.Linear, top_k: int) -> RouterOutput:
-    """Top-k routing: softmax over the router logits, keep the k most probable experts (no renormalisation)."""
-    probs_NE = F.softmax(router(x_ND), dim=-1)
+def route_topk(x_ND: torch.Tensor, router: nn.Linear, top_k: int, skew: float = 0.0) -> RouterOutput:
+    """Top-k routing: softmax over the router logits, keep the k most probable experts (no renormalisation).
+
+    skew > 0 adds the constant -skew * ln(1 + e) to expert e's logit: expert popularity then starts Zipf-like
+    (the router can learn against it) so that experiments get skewed load from a real model and real data.
+    """
+    logits_NE = router(x_ND)
+    if skew > 0:
+        ranks_E = torch.arange(logits_NE.shape[1], device=logits_NE.device, dtype=logits_NE.dtype)
+        logits_NE = logits_NE - skew * torch.log1p(ranks_E)
+    probs_NE = F.softmax(logits_NE, dim=-1)
     gate_NK, expert_NK = torch.topk(probs_NE, top_k, dim=-1)
     count_E = torch.bincount(expert_NK.reshape(-1), minlength=probs_NE.shape[1])
     return RouterOutput(probs_NE, expert_NK, gate_NK, count_E)
@@ -130,6 +142,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.top_k
+        self.router_skew = config.router_skew
         self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
         self.experts = Experts(config)
         self.aux_loss: torch.Tensor | None = None   # set by forward
@@ -138,7 +151,7 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
-        routed = route_topk(x_ND, self.router, self.top_k)
+        routed = route_topk(x_ND, self.router, self.top_k, self.router_skew)
         self.count_E = routed.count_E
         self.aux_loss = load_balance_loss(routed.probs_NE, routed.count_E, routed.expert_NK.numel())
         out_ND = torch.zeros_like(x_ND)

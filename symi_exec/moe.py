@@ -108,6 +108,7 @@ class ReplicatedMoE(nn.Module):
         super().__init__()
         self.router = router
         self.top_k = config.top_k
+        self.router_skew = config.router_skew
         self.num_experts = config.num_experts
         self.d_model, self.d_ff = config.d_model, config.d_ff
         self.slots_per_rank = slots_per_rank
@@ -129,7 +130,7 @@ class ReplicatedMoE(nn.Module):
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
         comm, num_slots_local = self.comm, self.slots_per_rank
-        routed = route_topk(x_ND, self.router, self.top_k)
+        routed = route_topk(x_ND, self.router, self.top_k, self.router_skew)
 
         # popularity exchange: every rank learns every rank's counts (the all-reduce's sum and the offsets)
         count_GE = _all_gather_counts(routed.count_E, comm)
@@ -161,11 +162,12 @@ class ReplicatedMoE(nn.Module):
         x_slot_MD = x_recv_MD[slot_major_M]
         num_dff = self.d_model * self.d_ff
         y_parts = []
-        for s, x_part in enumerate(torch.split(x_slot_MD, recv_GS.sum(axis=0).tolist())):
-            w_in_DF = self.slot_weights_SP[s, :num_dff].view(self.d_model, self.d_ff)
-            w_out_FD = self.slot_weights_SP[s, num_dff:].view(self.d_ff, self.d_model)
-            y_parts.append(expert_mlp(x_part, w_in_DF, w_out_FD))
-        y_slot_MD = torch.cat(y_parts)
+        with comm.timed("expert_forward"):
+            for s, x_part in enumerate(torch.split(x_slot_MD, recv_GS.sum(axis=0).tolist())):
+                w_in_DF = self.slot_weights_SP[s, :num_dff].view(self.d_model, self.d_ff)
+                w_out_FD = self.slot_weights_SP[s, num_dff:].view(self.d_ff, self.d_model)
+                y_parts.append(expert_mlp(x_part, w_in_DF, w_out_FD))
+            y_slot_MD = torch.cat(y_parts)
         y_recv_MD = y_slot_MD[torch.argsort(slot_major_M)]
 
         # combine: back to the source rank, then the gate-weighted sum over the k choices (dropped: zero)

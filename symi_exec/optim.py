@@ -5,11 +5,14 @@ FlexMoE's coupled layout: every rank hosting an expert keeps that expert's full 
 Legend: L MoE layers, E experts, P parameters of one expert (flat: w_in then w_out), p this rank's shard of P,
 G ranks, S slots per rank, R slots (G*S).
 
-ShardedExpertOptimizer (SYMI; the paper's pipeline, steps 4-8):
-  replica_grad_sync  on every rank the slots holding expert e are summed into one representative; the holder
-                     ranks of e then all-reduce it (reduce-scatter + all-gather among the holders, one chunk each)
-  grad_collection    rank r takes shard r of e's summed gradient from the local representative when r holds e,
-                     else from sorted(holders)[r % len(holders)] (spreads the pulls over the holders)
+ShardedExpertOptimizer (SYMI; the paper's pipeline, steps 4-8, with steps 4 and 5 fused):
+  grad_collection    on every rank the slots holding expert e are summed into one partial gradient; every holder
+                     rank of e then sends shard r of its partial gradient to rank r, which sums what the holders
+                     sent: one reduce-scatter from the holders to the 1/G owners. The paper first all-reduces e's
+                     gradient among its holders (step 4) and then lets each rank pull its shard from one holder
+                     (step 5): with h holders that moves 2 (h - 1) + (G - h) / G expert-sizes where the fused
+                     scheme moves h (G - 1) / G, never more (equal at h = 1). The simulator charges this scheme
+                     (costs.expert_state_bytes, layout "sharded"); `replica_grad_sync` stays zero.
   step               AdamW on the shards (master weights, m, v: all this rank's shards, the same on every step)
   send_out           rank r sends its updated shard r of e to every rank whose slots hold e in the NEXT placement
 Every transfer is a real point-to-point segment inside one all-to-all per phase, so the counted bytes are the
@@ -221,30 +224,28 @@ class ShardedExpertOptimizer(ExpertOptimizer):
     # ------------------------------------------------------------------ gradients
 
     def collect_gradients(self, slot_grads_LSP: list[torch.Tensor], placement: Placement) -> None:
-        """Replica gradient sync + gradient collection into this rank's shards (grad_LEp), averaged over ranks.
+        """Gradient collection into this rank's shards (grad_LEp), averaged over ranks: every holder of an expert
+        sends each rank that rank's shard of its partial gradient, and the rank sums them.
 
         slot_grads_LSP: this rank's slot gradients per layer under `placement` (the one the step ran with); the
         per-rank losses are local means, so the summed gradient is divided by the number of ranks.
         """
         comm = self.comm
-        representative, holders = sync_replica_grads(slot_grads_LSP, placement, comm, self.slots_per_rank,
-                                                     self.num_experts)
-        dtype = slot_grads_LSP[0].dtype
+        partial = local_grad_sums(slot_grads_LSP, placement, comm.rank, self.slots_per_rank)
+        holders = expert_holders(placement, self.slots_per_rank, self.num_experts)
+        segs = [Segment(holder, rank, key, *self._bounds(rank))
+                for key, ranks in holders.items() for holder in ranks for rank in range(comm.world_size)]
+        for grad_Ep in self.grad_LEp:
+            grad_Ep.zero_()
 
-        def read_rep(seg: Segment) -> torch.Tensor:
-            return representative[seg.key][seg.start:seg.stop].clone()
+        def read_partial(seg: Segment) -> torch.Tensor:
+            return partial[seg.key][seg.start:seg.stop]
 
-        collect_segs = []
-        for key, ranks in holders.items():
-            for rank in range(comm.world_size):
-                src = rank if rank in ranks else ranks[rank % len(ranks)]
-                collect_segs.append(Segment(src, rank, key, *self._bounds(rank)))
-
-        def write_grad(seg: Segment, data: torch.Tensor) -> None:
+        def add_grad(seg: Segment, data: torch.Tensor) -> None:
             layer, expert = seg.key
-            self.grad_LEp[layer][expert] = data / comm.world_size
+            self.grad_LEp[layer][expert] += data / comm.world_size
 
-        exchange(collect_segs, comm, "grad_collection", dtype, read_rep, write_grad)
+        exchange(segs, comm, "grad_collection", slot_grads_LSP[0].dtype, read_partial, add_grad)
 
     def _counted_grads(self) -> Iterable[torch.Tensor]:
         return self.grad_LEp   # shards: every element lives on one rank

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,20 +53,33 @@ class History:
         return cls(history["rows"], history["step_records"], history["src_counts_SLEG"])
 
 
+LEAST_PHASES = ("dense_grad", "expert_grad", "send_out")   # the loop's communication phases
+
+
 def step_metrics(step: int, *, loss: torch.Tensor, lr: float, grad_norm: float, step_s: float,
                  times: dict[str, float], moe_layers: list[ReplicatedMoE], placement: Placement,
                  next_placement: Placement, tokens_per_step: int, comm: Comm) -> dict[str, Any]:
     """One metrics row, the same on every rank: loss averaged, bytes and drops summed, times (per phase, in
-    the loop's order) maxed over ranks."""
+    the loop's order) maxed over ranks. Within the phases, call by call (each layer's): expert compute maxed over
+    ranks (the slowest gates the layer), each all-to-all the least over ranks (the rank that came last waited for no
+    one: the transfer), then summed; the communication phases also as their least over ranks
+    (time_<phase>_least_s: without the wait for a late rank)."""
     bytes_by_kind = comm.take_bytes()
+    seconds = comm.take_seconds()
     dropped_E = np.stack([moe.dropped_E for moe in moe_layers]).sum(axis=0)
     summed = torch.tensor([float(loss.detach()), float(dropped_E.sum()), *bytes_by_kind.values()],
                           dtype=torch.float64, device=comm.device)
-    maxed = torch.tensor([step_s, *times.values()], dtype=torch.float64, device=comm.device)
+    maxed = torch.tensor([step_s, *times.values(), *seconds["expert_forward"]], dtype=torch.float64,
+                         device=comm.device)
+    num_forward = len(seconds["a2a_forward"])
+    least = torch.tensor([*(times[phase] for phase in LEAST_PHASES), *seconds["a2a_forward"],
+                          *seconds["a2a_backward"]], dtype=torch.float64, device=comm.device)
     if comm.world_size > 1:
         dist.all_reduce(summed)
         dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
-    summed, maxed = summed.cpu().tolist(), maxed.cpu().tolist()
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    summed, maxed, least = summed.cpu().tolist(), maxed.cpu().tolist(), least.cpu().tolist()
+    calls = least[len(LEAST_PHASES):]
     num_assignments = sum(int(moe.count_GE.sum()) for moe in moe_layers)
     imbalance_L = [float(moe.plan.routing.imbalance_L[0]) for moe in moe_layers]
     row: dict[str, Any] = {
@@ -79,7 +93,10 @@ def step_metrics(step: int, *, loss: torch.Tensor, lr: float, grad_norm: float, 
         "imbalance": float(np.mean(imbalance_L)),
         "replica_moves": int(next_placement.replica_moves(placement).sum()),
     }
-    row.update({f"time_{phase}_s": value for phase, value in zip(times, maxed[1:], strict=True)})
+    row.update({f"time_{phase}_s": value for phase, value in zip(times, maxed[1:1 + len(times)], strict=True)})
+    row.update({"time_expert_forward_s": sum(maxed[1 + len(times):]), "time_a2a_forward_s": sum(calls[:num_forward]),
+                "time_a2a_backward_s": sum(calls[num_forward:])})
+    row.update({f"time_{phase}_least_s": value for phase, value in zip(LEAST_PHASES, least, strict=False)})
     row.update({f"bytes_{kind}": int(value) for kind, value in zip(BYTE_KINDS, summed[2:], strict=True)})
     return row
 
@@ -100,7 +117,9 @@ def write_run_dir(out_dir: Path, *, config: TrainConfig, cfg: ModelConfig, comm:
     """config.json, metrics.csv, placements.jsonl, checkpoint.pt and (record_trace) trace.parquet."""
     resolved = {"train": asdict(config), "model": cfg.to_dict(), "world_size": comm.world_size,
                 "backend": dist.get_backend(), "device": str(comm.device), "data": str(config.data_path()),
-                "tokens_per_step": tokens_per_step, "torch": torch.__version__, "expert_optimizer": expert_layout}
+                "tokens_per_step": tokens_per_step, "torch": torch.__version__, "expert_optimizer": expert_layout,
+                "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "threads_per_rank": torch.get_num_threads()}
     write_json(out_dir / "config.json", resolved)
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history.rows[0]))

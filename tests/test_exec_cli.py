@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,14 @@ def test_train_one_rank_writes_the_run_directory(tmp_path: Path) -> None:
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(float(r["bytes_dispatch"]) == 0 for r in rows)   # one rank sends nothing
+    for r in rows:   # the timed parts of the forward and backward lie within them
+        parts = {name: float(r[f"time_{name}_s"]) for name in ("expert_forward", "a2a_forward", "a2a_backward",
+                                                                "forward", "backward")}
+        assert parts["expert_forward"] > 0 and parts["a2a_forward"] > 0 and parts["a2a_backward"] > 0
+        assert parts["expert_forward"] + parts["a2a_forward"] < parts["forward"]
+        assert parts["a2a_backward"] < parts["backward"]
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["cpu_cores"] >= 1 and resolved["threads_per_rank"] == 1
 
 
 def test_cli_and_simulator_do_not_import_torch() -> None:

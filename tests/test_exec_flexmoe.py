@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from test_exec_train import NUM_RANKS, scheme_bytes, train_and_compare
+from test_exec_train import replica_sync_bytes, train_and_compare
 
 from symi_exec.config import TrainConfig
 
@@ -54,8 +54,8 @@ def test_flexmoe_matches_single_process_and_migrates_exactly_the_moved_state(tmp
         assert row["bytes_optimizer_state"] == moved * 2 * state_bytes   # AdamW's two moments per moved expert
         assert row["bytes_weight_sendout"] == moved * state_bytes        # and its weights, nothing else
         assert row["bytes_grad_collection"] == 0                         # no 1/G shards: every holder updates
-        want_sync = scheme_bytes(before, after, config.slots_per_rank, NUM_RANKS, cfg.expert_numel, ELEM_BYTES)
-        assert row["bytes_replica_grad_sync"] == want_sync["bytes_replica_grad_sync"]
+        assert row["bytes_replica_grad_sync"] == replica_sync_bytes(before, config.slots_per_rank, cfg.expert_numel,
+                                                                    ELEM_BYTES)
     assert sum(num_migrated) >= 2   # the policy really moved replicas across ranks, more than once
     # a move that stays on a rank hosting the expert moves nothing: moves outnumber migrations here
     assert sum(row["replica_moves"] for row in rows) > sum(num_migrated)

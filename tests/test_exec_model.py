@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from symi_exec.comm import Comm
-from symi_exec.model import GPT, MoE, expert_mlp, model_config
+from symi_exec.model import GPT, MoE, expert_mlp, model_config, route_topk
 from symi_exec.moe import ReplicatedMoE, assignment_slots, plan_dispatch
 from symi_exec.optim import adamw_update_, shard_bounds
 from symi_sim.placement import Placement
@@ -75,7 +75,21 @@ def test_gpt_forward_shapes_and_loss_near_uniform() -> None:
         model(torch.zeros(1, 65, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("bad", [{"num_heads": 5}, {"top_k": 9}, {"num_layers": 0}, {"aux_loss_coef": -1.0}])
+def test_router_skew_biases_the_logits_zipf_like() -> None:
+    cfg = model_config("tiny", num_experts=4, top_k=1, router_skew=1.0)
+    moe = MoE(cfg).double()
+    torch.nn.init.zeros_(moe.router.weight)   # logits 0: the probabilities are the bias alone, (1 + e)^-1 normalised
+    x_BTD = torch.randn(1, 5, cfg.d_model, dtype=torch.float64)
+    routed = route_topk(x_BTD.reshape(-1, cfg.d_model), moe.router, 1, cfg.router_skew)
+    want = torch.tensor([1.0, 1 / 2, 1 / 3, 1 / 4], dtype=torch.float64)
+    torch.testing.assert_close(routed.probs_NE, (want / want.sum()).expand(5, 4), rtol=0, atol=1e-15)
+    assert routed.count_E.tolist() == [5, 0, 0, 0]
+    moe(x_BTD)
+    assert moe.count_E.tolist() == [5, 0, 0, 0]   # the layer routes with its config's skew
+
+
+@pytest.mark.parametrize("bad", [{"num_heads": 5}, {"top_k": 9}, {"num_layers": 0}, {"aux_loss_coef": -1.0},
+                                 {"router_skew": -0.5}, {"router_skew": float("nan")}])
 def test_model_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):
         model_config("tiny", num_experts=8, **bad)

@@ -54,23 +54,33 @@ def train_single_process(config: TrainConfig, world_size: int) -> tuple[GPT, lis
 
 def scheme_bytes(phy2log_LR: np.ndarray, next_phy2log_LR: np.ndarray, slots_per_rank: int, num_ranks: int,
                  expert_numel: int, elem_bytes: int) -> dict[str, int]:
-    """The paper's per-step expert traffic, summed over ranks, counted by hand from the placements.
+    """SYMI's per-step expert traffic, summed over ranks, counted by hand from the placements.
 
-    replica sync: all-reduce among an expert's h holder ranks as reduce-scatter + all-gather: 2 (h-1) P elements;
-    collection: every non-holder rank fetches its shard; send-out: every holder of the next placement receives
-    every shard it does not own itself. Shards: P split evenly (the first P % G shards one larger).
+    collection (the paper's replica sync and collection fused): every holder rank of an expert sends every other
+    rank that rank's shard of its partial gradient, P - (its own shard) elements per holder; send-out: every holder
+    of the next placement receives every shard it does not own itself. Shards: P split evenly (the first P % G
+    shards one larger).
     """
     shard = [expert_numel // num_ranks + (r < expert_numel % num_ranks) for r in range(num_ranks)]
-    sync = collect = sendout = 0
+    collect = sendout = 0
     for phy2log_R, next_R in zip(phy2log_LR, next_phy2log_LR, strict=True):
         for e in range(phy2log_R.max() + 1):
             holders = set(np.flatnonzero(phy2log_R == e) // slots_per_rank)
-            sync += 2 * (len(holders) - 1) * expert_numel
-            collect += sum(shard[r] for r in range(num_ranks) if r not in holders)
+            collect += sum(expert_numel - shard[h] for h in holders)
             next_holders = set(np.flatnonzero(next_R == e) // slots_per_rank)
             sendout += sum(expert_numel - shard[d] for d in next_holders)
-    return {"bytes_replica_grad_sync": sync * elem_bytes, "bytes_grad_collection": collect * elem_bytes,
+    return {"bytes_replica_grad_sync": 0, "bytes_grad_collection": collect * elem_bytes,
             "bytes_weight_sendout": sendout * elem_bytes}
+
+
+def replica_sync_bytes(phy2log_LR: np.ndarray, slots_per_rank: int, expert_numel: int, elem_bytes: int) -> int:
+    """The replica layout's gradient all-reduce among an expert's h holder ranks, as reduce-scatter + all-gather:
+    2 (h - 1) P elements per expert, summed over ranks."""
+    total = 0
+    for phy2log_R in phy2log_LR:
+        for e in range(phy2log_R.max() + 1):
+            total += 2 * (len(set(np.flatnonzero(phy2log_R == e) // slots_per_rank)) - 1) * expert_numel
+    return total * elem_bytes
 
 
 def read_metrics(out: Path) -> list[dict[str, float]]:
@@ -122,7 +132,10 @@ def test_symi_matches_single_process_and_moves_no_optimizer_state(tmp_path: Path
         want = scheme_bytes(phy2log_SLR[step], phy2log_SLR[step + 1], config.slots_per_rank, NUM_RANKS,
                             cfg.expert_numel, 8)
         assert {kind: row[kind] for kind in want} == want
-    assert sum(row["bytes_replica_grad_sync"] for row in rows) > 0   # some expert had replicas on both ranks
+    # some expert had replicas on both ranks: the fused collection summed them, no separate replica sync
+    assert any(len(set(np.flatnonzero(phy2log_R == e) // config.slots_per_rank)) > 1
+               for phy2log_LR in phy2log_SLR for phy2log_R in phy2log_LR for e in range(config.num_experts))
+    assert all(row["bytes_replica_grad_sync"] == 0 for row in rows)
 
     trace = read_trace(out / "trace.parquet")
     np.testing.assert_array_equal(trace.counts_SLE, counts_SLEG.sum(axis=3))
