@@ -271,8 +271,14 @@ def write_synthetic_run(directory: Path, *, world_size: int = 2, slots: int = 2,
         a2a_row = np.where(run.link_s_row > 0, run.link_s_row / truth.a2a_efficiency
                            + (world_size - 1) * truth.a2a_latency_s, 0.0)
         compute_row = gemm_row_GS.sum(axis=2).max(axis=1) + run.dense_flops_layer / truth.dense_flops + 2 * a2a_row
-        times["time_forward_s"] = (truth.layer_forward_fixed_s + compute_row).reshape(steps, -1).sum(axis=1)
-        times["time_backward_s"] = (truth.layer_backward_fixed_s + 2 * compute_row).reshape(steps, -1).sum(axis=1)
+        # the forward also all-reduces every layer's E counts of 4 bytes (tree: 2 log2 G messages)
+        popularity = (2 * (world_size - 1) / world_size * 4 * num_experts / (run.cluster.intra_node_gbps * 1.25e8)
+                      / truth.collective_efficiency + 2 * math.ceil(math.log2(world_size)) * truth.collective_latency_s)
+        times["time_forward_s"] = (truth.layer_forward_fixed_s + compute_row + popularity).reshape(steps, -1).sum(
+            axis=1)
+        # the backward: twice the forward's compute, the same two all-to-alls (their gradients)
+        backward_row = truth.layer_backward_fixed_s + 2 * compute_row - 2 * a2a_row
+        times["time_backward_s"] = backward_row.reshape(steps, -1).sum(axis=1)
         times["time_optimizer_s"] = run.state_bytes_S / truth.optimizer_bytes_per_s
     _write_metrics(directory, steps, times)
     return directory

@@ -22,14 +22,20 @@ fit_latencies: measured forward latencies of one configuration at several capaci
   moving one latency by 1% moves the fixed part of the forward between 0 and 350 ms (of 455) and p between 0.14
   and 0.52, while the linear form's terms move by 1% and 6% (34.6 ms per layer, 7.1 TFLOP/s; residuals <= 1.7%).
   Use the power form with a sweep of more capacity factors (or batch sizes) than its three terms.
-fit_runs: `symi train` run directories (read by run_dirs.read_run: medians over steps after a warm-up). Per phase:
-      forward    layer_forward_fixed_s, then expert_gemm_flops, dense_flops, a2a_efficiency as far as the runs
-                 determine them (one free term per run at most; a term whose column the others already explain,
-                 e.g. dense compute across runs of one batch size, keeps its fallback); GEMMs linear
-      backward   layer_backward_fixed_s (the backward's compute is 2 x the forward's at the fitted rates)
-      optimizer  optimizer_bytes_per_s
-  expert_grad and send_out are reported as achieved bytes/s: the simulator computes them from link bandwidths,
-  which a Calibration does not adjust.
+fit_runs: `symi train` run directories (read by run_dirs.read_run: medians over steps after a warm-up), predicted by
+  run_predict (the simulator's phase costs on each run's own loads and placements). Stage by stage, each stage's
+  terms fitted to its phases' medians over all runs, as many terms as they determine (a term whose column the
+  others already explain, e.g. dense compute across runs of one batch size, keeps its fallback); GEMMs linear:
+      expert_forward               expert_gemm_flops, expert_fixed_per_gemm_s
+      a2a_forward, a2a_backward    a2a_efficiency, a2a_latency_s
+      dense_grad, expert_grad, send_out (each the shortest over the ranks: run_predict.MEASURED_AS)
+                                   collective_efficiency, collective_latency_s, state_fixed_per_expert_s
+      forward                      layer_forward_fixed_s, dense_flops (the rest of the forward at the terms above,
+                                   the popularity exchange at the collective terms among it)
+      backward                     layer_backward_fixed_s (the backward's compute is 2 x the forward's)
+      optimizer                    optimizer_bytes_per_s, optimizer_fixed_per_tensor_s
+  Runs written before the executor timed its inner phases fit layer_forward_fixed_s, expert_gemm_flops,
+  dense_flops and a2a_efficiency to the forward as a whole, then the backward and the optimizer.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from symi_sim.simulator.calibration import (
     flop_calibration,
 )
 from symi_sim.simulator.costs import alltoall_bytes
-from symi_sim.simulator.run_dirs import DEFAULT_WARMUP_STEPS, RunData, read_run
+from symi_sim.simulator.run_dirs import DEFAULT_WARMUP_STEPS, INNER_COLUMNS, RunData, read_run
+from symi_sim.simulator.run_predict import predict_run, predicted_phase
 
 GEMM_FORMS = ("linear", "power")
 LATENCY_COLUMNS = ("capacity_factor", "forward_ms")
@@ -288,36 +295,37 @@ def fit_latencies(*, latencies_path: str | Path, cluster: Cluster, model: ModelC
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def predict_run(*, run: RunData, calibration: Calibration) -> dict[str, float]:
-    """Predicted median seconds of the forward, backward and optimizer phases of a run's steps after warm-up
-    (the backward: 2 x the forward's compute, as the simulator has it)."""
-    expert_row = calibration.expert_time_s(tokens_row_GS=run.tokens_row_GS,
-                                           flops_per_assignment=run.model.expert_flops_per_assignment)
-    dense_s = calibration.dense_time_s(flops=run.dense_flops_layer)
-    a2a_row = calibration.a2a_time_s(busiest_link_s=run.link_s_row, num_messages=run.cluster.num_gpus - 1)
-    compute_row = expert_row + dense_s + 2 * a2a_row
-    num_layers = run.model.num_moe_layers
-    forward_S = (calibration.layer_forward_fixed_s + compute_row).reshape(-1, num_layers).sum(axis=1)
-    backward_S = (calibration.layer_backward_fixed_s + 2 * compute_row).reshape(-1, num_layers).sum(axis=1)
-    optimizer_S = calibration.optimizer_time_s(state_bytes=run.state_bytes_S)
-    return {"forward": float(np.median(forward_S)), "backward": float(np.median(backward_S)),
-            "optimizer": float(np.median(optimizer_S))}
-
-
-# field -> how it is a parameter: "seconds" (x = value), "rate" (x = fallback / value: time is linear in x),
-# "efficiency" (x = 1 / value >= 1)
-_RUN_STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("forward", (("layer_forward_fixed_s", "seconds"), ("expert_gemm_flops", "rate"), ("dense_flops", "rate"),
-                 ("a2a_efficiency", "efficiency"))),
-    ("backward", (("layer_backward_fixed_s", "seconds"),)),
-    ("optimizer", (("optimizer_bytes_per_s", "rate"),)),
+# stage -> (the phases whose measured medians it fits, its terms in order of freeing); a term is a parameter as
+# "seconds" (x = value), "rate" (x = fallback / value: time is linear in x) or "efficiency" (x = 1 / value >= 1).
+# Runs that time the inner phases (expert compute, all-to-alls, dense all-reduce) fit each term to its own phase;
+# older runs fit every forward term to the forward as a whole.
+_Stage = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+_INNER_STAGES: tuple[_Stage, ...] = (
+    (("expert_forward",), (("expert_gemm_flops", "rate"), ("expert_fixed_per_gemm_s", "seconds"))),
+    (("a2a_forward", "a2a_backward"), (("a2a_efficiency", "efficiency"), ("a2a_latency_s", "seconds"))),
+    (("dense_grad_least", "expert_grad_least", "send_out_least"), (("collective_efficiency", "efficiency"),
+                                                 ("collective_latency_s", "seconds"),
+                                                 ("state_fixed_per_expert_s", "seconds"))),
+    (("forward",), (("layer_forward_fixed_s", "seconds"), ("dense_flops", "rate"))),
+    (("backward",), (("layer_backward_fixed_s", "seconds"),)),
+    (("optimizer",), (("optimizer_bytes_per_s", "rate"), ("optimizer_fixed_per_tensor_s", "seconds"))),
+)
+_WHOLE_STAGES: tuple[_Stage, ...] = (
+    (("forward",), (("layer_forward_fixed_s", "seconds"), ("expert_gemm_flops", "rate"), ("dense_flops", "rate"),
+                    ("a2a_efficiency", "efficiency"))),
+    (("backward",), (("layer_backward_fixed_s", "seconds"),)),
+    (("optimizer",), (("optimizer_bytes_per_s", "rate"),)),
 )
 
 
-def _stage(runs: Sequence[RunData], base: Calibration, phase: str,
+def _stage(runs: Sequence[RunData], base: Calibration, phases: Sequence[str],
            terms: Sequence[tuple[str, str]]) -> tuple[Calibration, dict[str, float]]:
-    """Fit one phase's terms (as many as the runs determine, in order); returns the calibration and the errors."""
-    measured = np.array([run.measured[phase] for run in runs])
+    """Fit one stage's terms to its phases' medians over all runs (as many terms as the rows determine, in order);
+    returns the calibration and the terms' standard errors."""
+    rows = [(run, phase) for phase in phases for run in runs if run.measured[phase] > 0]
+    if not rows:
+        return base, {}
+    measured = np.array([run.measured[phase] for run, phase in rows])
     fallback = {name: getattr(base, name) for name, _ in terms}
 
     def to_fields(x: np.ndarray, free: Sequence[tuple[str, str]]) -> dict[str, float]:
@@ -326,14 +334,15 @@ def _stage(runs: Sequence[RunData], base: Calibration, phase: str,
             out[name] = value if kind == "seconds" else fallback[name] / value if kind == "rate" else 1 / value
         return out
 
-    free = list(terms[:len(runs)])
+    free = list(terms[:len(rows)])
     while free:
         lower = np.array([1.0 if kind == "efficiency" else 0.0 if kind == "seconds" else 1e-12 for _, kind in free])
         start = np.array([0.0 if kind == "seconds" else 1.0 for _, kind in free])
 
         def predict(x: np.ndarray, free: Sequence[tuple[str, str]] = tuple(free)) -> np.ndarray:
             calibration = base.with_(**to_fields(x, free))
-            return np.array([predict_run(run=run, calibration=calibration)[phase] for run in runs])
+            predicted = {run.path: predict_run(run=run, calibration=calibration) for run in runs}
+            return np.array([predicted[run.path][predicted_phase(phase)] for run, phase in rows])
 
         x, cov, jac = _solve(_Problem(start, lower, np.full(len(free), np.inf), predict, measured))
         if len(free) == 1 or _full_rank(jac):
@@ -356,14 +365,19 @@ def fit_runs(*, run_dirs: Sequence[str | Path], warmup_steps: int = DEFAULT_WARM
     calibration = flop_calibration(cluster=first.cluster, model=first.model).with_(
         optimizer_state_location=optimizer_state_location, source=f"fit of {len(runs)} run(s)")
     errors: dict[str, float] = {}
-    for phase, terms in _RUN_STAGES:
-        calibration, stage_errors = _stage(runs, calibration, phase, terms)
+    inner = all(np.isfinite(run.measured[phase]) for run in runs for phase in INNER_COLUMNS)
+    stages = _INNER_STAGES if inner else _WHOLE_STAGES
+    for phases, terms in stages:
+        calibration, stage_errors = _stage(runs, calibration, phases, terms)
         errors.update(stage_errors)
+    fitted_phases = [phase for phases, _ in stages for phase in phases]
     rows, worst = [], 0.0
     for run in runs:
         predicted = predict_run(run=run, calibration=calibration)
-        for phase, predicted_s in predicted.items():
-            measured_s = run.measured[phase]
+        for phase in fitted_phases:
+            predicted_s, measured_s = predicted[predicted_phase(phase)], run.measured[phase]
+            if not measured_s > 0:
+                continue   # a phase that took no time in this run (e.g. no send-out) has no relative residual
             worst = max(worst, abs(predicted_s / measured_s - 1))
             rows.append({"run": run.path.name, "phase": phase,
                          **{k: float(v) for k, v in _residual_columns(np.array(measured_s),

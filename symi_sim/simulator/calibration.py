@@ -23,8 +23,18 @@ Fields (every one required in a file except `fitted` and `provenance`; `source` 
   | dense_flops                 | FLOP/s  | achieved rate of the dense (non-expert) compute     | achieved FLOP/s   |
   | a2a_efficiency              | 1       | fraction of link bandwidth an all-to-all reaches    | 1                 |
   | a2a_latency_s               | s       | per-message latency of an all-to-all                | link_latency_s    |
+  | collective_efficiency       | 1       | fraction of link bandwidth the other transfers      | 1                 |
+  |                             |         | reach (dense all-reduce, gradient collection,       |                   |
+  |                             |         | weight send-out, popularity, migration, shadows)    |                   |
+  | collective_latency_s        | s       | per-message latency of those transfers              | link_latency_s    |
+  | state_fixed_per_expert_s    | s       | fixed cost of one expert's state in one expert-     | 0                 |
+  |                             |         | state phase (collection or send-out) on the busiest |                   |
+  |                             |         | GPU: per-expert launches and bookkeeping            |                   |
   | optimizer_bytes_per_s       | bytes/s | optimizer step rate over its state (memory-bound)   | achieved FLOP/s x |
   |                             |         |                                                     | opt. bytes / 12   |
+  | optimizer_fixed_per_tensor_s| s       | fixed cost of each optimizer tensor the busiest GPU | 0                 |
+  |                             |         | steps: one per layer for SYMI's shards (one block   |                   |
+  |                             |         | of every expert's), one per expert held otherwise   |                   |
   | optimizer_state_location    | choice  | "host" or "gpu": where the optimizer state of every | "host" (paper)    |
   |                             |         | policy lives (one choice for all policies alike)    |                   |
   | fitted                      | names   | the fields fitted from measurements; every other    | ()                |
@@ -50,7 +60,10 @@ How the simulator uses a Calibration (the methods below; arrays are rows of step
   expert_time_s      per GPU the sum of its GEMMs' times, the slowest GPU gating the layer
   dense_time_s       FLOPs / dense_flops (the per-layer fixed costs are added by the caller, one per layer)
   a2a_time_s         busiest-link seconds at full bandwidth / a2a_efficiency + messages x a2a_latency_s
-  optimizer_time_s   optimizer state bytes / optimizer_bytes_per_s
+  transfer_network_s / transfer_time_s   the same with the collective terms for every other transfer (costs.LinkBytes),
+                     plus, for transfer_time_s, its busiest PCIe link at the cluster's bandwidth
+  optimizer_time_s   optimizer state bytes / optimizer_bytes_per_s + tensors x optimizer_fixed_per_tensor_s
+  (phases.py adds state_fixed_per_expert_s once per expert the busiest GPU handles in each expert-state phase)
 With `flop_calibration(cluster=..., model=...)` every one returns today's numbers.
 """
 
@@ -68,7 +81,7 @@ from symi_sim.cluster import Cluster
 from symi_sim.config_files import read_fields_file
 from symi_sim.models import ModelConfig
 from symi_sim.outputs import atomic_file, write_json
-from symi_sim.simulator.costs import OPTIMIZER_LOCATIONS
+from symi_sim.simulator.costs import OPTIMIZER_LOCATIONS, LinkBytes
 
 OPTIMIZER_FLOPS_PER_PARAM = 12   # the FLOP model's optimizer step (mixed-precision Adam), as bytes/s here
 OPTIMIZER_STATE_LOCATIONS = OPTIMIZER_LOCATIONS  # where the optimizer state of every policy lives (costs.py)
@@ -87,7 +100,11 @@ _NUMERIC_FIELDS: dict[str, tuple[float | None, float | None, bool]] = {
     "dense_flops": (0.0, None, True),
     "a2a_efficiency": (0.0, 1.0, True),
     "a2a_latency_s": (0.0, None, False),
+    "collective_efficiency": (0.0, 1.0, True),
+    "collective_latency_s": (0.0, None, False),
+    "state_fixed_per_expert_s": (0.0, None, False),
     "optimizer_bytes_per_s": (0.0, None, True),
+    "optimizer_fixed_per_tensor_s": (0.0, None, False),
 }
 NUMERIC_FIELDS = tuple(_NUMERIC_FIELDS)
 
@@ -107,7 +124,11 @@ class Calibration:
     dense_flops: float
     a2a_efficiency: float
     a2a_latency_s: float
+    collective_efficiency: float
+    collective_latency_s: float
+    state_fixed_per_expert_s: float
     optimizer_bytes_per_s: float
+    optimizer_fixed_per_tensor_s: float
     optimizer_state_location: str
     fitted: tuple[str, ...] = ()
     provenance: str = ""
@@ -155,6 +176,11 @@ class Calibration:
         buffer of every busy slot), plus a column of shadowed tokens if any (FasterMoE computes those outside
         the slots, as one more GEMM).
         """
+        return self.expert_time_per_gpu_s(tokens_row_GS=tokens_row_GS,
+                                          flops_per_assignment=flops_per_assignment).max(axis=1, initial=0.0)
+
+    def expert_time_per_gpu_s(self, *, tokens_row_GS: np.ndarray, flops_per_assignment: float) -> np.ndarray:
+        """[rows, G] expert compute of each GPU in each row: the sum of its GEMMs (see expert_time_s)."""
         tokens_row_GS = np.asarray(tokens_row_GS, dtype=np.float64)
         if tokens_row_GS.ndim != 3:
             raise ValueError(f"tokens_row_GS must be [rows, GPUs, GEMMs], got shape {tokens_row_GS.shape}")
@@ -162,10 +188,8 @@ class Calibration:
                                                       and self.expert_saturation_tokens > 0):
             # linear GEMMs without a fixed cost (the FLOP model among them): a GPU's time is its tokens' time;
             # summing the tokens first keeps large clusters fast
-            seconds_per_token = flops_per_assignment / self.expert_gemm_flops
-            return tokens_row_GS.sum(axis=2).max(axis=1, initial=0.0) * seconds_per_token
-        per_gpu_row_G = self.gemm_time_s(tokens_row_GS, flops_per_assignment=flops_per_assignment).sum(axis=2)
-        return per_gpu_row_G.max(axis=1, initial=0.0)
+            return tokens_row_GS.sum(axis=2) * (flops_per_assignment / self.expert_gemm_flops)
+        return self.gemm_time_s(tokens_row_GS, flops_per_assignment=flops_per_assignment).sum(axis=2)
 
     def dense_time_s(self, *, flops: Any) -> np.ndarray:
         """Seconds of `flops` dense FLOPs on one GPU (elementwise)."""
@@ -178,9 +202,22 @@ class Calibration:
         latency_s = num_messages * self.a2a_latency_s
         return np.where(busiest_link_s > 0, busiest_link_s / self.a2a_efficiency + latency_s, 0.0)
 
-    def optimizer_time_s(self, *, state_bytes: Any) -> np.ndarray:
-        """Seconds of an optimizer step over `state_bytes` bytes of optimizer state (elementwise)."""
-        return np.asarray(state_bytes, dtype=np.float64) / self.optimizer_bytes_per_s
+    def transfer_network_s(self, moved: LinkBytes, cluster: Cluster) -> np.ndarray:
+        """[L] seconds of a transfer other than the token all-to-all over its busiest NIC or NVLink, plus its
+        per-message latency when anything moves (costs.LinkBytes.network_time_L with the collective terms)."""
+        moves = (moved.network_L > 0) | (moved.pcie_LG.max(axis=1, initial=0.0) > 0)
+        return (moved.busiest_link_s(cluster) / self.collective_efficiency
+                + np.where(moves, moved.messages * self.collective_latency_s, 0.0))
+
+    def transfer_time_s(self, moved: LinkBytes, cluster: Cluster) -> np.ndarray:
+        """[L] transfer_network_s plus the busiest PCIe link (costs.LinkBytes.time_L with the collective terms)."""
+        return self.transfer_network_s(moved, cluster) + moved.pcie_time_L(cluster)
+
+    def optimizer_time_s(self, *, state_bytes: Any, num_tensors: Any = 0) -> np.ndarray:
+        """Seconds of an optimizer step over `state_bytes` bytes of optimizer state in `num_tensors` expert tensors
+        (elementwise)."""
+        return (np.asarray(state_bytes, dtype=np.float64) / self.optimizer_bytes_per_s
+                + np.asarray(num_tensors, dtype=np.float64) * self.optimizer_fixed_per_tensor_s)
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
@@ -206,6 +243,8 @@ def flop_calibration(*, cluster: Cluster, model: ModelConfig) -> Calibration:
         cluster=cluster.name, model=model.name, layer_forward_fixed_s=0.0, layer_backward_fixed_s=0.0,
         expert_gemm_flops=achieved, expert_saturation_tokens=0.0, expert_small_batch_exponent=1.0,
         expert_fixed_per_gemm_s=0.0, dense_flops=achieved, a2a_efficiency=1.0, a2a_latency_s=cluster.link_latency_s,
+        collective_efficiency=1.0, collective_latency_s=cluster.link_latency_s, state_fixed_per_expert_s=0.0,
+        optimizer_fixed_per_tensor_s=0.0,
         optimizer_bytes_per_s=achieved * model.optimizer_bytes / OPTIMIZER_FLOPS_PER_PARAM,
         optimizer_state_location="host", fitted=(),
         provenance=(f"FLOP model: {cluster.gpu_peak_flops:g} peak FLOP/s x compute_efficiency "

@@ -21,13 +21,15 @@ Expert state (gradient collection before the optimizer step, weight send-out aft
   group    DeepSpeed (ZeRO-1 within each expert's replica group): a reduce-scatter over the r GPUs holding the
            expert, then each moves its 1/r shard over PCIe: T = (E/N) X / BW_pcie + ((s N - E)/N) X / BW_net.
   replica  FlexMoE: every replica keeps its expert's full optimizer state; gradients are ring-all-reduced within
-           the replica group (2 (r-1)/r X per holding; 2 messages, the reduce-scatter and all-gather halves
-           that the group layout pays in its two phases), then every holding moves its full X over PCIe;
+           the replica group (2 (r-1)/r X per holding; the reduce-scatter and all-gather halves that the
+           group layout pays in its two phases), then every holding moves its full X over PCIe;
            its weights come back over PCIe only (no network send-out); moving a replica moves its weights +
            optimizer state (migration_bytes).
   group and replica count distinct holdings whatever `accounting` says: DeepSpeed places an expert's replicas
   on distinct GPUs, where that is the paper's static formula.
 Weight send-out is the collection in reverse (same bytes), to the next step's placement (replica: PCIe only).
+Latency (alpha) per phase: G - 1 messages for sharded (a pairwise exchange with every other GPU, as the token
+all-to-all), r - 1 for group (a ring step per other member of the largest replica group), 2 (r - 1) for replica.
 
 Optimizer location (`location`), one choice for every layout: "host" (the state in host memory, as the paper
 keeps SYMI's shards and as its cost formulas charge DeepSpeed too): every layout moves gradients down and weights
@@ -170,7 +172,10 @@ def expert_state_bytes(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: in
 
     phy2log_LR: [L, R] expert of every slot; expert_bytes: X, one expert's gradient (or weight) bytes.
     location: where the optimizer state lives ("host" | "gpu"); accounting: what one sharded sender is ("pairs" |
-    "paper"). See the module docstring for the layouts. One message per phase (two for the replica all-reduce).
+    "paper"). See the module docstring for the layouts. Messages on the critical path: G - 1 for the sharded
+    layout's exchange with every other GPU (pairwise, like the all-to-all), r - 1 for the group layout's ring
+    reduce-scatter (or all-gather) within the largest replica group of r GPUs, 2 (r - 1) for the replica
+    layout's ring all-reduce.
     """
     check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
     check_choice(location, "optimizer location", OPTIMIZER_LOCATIONS)
@@ -212,8 +217,10 @@ def expert_state_bytes(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: in
     inter_LG = np.bincount(lg_H, weights=inter_H, minlength=size).reshape(num_rows, num_gpus)
     intra_LG = np.bincount(lg_H, weights=intra_H, minlength=size).reshape(num_rows, num_gpus)
     nic_LN = inter_LG.reshape(num_rows, num_nodes, gpn).sum(axis=2)
+    # a ring within the largest group: r - 1 steps (group: reduce-scatter), 2 (r - 1) (replica: all-reduce)
+    steps = int(holders_H.max(initial=1.0)) - 1
     return LinkBytes(nic_LN, intra_LG, pcie_LG, inter_LG.sum(axis=1) + intra_LG.sum(axis=1),
-                     messages=1 if layout == "group" else 2)
+                     messages=steps if layout == "group" else 2 * steps)
 
 
 def _sharded_bytes(holdings_LG: np.ndarray, cluster: Cluster, num_experts: int, x: float,
@@ -229,7 +236,7 @@ def _sharded_bytes(holdings_LG: np.ndarray, cluster: Cluster, num_experts: int, 
     nvlink_in_LG = x / num_gpus * (np.repeat(holdings_LN, gpn, axis=1) - holdings_LG)
     pcie_LG = np.full((num_rows, num_gpus), num_experts * pcie_x / num_gpus)
     return LinkBytes(np.maximum(nic_out_LN, nic_in_LN), np.maximum(nvlink_out_LG, nvlink_in_LG), pcie_LG,
-                     (nic_out_LN.sum(axis=1) + nvlink_out_LG.sum(axis=1)), messages=1)
+                     (nic_out_LN.sum(axis=1) + nvlink_out_LG.sum(axis=1)), messages=num_gpus - 1)
 
 
 def holdings(phy2log_LR: np.ndarray, cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,6 +282,28 @@ def optimizer_params_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_exper
         weights_H = np.full(le_H.size, float(expert_params))
     per_gpu_LG = np.bincount(lg_H, weights=weights_H, minlength=num_rows * num_gpus).reshape(num_rows, num_gpus)
     return per_gpu_LG.max(axis=1)
+
+
+def experts_handled_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int, layout: str) -> np.ndarray:
+    """[L] experts whose state the busiest GPU handles in an expert-state phase or the optimizer step: all E
+    (sharded: a shard of every expert), else the distinct experts it holds (group, replica)."""
+    check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
+    phy2log_LR = np.asarray(phy2log_LR, dtype=np.int64)
+    num_rows = phy2log_LR.shape[0]
+    if layout == "sharded":
+        return np.full(num_rows, float(num_experts))
+    layer_H, _, gpu_H = holdings(phy2log_LR, cluster)
+    per_gpu_LG = np.bincount(layer_H * cluster.num_gpus + gpu_H, minlength=num_rows * cluster.num_gpus)
+    return per_gpu_LG.reshape(num_rows, cluster.num_gpus).max(axis=1).astype(float)
+
+
+def optimizer_tensors_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int, layout: str) -> np.ndarray:
+    """[L] expert optimizer tensors the busiest GPU steps: 1 per layer for SYMI's shards (every expert's 1/G shard
+    of a layer in one block), else one per expert it holds (group: its 1/r shard; replica: the full copy)."""
+    if layout == "sharded":
+        check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
+        return np.ones(np.asarray(phy2log_LR).shape[0])
+    return experts_handled_per_gpu(phy2log_LR, cluster, num_experts, layout)
 
 
 def migration_bytes(phy2log_LR: np.ndarray, previous_phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int,

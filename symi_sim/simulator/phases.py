@@ -50,8 +50,10 @@ from symi_sim.simulator.costs import (
     alltoall_bytes,
     broadcast_bytes,
     expert_state_bytes,
+    experts_handled_per_gpu,
     migration_bytes,
     optimizer_params_per_gpu,
+    optimizer_tensors_per_gpu,
 )
 from symi_sim.simulator.engine import IterationWork
 from symi_sim.simulator.replay import PlannedStep
@@ -116,13 +118,14 @@ def route_chunk(plans: Sequence[PlannedStep], *, counts_SLE: np.ndarray, trace: 
 
 def alltoall_and_experts(routing: Routing, stacked: Placement, *, num_steps: int, cluster: Cluster,
                          model: ModelConfig, calibration: Calibration, capacity_factor: float,
-                         capacity_mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         capacity_mode: str, padded: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All-to-all and expert compute of the routed rows of `stacked`: (a2a_CL seconds of one all-to-all, expert_CL
-    seconds of the forward expert compute, a2a_bytes_C over the four all-to-alls of a step)."""
+    seconds of the forward expert compute, a2a_bytes_C over the four all-to-alls of a step). `padded` (default:
+    slot mode) moves and computes whole slot buffers; else only the served tokens (what `symi train` does)."""
     num_rows, num_gpus, slots_per_gpu = routing.served_LR.shape[0], cluster.num_gpus, cluster.slots_per_gpu
     # the tokens of every slot's GEMM: padded buffers of the slots in use (slot) or served tokens (gpu); shadowed
     # tokens stay where they are and are computed as one more GEMM per GPU
-    if capacity_mode == "slot":
+    if capacity_mode == "slot" if padded is None else padded:
         capacity_row = np.ceil(capacity_factor * routing.num_assignments_L / cluster.num_slots)
         busy_row_R = np.ones(routing.served_LR.shape)
         if stacked.shadow_LE is not None:
@@ -145,25 +148,25 @@ def dense_layer_s(*, cluster: Cluster, model: ModelConfig, calibration: Calibrat
     return float(calibration.dense_time_s(flops=flops))
 
 
-def popularity(*, num_steps: int, num_experts: int, num_layers: int, cluster: Cluster,
+def popularity(*, num_steps: int, num_experts: int, num_layers: int, cluster: Cluster, calibration: Calibration,
                needed: bool) -> tuple[np.ndarray, np.ndarray]:
     """The popularity all-reduce of every layer's expert counts: (seconds [C], bytes [C]); zeros if not needed."""
     if not needed:
         zeros_C = np.zeros(num_steps)
         return zeros_C, zeros_C
     pop = allreduce_bytes(np.full(num_layers, float(num_experts * POPULARITY_BYTES_PER_EXPERT)), cluster)
-    return np.full(num_steps, pop.time_L(cluster).sum()), np.full(num_steps, pop.network_L.sum())
+    return np.full(num_steps, calibration.transfer_time_s(pop, cluster).sum()), np.full(num_steps, pop.network_L.sum())
 
 
-def shadow_broadcast(stacked: Placement, *, num_steps: int, cluster: Cluster,
-                     model: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+def shadow_broadcast(stacked: Placement, *, num_steps: int, cluster: Cluster, model: ModelConfig,
+                     calibration: Calibration) -> tuple[np.ndarray, np.ndarray]:
     """FasterMoE's shadow-weight broadcast (and, as long, the gradient reduction back): (seconds of one [C],
     bytes of both [C]); zeros without shadows."""
     if stacked.shadow_LE is None:
         zeros_C = np.zeros(num_steps)
         return zeros_C, zeros_C
     shadow = broadcast_bytes(stacked.shadow_LE.sum(axis=1) * float(model.expert_weight_bytes), cluster)
-    return per_step(shadow.time_L(cluster), num_steps), 2 * per_step(shadow.network_L, num_steps)
+    return per_step(calibration.transfer_time_s(shadow, cluster), num_steps), 2 * per_step(shadow.network_L, num_steps)
 
 
 @dataclass(frozen=True)
@@ -181,36 +184,48 @@ class ExpertState:
 
 
 def expert_state(runs: PlacementRuns, next_placement: Placement, *, cluster: Cluster, model: ModelConfig,
-                 num_experts: int, layout: str, location: str, accounting: str) -> ExpertState:
+                 calibration: Calibration, num_experts: int, layout: str, location: str,
+                 accounting: str) -> ExpertState:
     """Collection on each step's placement, send-out to the next step's (`next_placement` after the chunk); the
     replica layout's weights come back to the replicas that computed them (its moves are migrations)."""
     options = {"location": location, "accounting": accounting}
     grads = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_grad_bytes, **options)
+    # each phase also pays a fixed cost per expert whose state the busiest GPU handles (the replica layout's
+    # send-out handles none: its weights stay where they were updated)
+    fixed_row = calibration.state_fixed_per_expert_s * experts_handled_per_gpu(runs.phy2log_row_R, cluster,
+                                                                               num_experts, layout)
     if layout == "replica":
         weights = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_weight_bytes,
                                      phase="sendout", **options)
-        return ExpertState(*_state_columns(runs, grads, cluster), *_state_columns(runs, weights, cluster))
+        collect = _state_columns(runs, grads, cluster, calibration)
+        return ExpertState(collect[0] + runs.per_step(fixed_row), *collect[1:],
+                           *_state_columns(runs, weights, cluster, calibration))
     # the send-out is the collection in reverse: the same transfers with X the weights' bytes
     weights = grads.scaled(model.expert_weight_bytes / model.expert_grad_bytes)
     tail = expert_state_bytes(next_placement.phy2log_LR, cluster, num_experts, layout, model.expert_weight_bytes,
                               phase="sendout", **options)
-    tail_values = (tail.network_time_L(cluster).sum(), tail.pcie_time_L(cluster).sum(), tail.network_L.sum(),
-                   tail.pcie_L.sum())
+    tail_fixed = calibration.state_fixed_per_expert_s * experts_handled_per_gpu(
+        next_placement.phy2log_LR, cluster, num_experts, layout).sum()
+    tail_values = (calibration.transfer_network_s(tail, cluster).sum() + tail_fixed, tail.pcie_time_L(cluster).sum(),
+                   tail.network_L.sum(), tail.pcie_L.sum())
     # step i sends out to step i+1's placement: the rows of the step after, the tail's after the chunk's last
+    sendout_columns = _state_columns(runs, weights, cluster, calibration)
+    sendout_columns = (sendout_columns[0] + runs.per_step(fixed_row), *sendout_columns[1:])
     sendout = [np.append(values_C[1:], tail_value)
-               for values_C, tail_value in zip(_state_columns(runs, weights, cluster), tail_values, strict=True)]
-    return ExpertState(*_state_columns(runs, grads, cluster), *sendout)
+               for values_C, tail_value in zip(sendout_columns, tail_values, strict=True)]
+    collect = _state_columns(runs, grads, cluster, calibration)
+    return ExpertState(collect[0] + runs.per_step(fixed_row), *collect[1:], *sendout)
 
 
-def _state_columns(runs: PlacementRuns, moved: LinkBytes,
-                   cluster: Cluster) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _state_columns(runs: PlacementRuns, moved: LinkBytes, cluster: Cluster,
+                   calibration: Calibration) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(network seconds, PCIe seconds, network bytes, PCIe bytes) per step [C] of one expert-state phase."""
-    return (runs.per_step(moved.network_time_L(cluster)), runs.per_step(moved.pcie_time_L(cluster)),
+    return (runs.per_step(calibration.transfer_network_s(moved, cluster)), runs.per_step(moved.pcie_time_L(cluster)),
             runs.per_step(moved.network_L), runs.per_step(moved.pcie_L))
 
 
-def migration(plans: Sequence[PlannedStep], *, cluster: Cluster, model: ModelConfig, num_experts: int,
-              coupled: bool) -> tuple[np.ndarray, np.ndarray]:
+def migration(plans: Sequence[PlannedStep], *, cluster: Cluster, model: ModelConfig, calibration: Calibration,
+              num_experts: int, coupled: bool) -> tuple[np.ndarray, np.ndarray]:
     """Replicas moved with their optimizer state (optimizer-coupled policies): (seconds [C], bytes [C])."""
     migration_s, migration_total = np.zeros(len(plans)), np.zeros(len(plans))
     if coupled:
@@ -219,7 +234,7 @@ def migration(plans: Sequence[PlannedStep], *, cluster: Cluster, model: ModelCon
             if planned.previous is not None and planned.moves_L.any():
                 moved = migration_bytes(planned.placement.phy2log_LR, planned.previous.phy2log_LR, cluster,
                                         num_experts, replica_bytes)
-                migration_s[i] = moved.time_L(cluster).sum()
+                migration_s[i] = calibration.transfer_time_s(moved, cluster).sum()
                 migration_total[i] = moved.network_L.sum()
     return migration_s, migration_total
 
@@ -229,12 +244,14 @@ def optimizer(runs: PlacementRuns, *, cluster: Cluster, model: ModelConfig, cali
     """[C] seconds of the optimizer step: the busiest GPU's expert parameters plus every dense one."""
     expert_params_C = runs.per_step(optimizer_params_per_gpu(runs.phy2log_row_R, cluster, num_experts, layout,
                                                              model.expert_params))
-    return calibration.optimizer_time_s(state_bytes=(expert_params_C + model.dense_params) * model.optimizer_bytes)
+    tensors_C = runs.per_step(optimizer_tensors_per_gpu(runs.phy2log_row_R, cluster, num_experts, layout))
+    return calibration.optimizer_time_s(state_bytes=(expert_params_C + model.dense_params) * model.optimizer_bytes,
+                                        num_tensors=tensors_C)
 
 
 def backward_segments(a2a_CL: np.ndarray, expert_CL: np.ndarray, *, layer_s: float, fixed_s: float,
-                      cluster: Cluster, model: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                                     float]:
+                      cluster: Cluster, model: ModelConfig, calibration: Calibration
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """The backward in K segments of consecutive layers, last layers first, one dense-gradient bucket each:
     (a2a_CK, expert_CK, dense_CK, allreduce_CK seconds, all-reduce bytes of a step); every layer's dense backward is
     2 x its forward `layer_s` plus its fixed backward overhead `fixed_s`."""
@@ -249,7 +266,7 @@ def backward_segments(a2a_CL: np.ndarray, expert_CL: np.ndarray, *, layer_s: flo
     return (np.stack([2 * a2a_CL[:, s].sum(axis=1) for s in segments], axis=1),
             np.stack([2 * expert_CL[:, s].sum(axis=1) for s in segments], axis=1),
             np.tile((2 * layer_s + fixed_s) * layers_K, (num_steps, 1)),
-            np.tile(allreduce.time_L(cluster), (num_steps, 1)),
+            np.tile(calibration.transfer_time_s(allreduce, cluster), (num_steps, 1)),
             allreduce.network_L.sum())
 
 
@@ -268,15 +285,18 @@ def chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, *, count
         capacity_factor=capacity_factor, capacity_mode=capacity_mode)
     layer_s = dense_layer_s(cluster=cluster, model=model, calibration=calibration)
     popularity_s, popularity_bytes = popularity(num_steps=num_steps, num_experts=num_experts, num_layers=num_layers,
-                                                cluster=cluster, needed=needs_popularity)
-    shadow_s, shadow_bytes = shadow_broadcast(stacked, num_steps=num_steps, cluster=cluster, model=model)
+                                                cluster=cluster, calibration=calibration, needed=needs_popularity)
+    shadow_s, shadow_bytes = shadow_broadcast(stacked, num_steps=num_steps, cluster=cluster, model=model,
+                                              calibration=calibration)
     runs = PlacementRuns.of([p.placement for p in plans])
-    state = expert_state(runs, next_placement, cluster=cluster, model=model, num_experts=num_experts, layout=layout,
+    state = expert_state(runs, next_placement, cluster=cluster, model=model, calibration=calibration,
+                         num_experts=num_experts, layout=layout,
                          location=calibration.optimizer_state_location, accounting=expert_state_accounting)
-    migration_s, migration_total = migration(plans, cluster=cluster, model=model, num_experts=num_experts,
-                                             coupled=optimizer_coupled)
+    migration_s, migration_total = migration(plans, cluster=cluster, model=model, calibration=calibration,
+                                             num_experts=num_experts, coupled=optimizer_coupled)
     a2a_CK, expert_CK, dense_CK, allreduce_CK, allreduce_bytes_step = backward_segments(
-        a2a_CL, expert_CL, layer_s=layer_s, fixed_s=calibration.layer_backward_fixed_s, cluster=cluster, model=model)
+        a2a_CL, expert_CL, layer_s=layer_s, fixed_s=calibration.layer_backward_fixed_s, cluster=cluster, model=model,
+        calibration=calibration)
 
     work = IterationWork(
         popularity_s=popularity_s,

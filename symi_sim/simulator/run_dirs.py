@@ -6,7 +6,11 @@ A run directory (symi_exec/outputs.py) holds config.json (the TrainConfig under 
 "world_size", "tokens_per_step", "expert_optimizer"), metrics.csv (one row per step: time_<phase>_s, bytes_<kind>),
 placements.jsonl (per step: phy2log [L][R], share [L][R], dropped [L][E]) and, after --record-trace, trace.parquet.
 
-Times are medians over the steps after a warm-up (the first steps pay for allocation and caches). The executor
+Times are medians over the steps after a warm-up (the first steps pay for allocation and caches); a phase is the
+longest over the ranks (a late rank's wait included). Runs of this version also time parts of the phases
+(INNER_COLUMNS: the forward's expert compute, the all-to-alls of the forward and of the backward, the dense
+all-reduce, the planning and the whole step) and the communication phases as their shortest over the ranks
+(`*_least`: the rank that arrived last waited for no one); older runs lack them (NaN here). The executor
 computes only the tokens a slot serves (no padding, in either capacity mode), so a row's expert work is the served
 tokens of every slot: with trace.parquet exactly what the executor computed (symi_sim.routing.route of the step's
 loads through its placement, the function the executor routes with); without it estimated from the drops: in slot
@@ -39,6 +43,10 @@ PHASE_COLUMNS = {"forward": "time_forward_s", "backward": "time_backward_s", "op
                  "expert_grad": "time_expert_grad_s", "send_out": "time_send_out_s"}
 BYTE_COLUMNS = {"expert_grad": ("bytes_replica_grad_sync", "bytes_grad_collection"),
                 "send_out": ("bytes_weight_sendout", "bytes_optimizer_state")}
+INNER_COLUMNS = {"expert_forward": "time_expert_forward_s", "a2a_forward": "time_a2a_forward_s",
+                 "a2a_backward": "time_a2a_backward_s", "dense_grad": "time_dense_grad_s", "plan": "time_plan_s",
+                 "step": "step_s", "dense_grad_least": "time_dense_grad_least_s",
+                 "expert_grad_least": "time_expert_grad_least_s", "send_out_least": "time_send_out_least_s"}
 DTYPE_BYTES = {"float32": 4, "float64": 8}
 
 
@@ -53,7 +61,11 @@ class RunData:
     link_s_row: np.ndarray        # [rows] one all-to-all's busiest link at the cluster's full bandwidth
     dense_flops_layer: float      # dense FLOPs of one rank in one layer
     state_bytes_S: np.ndarray     # [steps] optimizer state bytes of the busiest rank
-    measured: dict[str, float]    # phase -> median seconds (PHASE_COLUMNS)
+    placements: list[Placement]   # [steps] the placement of every step
+    next_placement: Placement     # what the last step sent its weights out to (its own placement: not recorded)
+    layout: str                   # the expert optimizer's layout (policies.base.OPTIMIZER_LAYOUTS)
+    cpu_share: float              # share of a core each rank's thread gets (< 1: more threads than cores; 1: GPUs)
+    measured: dict[str, float]    # phase -> median seconds (PHASE_COLUMNS, INNER_COLUMNS: NaN where missing)
     phase_bytes: dict[str, float]  # expert_grad / send_out -> median bytes sent by all ranks
     exact_tokens: bool            # from trace.parquet (else estimated from the drops)
 
@@ -76,6 +88,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     out.update({name: _field(model, name, f"{where} [model]") for name in
                 ("num_layers", "d_model", "d_ff", "seq_len", "num_experts", "top_k", "vocab_size")})
     out.update({name: _field(data, name, where) for name in ("world_size", "tokens_per_step", "expert_optimizer")})
+    out.update({name: data.get(name) for name in ("device", "cpu_cores", "threads_per_rank")})
     check_choice(out["dtype"], f"{where}: dtype", DTYPE_BYTES)
     check_choice(out["capacity_mode"], f"{where}: capacity_mode", CAPACITY_MODES)
     check_choice(out["expert_optimizer"], f"{where}: expert_optimizer", OPTIMIZER_LAYOUTS)
@@ -107,7 +120,7 @@ def _read_metrics(path: Path, warmup_steps: int) -> pd.DataFrame:
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise ValueError(f"{where}: missing column(s) {missing}")
-    for column in needed:
+    for column in [*needed, *(c for c in INNER_COLUMNS.values() if c in frame.columns)]:
         values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values) | (values < 0)
         if bad.any():
@@ -192,9 +205,10 @@ def read_run(path: str | Path, *, warmup_steps: int = DEFAULT_WARMUP_STEPS, clus
         if counts_SLE.shape != (num_steps, num_layers, num_experts):
             raise ValueError(f"{path / 'trace.parquet'}: counts of shape {counts_SLE.shape}, the run has "
                              f"{(num_steps, num_layers, num_experts)} (steps, layers, experts)")
-    served, state_bytes = [], []
+    served, state_bytes, placements = [], [], []
     for step in range(warmup_steps, num_steps):
         placement, dropped_LE = steps[step]
+        placements.append(placement)
         if counts_SLE is not None:
             served.append(route(counts_SLE[step], placement, slots_per_gpu=slots, capacity_factor=capacity_factor,
                                 capacity_mode=mode).served_LR)
@@ -208,7 +222,8 @@ def read_run(path: str | Path, *, warmup_steps: int = DEFAULT_WARMUP_STEPS, clus
     link_s_row = alltoall_bytes(tokens_row_GS.sum(axis=2), cluster, model.d_model * model.activation_bytes
                                 ).network_time_L(cluster.with_(link_latency_s=0.0))
     after = frame.iloc[warmup_steps:]
-    measured = {phase: float(after[column].median()) for phase, column in PHASE_COLUMNS.items()}
+    measured = {phase: float(after[column].median()) if column in after.columns else math.nan
+                for phase, column in {**PHASE_COLUMNS, **INNER_COLUMNS}.items()}
     for phase in ("forward", "backward", "optimizer"):
         if measured[phase] <= 0:
             raise ValueError(f"{path / 'metrics.csv'}: the median {PHASE_COLUMNS[phase]} after the warm-up is 0")
@@ -216,11 +231,23 @@ def read_run(path: str | Path, *, warmup_steps: int = DEFAULT_WARMUP_STEPS, clus
         path=path, model=model, cluster=cluster, tokens_row_GS=tokens_row_GS, link_s_row=link_s_row,
         dense_flops_layer=model.tokens_per_step / cluster.num_gpus * model.dense_flops_per_token / num_layers,
         state_bytes_S=np.array(state_bytes, dtype=np.float64),
+        placements=placements, next_placement=placements[-1], layout=config["expert_optimizer"],
+        cpu_share=_cpu_share(config),
         measured=measured,
         phase_bytes={phase: float(after[list(columns)].sum(axis=1).median())
                      for phase, columns in BYTE_COLUMNS.items()},
         exact_tokens=counts_SLE is not None,
     )
+
+
+def _cpu_share(config: dict[str, Any]) -> float:
+    """The share of a core each rank's compute thread gets: ranks x threads on fewer cores time-share them (a CPU
+    run of 4 ranks on 2 cores computes at half speed); 1 on GPUs and for runs that do not say."""
+    cores, threads = config.get("cpu_cores"), config.get("threads_per_rank")
+    if not str(config.get("device") or "cpu").startswith("cpu") or not isinstance(cores, int) \
+            or not isinstance(threads, int):
+        return 1.0
+    return min(1.0, cores / max(config["world_size"] * threads, 1))
 
 
 def _shown(value: object) -> object:
