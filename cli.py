@@ -234,8 +234,8 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     from symi_sim.models import load_model
     from symi_sim.simulator.calibration import load_calibration
     from symi_sim.simulator.convergence import load_convergence, paper_model
+    from symi_sim.simulator.driver import SimulationConfig, write_run
     from symi_sim.simulator.driver import simulate as run_simulation
-    from symi_sim.simulator.driver import write_run
     from symi_sim.traces.fit import fit_trace
     from symi_sim.traces.format import read_trace
 
@@ -260,12 +260,12 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     convergence = (load_convergence(convergence_path, form=convergence_form) if convergence_path
                    else paper_model(form=convergence_form))
     calibration = load_calibration(calibration_spec) if calibration_spec is not None else None
-    result = run_simulation(trace=trace, cluster=cluster, model=model, policies=names,
-                            capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps, loop=loop,
-                            window=window, convergence=convergence, failures=failures, calibration=calibration,
-                            optimizer_location=optimizer_location, expert_state_accounting=expert_state_accounting)
-    result.config["trace"]["path"] = trace_path
-    result.config["command"] = "simulate"
+    config = SimulationConfig(trace=trace, cluster=cluster, model=model, policies=names,
+                              capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps, loop=loop,
+                              window=window, convergence=convergence, failures=failures, calibration=calibration,
+                              optimizer_location=optimizer_location, expert_state_accounting=expert_state_accounting,
+                              trace_path=trace_path)
+    result = run_simulation(config)
     write_run(result, out_dir)
     columns = list(SUMMARY_COLUMNS) + (list(failures.columns) if failures is not None else [])
     click.echo(result.summary.loc[:, columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
@@ -346,6 +346,9 @@ def _train_option(*decls: str, **attrs: object):
 @_train_option("--batch-size", type=int, help="Sequences per rank per step.")
 @_train_option("--lr", type=float, help="Peak learning rate (cosine decay to a tenth of it).")
 @_train_option("--aux-loss-coef", type=float, help="Load-balancing loss weight.")
+@_train_option("--router-skew", type=float,
+               help="Skewed expert load: expert e's router logit biased by -S ln(1 + e), a Zipf-like start the router "
+                    "may learn against (0: none).")
 @_train_option("--seed", type=int, help="Random seed (model initialisation and batches).")
 @_train_option("--data", type=click.Path(dir_okay=False),
                help="Text file to train on (bytes are tokens); default: the shipped Wikipedia sample.")
@@ -368,9 +371,9 @@ def _train_option(*decls: str, **attrs: object):
                help="Failure drill: every rank kills itself (SIGKILL) when this step starts; resume with --resume.")
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
           options: tuple[str, ...], capacity_factor: str | None, capacity_mode: str, steps: int, batch_size: int,
-          lr: float, aux_loss_coef: float, seed: int, data: str | None, dtype: str, record_trace: bool,
-          log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None, resume: str | None,
-          sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
+          lr: float, aux_loss_coef: float, router_skew: float, seed: int, data: str | None, dtype: str,
+          record_trace: bool, log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None,
+          resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
           fail_at_step: int | None) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
@@ -384,8 +387,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         out=out or str(timestamped_dir("train")), model=model, num_experts=num_experts, slots_per_rank=slots_per_rank,
         top_k=top_k, policy=policy, policy_options=parse_options(options),
         capacity_factor=_capacity_factor(capacity_factor), capacity_mode=capacity_mode, steps=steps,
-        batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, seed=seed, data=data,
-        record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
+        batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, router_skew=router_skew, seed=seed,
+        data=data, record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir, resume=resume, sparse_hot_share=sparse_hot_share,
         keep_checkpoints=keep_checkpoints, overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
     )

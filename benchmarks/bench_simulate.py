@@ -25,7 +25,7 @@ import pandas as pd
 from cli import DEFAULT_SIMULATE_POLICIES  # the same list `symi simulate` compares by default
 from symi_sim.cluster import load_cluster
 from symi_sim.models import load_model
-from symi_sim.simulator.driver import simulate
+from symi_sim.simulator.driver import SimulationConfig, simulate
 from symi_sim.traces.fit import fit_trace
 from symi_sim.traces.format import read_trace
 from symi_sim.traces.synth import synth_trace
@@ -40,7 +40,8 @@ def run_scale(trace, cluster, model, policies, steps: int) -> pd.DataFrame:
     rows = []
     for name in policies:
         t0 = time.perf_counter()
-        result = simulate(trace=trace, cluster=cluster, model=model, policies=[name], steps=steps, progress=False)
+        result = simulate(SimulationConfig(trace=trace, cluster=cluster, model=model, policies=[name], steps=steps),
+                          progress=False)
         wall_s = time.perf_counter() - t0
         rows.append({"wall_s": wall_s, **result.summary.iloc[0].to_dict()})
     table = pd.DataFrame(rows)

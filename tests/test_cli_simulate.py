@@ -32,7 +32,7 @@ def test_simulate_writes_a_run(tmp_path, trace_path):
     assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "config.json", "iterations.parquet",
                                                      "summary.csv"]
     config = json.loads((out / "config.json").read_text())
-    assert config["trace"]["path"] == str(trace_path)
+    assert config["trace_path"] == str(trace_path)
     assert config["cluster"]["slots_per_gpu"] == 2
     assert (config["model"]["num_experts"], config["model"]["num_moe_layers"]) == (4, 2)
     assert config["trace"]["tokens_per_step"] == 32768  # rescaled to gpt-small's batch

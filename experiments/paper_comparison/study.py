@@ -53,7 +53,7 @@ from experiments.harness import (
 from symi_sim.cluster import load_cluster
 from symi_sim.models import ModelConfig, load_model
 from symi_sim.simulator.calibration import Calibration, load_calibration
-from symi_sim.simulator.driver import simulate
+from symi_sim.simulator.driver import SimulationConfig, simulate
 from symi_sim.traces.fit import fit_trace, tile_layers
 from symi_sim.traces.format import LoadTrace, read_trace
 
@@ -129,10 +129,12 @@ def run_case(name: str, steps: int | None, calibration: Calibration | None) -> t
     available = trace.num_steps - 1
     n = available if steps is None else min(steps, available)
     t0 = time.perf_counter()
-    common = {"trace": trace, "cluster": load_cluster(CLUSTER), "model": model, "capacity_factor": CAPACITY_FACTOR,
-              "capacity_mode": CAPACITY_MODE, "steps": n, "progress": False, "calibration": calibration}
-    result = simulate(policies=list(POLICIES), **common)
-    paper = simulate(policies=list(PAPER_ACCOUNTING), expert_state_accounting="paper", **common).summary
+    config = SimulationConfig(trace=trace, cluster=load_cluster(CLUSTER), model=model, policies=POLICIES,
+                              capacity_factor=CAPACITY_FACTOR, capacity_mode=CAPACITY_MODE, steps=n,
+                              calibration=calibration)
+    result = simulate(config, progress=False)
+    paper = simulate(config.with_(policies=PAPER_ACCOUNTING, expert_state_accounting="paper"),
+                     progress=False).summary
     paper["policy"] = paper["policy"] + PAPER_ACCOUNTING_SUFFIX
     wall_s = time.perf_counter() - t0
     summary = pd.concat([result.summary, paper], ignore_index=True)

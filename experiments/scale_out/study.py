@@ -54,7 +54,7 @@ from experiments.harness import (
 )
 from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.models import ModelConfig, load_model
-from symi_sim.simulator.driver import simulate
+from symi_sim.simulator.driver import SimulationConfig, simulate
 from symi_sim.traces.fit import fit_trace
 from symi_sim.traces.format import LoadTrace, read_trace
 from symi_sim.traces.synth import synth_trace
@@ -141,8 +141,9 @@ def run_point(point: Point, steps: int, skip: int) -> tuple[pd.DataFrame, dict]:
     model, trace = point_trace(point, model, steps, skip)
     cluster = point.cluster
     t0 = time.perf_counter()
-    result = simulate(trace=trace, cluster=cluster, model=model, policies=list(POLICIES),
-                      capacity_factor=CAPACITY_FACTOR, capacity_mode="slot", steps=steps, progress=False)
+    result = simulate(SimulationConfig(trace=trace, cluster=cluster, model=model, policies=POLICIES,
+                                       capacity_factor=CAPACITY_FACTOR, capacity_mode="slot", steps=steps),
+                      progress=False)
     wall_s = time.perf_counter() - t0
     table = result.summary.copy()
     meta = {"point": point.label, "family": point.family, "num_gpus": cluster.num_gpus,

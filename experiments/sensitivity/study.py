@@ -54,7 +54,7 @@ from experiments.harness import (
 from experiments.sensitivity import aux_loss
 from symi_sim.cluster import load_cluster
 from symi_sim.models import load_model
-from symi_sim.simulator.driver import simulate
+from symi_sim.simulator.driver import SimulationConfig, simulate
 from symi_sim.traces.fit import fit_trace, tile_layers
 from symi_sim.traces.format import LoadTrace, read_trace
 from symi_sim.traces.synth import synth_trace
@@ -107,9 +107,9 @@ def simulate_config(trace: LoadTrace, config: dict, steps: int | None) -> pd.Dat
     available = trace.num_steps - 1
     n = available if steps is None else min(steps, available)
     cluster = load_cluster(CLUSTER, slots_per_gpu=config["slots"])
-    result = simulate(trace=trace, cluster=cluster, model=model, policies=list(POLICIES),
-                      capacity_factor=config["capacity"], capacity_mode="slot", window=config["window"], steps=n,
-                      progress=False)
+    result = simulate(SimulationConfig(trace=trace, cluster=cluster, model=model, policies=POLICIES,
+                                       capacity_factor=config["capacity"], capacity_mode="slot",
+                                       window=config["window"], steps=n), progress=False)
     table = result.summary.copy()
     table.insert(0, "trace_steps", n)
     table.insert(0, "trace_skew", skew)
