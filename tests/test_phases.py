@@ -100,6 +100,20 @@ def test_expert_state(layout, net_s, pcie_bytes, net_bytes, sendout_net_s, sendo
     assert on_gpu.collect_pcie_s[0] == 0 and on_gpu.collect_net_s[0] == pytest.approx(net_s, rel=1e-12)
 
 
+def test_expert_state_local_memory_work():
+    runs = phases.PlacementRuns.of([PLACEMENT])
+    local = CAL.with_(state_local_s_per_byte=1e-6)
+    for layout in ("sharded", "group", "replica"):
+        state = phases.expert_state(runs, PLACEMENT, cluster=CLUSTER, model=MODEL, calibration=local, num_experts=3,
+                                    layout=layout, location="gpu", accounting="pairs")
+        # collection: 2 slots' gradients read + 2 held experts' partial sums written; send-out: 2 slots written
+        assert state.collect_local_s[0] == pytest.approx((2 + 2) * X * 1e-6, rel=1e-12)
+        assert state.sendout_local_s[0] == pytest.approx(2 * X * 1e-6, rel=1e-12)
+    zero = phases.expert_state(runs, PLACEMENT, cluster=CLUSTER, model=MODEL, calibration=CAL, num_experts=3,
+                               layout="sharded", location="gpu", accounting="pairs")
+    assert zero.collect_local_s[0] == 0 and zero.sendout_local_s[0] == 0
+
+
 def test_migration():
     plans = [PlannedStep(1, PLACEMENT, PREVIOUS, True, 0.0, np.array([2]))]
     seconds_C, bytes_C = phases.migration(plans, cluster=CLUSTER, model=MODEL, calibration=CAL, num_experts=3,

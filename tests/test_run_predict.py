@@ -147,7 +147,8 @@ def test_run_fit_recovers_known_terms(tmp_path):
             truth = flop_calibration(cluster=probe.cluster, model=probe.model).with_(
                 layer_forward_fixed_s=2e-3, layer_backward_fixed_s=3e-3, expert_gemm_flops=3e8,
                 expert_fixed_per_gemm_s=4e-5, dense_flops=8e8, a2a_efficiency=0.002, a2a_latency_s=1e-4,
-                collective_efficiency=0.004, collective_latency_s=3e-4, state_fixed_per_expert_s=2e-5,
+                collective_efficiency=0.004, collective_latency_s=3e-4, state_local_s_per_byte=2e-9,
+                state_fixed_per_expert_s=2e-5,
                 optimizer_bytes_per_s=1e9, optimizer_fixed_per_tensor_s=5e-5)
         predicted = predict_steps(run=probe, calibration=truth)
         times = {column: predicted[predicted_phase(phase)] for phase, column in {**PHASE_COLUMNS,
@@ -157,7 +158,8 @@ def test_run_fit_recovers_known_terms(tmp_path):
         run_dirs.append(write_run(tmp_path / f"run{i}", **shape, times=times))
     fit = fit_runs(run_dirs=run_dirs, warmup_steps=1)
     fitted = ("expert_gemm_flops", "expert_fixed_per_gemm_s", "a2a_efficiency", "a2a_latency_s",
-              "collective_efficiency", "collective_latency_s", "state_fixed_per_expert_s", "layer_forward_fixed_s",
+              "collective_efficiency", "collective_latency_s", "state_local_s_per_byte", "state_fixed_per_expert_s",
+              "layer_forward_fixed_s",
               "dense_flops", "layer_backward_fixed_s", "optimizer_bytes_per_s", "optimizer_fixed_per_tensor_s")
     assert fit.calibration.fitted == fitted
     for name in fitted:
@@ -173,7 +175,8 @@ def test_calibration_transfer_terms_fall_back_to_the_link_model():
                               expert_gemm_flops=1e12, expert_saturation_tokens=0, expert_small_batch_exponent=1,
                               expert_fixed_per_gemm_s=0, dense_flops=1e12, a2a_efficiency=1,
                               a2a_latency_s=cluster.link_latency_s, collective_efficiency=1,
-                              collective_latency_s=cluster.link_latency_s, state_fixed_per_expert_s=0,
+                              collective_latency_s=cluster.link_latency_s, state_local_s_per_byte=0,
+                              state_fixed_per_expert_s=0,
                               optimizer_bytes_per_s=1e12, optimizer_fixed_per_tensor_s=0,
                               optimizer_state_location="host")
     moved = expert_state_bytes(np.array([[0, 1, 2, 3, 0, 1, 2, 3]]), cluster, 4, "sharded", 1e6)

@@ -29,7 +29,8 @@ fit_runs: `symi train` run directories (read by run_dirs.read_run: medians over 
       expert_forward               expert_gemm_flops, expert_fixed_per_gemm_s
       a2a_forward, a2a_backward    a2a_efficiency, a2a_latency_s
       dense_grad, expert_grad, send_out (each the shortest over the ranks: run_predict.MEASURED_AS)
-                                   collective_efficiency, collective_latency_s, state_fixed_per_expert_s
+                                   collective_efficiency, collective_latency_s, state_local_s_per_byte,
+                                   state_fixed_per_expert_s
       forward                      layer_forward_fixed_s, dense_flops (the rest of the forward at the terms above,
                                    the popularity exchange at the collective terms among it)
       backward                     layer_backward_fixed_s (the backward's compute is 2 x the forward's)
@@ -66,8 +67,8 @@ GEMM_FORMS = ("linear", "power")
 LATENCY_COLUMNS = ("capacity_factor", "forward_ms")
 RANK_TOLERANCE = 1e-4      # a free term whose normalised Jacobian column the others explain to this level is dropped
 MAX_EXPONENT = 0.999       # p at 1 means no small-batch regime: n_sat would be infinite
-UNITS = {"_bytes_per_s": "bytes/s", "_s": "s", "_flops": "FLOP/s", "_tokens": "tokens", "_exponent": "1",
-         "_efficiency": "1"}   # the first suffix that matches
+UNITS = {"_s_per_byte": "s/byte", "_bytes_per_s": "bytes/s", "_s": "s", "_flops": "FLOP/s", "_tokens": "tokens",
+         "_exponent": "1", "_efficiency": "1"}   # the first suffix that matches
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,7 @@ _INNER_STAGES: tuple[_Stage, ...] = (
     (("a2a_forward", "a2a_backward"), (("a2a_efficiency", "efficiency"), ("a2a_latency_s", "seconds"))),
     (("dense_grad_least", "expert_grad_least", "send_out_least"), (("collective_efficiency", "efficiency"),
                                                  ("collective_latency_s", "seconds"),
+                                                 ("state_local_s_per_byte", "seconds"),
                                                  ("state_fixed_per_expert_s", "seconds"))),
     (("forward",), (("layer_forward_fixed_s", "seconds"), ("dense_flops", "rate"))),
     (("backward",), (("layer_backward_fixed_s", "seconds"),)),

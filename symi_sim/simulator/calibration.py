@@ -27,6 +27,12 @@ Fields (every one required in a file except `fitted` and `provenance`; `source` 
   |                             |         | reach (dense all-reduce, gradient collection,       |                   |
   |                             |         | weight send-out, popularity, migration, shadows)    |                   |
   | collective_latency_s        | s       | per-message latency of those transfers              | link_latency_s    |
+  | state_local_s_per_byte      | s/B     | local memory work of the expert-state phases, per   | 0                 |
+  |                             |         | byte the busiest GPU reads or writes in place:      |                   |
+  |                             |         | collection (each slot's gradient read, each held    |                   |
+  |                             |         | expert's partial sum written), send-out (each       |                   |
+  |                             |         | slot's weights written); costs.expert_state_local_  |                   |
+  |                             |         | bytes                                               |                   |
   | state_fixed_per_expert_s    | s       | fixed cost of one expert's state in one expert-     | 0                 |
   |                             |         | state phase (collection or send-out) on the busiest |                   |
   |                             |         | GPU: per-expert launches and bookkeeping            |                   |
@@ -63,7 +69,8 @@ How the simulator uses a Calibration (the methods below; arrays are rows of step
   transfer_network_s / transfer_time_s   the same with the collective terms for every other transfer (costs.LinkBytes),
                      plus, for transfer_time_s, its busiest PCIe link at the cluster's bandwidth
   optimizer_time_s   optimizer state bytes / optimizer_bytes_per_s + tensors x optimizer_fixed_per_tensor_s
-  (phases.py adds state_fixed_per_expert_s once per expert the busiest GPU handles in each expert-state phase)
+  (phases.py adds state_fixed_per_expert_s once per expert the busiest GPU handles in each expert-state phase, and
+  state_local_s_per_byte x its local bytes)
 With `flop_calibration(cluster=..., model=...)` every one returns today's numbers.
 """
 
@@ -102,6 +109,7 @@ _NUMERIC_FIELDS: dict[str, tuple[float | None, float | None, bool]] = {
     "a2a_latency_s": (0.0, None, False),
     "collective_efficiency": (0.0, 1.0, True),
     "collective_latency_s": (0.0, None, False),
+    "state_local_s_per_byte": (0.0, None, False),
     "state_fixed_per_expert_s": (0.0, None, False),
     "optimizer_bytes_per_s": (0.0, None, True),
     "optimizer_fixed_per_tensor_s": (0.0, None, False),
@@ -126,6 +134,7 @@ class Calibration:
     a2a_latency_s: float
     collective_efficiency: float
     collective_latency_s: float
+    state_local_s_per_byte: float
     state_fixed_per_expert_s: float
     optimizer_bytes_per_s: float
     optimizer_fixed_per_tensor_s: float
@@ -243,7 +252,8 @@ def flop_calibration(*, cluster: Cluster, model: ModelConfig) -> Calibration:
         cluster=cluster.name, model=model.name, layer_forward_fixed_s=0.0, layer_backward_fixed_s=0.0,
         expert_gemm_flops=achieved, expert_saturation_tokens=0.0, expert_small_batch_exponent=1.0,
         expert_fixed_per_gemm_s=0.0, dense_flops=achieved, a2a_efficiency=1.0, a2a_latency_s=cluster.link_latency_s,
-        collective_efficiency=1.0, collective_latency_s=cluster.link_latency_s, state_fixed_per_expert_s=0.0,
+        collective_efficiency=1.0, collective_latency_s=cluster.link_latency_s, state_local_s_per_byte=0.0,
+        state_fixed_per_expert_s=0.0,
         optimizer_fixed_per_tensor_s=0.0,
         optimizer_bytes_per_s=achieved * model.optimizer_bytes / OPTIMIZER_FLOPS_PER_PARAM,
         optimizer_state_location="host", fitted=(),

@@ -297,6 +297,22 @@ def experts_handled_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_expert
     return per_gpu_LG.reshape(num_rows, cluster.num_gpus).max(axis=1).astype(float)
 
 
+def expert_state_local_bytes(phy2log_LR: np.ndarray, cluster: Cluster, expert_bytes: float,
+                             phase: str = "collect") -> np.ndarray:
+    """[L] bytes the busiest GPU reads or writes in its own memory in an expert-state phase, any layout: the
+    collection reads every slot's gradient and writes one partial sum per distinct expert it holds ((s + held) X);
+    the send-out writes every slot's weights (s X)."""
+    check_choice(phase, "expert-state phase", EXPERT_STATE_PHASES)
+    phy2log_LR = np.asarray(phy2log_LR, dtype=np.int64)
+    num_rows = phy2log_LR.shape[0]
+    slots = float(cluster.slots_per_gpu)
+    if phase == "sendout":
+        return np.full(num_rows, slots * expert_bytes)
+    layer_H, _, gpu_H = holdings(phy2log_LR, cluster)
+    held_LG = np.bincount(layer_H * cluster.num_gpus + gpu_H, minlength=num_rows * cluster.num_gpus)
+    return (slots + held_LG.reshape(num_rows, cluster.num_gpus).max(axis=1)) * float(expert_bytes)
+
+
 def optimizer_tensors_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int, layout: str) -> np.ndarray:
     """[L] expert optimizer tensors the busiest GPU steps: 1 per layer for SYMI's shards (every expert's 1/G shard
     of a layer in one block), else one per expert it holds (group: its 1/r shard; replica: the full copy)."""

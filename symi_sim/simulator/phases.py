@@ -16,7 +16,8 @@ Modelling choices (the formulas are in costs.py):
     no all-to-all); their weights are broadcast before the forward and their gradients reduced back after the
     backward. A shadowed expert's slots are idle: in slot mode their buffers are neither sent nor computed, so
     a shadowed token is charged once (its shadow compute), not also as padding of its expert's slots.
-  - Expert state (costs.expert_state_bytes) by the policy's optimizer layout, with one `optimizer_location`
+  - Expert state (costs.expert_state_bytes) by the policy's optimizer layout, plus its local memory work
+    (costs.expert_state_local_bytes) at the calibration's rate, with one `optimizer_location`
     ("host" | "gpu") for every layout and SYMI's sender `expert_state_accounting` ("pairs" | "paper").
   - Compute, the all-to-all's efficiency and latency and the optimizer step come from a Calibration
     (calibration.py: measured terms, or the FLOP model as its fallback): expert compute per GPU is the sum of
@@ -50,6 +51,7 @@ from symi_sim.simulator.costs import (
     alltoall_bytes,
     broadcast_bytes,
     expert_state_bytes,
+    expert_state_local_bytes,
     experts_handled_per_gpu,
     migration_bytes,
     optimizer_params_per_gpu,
@@ -181,6 +183,8 @@ class ExpertState:
     sendout_pcie_s: np.ndarray
     sendout_bytes: np.ndarray
     sendout_pcie_bytes: np.ndarray
+    collect_local_s: np.ndarray    # the busiest GPU's local memory work (costs.expert_state_local_bytes)
+    sendout_local_s: np.ndarray
 
 
 def expert_state(runs: PlacementRuns, next_placement: Placement, *, cluster: Cluster, model: ModelConfig,
@@ -194,12 +198,17 @@ def expert_state(runs: PlacementRuns, next_placement: Placement, *, cluster: Clu
     # send-out handles none: its weights stay where they were updated)
     fixed_row = calibration.state_fixed_per_expert_s * experts_handled_per_gpu(runs.phy2log_row_R, cluster,
                                                                                num_experts, layout)
+    per_byte = calibration.state_local_s_per_byte
+    local = {"collect_local_s": per_byte * runs.per_step(expert_state_local_bytes(
+                 runs.phy2log_row_R, cluster, model.expert_grad_bytes)),
+             "sendout_local_s": per_byte * runs.per_step(expert_state_local_bytes(
+                 runs.phy2log_row_R, cluster, model.expert_weight_bytes, phase="sendout"))}
     if layout == "replica":
         weights = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_weight_bytes,
                                      phase="sendout", **options)
         collect = _state_columns(runs, grads, cluster, calibration)
         return ExpertState(collect[0] + runs.per_step(fixed_row), *collect[1:],
-                           *_state_columns(runs, weights, cluster, calibration))
+                           *_state_columns(runs, weights, cluster, calibration), **local)
     # the send-out is the collection in reverse: the same transfers with X the weights' bytes
     weights = grads.scaled(model.expert_weight_bytes / model.expert_grad_bytes)
     tail = expert_state_bytes(next_placement.phy2log_LR, cluster, num_experts, layout, model.expert_weight_bytes,
@@ -214,7 +223,7 @@ def expert_state(runs: PlacementRuns, next_placement: Placement, *, cluster: Clu
     sendout = [np.append(values_C[1:], tail_value)
                for values_C, tail_value in zip(sendout_columns, tail_values, strict=True)]
     collect = _state_columns(runs, grads, cluster, calibration)
-    return ExpertState(collect[0] + runs.per_step(fixed_row), *collect[1:], *sendout)
+    return ExpertState(collect[0] + runs.per_step(fixed_row), *collect[1:], *sendout, **local)
 
 
 def _state_columns(runs: PlacementRuns, moved: LinkBytes, cluster: Cluster,
@@ -310,12 +319,12 @@ def chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, *, count
         dense_backward_SK=dense_CK,
         allreduce_SK=allreduce_CK,
         shadow_reduce_s=shadow_s,
-        grad_collect_net_s=state.collect_net_s,
+        grad_collect_net_s=state.collect_net_s + state.collect_local_s,
         grad_collect_pcie_s=state.collect_pcie_s,
         optimizer_s=optimizer(runs, cluster=cluster, model=model, calibration=calibration, num_experts=num_experts,
                               layout=layout),
         sendout_pcie_s=state.sendout_pcie_s,
-        sendout_net_s=state.sendout_net_s,
+        sendout_net_s=state.sendout_net_s + state.sendout_local_s,
     )
     bytes_C = {
         "popularity": popularity_bytes,

@@ -22,10 +22,11 @@ The optimizer state of the executor lives where it computes (the calibration's o
 used: a CPU run has no PCIe between them).
 
 Ranks that share CPU cores (cpu_share < 1: more ranks x threads than cores) share them as a processor-sharing queue:
-work that every rank does at once (fixed costs, dense compute, the optimizer step) takes 1 / cpu_share as long, and
+work that every rank does at once (fixed costs, dense compute, the optimizer step, the expert-state phases' local
+memory work) takes 1 / cpu_share as long, and
 a layer's expert compute ends when the slowest rank is done or when all ranks' work has passed through the cores,
-whichever is later: max(max_g w_g, mean_g w_g / cpu_share). Transfers and the expert-state phases wait on other
-ranks more than they compute and are not scaled. Measured communication phases are compared by their shortest over
+whichever is later: max(max_g w_g, mean_g w_g / cpu_share). Transfers wait on other ranks more than they compute
+and are not scaled. Measured communication phases are compared by their shortest over
 the ranks (MEASURED_AS: the rank that came last waited for no one), which is what the simulator's phases are.
 """
 
@@ -74,10 +75,10 @@ def predict_steps(*, run: RunData, calibration: Calibration) -> dict[str, np.nda
         "backward": slowdown * num_layers * (calibration.layer_backward_fixed_s + 2 * dense_s) + 2 * expert_S
                     + 2 * a2a_S,
         "dense_grad": np.full(num_steps, float(calibration.transfer_time_s(dense_grad, cluster).sum())),
-        "expert_grad": state.collect_net_s + state.collect_pcie_s,
+        "expert_grad": state.collect_net_s + state.collect_pcie_s + slowdown * state.collect_local_s,
         "optimizer": slowdown * optimizer(runs, cluster=cluster, model=model, calibration=calibration,
                                           num_experts=model.num_experts, layout=run.layout),
-        "send_out": state.sendout_net_s + state.sendout_pcie_s,
+        "send_out": state.sendout_net_s + state.sendout_pcie_s + slowdown * state.sendout_local_s,
     }
     out["step"] = sum(out[phase] for phase in STEP_PHASES)
     return out
