@@ -1,11 +1,12 @@
 """The simulator validated against the executor: calibrate on half of a grid of `symi train` runs, predict the other.
 
-    .venv/bin/python -m experiments.sim_validation [--repeats N] [--steps N] [--train-dir DIR] [--quick] [--out DIR]
+    .venv/bin/python -m experiments.sim_validation [--repeats N] [--first-seed N] [--steps N] [--train-dir DIR]
+                                                   [--quick] [--out DIR]
 
-Every configuration of grid.py is trained --repeats times (seeds 0..N-1; gloo on CPU, the `small` model with experts
-of d_ff 2048, 4 sequences of 128 tokens per rank, trace recorded). The runs are kept in --train-dir (default
-runs/sim_validation-train) and reused by later invocations with the same settings, so the analysis can be redone
-without training again.
+Every configuration of grid.py is trained --repeats times (seeds --first-seed onwards, default 0; gloo on CPU, the
+`small` model with experts of d_ff 2048, 4 sequences of 128 tokens per rank, trace recorded). The runs are kept in
+--train-dir (default runs/sim_validation-train) and reused by later invocations with the same settings, so the
+analysis can be redone without training again.
 
 One Calibration is fitted (symi_sim.simulator.calibrate.fit_runs) on every run of the calibration half; then every run
 of both halves is predicted from its own recorded loads and placements (symi_sim.simulator.run_predict: the
@@ -64,8 +65,8 @@ ORDER_MARGIN = 0.05      # pairs whose measured steps differ by more than this m
 # the `small` preset (4 layers, d_model 128) with experts 4x wider than its d_ff: 2 x 128 x 2048 parameters (2 MiB in
 # float32) per expert, so that moving expert state costs more than the executor's per-expert bookkeeping in Python
 # (with the preset's 512, the bookkeeping dominated those phases; see the README)
-FULL = {"model": "small", "d_ff": 2048, "steps": 20, "warmup": 5, "batch_size": 4, "repeats": 3}
-QUICK = {"model": "tiny", "d_ff": None, "steps": 6, "warmup": 2, "batch_size": 2, "repeats": 1}
+FULL = {"model": "small", "d_ff": 2048, "steps": 20, "warmup": 5, "batch_size": 4, "repeats": 3, "first_seed": 0}
+QUICK = {"model": "tiny", "d_ff": None, "steps": 6, "warmup": 2, "batch_size": 2, "repeats": 1, "first_seed": 0}
 
 
 def train_all(specs: list[RunSpec], *, train_dir: Path, settings: dict[str, object]) -> dict[tuple[str, int], Path]:
@@ -79,20 +80,21 @@ def train_all(specs: list[RunSpec], *, train_dir: Path, settings: dict[str, obje
     runs, todo = {}, []
     for repeat in range(int(settings["repeats"])):
         for spec in specs:
-            path = train_dir / spec.name / f"seed{repeat}"
+            path = train_dir / spec.name / f"seed{int(settings['first_seed']) + repeat}"
             runs[spec.name, repeat] = path
             if not (path / "metrics.csv").is_file():
                 todo.append((spec, repeat, path))
     for i, (spec, repeat, path) in enumerate(todo, start=1):
         start = time.perf_counter()
         train_run(spec, out=path, model=str(settings["model"]), d_ff=settings["d_ff"], steps=int(settings["steps"]),
-                  batch_size=int(settings["batch_size"]), seed=repeat)
-        say(f"[{i}/{len(todo)}] trained {spec.name} seed {repeat} in {time.perf_counter() - start:.1f} s")
+                  batch_size=int(settings["batch_size"]), seed=int(settings["first_seed"]) + repeat)
+        say(f"[{i}/{len(todo)}] trained {spec.name} seed {int(settings['first_seed']) + repeat} in "
+            f"{time.perf_counter() - start:.1f} s")
     return runs
 
 
-def compare(specs: list[RunSpec], runs: dict[tuple[str, int], Path], *, warmup: int, repeats: int
-            ) -> tuple[object, pd.DataFrame, pd.DataFrame]:
+def compare(specs: list[RunSpec], runs: dict[tuple[str, int], Path], *, warmup: int, repeats: int,
+            first_seed: int = 0) -> tuple[object, pd.DataFrame, pd.DataFrame]:
     """(fit, per-run table, per-configuration table) of the calibration fitted on the calibration half."""
     calibration_dirs = [runs[spec.name, r] for spec in specs if spec.half == CALIBRATION for r in range(repeats)]
     fit = fit_runs(run_dirs=calibration_dirs, warmup_steps=warmup)
@@ -103,7 +105,8 @@ def compare(specs: list[RunSpec], runs: dict[tuple[str, int], Path], *, warmup: 
             predicted = predict_run(run=run, calibration=fit.calibration)
             row = {"config": spec.name, "half": spec.half, "group": spec.group, "policy": spec.policy,
                    "ranks": spec.ranks, "experts": spec.experts, "slots": spec.slots,
-                   "capacity_factor": spec.capacity_factor, "router_skew": spec.router_skew, "seed": repeat}
+                   "capacity_factor": spec.capacity_factor, "router_skew": spec.router_skew,
+                   "seed": first_seed + repeat}
             for phase in PREDICTED_PHASES:
                 row[f"measured_{phase}_ms"] = 1e3 * run.measured[phase]
                 row[f"predicted_{phase}_ms"] = 1e3 * predicted[phase]
@@ -209,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     add_out_option(parser, STUDY)
     parser.add_argument("--quick", action="store_true", help="4 configurations of the tiny model, 1 repeat (tests)")
     parser.add_argument("--repeats", type=int, default=None, help="trainings per configuration (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seed of the first repeat (another set of trainings: e.g. 3 after a run of 3 repeats)")
     parser.add_argument("--steps", type=int, default=None, help="steps per training (default 20)")
     parser.add_argument("--train-dir", type=Path, default=None,
                         help="where the trainings are kept and reused (default runs/sim_validation-train)")
@@ -216,10 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = dict(QUICK if args.quick else FULL)
     if args.repeats is not None:
         settings["repeats"] = args.repeats
+    settings["first_seed"] = args.first_seed
     if args.steps is not None:
         settings["steps"] = args.steps
-    if settings["repeats"] < 1 or settings["steps"] <= settings["warmup"]:
-        parser.error(f"need --repeats >= 1 and --steps > the warm-up of {settings['warmup']} steps")
+    if settings["repeats"] < 1 or settings["steps"] <= settings["warmup"] or settings["first_seed"] < 0:
+        parser.error(f"need --repeats >= 1, --first-seed >= 0 and --steps > the warm-up of {settings['warmup']} "
+                     f"steps")
     train_dir = args.train_dir or Path("runs") / f"{STUDY}-train{'-quick' if args.quick else ''}"
     specs = grid(quick=args.quick)
     out = run_path(STUDY, args.out)
@@ -229,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         runs = train_all(specs, train_dir=train_dir, settings=settings)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
-    fit, per_run, table = compare(specs, runs, warmup=int(settings["warmup"]), repeats=int(settings["repeats"]))
+    fit, per_run, table = compare(specs, runs, warmup=int(settings["warmup"]), repeats=int(settings["repeats"]),
+                                  first_seed=int(settings["first_seed"]))
     pairs = ordered_pairs(table)
     summary = summarise(table, pairs)
     with run_dir(out, study=STUDY, args={**settings, "out": str(out), "train_dir": str(train_dir),
