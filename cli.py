@@ -27,6 +27,7 @@ class _SymiGroup(click.Group):
 
 
 @click.group(cls=_SymiGroup)
+@click.version_option(package_name="symi", message="symi %(version)s")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def symi(verbose: int) -> None:
     """Adaptive expert replication for MoE training: simulate, plan, train, plot, trace."""

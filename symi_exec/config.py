@@ -107,6 +107,10 @@ class TrainConfig:
         policy = get_policy(self.policy, **self.policy_options)
         if policy.uses_current_load:
             raise ValueError(f"policy {self.policy!r} plans on the current step's loads; the executor cannot run it")
+        if policy.shadows_experts:
+            raise ValueError(f"policy {self.policy!r} shadows hot experts (their weights broadcast to every rank, "
+                             f"their tokens computed where they are), which the executor does not run; compare it "
+                             f"with symi simulate")
         path = self.data_path()
         if not path.is_file():
             raise ValueError(f"data file {str(path)!r} does not exist")

@@ -22,6 +22,7 @@ from symi_exec.config import TrainConfig, default_of
     (["--experts", "9", "--slots", "2"], "9 experts need at least 9 slots"),
     (["--policy", "nope"], "unknown policy 'nope'"),
     (["--policy", "oracle"], "current step's loads"),
+    (["--policy", "fastermoe"], "shadows hot experts"),
     (["--policy", "flexmoe-5", "-o", "threshold=0.5"], "threshold (max/mean GPU load) must be a finite number >= 1"),
     (["--policy", "flexmoe", "-o", "nope=1"], "unknown option(s) ['nope'] for policy 'flexmoe'"),
     (["--capacity-factor", "abc"], "capacity factor must be a number"),
@@ -64,6 +65,14 @@ def test_train_one_rank_writes_the_run_directory(tmp_path: Path) -> None:
         assert parts["a2a_backward"] < parts["backward"]
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["cpu_cores"] >= 1 and resolved["threads_per_rank"] == 1
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(symi, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"symi {version('symi')}"
+    assert version("symi") == "0.1.0"
 
 
 def test_cli_and_simulator_do_not_import_torch() -> None:

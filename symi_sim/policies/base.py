@@ -13,6 +13,7 @@ Class attributes tell a driver (simulator, replay, executor) what a plan costs a
   optimizer_coupled  (derived) moving a replica also moves its optimizer state: the "replica" layout
   uses_current_load  plans on the loads of the very step it serves (the oracle), not the previous ones
   needs_popularity   the policy needs the per-iteration popularity all-reduce
+  shadows_experts    its placements may shadow experts (FasterMoE: weights broadcast, tokens computed locally)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Policy:
     optimizer_layout: ClassVar[str] = "sharded"
     uses_current_load: ClassVar[bool] = False
     needs_popularity: ClassVar[bool] = True
+    shadows_experts: ClassVar[bool] = False
     rebalance_every: ClassVar[int] = 1  # a policy with a period makes it a dataclass field instead
 
     @property

@@ -64,6 +64,7 @@ def shadow_mask(load_E: np.ndarray, comp_s: float, feat_s: float, send_model_s: 
 class FasterMoEPolicy(Policy):
     name: ClassVar[str] = "fastermoe"
     optimizer_layout: ClassVar[str] = "group"  # FasterMoE runs on DeepSpeed's data-parallel expert groups
+    shadows_experts: ClassVar[bool] = True
     d_model: int = 768
     d_ff: int = 3072
     max_shadow: int | None = None
