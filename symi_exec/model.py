@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from symi_exec.config import DTYPE_NAMES
+from symi_sim.checks import check_number
 
 VOCAB_SIZE = 256
 # TrainConfig.dtype's names as torch dtypes
@@ -47,10 +48,7 @@ class ModelConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k {self.top_k} exceeds the number of experts {self.num_experts}")
         for name in ("aux_loss_coef", "router_skew"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value)
-                                                                                      and value >= 0):
-                raise ValueError(f"model {name} must be a finite number >= 0, got {value!r}")
+            check_number(getattr(self, name), f"model {name}", low=0)
 
     @property
     def expert_numel(self) -> int:

@@ -96,7 +96,8 @@ def step_metrics(step: int, *, loss: torch.Tensor, lr: float, grad_norm: float, 
     row.update({f"time_{phase}_s": value for phase, value in zip(times, maxed[1:1 + len(times)], strict=True)})
     row.update({"time_expert_forward_s": sum(maxed[1 + len(times):]), "time_a2a_forward_s": sum(calls[:num_forward]),
                 "time_a2a_backward_s": sum(calls[num_forward:])})
-    row.update({f"time_{phase}_least_s": value for phase, value in zip(LEAST_PHASES, least, strict=False)})
+    row.update({f"time_{phase}_least_s": value
+                for phase, value in zip(LEAST_PHASES, least[:len(LEAST_PHASES)], strict=True)})
     row.update({f"bytes_{kind}": int(value) for kind, value in zip(BYTE_KINDS, summed[2:], strict=True)})
     return row
 

@@ -284,17 +284,22 @@ def optimizer_params_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_exper
     return per_gpu_LG.max(axis=1)
 
 
+def held_experts_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster) -> np.ndarray:
+    """[L] distinct experts held by the GPU that holds the most of them."""
+    phy2log_LR = np.asarray(phy2log_LR, dtype=np.int64)
+    num_rows = phy2log_LR.shape[0]
+    layer_H, _, gpu_H = holdings(phy2log_LR, cluster)
+    per_gpu_LG = np.bincount(layer_H * cluster.num_gpus + gpu_H, minlength=num_rows * cluster.num_gpus)
+    return per_gpu_LG.reshape(num_rows, cluster.num_gpus).max(axis=1).astype(float)
+
+
 def experts_handled_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int, layout: str) -> np.ndarray:
     """[L] experts whose state the busiest GPU handles in an expert-state phase or the optimizer step: all E
     (sharded: a shard of every expert), else the distinct experts it holds (group, replica)."""
     check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
-    phy2log_LR = np.asarray(phy2log_LR, dtype=np.int64)
-    num_rows = phy2log_LR.shape[0]
     if layout == "sharded":
-        return np.full(num_rows, float(num_experts))
-    layer_H, _, gpu_H = holdings(phy2log_LR, cluster)
-    per_gpu_LG = np.bincount(layer_H * cluster.num_gpus + gpu_H, minlength=num_rows * cluster.num_gpus)
-    return per_gpu_LG.reshape(num_rows, cluster.num_gpus).max(axis=1).astype(float)
+        return np.full(np.asarray(phy2log_LR).shape[0], float(num_experts))
+    return held_experts_per_gpu(phy2log_LR, cluster)
 
 
 def expert_state_local_bytes(phy2log_LR: np.ndarray, cluster: Cluster, expert_bytes: float,
@@ -303,23 +308,19 @@ def expert_state_local_bytes(phy2log_LR: np.ndarray, cluster: Cluster, expert_by
     collection reads every slot's gradient and writes one partial sum per distinct expert it holds ((s + held) X);
     the send-out writes every slot's weights (s X)."""
     check_choice(phase, "expert-state phase", EXPERT_STATE_PHASES)
-    phy2log_LR = np.asarray(phy2log_LR, dtype=np.int64)
-    num_rows = phy2log_LR.shape[0]
     slots = float(cluster.slots_per_gpu)
     if phase == "sendout":
-        return np.full(num_rows, slots * expert_bytes)
-    layer_H, _, gpu_H = holdings(phy2log_LR, cluster)
-    held_LG = np.bincount(layer_H * cluster.num_gpus + gpu_H, minlength=num_rows * cluster.num_gpus)
-    return (slots + held_LG.reshape(num_rows, cluster.num_gpus).max(axis=1)) * float(expert_bytes)
+        return np.full(np.asarray(phy2log_LR).shape[0], slots * expert_bytes)
+    return (slots + held_experts_per_gpu(phy2log_LR, cluster)) * float(expert_bytes)
 
 
 def optimizer_tensors_per_gpu(phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int, layout: str) -> np.ndarray:
     """[L] expert optimizer tensors the busiest GPU steps: 1 per layer for SYMI's shards (every expert's 1/G shard
     of a layer in one block), else one per expert it holds (group: its 1/r shard; replica: the full copy)."""
+    check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
     if layout == "sharded":
-        check_choice(layout, "optimizer layout", OPTIMIZER_LAYOUTS)
         return np.ones(np.asarray(phy2log_LR).shape[0])
-    return experts_handled_per_gpu(phy2log_LR, cluster, num_experts, layout)
+    return held_experts_per_gpu(phy2log_LR, cluster)
 
 
 def migration_bytes(phy2log_LR: np.ndarray, previous_phy2log_LR: np.ndarray, cluster: Cluster, num_experts: int,

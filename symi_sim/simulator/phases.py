@@ -195,35 +195,32 @@ def expert_state(runs: PlacementRuns, next_placement: Placement, *, cluster: Clu
     options = {"location": location, "accounting": accounting}
     grads = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_grad_bytes, **options)
     # each phase also pays a fixed cost per expert whose state the busiest GPU handles (the replica layout's
-    # send-out handles none: its weights stay where they were updated)
-    fixed_row = calibration.state_fixed_per_expert_s * experts_handled_per_gpu(runs.phy2log_row_R, cluster,
-                                                                               num_experts, layout)
+    # send-out handles none: its weights stay where they were updated), and its local memory work
+    per_expert_s = calibration.state_fixed_per_expert_s
+    fixed_C = per_expert_s * runs.per_step(experts_handled_per_gpu(runs.phy2log_row_R, cluster, num_experts, layout))
     per_byte = calibration.state_local_s_per_byte
     local = {"collect_local_s": per_byte * runs.per_step(expert_state_local_bytes(
                  runs.phy2log_row_R, cluster, model.expert_grad_bytes)),
              "sendout_local_s": per_byte * runs.per_step(expert_state_local_bytes(
                  runs.phy2log_row_R, cluster, model.expert_weight_bytes, phase="sendout"))}
+    collect_net_C, *collect_rest = _state_columns(runs, grads, cluster, calibration)
+    collect = (collect_net_C + fixed_C, *collect_rest)
     if layout == "replica":
         weights = expert_state_bytes(runs.phy2log_row_R, cluster, num_experts, layout, model.expert_weight_bytes,
                                      phase="sendout", **options)
-        collect = _state_columns(runs, grads, cluster, calibration)
-        return ExpertState(collect[0] + runs.per_step(fixed_row), *collect[1:],
-                           *_state_columns(runs, weights, cluster, calibration), **local)
+        return ExpertState(*collect, *_state_columns(runs, weights, cluster, calibration), **local)
     # the send-out is the collection in reverse: the same transfers with X the weights' bytes
     weights = grads.scaled(model.expert_weight_bytes / model.expert_grad_bytes)
     tail = expert_state_bytes(next_placement.phy2log_LR, cluster, num_experts, layout, model.expert_weight_bytes,
                               phase="sendout", **options)
-    tail_fixed = calibration.state_fixed_per_expert_s * experts_handled_per_gpu(
-        next_placement.phy2log_LR, cluster, num_experts, layout).sum()
+    tail_fixed = per_expert_s * experts_handled_per_gpu(next_placement.phy2log_LR, cluster, num_experts, layout).sum()
     tail_values = (calibration.transfer_network_s(tail, cluster).sum() + tail_fixed, tail.pcie_time_L(cluster).sum(),
                    tail.network_L.sum(), tail.pcie_L.sum())
     # step i sends out to step i+1's placement: the rows of the step after, the tail's after the chunk's last
-    sendout_columns = _state_columns(runs, weights, cluster, calibration)
-    sendout_columns = (sendout_columns[0] + runs.per_step(fixed_row), *sendout_columns[1:])
+    sendout_net_C, *sendout_rest = _state_columns(runs, weights, cluster, calibration)
     sendout = [np.append(values_C[1:], tail_value)
-               for values_C, tail_value in zip(sendout_columns, tail_values, strict=True)]
-    collect = _state_columns(runs, grads, cluster, calibration)
-    return ExpertState(collect[0] + runs.per_step(fixed_row), *collect[1:], *sendout, **local)
+               for values_C, tail_value in zip((sendout_net_C + fixed_C, *sendout_rest), tail_values, strict=True)]
+    return ExpertState(*collect, *sendout, **local)
 
 
 def _state_columns(runs: PlacementRuns, moved: LinkBytes, cluster: Cluster,

@@ -23,11 +23,11 @@ used: a CPU run has no PCIe between them).
 
 Ranks that share CPU cores (cpu_share < 1: more ranks x threads than cores) share them as a processor-sharing queue:
 work that every rank does at once (fixed costs, dense compute, the optimizer step, the expert-state phases' local
-memory work) takes 1 / cpu_share as long, and
-a layer's expert compute ends when the slowest rank is done or when all ranks' work has passed through the cores,
-whichever is later: max(max_g w_g, mean_g w_g / cpu_share). Transfers wait on other ranks more than they compute
-and are not scaled. Measured communication phases are compared by their shortest over
-the ranks (MEASURED_AS: the rank that came last waited for no one), which is what the simulator's phases are.
+memory work) takes 1 / cpu_share as long, and a layer's expert compute ends when the slowest rank is done or when
+all ranks' work has passed through the cores, whichever is later: max(max_g w_g, mean_g w_g / cpu_share).
+Transfers wait on other ranks more than they compute and are not scaled. Measured communication phases are
+compared by their shortest over the ranks (MEASURED_AS: the rank that came last waited for no one), which is what
+the simulator's phases are.
 """
 
 from __future__ import annotations
