@@ -1,29 +1,63 @@
 """`symi`: thin click commands over keyword-only library functions.
 
-Commands parse and validate options, call one library function, and write files (atomically, see
-symi_sim.outputs). Every ValueError from the libraries becomes one clear error line and exit status 1.
-torch is imported lazily, inside `train` only.
+Commands parse and validate options, check their output paths before any work, call one library function, and
+write files (atomically, see symi_sim.outputs). Every ValueError from the libraries, and every OSError (a full or
+read-only disk, a folder where a file was meant), becomes one clear error line and exit status 1. SIGTERM is
+turned into a normal exit so that temporary outputs are removed as on Ctrl-C. Options that several commands share
+are declared once below (same name, meaning, default and help everywhere). torch is imported lazily, inside
+`train` only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
+import os
+import re
+import signal
 import sys
+from collections.abc import Iterable
 
 import click
+from click.core import ParameterSource
 
+from symi_sim.cluster import available_clusters
 from symi_sim.figures.registry import plot_kinds_help
-from symi_sim.outputs import timestamped_dir
+from symi_sim.models import PRESETS as MODEL_PRESETS
+from symi_sim.outputs import check_output_path, timestamped_dir
+from symi_sim.policies import available_policies
+from symi_sim.routing import MAX_CAPACITY_FACTOR
+
+_TEMP_NAME = re.compile(r"\.(.+)\.\d+\.[^.]+\.tmp")
+
+
+def _os_error_line(exc: OSError) -> str:
+    """`PATH: reason` of an OSError, naming the output rather than its temporary (.NAME.<pid>.XXXX.tmp) sibling."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+        reason = f"cannot write: {reason}"
+    names = []
+    for name in (exc.filename, exc.filename2):
+        if name is None:
+            continue
+        path = os.fsdecode(name) if isinstance(name, bytes | os.PathLike) else str(name)
+        head, tail = os.path.split(path)
+        match = _TEMP_NAME.fullmatch(tail)
+        names.append(repr(os.path.join(head, match.group(1)) if match else path))
+    return f"{' -> '.join(dict.fromkeys(names))}: {reason}" if names else reason
 
 
 class _SymiGroup(click.Group):
-    """Turns library ValueErrors into `Error: ...` and exit 1, never a traceback."""
+    """Turns library ValueErrors and OSErrors into one line `Error: ...` and exit 1, never a traceback."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(" ".join(str(exc).split("\n"))) from None
+        except OSError as exc:
+            raise click.ClickException(_os_error_line(exc)) from None
 
 
 @click.group(cls=_SymiGroup)
@@ -33,6 +67,128 @@ def symi(verbose: int) -> None:
     """Adaptive expert replication for MoE training: simulate, plan, train, plot, trace."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# ---------------------------------------------------------------- options shared by several commands
+
+DEFAULT_CLUSTER = "paper-a100-16"
+CLUSTER_HELP = f"Cluster preset ({', '.join(available_clusters())}) or a .toml/.json file."
+MODEL_HELP = f"Model preset ({', '.join(MODEL_PRESETS)}) or a .toml/.json file."
+POLICY_NAMES_HELP = (f"Policies: {', '.join(available_policies())}; a period suffix like flexmoe-50 sets "
+                     "rebalance_every, options follow colons (symi-balanced:packing=grouped).")
+OPTION_HELP = ("Policy option key=value (repeatable); with several policies it goes to every policy that takes the "
+               "key (a policy's own name:key=value wins) and a key no policy takes is refused.")
+CAPACITY_FACTOR_HELP = ("Expert buffer as a multiple of the mean load per slot (or per GPU, see --capacity-mode): "
+                        f"tokens beyond it are dropped; 'none' for dropless; at most {MAX_CAPACITY_FACTOR:g}.")
+CAPACITY_MODE_HELP = "slot: every slot has its own buffer (DeepSpeed, the paper); gpu: a GPU's slots share one."
+WINDOW_HELP = "Steps of history the policies plan from."
+SLOTS_HELP = "Expert slots per GPU (overrides the cluster's)."
+TOP_K_HELP = "Experts each token is routed to (top-k)."
+TOKENS_PER_STEP_HELP = "Tokens per step, before top-k."
+FORCE_HELP = "Replace an existing output (file, or non-empty run directory) instead of refusing."
+
+
+class _CapacityFactor(click.ParamType):
+    """A capacity factor: a number, or none/dropless for no capacity limit (None). A bad one is a ValueError (exit
+    1, like the range checks of the libraries), so that every command reports it the same way."""
+
+    name = "FACTOR|none"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
+        if value is None or isinstance(value, float | int):
+            return value  # type: ignore[return-value]
+        text = str(value).strip().lower()
+        if text in ("none", "dropless"):
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            where = f"{max(param.opts, key=len)}: " if param is not None else ""
+            raise ValueError(f"{where}capacity factor must be a number or 'none', got {value!r}") from None
+
+
+CAPACITY_FACTOR = _CapacityFactor()
+
+
+def _cluster_option(f):
+    return click.option("--cluster", "cluster_spec", default=DEFAULT_CLUSTER, show_default=True,
+                        help=CLUSTER_HELP)(f)
+
+
+def _capacity_options(f):
+    f = click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True,
+                     help=CAPACITY_MODE_HELP)(f)
+    return click.option("--capacity-factor", type=CAPACITY_FACTOR, default=1.0, show_default=True,
+                        help=CAPACITY_FACTOR_HELP)(f)
+
+
+def _slots_window_options(f):
+    f = click.option("--window", type=int, default=1, show_default=True, help=WINDOW_HELP)(f)
+    return click.option("--slots", type=int, default=None, help=SLOTS_HELP)(f)
+
+
+def _policy_options_option(f):
+    return click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help=OPTION_HELP)(f)
+
+
+def _force_option(f):
+    return click.option("--force", is_flag=True, help=FORCE_HELP)(f)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option `name` was given by the user (not left at its default)."""
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _option_name(ctx: click.Context, name: str) -> str:
+    param = next(p for p in ctx.command.params if p.name == name)
+    return max(param.opts, key=len)
+
+
+def _refuse_given(ctx: click.Context, names: Iterable[str], why: str) -> None:
+    """One line naming the first of options `names` that the user gave although this mode ignores them."""
+    for name in names:
+        if _given(ctx, name):
+            raise ValueError(f"{_option_name(ctx, name)} {why}")
+
+
+# facts a simulation or replay gives every policy that takes them (sim_config.resolve_policy): never -o options
+_CONTEXT_KEYS = ("d_model", "d_ff", "weight_bytes", "activation_bytes", "optimizer_bytes", "capacity_mode",
+                 "capacity_factor")
+
+
+def _with_shared_options(names: list[str], pairs: tuple[str, ...], *, context_keys: Iterable[str] = ()) -> list[str]:
+    """Policy names with the -o options appended to every policy that takes each key (its own name:key=... wins);
+    a key that no listed policy takes, or that the run sets itself (`context_keys`), is refused."""
+    from symi_sim.policies import get_policy, parse_options
+
+    options = parse_options(pairs)
+    for key in options:
+        if key in context_keys:
+            raise ValueError(f"-o {key}: set by the run itself (model, --capacity-factor, --capacity-mode), not by -o")
+    raw = {pair.partition("=")[0].strip(): pair.partition("=")[2].strip() for pair in pairs}
+    for key, value in raw.items():
+        if ":" in value:
+            raise ValueError(f"-o {key}={value}: a value may not contain ':'")
+    used: set[str] = set()
+    out = []
+    for name in names:
+        fields = {f.name for f in dataclasses.fields(get_policy(name))}
+        own = set(parse_options(name.split(":")[1:]))
+        keys = [key for key in options if key in fields and key not in own]
+        used.update(key for key in options if key in fields)
+        out.append(name + "".join(f":{key}={raw[key]}" for key in keys))
+    unused = [key for key in options if key not in used]
+    if unused:
+        raise ValueError(f"-o {unused[0]}: no policy among {', '.join(names)} takes this option")
+    return out
+
+
+def _split_names(text: str, option: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ValueError(f"no policy named in {option} {text!r}")
+    return names
 
 
 # ---------------------------------------------------------------- trace
@@ -46,8 +202,8 @@ def trace_group() -> None:
 @trace_group.command("info")
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print the facts and per-layer statistics as JSON.")
-@click.option("--top-k", type=int, default=None, help="Top-k (overrides the file; a CSV defaults to 1).")
-@click.option("--tokens-per-step", type=int, default=None, help="Tokens per step (overrides the file).")
+@click.option("--top-k", type=int, default=None, help=f"{TOP_K_HELP} Overrides the file; a CSV defaults to 1.")
+@click.option("--tokens-per-step", type=int, default=None, help=f"{TOKENS_PER_STEP_HELP} Overrides the file.")
 def trace_info_cmd(file: str, as_json: bool, top_k: int | None, tokens_per_step: int | None) -> None:
     """Shape, metadata and per-layer skew/volatility of trace FILE (.parquet or .csv)."""
     import json
@@ -59,22 +215,40 @@ def trace_info_cmd(file: str, as_json: bool, top_k: int | None, tokens_per_step:
     click.echo(json.dumps(info, indent=2) if as_json else format_trace_info(info))
 
 
+# which --from formats use each convert option (the importers' keyword arguments, symi_sim.traces.importers)
+CONVERT_OPTIONS = {"model": "--model", "selection": "--selection", "domains": "--domains", "top_k": "--top-k",
+                   "tokens_per_step": "--tokens-per-step"}
+
+
+def _check_trace_output(out_path: str, force: bool) -> None:
+    if not out_path.lower().endswith(".parquet"):
+        raise ValueError(f"trace output {out_path!r} must end in .parquet")
+    check_output_path(out_path, what="OUT", force=force)
+
+
 @trace_group.command("convert")
 @click.argument("in_path", metavar="IN")
 @click.argument("out_path", metavar="OUT")
 @click.option("--from", "fmt", required=True, type=click.Choice(["csv", "olmoe", "per-rank-csv", "megatron-jsonl"]),
               help="Input format (per-rank-csv: IN is a directory of *rank<N>*.csv files).")
 @click.option("--model", default=None, help="olmoe: olmoe|olmoe-sft|olmoe-dpo|mistral; others: a model name.")
-@click.option("--selection", default=None, help="olmoe: topk (all k choices, default) or top1.")
-@click.option("--domains", default=None, help="olmoe: comma-separated domains, one step each, in order.")
-@click.option("--top-k", type=int, default=None, help="Top-k of the router (csv, per-rank-csv, megatron-jsonl).")
-@click.option("--tokens-per-step", type=int, default=None, help="Tokens per step before top-k (csv, per-rank-csv, "
-              "megatron-jsonl).")
+@click.option("--selection", default=None, help="olmoe only: topk (all k choices, default) or top1.")
+@click.option("--domains", default=None, help="olmoe only: comma-separated domains, one step each, in order.")
+@click.option("--top-k", type=int, default=None, help=f"{TOP_K_HELP} csv, per-rank-csv, megatron-jsonl only.")
+@click.option("--tokens-per-step", type=int, default=None,
+              help=f"{TOKENS_PER_STEP_HELP} csv, per-rank-csv, megatron-jsonl only.")
+@_force_option
 def trace_convert_cmd(in_path: str, out_path: str, fmt: str, model: str | None, selection: str | None,
-                      domains: str | None, top_k: int | None, tokens_per_step: int | None) -> None:
-    """Convert IN (format --from) to the canonical Parquet trace OUT."""
-    from symi_sim.traces.importers import convert_trace
+                      domains: str | None, top_k: int | None, tokens_per_step: int | None, force: bool) -> None:
+    """Convert IN (format --from) to the canonical Parquet trace OUT (an existing OUT only with --force)."""
+    import inspect
 
+    from symi_sim.traces.importers import IMPORTERS, convert_trace
+
+    taken = [name for name, p in inspect.signature(IMPORTERS[fmt]).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    _refuse_given(click.get_current_context(), [name for name in CONVERT_OPTIONS if name not in taken],
+                  f"does not apply to --from {fmt} (it takes {', '.join(CONVERT_OPTIONS[n] for n in taken)})")
+    _check_trace_output(out_path, force)
     domain_list = None if domains is None else [d.strip() for d in domains.split(",") if d.strip()]
     trace = convert_trace(in_path, out_path, fmt=fmt, model=model, selection=selection, domains=domain_list,
                           top_k=top_k, tokens_per_step=tokens_per_step)
@@ -84,25 +258,30 @@ def trace_convert_cmd(in_path: str, out_path: str, fmt: str, model: str | None, 
 
 @trace_group.command("synth")
 @click.argument("out_path", metavar="OUT")
-@click.option("--experts", "num_experts", type=int, required=True, help="Logical experts per layer (E).")
-@click.option("--layers", "num_layers", type=int, required=True, help="MoE layers (L).")
-@click.option("--steps", "num_steps", type=int, required=True, help="Training steps (S).")
-@click.option("--skew", type=float, required=True, help="Zipf exponent of the base popularity (0 = uniform).")
-@click.option("--drift", type=float, required=True, help="How much popularity moves per step, in [0, 1].")
-@click.option("--seed", type=int, required=True, help="Random seed (same seed, same trace).")
-@click.option("--top-k", type=int, default=1, show_default=True, help="Distinct experts per token.")
-@click.option("--tokens-per-step", type=int, default=32768, show_default=True, help="Tokens per step.")
+@click.option("--experts", "num_experts", type=int, default=16, show_default=True,
+              help="Logical experts per layer (E); the default fits --model gpt-small.")
+@click.option("--layers", "num_layers", type=int, default=12, show_default=True, help="MoE layers (L).")
+@click.option("--steps", "num_steps", type=int, default=200, show_default=True, help="Training steps (S).")
+@click.option("--skew", type=float, default=1.0, show_default=True,
+              help="Zipf exponent of the base popularity (0 = uniform).")
+@click.option("--drift", type=float, default=0.1, show_default=True,
+              help="How much popularity moves per step, in [0, 1].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same trace).")
+@click.option("--top-k", type=int, default=1, show_default=True, help=TOP_K_HELP)
+@click.option("--tokens-per-step", type=int, default=32768, show_default=True, help=TOKENS_PER_STEP_HELP)
 @click.option("--burst-prob", type=float, default=0.0, show_default=True,
               help="Per step and layer, the probability that a random expert bursts.")
 @click.option("--burst-scale", type=float, default=4.0, show_default=True, help="Weight multiplier of a burst.")
+@_force_option
 def trace_synth_cmd(out_path: str, num_experts: int, num_layers: int, num_steps: int, skew: float, drift: float,
-                    seed: int, top_k: int, tokens_per_step: int, burst_prob: float, burst_scale: float) -> None:
-    """Synthesise a skewed, drifting expert-load trace and write it to OUT (.parquet)."""
+                    seed: int, top_k: int, tokens_per_step: int, burst_prob: float, burst_scale: float,
+                    force: bool) -> None:
+    """Synthesise a skewed, drifting expert-load trace and write it to OUT (.parquet; an existing OUT only with
+    --force). The defaults give a trace `symi simulate --model gpt-small` takes as it is."""
     from symi_sim.traces.format import write_trace
     from symi_sim.traces.synth import synth_trace
 
-    if not out_path.lower().endswith(".parquet"):
-        raise ValueError(f"trace output {out_path!r} must end in .parquet")
+    _check_trace_output(out_path, force)
     trace = synth_trace(num_experts=num_experts, num_layers=num_layers, num_steps=num_steps, skew=skew,
                         drift=drift, seed=seed, top_k=top_k, tokens_per_step=tokens_per_step,
                         burst_prob=burst_prob, burst_scale=burst_scale)
@@ -112,56 +291,86 @@ def trace_synth_cmd(out_path: str, num_experts: int, num_layers: int, num_steps:
 
 # ---------------------------------------------------------------- plan
 
+PLAN_FORMATS = {".json": "json", ".npz": "eplb", ".pt": "eplb"}
+
+
+def _plan_format(fmt: str | None, out: str | None) -> str:
+    """--format, or the one --out's extension names; an extension that contradicts --format is refused."""
+    suffix = os.path.splitext(out)[1].lower() if out else ""
+    if suffix not in PLAN_FORMATS and out is not None:
+        raise ValueError(f"--out {out!r} must end in .json (--format json) or .npz/.pt (--format eplb)")
+    implied = PLAN_FORMATS.get(suffix)
+    if fmt is not None and implied is not None and fmt != implied:
+        raise ValueError(f"--format {fmt} does not match --out {out!r}: its extension means --format {implied}")
+    return fmt or implied or "json"
 
 
 @symi.command()
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
-@click.option("--cluster", "cluster_spec", required=True, help="Cluster preset or .toml/.json file.")
-@click.option("--slots", type=int, default=None, help="Override the cluster's slots per GPU.")
-@click.option("--policy", default="symi-balanced", show_default=True, help="Policy for a single plan.")
+@_cluster_option
+@_slots_window_options
+@click.option("--policy", default="symi-balanced", show_default=True,
+              help=f"The policy of a single plan. {POLICY_NAMES_HELP}")
 @click.option("--step", type=int, default=None, help="Plan the placement serving this step (from the steps before).")
-@click.option("--window", type=int, default=1, show_default=True, help="Steps of history the policy sees.")
-@click.option("-o", "--option", "options", multiple=True, help="Policy option key=value (repeatable).")
-@click.option("--format", "fmt", type=click.Choice(["json", "eplb"]), default="json", show_default=True,
-              help="json: our placement file; eplb: DeepSeek EPLB's phy2log/log2phy/logcnt arrays (.npz or .pt).")
+@_policy_options_option
+@click.option("--format", "fmt", type=click.Choice(["json", "eplb"]), default=None,
+              help="json: our placement file; eplb: DeepSeek EPLB's phy2log/log2phy/logcnt arrays (.npz or .pt) "
+                   "[default: from --out's extension (.json, .npz, .pt), else json].")
 @click.option("--replay", is_flag=True, help="Plan every step from the previous ones and score it on its own loads.")
-@click.option("--policies", default=None, help="Comma-separated policies for --replay (default: all).")
-@click.option("--capacity-factor", type=float, default=1.0, show_default=True)
-@click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True)
-@click.option("--out", "out", default=None, help="Output file (single plan) or run directory (--replay).")
-def plan(trace_path: str, cluster_spec: str, slots: int | None, policy: str, step: int | None, window: int,
-         options: tuple[str, ...], fmt: str, replay: bool, policies: str | None, capacity_factor: float,
-         capacity_mode: str, out: str | None) -> None:
+@click.option("--policies", default=None,
+              help=f"--replay: comma-separated policies (default: all). {POLICY_NAMES_HELP}")
+@_capacity_options
+@click.option("--out", "out", default=None,
+              help="A single plan's file (default runs/plan-<timestamp>.json or .npz), or the --replay run directory "
+                   "(default runs/plan-replay-<timestamp>).")
+@_force_option
+def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, policy: str, step: int | None,
+         options: tuple[str, ...], fmt: str | None, replay: bool, policies: str | None,
+         capacity_factor: float | None, capacity_mode: str, out: str | None, force: bool) -> None:
     """Emit a placement for one step, or replay a whole trace and compare policies."""
     from symi_sim.cluster import load_cluster
     from symi_sim.placement import write_eplb_arrays, write_placement_json
-    from symi_sim.policies import available_policies, get_policy, parse_options
+    from symi_sim.policies import get_policy, parse_options, with_context
     from symi_sim.simulator.replay import plan_step, write_replay
     from symi_sim.simulator.replay import replay as replay_trace
     from symi_sim.traces.format import read_trace
 
+    ctx = click.get_current_context()
+    if replay:
+        _refuse_given(ctx, ["step", "policy", "fmt"], "is for a single plan; --replay plans every step (name the "
+                      "policies with --policies)")
+        names = _split_names(policies, "--policies") if policies is not None else available_policies()
+        names = _with_shared_options(names, options, context_keys=("capacity_mode", "capacity_factor"))
+        out_dir = out or str(timestamped_dir("plan-replay"))
+        check_output_path(out_dir, what="--out", is_dir=True, force=force)
+    else:
+        _refuse_given(ctx, ["policies"], "goes with --replay; a single plan takes one --policy")
+        if step is None:
+            raise ValueError("a single plan needs --step (or use --replay)")
+        fmt = _plan_format(fmt, out)
+        out = out or str(timestamped_dir("plan")) + (".npz" if fmt == "eplb" else ".json")
+        check_output_path(out, what="--out", force=force)
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
     trace = read_trace(trace_path)
     cluster.check_experts(trace.num_experts)
     if replay:
-        names = [p.strip() for p in policies.split(",") if p.strip()] if policies else available_policies()
-        if not names:
-            raise ValueError(f"no policy named in --policies {policies!r}")
-        for name in names:
-            get_policy(name)  # fail on an unknown name before any work
         steps, summary = replay_trace(trace, cluster, names, capacity_factor=capacity_factor,
                                       capacity_mode=capacity_mode, window=window)
-        out_dir = out or str(timestamped_dir("plan-replay"))
         config = {"command": "plan --replay", "trace": trace_path, "trace_model": trace.model,
                   "cluster": cluster.to_dict(), "policies": names, "capacity_factor": capacity_factor,
                   "capacity_mode": capacity_mode, "window": window}
-        write_replay(out_dir, steps, summary, config)
+        write_replay(out_dir, steps, summary, config, replace=force)
         click.echo(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
         click.echo(f"wrote {out_dir}")
         return
-    if step is None or out is None:
-        raise ValueError("a single plan needs --step and --out (or use --replay)")
     chosen = get_policy(policy, **parse_options(options))
+    fields = {f.name for f in dataclasses.fields(chosen)}
+    capacity = {name: value for name, value in (("capacity_factor", capacity_factor), ("capacity_mode", capacity_mode))
+                if _given(ctx, name)}
+    for name in capacity:
+        if name not in fields:
+            raise ValueError(f"{_option_name(ctx, name)}: policy {policy!r} does not use it in a single plan")
+    chosen = with_context(chosen, **capacity)
     placement = plan_step(trace, cluster, chosen, step=step, window=window)
     if fmt == "eplb":
         write_eplb_arrays(out, placement)
@@ -182,18 +391,15 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
 
 @symi.command()
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
-@click.option("--cluster", "cluster_spec", default="paper-a100-16", show_default=True,
-              help="Cluster preset or .toml/.json file.")
-@click.option("--model", "model_spec", default="gpt-small", show_default=True,
-              help="Model preset (gpt-small, gpt-medium, gpt-large, deepseek-v3) or .toml/.json file.")
+@_cluster_option
+@click.option("--model", "model_spec", default="gpt-small", show_default=True, help=MODEL_HELP)
 @click.option("--policies", default=DEFAULT_SIMULATE_POLICIES, show_default=True,
-              help="Comma-separated policies (a period suffix like flexmoe-50 sets rebalance_every).")
-@click.option("--capacity-factor", type=float, default=1.0, show_default=True)
-@click.option("--capacity-mode", type=click.Choice(["slot", "gpu"]), default="slot", show_default=True)
+              help=f"Comma-separated policies. {POLICY_NAMES_HELP}")
+@_policy_options_option
+@_capacity_options
 @click.option("--steps", type=int, default=None, help="Simulate this many steps (default: the whole trace).")
 @click.option("--loop", is_flag=True, help="Cycle a shorter trace up to --steps.")
-@click.option("--window", type=int, default=1, show_default=True, help="Steps of history the policies see.")
-@click.option("--slots", type=int, default=None, help="Override the cluster's slots per GPU.")
+@_slots_window_options
 @click.option("--fit-model-to-trace", is_flag=True,
               help="Take the trace's experts, MoE layers and top-k when they differ from the model's.")
 @click.option("--convergence", "convergence_path", default=None, type=click.Path(dir_okay=False),
@@ -208,7 +414,8 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
               help="With an MTBF: none, full-K (every K steps) or sparse[-K_full][:hot=F] [default: full-100].")
 @click.option("--failure-runs", type=int, default=0, show_default=True,
               help="With an MTBF: also inject failures into this many sampled job timelines (sampled_* columns).")
-@click.option("--failure-seed", type=int, default=0, show_default=True, help="Seed of the injected failures.")
+@click.option("--failure-seed", type=int, default=0, show_default=True,
+              help="With --failure-runs: seed of the injected failures.")
 @click.option("--calibration", "calibration_spec", default=None,
               help="Measured compute terms: a shipped calibration (paper-a100-16-gpt-small) or a .json/.toml file "
                    "from `symi calibrate` (default: the FLOP model, whose absolute times are not measured).")
@@ -221,12 +428,14 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
               help="SYMI's gradient collection and weight send-out: once per distinct (expert, GPU) pair, or per slot "
                    "as the paper's formula counts ((sN - s)/N X over the network + E/N X over PCIe).")
 @click.option("--out", "out", default=None, help="Run directory (default runs/simulate-<timestamp>).")
-def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str, capacity_factor: float,
-             capacity_mode: str, steps: int | None, loop: bool, window: int, slots: int | None,
+@_force_option
+def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str, options: tuple[str, ...],
+             capacity_factor: float | None, capacity_mode: str, steps: int | None, loop: bool, slots: int | None,
+             window: int,
              fit_model_to_trace: bool, convergence_path: str | None, convergence_form: str, mtbf_hours: float | None,
              gpu_mtbf_hours: float | None, checkpoint: str | None, failure_runs: int, failure_seed: int,
              calibration_spec: str | None, optimizer_location: str | None, expert_state_accounting: str,
-             out: str | None) -> None:
+             out: str | None, force: bool) -> None:
     """Replay a trace through every policy on the simulated cluster; compare time to target loss."""
     from pathlib import Path
 
@@ -240,21 +449,22 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     from symi_sim.traces.fit import fit_trace
     from symi_sim.traces.format import read_trace
 
-    out_dir = Path(out or timestamped_dir("simulate"))
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"output directory {str(out_dir)!r} already exists and is not empty")
+    ctx = click.get_current_context()
+    if loop and steps is None:
+        raise ValueError("--loop needs --steps (the number of steps to cycle the trace up to)")
     failures = None
     if mtbf_hours is not None or gpu_mtbf_hours is not None:
+        if _given(ctx, "failure_seed") and not failure_runs:
+            raise ValueError("--failure-seed needs --failure-runs (only injected failures are seeded)")
         failures = FailureModel(checkpoint=checkpoint or DEFAULT_CHECKPOINT, mtbf_hours=mtbf_hours,
                                 gpu_mtbf_hours=gpu_mtbf_hours, sampled_runs=failure_runs, seed=failure_seed)
-    elif checkpoint is not None or failure_runs:
-        option = "--checkpoint" if checkpoint is not None else "--failure-runs"
-        raise ValueError(f"{option} needs --mtbf-hours or --gpu-mtbf-hours")
+    else:
+        _refuse_given(ctx, ["checkpoint", "failure_runs", "failure_seed"], "needs --mtbf-hours or --gpu-mtbf-hours")
+    out_dir = Path(out or timestamped_dir("simulate"))
+    check_output_path(out_dir, what="--out", is_dir=True, force=force)
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
     model = load_model(model_spec)
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    if not names:
-        raise ValueError(f"no policy named in --policies {policies!r}")
+    names = _with_shared_options(_split_names(policies, "--policies"), options, context_keys=_CONTEXT_KEYS)
     trace = read_trace(trace_path)
     cluster.check_experts(trace.num_experts)
     model, trace = fit_trace(model, trace, adopt_trace_shape=fit_model_to_trace)
@@ -267,7 +477,7 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
                               optimizer_location=optimizer_location, expert_state_accounting=expert_state_accounting,
                               trace_path=trace_path)
     result = run_simulation(config)
-    write_run(result, out_dir)
+    write_run(result, out_dir, replace=force)
     columns = list(SUMMARY_COLUMNS) + (list(failures.columns) if failures is not None else [])
     click.echo(result.summary.loc[:, columns].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     source = result.config["calibration"]["source"]
@@ -304,15 +514,6 @@ def plot(run_dir: str, kinds: tuple[str, ...], out: str | None) -> None:
 # ---------------------------------------------------------------- train
 
 
-def _capacity_factor(raw: str | None) -> float | None:
-    if raw is None or raw.strip().lower() in ("none", "dropless"):
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"capacity factor must be a number or 'none', got {raw!r}") from None
-
-
 class _TrainOption(click.Option):
     """A `symi train` option whose default is TrainConfig's (symi_exec.config): each default lives there only.
     Read when the command runs or shows its help, so that `import cli` never imports symi_exec."""
@@ -337,12 +538,11 @@ def _train_option(*decls: str, **attrs: object):
 @_train_option("--model", type=click.Choice(["tiny", "small"]), help="Model preset (symi_exec/model.py).")
 @_train_option("--experts", "num_experts", type=int, help="Experts per MoE layer (E).")
 @_train_option("--slots", "slots_per_rank", type=int, help="Expert slots per rank.")
-@_train_option("--top-k", type=int, help="Experts each token is routed to.")
+@_train_option("--top-k", type=int, help=TOP_K_HELP)
 @_train_option("--policy", help="Replica placement policy (static, symi, symi-balanced, eplb, lazarus, flexmoe[-N]).")
-@click.option("-o", "--option", "options", multiple=True, help="Policy option key=value (repeatable).")
-@_train_option("--capacity-factor", type=str, help="A number, or 'none' for dropless.")
-@_train_option("--capacity-mode", type=click.Choice(["slot", "gpu"]),
-               help="Capacity per slot, or per GPU shared by its slots.")
+@_policy_options_option
+@_train_option("--capacity-factor", type=CAPACITY_FACTOR, help=CAPACITY_FACTOR_HELP)
+@_train_option("--capacity-mode", type=click.Choice(["slot", "gpu"]), help=CAPACITY_MODE_HELP)
 @_train_option("--steps", type=int, help="Training steps.")
 @_train_option("--batch-size", type=int, help="Sequences per rank per step.")
 @_train_option("--lr", type=float, help="Peak learning rate (cosine decay to a tenth of it).")
@@ -371,7 +571,7 @@ def _train_option(*decls: str, **attrs: object):
 @_train_option("--fail-at-step", type=int,
                help="Failure drill: every rank kills itself (SIGKILL) when this step starts; resume with --resume.")
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
-          options: tuple[str, ...], capacity_factor: str | None, capacity_mode: str, steps: int, batch_size: int,
+          options: tuple[str, ...], capacity_factor: float | None, capacity_mode: str, steps: int, batch_size: int,
           lr: float, aux_loss_coef: float, router_skew: float, seed: int, data: str | None, dtype: str,
           record_trace: bool, log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None,
           resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
@@ -387,7 +587,7 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
     config = TrainConfig(
         out=out or str(timestamped_dir("train")), model=model, num_experts=num_experts, slots_per_rank=slots_per_rank,
         top_k=top_k, policy=policy, policy_options=parse_options(options),
-        capacity_factor=_capacity_factor(capacity_factor), capacity_mode=capacity_mode, steps=steps,
+        capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps,
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, router_skew=router_skew, seed=seed,
         data=data, record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir, resume=resume, sparse_hot_share=sparse_hot_share,
@@ -437,9 +637,10 @@ CALIBRATE_OPTIMIZER_STATE = ("host", "gpu")
 @click.option("--optimizer-state", type=click.Choice(CALIBRATE_OPTIMIZER_STATE), default="host", show_default=True,
               help="Where every policy's optimizer state lives in the simulation (not fitted: a choice).")
 @click.option("--out", required=True, help="Calibration file to write (.json), for `symi simulate --calibration`.")
+@_force_option
 def calibrate(run_dirs: tuple[str, ...], latencies_path: str | None, cluster_spec: str | None,
               model_spec: str | None, num_experts: int | None, gemm_form: str | None, warmup_steps: int,
-              optimizer_state: str, out: str) -> None:
+              optimizer_state: str, out: str, force: bool) -> None:
     """Fit measured compute and communication terms to forward latencies (--latencies) or to `symi train` RUN_DIRS;
     prints every term, its standard error and the residuals, and writes a calibration file."""
     from symi_sim.cluster import load_cluster
@@ -449,7 +650,9 @@ def calibrate(run_dirs: tuple[str, ...], latencies_path: str | None, cluster_spe
 
     if (latencies_path is None) == (not run_dirs):
         raise ValueError("give either --latencies FILE.csv or run directories (they describe different machines)")
+    check_output_path(out, what="--out", force=force)
     if latencies_path is not None:
+        _refuse_given(click.get_current_context(), ["warmup_steps"], "goes with run directories, not --latencies")
         if cluster_spec is None or model_spec is None:
             raise ValueError("--latencies needs --cluster and --model (and --experts if not the model's)")
         model = load_model(model_spec, num_experts=num_experts)
@@ -469,7 +672,14 @@ def calibrate(run_dirs: tuple[str, ...], latencies_path: str | None, cluster_spe
     click.echo(f"wrote {out}")
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    # SIGTERM's default ends the process at once, leaving temporary outputs behind; an exception unwinds through
+    # every `finally` (outputs.atomic_file/atomic_dir remove their temporaries) as Ctrl-C does
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     symi(prog_name="symi")
 
 

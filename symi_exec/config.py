@@ -18,7 +18,7 @@ from symi_sim.checks import check_choice, check_non_negative_int, check_number, 
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies import get_policy
-from symi_sim.routing import CAPACITY_MODES
+from symi_sim.routing import CAPACITY_MODES, check_capacity_factor
 
 if TYPE_CHECKING:
     from symi_exec.model import ModelConfig
@@ -95,8 +95,7 @@ class TrainConfig:
             raise ValueError(f"{self.num_experts} experts need at least {self.num_experts} slots, but {world_size} "
                              f"ranks x {self.slots_per_rank} slots = {world_size * self.slots_per_rank}")
         self.model_config()
-        if self.capacity_factor is not None:
-            check_number(self.capacity_factor, "capacity factor", low=0, low_open=True)
+        check_capacity_factor(self.capacity_factor)
         check_choice(self.capacity_mode, "capacity mode", CAPACITY_MODES)
         check_choice(self.dtype, "dtype", DTYPE_NAMES)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):

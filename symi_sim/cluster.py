@@ -16,6 +16,9 @@ from symi_sim.checks import check_number, check_positive_int
 from symi_sim.config_files import load_preset_or_file
 
 BYTES_PER_GBPS = 1.25e8  # 1 Gb/s = 1e9 bit/s = 1.25e8 bytes/s: every link's bandwidth is in Gb/s
+# Size ceilings, refused up front: arrays of slots x layers x steps would exhaust memory long before a result.
+MAX_GPUS = 65_536          # 32x the largest preset (h100-2048)
+MAX_SLOTS = 1_048_576      # expert slots per MoE layer over the whole cluster
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class Cluster:
             check_number(getattr(self, field), f"{where}: {field}", low=0, low_open=True)
         check_number(self.link_latency_s, f"{where}: link_latency_s", low=0)
         check_number(self.compute_efficiency, f"{where}: compute_efficiency", low=0, high=1, low_open=True)
+        if self.num_gpus > MAX_GPUS:
+            raise ValueError(f"{where}: {self.num_nodes} nodes x {self.gpus_per_node} GPUs = {self.num_gpus} GPUs, "
+                             f"more than the {MAX_GPUS} a cluster may have")
+        if self.num_slots > MAX_SLOTS:
+            raise ValueError(f"{where}: {self.num_gpus} GPUs x {self.slots_per_gpu} slots = {self.num_slots} slots "
+                             f"per layer, more than the {MAX_SLOTS} a cluster may have")
 
     @property
     def num_gpus(self) -> int:

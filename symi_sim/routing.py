@@ -12,6 +12,9 @@ Capacity (`capacity_mode`), with A = assignments per layer (k x tokens; by defau
         (DeepSpeed's and the paper's semantics).
   gpu   every GPU buffers ceil(capacity_factor * A / G) tokens shared by its slots; a GPU over budget serves
         each of its slots in proportion to what it was sent (whole tokens, largest remainders).
+A capacity is never more than the layer's total tokens (no slot or GPU can be sent more), so routing is exact, in
+int64, for any finite capacity factor. Simulating a factor is bounded by MAX_CAPACITY_FACTOR (padded slot buffers
+cost capacity_factor x the mean load each; use None, dropless, for "never drop").
 """
 
 from __future__ import annotations
@@ -24,6 +27,17 @@ from symi_sim.checks import check_choice, check_number
 from symi_sim.placement import Placement
 
 CAPACITY_MODES = ("slot", "gpu")
+MAX_CAPACITY_FACTOR = 1e6   # a buffer a million times the mean load per slot: far past any real setting
+
+
+def check_capacity_factor(value: float | None, *, optional: bool = True) -> float | None:
+    """A capacity factor to simulate or train with: a finite number > 0 up to MAX_CAPACITY_FACTOR (None: dropless,
+    when `optional`); one ValueError naming the rule otherwise."""
+    factor = check_number(value, "capacity factor", low=0, low_open=True, optional=optional)
+    if factor is not None and factor > MAX_CAPACITY_FACTOR:
+        raise ValueError(f"capacity factor {factor:g} is more than the {MAX_CAPACITY_FACTOR:g} that may be simulated "
+                         "or trained; use 'none' (dropless) to drop no token")
+    return factor
 
 
 @dataclass(frozen=True)
@@ -131,12 +145,16 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
 
     if capacity_factor is None:
         served_LR = assigned_LR
-    elif capacity_mode == "slot":
-        cap_L = np.ceil(capacity_factor * num_assignments_L / num_slots).astype(np.int64)
-        served_LR = np.minimum(assigned_LR, cap_L[:, None])
     else:
-        budget_L = np.ceil(capacity_factor * num_assignments_L / num_gpus).astype(np.int64)
-        served_LR = _fit_gpu_budget(assigned_LR, budget_L, slots_per_gpu)
+        # clamped in float before the int64 cast, which would wrap for factors past ~1e18 / tokens per slot
+        limit_L = np.maximum(num_assignments_L, load_LE.sum(axis=1)).astype(np.float64)
+        buffers = num_slots if capacity_mode == "slot" else num_gpus
+        with np.errstate(over="ignore"):
+            cap_L = np.minimum(np.ceil(capacity_factor * (num_assignments_L / buffers)), limit_L).astype(np.int64)
+        if capacity_mode == "slot":
+            served_LR = np.minimum(assigned_LR, cap_L[:, None])
+        else:
+            served_LR = _fit_gpu_budget(assigned_LR, cap_L, slots_per_gpu)
 
     dropped_LE = np.zeros_like(load_LE)
     layer_LR = np.broadcast_to(np.arange(num_layers)[:, None], assigned_LR.shape)

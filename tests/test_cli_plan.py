@@ -75,7 +75,7 @@ def test_plan_replay_writes_run_directory(tmp_path, trace_path, cluster_path):
     (["--policy", "nope", "--step", "1"], "unknown policy 'nope'"),
     (["--policy", "symi", "--step", "9"], "step 9 is outside"),
     (["--policy", "symi", "--step", "1", "-o", "bogus=1"], "unknown option"),
-    (["--policy", "symi"], "needs --step and --out"),
+    (["--policy", "symi"], "needs --step"),
     (["--replay", "--policies", "static,nope"], "unknown policy 'nope'"),
 ])
 def test_plan_bad_input_is_one_clear_error(tmp_path, trace_path, cluster_path, args, message):

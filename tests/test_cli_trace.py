@@ -103,12 +103,12 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path):
     _assert_clean_failure(_run("trace", "convert", OLMOE_CSV, out_dir / "x.parquet", "--from", "olmoe",
                                "--model", "gpt4"), "unknown OLMoE-analysis model 'gpt4'")
     _assert_clean_failure(_run("trace", "convert", bad, out_dir / "x.parquet", "--from", "csv", "--selection",
-                               "top1"), "do not apply to format 'csv'")
+                               "top1"), "--selection does not apply to --from csv")
     _assert_clean_failure(_run("trace", "convert", bad, out_dir / "x.parquet", "--from", "json"), "--from")
     _assert_clean_failure(_run("trace", "synth", "--experts", "4", "--layers", "1", "--steps", "3", "--skew", "1",
                                "--drift", "2", "--seed", "0", out_dir / "s.parquet"),
                           "drift must be a number in [0, 1]")
     _assert_clean_failure(_run("trace", "synth", "--experts", "4", "--layers", "1", "--steps", "3", "--skew", "1",
                                "--drift", "0.1", "--seed", "0", out_dir / "s.csv"), "must end in .parquet")
-    _assert_clean_failure(_run("trace", "synth", "--experts", "4", out_dir / "s.parquet"), "--layers")
+    _assert_clean_failure(_run("trace", "synth", "--layers", "0", out_dir / "s.parquet"), "num_layers must be")
     assert list(out_dir.iterdir()) == []

@@ -79,6 +79,7 @@ CHECKPOINT_MODES = ("none", "full-K", "sparse")
 DEFAULT_CHECKPOINT = "full-100"
 DEFAULT_SPARSE_FULL_EVERY = 100
 DEFAULT_HOT_SHARE = 0.8
+MAX_SAMPLED_RUNS = 100_000   # sampled job timelines: plenty for percentiles; more only costs minutes and memory
 _SPEC = re.compile(r"^(none|full-(\d+)|sparse(?:-(\d+))?(?::hot=([0-9.eE+-]+))?)$")
 FAILURE_COLUMNS = ("effective_time_ratio", "lost_work_s_per_failure", "checkpoint_bytes_per_step",
                    "failures_per_day", "time_to_target_with_failures_s")
@@ -145,6 +146,9 @@ class FailureModel:
                 check_number(value, name.replace("_", " "), low=0, low_open=True)
         check_number(self.restart_overhead_s, "restart overhead", low=0)
         check_non_negative_int(self.sampled_runs, "the number of failure runs")
+        if self.sampled_runs > MAX_SAMPLED_RUNS:
+            raise ValueError(f"the number of failure runs (--failure-runs) is {self.sampled_runs}, more than the "
+                             f"{MAX_SAMPLED_RUNS} sampled timelines a simulation may inject")
         parse_checkpoint(self.checkpoint)
 
     @property

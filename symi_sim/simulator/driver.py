@@ -160,10 +160,11 @@ def summarize(iterations: pd.DataFrame, convergence: ConvergenceModel | None = N
     return summary
 
 
-def write_run(result: SimulationResult, out_dir: str | Path) -> Path:
-    """iterations.parquet, summary.csv, config.json and comparison.png, all at once into `out_dir`."""
+def write_run(result: SimulationResult, out_dir: str | Path, *, replace: bool = False) -> Path:
+    """iterations.parquet, summary.csv, config.json and comparison.png, all at once into `out_dir` (`replace`: an
+    existing directory there is replaced, see outputs.atomic_dir)."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         result.iterations.to_parquet(tmp / "iterations.parquet", index=False)
         result.summary.to_csv(tmp / "summary.csv", index=False)
         write_json(tmp / "config.json", result.config)

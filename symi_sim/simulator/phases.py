@@ -10,7 +10,8 @@ and `chunk_work` assembles them into engine.IterationWork and the table columns 
 Modelling choices (the formulas are in costs.py):
   - capacity_mode "slot" (DeepSpeed, the paper): fixed per-slot buffers of ceil(cf x k x tokens / R) tokens,
     padded. The all-to-all moves whole buffers and the experts compute whole buffers, whatever the load:
-    skew costs dropped tokens, not time. "gpu" (ours: variable-size all-to-all, grouped expert kernels): the
+    skew costs dropped tokens, not time; dropless (capacity factor None) pads every buffer to the busiest slot's
+    load, as DeepSpeed does without token dropping. "gpu" (ours: variable-size all-to-all, grouped expert kernels): the
     all-to-all moves and the experts compute only the served tokens, and the busiest GPU gates each layer.
   - FasterMoE's shadowed experts are computed where their tokens come from (outside the slots, never dropped,
     no all-to-all); their weights are broadcast before the forward and their gradients reduced back after the
@@ -107,7 +108,7 @@ class PlacementRuns:
 
 
 def route_chunk(plans: Sequence[PlannedStep], *, counts_SLE: np.ndarray, trace: LoadTrace, cluster: Cluster,
-                capacity_factor: float, capacity_mode: str) -> tuple[Placement, Routing]:
+                capacity_factor: float | None, capacity_mode: str) -> tuple[Placement, Routing]:
     """The chunk's stacked placement and its routing of the steps' loads (rows = C x L)."""
     num_steps = len(plans)
     stacked = stack_placements([p.placement for p in plans])
@@ -119,7 +120,7 @@ def route_chunk(plans: Sequence[PlannedStep], *, counts_SLE: np.ndarray, trace: 
 
 
 def alltoall_and_experts(routing: Routing, stacked: Placement, *, num_steps: int, cluster: Cluster,
-                         model: ModelConfig, calibration: Calibration, capacity_factor: float,
+                         model: ModelConfig, calibration: Calibration, capacity_factor: float | None,
                          capacity_mode: str, padded: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All-to-all and expert compute of the routed rows of `stacked`: (a2a_CL seconds of one all-to-all, expert_CL
     seconds of the forward expert compute, a2a_bytes_C over the four all-to-alls of a step). `padded` (default:
@@ -128,7 +129,10 @@ def alltoall_and_experts(routing: Routing, stacked: Placement, *, num_steps: int
     # the tokens of every slot's GEMM: padded buffers of the slots in use (slot) or served tokens (gpu); shadowed
     # tokens stay where they are and are computed as one more GEMM per GPU
     if capacity_mode == "slot" if padded is None else padded:
-        capacity_row = np.ceil(capacity_factor * routing.num_assignments_L / cluster.num_slots)
+        if capacity_factor is None:
+            capacity_row = routing.assigned_LR.max(axis=1).astype(np.float64)
+        else:
+            capacity_row = np.ceil(capacity_factor * routing.num_assignments_L / cluster.num_slots)
         busy_row_R = np.ones(routing.served_LR.shape)
         if stacked.shadow_LE is not None:
             busy_row_R -= np.take_along_axis(stacked.shadow_LE, stacked.phy2log_LR, axis=1)
@@ -278,7 +282,7 @@ def backward_segments(a2a_CL: np.ndarray, expert_CL: np.ndarray, *, layer_s: flo
 
 def chunk_work(plans: Sequence[PlannedStep], next_placement: Placement, *, counts_SLE: np.ndarray,
                trace: LoadTrace, cluster: Cluster, model: ModelConfig, calibration: Calibration,
-               needs_popularity: bool, optimizer_coupled: bool, layout: str, capacity_factor: float,
+               needs_popularity: bool, optimizer_coupled: bool, layout: str, capacity_factor: float | None,
                capacity_mode: str, expert_state_accounting: str = "pairs"
                ) -> tuple[IterationWork, dict[str, np.ndarray]]:
     """Phase durations and table columns of the chunk's C steps (`next_placement` serves the step after it); the

@@ -23,7 +23,7 @@ from symi_sim.figures.registry import save_figure
 from symi_sim.outputs import atomic_dir, write_json
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy, get_policy, with_context
-from symi_sim.routing import route
+from symi_sim.routing import check_capacity_factor, route
 from symi_sim.traces.format import LoadTrace
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,13 @@ class PlannedStep:
     replanned: bool            # plan() was called for this step
     plan_time_s: float         # wall time of that call (0.0 when not replanned)
     moves_L: np.ndarray        # [L] slots whose expert changed since the previous step
+
+
+def check_replayable(num_steps: int, command: str) -> None:
+    """Refuse a trace too short to replay, in the user's terms: a plan needs a step before the one it serves."""
+    if num_steps < 2:
+        raise ValueError(f"the trace has {num_steps} step{'s' if num_steps != 1 else ''}; {command} needs at least "
+                         "2 (one to plan from, one to score)")
 
 
 def known_load(counts_SLE: np.ndarray, step: int, window: int, current: bool) -> np.ndarray:
@@ -54,6 +61,7 @@ def iter_plans(counts_SLE: np.ndarray, policy: Policy, cluster: Cluster, *, wind
     """Placements for steps start..stop-1 (start >= 1: the first step has no history to plan from)."""
     check_positive_int(window, "window")
     num_steps = counts_SLE.shape[0]
+    check_replayable(num_steps, "a replay")
     stop = num_steps if stop is None else stop
     if not 1 <= start < stop <= num_steps:
         raise ValueError(f"cannot replay steps {start}..{stop - 1} of a {num_steps}-step trace (need >= 2 steps)")
@@ -76,13 +84,15 @@ def iter_plans(counts_SLE: np.ndarray, policy: Policy, cluster: Cluster, *, wind
 def plan_step(trace: LoadTrace, cluster: Cluster, policy: Policy, *, step: int, window: int = 1) -> Placement:
     """The placement `policy` gives for step `step` of `trace`, planned from the `window` steps before it."""
     check_positive_int(window, "window")
+    if not policy.uses_current_load:
+        check_replayable(trace.num_steps, "a plan")
     if not 0 <= step < trace.num_steps:
         raise ValueError(f"step {step} is outside the trace's steps 0..{trace.num_steps - 1}")
     load_LE = known_load(trace.counts_SLE, step, window, policy.uses_current_load)
     return policy.plan(load_LE, cluster)
 
 
-def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capacity_factor: float = 1.0,
+def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capacity_factor: float | None = 1.0,
            capacity_mode: str = "slot", window: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Plan every step from the ones before it and score it on its own loads.
 
@@ -91,6 +101,8 @@ def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capac
     plan time median/p99 (ms, over the steps that replanned) and replica moves per step.
     """
     cluster.check_experts(trace.num_experts)
+    check_replayable(trace.num_steps, "plan --replay")
+    check_capacity_factor(capacity_factor)
     resolved = [with_context(get_policy(name), capacity_mode=capacity_mode, capacity_factor=capacity_factor)
                 for name in policies]
     rows = []
@@ -133,9 +145,11 @@ def summarize_replay(steps: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_replay(out_dir: str, steps: pd.DataFrame, summary: pd.DataFrame, config: dict) -> None:
-    """Run directory of a replay: config.json, steps.csv, summary.csv, summary.json, replay.png (all or nothing)."""
-    with atomic_dir(out_dir) as tmp:
+def write_replay(out_dir: str, steps: pd.DataFrame, summary: pd.DataFrame, config: dict, *,
+                 replace: bool = False) -> None:
+    """Run directory of a replay: config.json, steps.csv, summary.csv, summary.json, replay.png (all or nothing);
+    `replace`: an existing directory there is replaced (outputs.atomic_dir)."""
+    with atomic_dir(out_dir, replace=replace) as tmp:
         write_json(tmp / "config.json", config)
         steps.to_csv(tmp / "steps.csv", index=False)
         summary.to_csv(tmp / "summary.csv", index=False)

@@ -17,15 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from symi_sim.checks import check_choice, check_number, check_positive_int
+from symi_sim.checks import check_choice, check_positive_int
 from symi_sim.cluster import Cluster
 from symi_sim.failures.model import FailureModel
 from symi_sim.models import ModelConfig
 from symi_sim.policies import Policy, get_policy, with_context
-from symi_sim.routing import CAPACITY_MODES
+from symi_sim.routing import CAPACITY_MODES, check_capacity_factor
 from symi_sim.simulator.calibration import Calibration, flop_calibration
 from symi_sim.simulator.convergence import ConvergenceModel, paper_model
 from symi_sim.simulator.costs import EXPERT_STATE_ACCOUNTINGS, OPTIMIZER_LOCATIONS
+from symi_sim.simulator.replay import check_replayable
 from symi_sim.traces.format import LoadTrace
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class SimulationConfig:
     cluster: Cluster
     model: ModelConfig
     policies: Sequence[str | Policy]       # names (with options, e.g. "flexmoe-10:rule=cost_benefit") or Policies
-    capacity_factor: float = 1.0
+    capacity_factor: float | None = 1.0    # None: dropless
     capacity_mode: str = "slot"
     steps: int | None = None               # steps 1..steps of the trace are simulated
     loop: bool = False                     # cycle a shorter trace up to `steps`
@@ -54,7 +55,7 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "policies", tuple(self.policies))
         check_choice(self.capacity_mode, "capacity mode", CAPACITY_MODES)
-        check_number(self.capacity_factor, "capacity factor", low=0, low_open=True)
+        check_capacity_factor(self.capacity_factor)
         check_positive_int(self.window, "window")
         check_choice(self.expert_state_accounting, "expert-state accounting", EXPERT_STATE_ACCOUNTINGS)
         if not self.policies:
@@ -72,8 +73,7 @@ class SimulationConfig:
                              f"{model.tokens_per_step}; rescale with models.fit_trace")
         if self.failures is not None and not isinstance(self.failures, FailureModel):
             raise ValueError(f"failures must be a failures.FailureModel, got {self.failures!r}")
-        if trace.num_steps < 2:
-            raise ValueError("the trace needs at least 2 steps (the first one only seeds the first plan)")
+        check_replayable(trace.num_steps, "simulate")
         available = trace.num_steps - 1
         steps = available if self.steps is None else self.steps
         check_positive_int(steps, "steps")
@@ -139,7 +139,7 @@ class SimulationConfig:
 
 
 def resolve_policy(spec: str | Policy, model: ModelConfig, capacity_mode: str = "slot",
-                   capacity_factor: float = 1.0) -> tuple[str, Policy]:
+                   capacity_factor: float | None = 1.0) -> tuple[str, Policy]:
     """(label, policy): a name (with an optional period suffix) or a Policy instance, given the context it may take
     as options: the simulated model's d_model / d_ff (d_ff = one routed expert's width), its bytes per weight,
     activation and optimizer value, and the capacity mode and factor."""

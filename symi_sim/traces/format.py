@@ -30,6 +30,11 @@ from symi_sim.outputs import atomic_file
 logger = logging.getLogger(__name__)
 
 
+# Most tokens one (step, layer, expert) count may hold: the file's tokens column is int32, and sums over a layer's
+# experts then stay far inside int64.
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
 @dataclass(frozen=True, eq=False)
 class LoadTrace:
     counts_SLE: np.ndarray
@@ -55,6 +60,10 @@ class LoadTrace:
         if (counts < 0).any():
             s, layer, e = np.argwhere(counts < 0)[0]
             raise ValueError(f"trace counts are negative (step {s}, layer {layer}, expert {e}: {counts[s, layer, e]})")
+        if (counts > MAX_TOKEN_COUNT).any():
+            s, layer, e = np.argwhere(counts > MAX_TOKEN_COUNT)[0]
+            raise ValueError(f"trace count {counts[s, layer, e]} (step {s}, layer {layer}, expert {e}) is more than "
+                             f"the {MAX_TOKEN_COUNT} tokens a trace may hold per (step, layer, expert)")
         object.__setattr__(self, "counts_SLE", counts.astype(np.int64))
         check_positive_int(self.top_k, "top_k")
         if self.top_k > self.num_experts:
@@ -63,6 +72,9 @@ class LoadTrace:
             raise ValueError(f"trace meta must be a dict, got {type(self.meta).__name__}")
         if self.tokens_per_step is not None:
             check_positive_int(self.tokens_per_step, "tokens_per_step")
+            if self.tokens_per_step > MAX_TOKEN_COUNT:
+                raise ValueError(f"tokens_per_step {self.tokens_per_step} is more than the {MAX_TOKEN_COUNT} a trace "
+                                 "may hold")
             totals = self.counts_SLE.sum(axis=2)
             expected = self.top_k * self.tokens_per_step
             bad = np.argwhere(totals > expected)
@@ -381,6 +393,10 @@ def _build_trace(columns: dict[str, np.ndarray], *, where: str, row_word: str, i
         if name in columns and columns[name].max() > limit:
             row = int(np.argmax(columns[name]))
             raise ValueError(f"{where}, {row_word} {row + 1}: {name} {columns[name][row]} is out of range")
+    if tokens.max() > MAX_TOKEN_COUNT:
+        row = int(np.argmax(tokens))
+        raise ValueError(f"{where}, {row_word} {row + 1}: tokens {tokens[row]} is more than the {MAX_TOKEN_COUNT} a "
+                         "trace may hold per (step, layer, expert)")
     num_layers = info.get("num_layers", int(layer.max()) + 1)
     num_experts = info.get("num_experts", int(expert.max()) + 1)
     for name, values, bound in (("layer", layer, num_layers), ("expert", expert, num_experts)):

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from symi_sim.checks import check_choice, is_int, is_number
-from symi_sim.traces.format import LoadTrace, parse_integer_column, read_csv_frame, read_trace_csv, write_trace
+from symi_sim.traces.format import (
+    MAX_TOKEN_COUNT,
+    LoadTrace,
+    parse_integer_column,
+    read_csv_frame,
+    read_trace_csv,
+    write_trace,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +237,10 @@ def import_megatron_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: 
             if bad or not row:
                 raise ValueError(f"{at}: layer {layer} tokens_per_expert must be non-negative integers, "
                                  f"got {bad[0] if bad else row!r}")
+            huge = [x for x in row if x > MAX_TOKEN_COUNT]
+            if huge:
+                raise ValueError(f"{at}: layer {layer} tokens_per_expert holds {huge[0]}, more than the "
+                                 f"{MAX_TOKEN_COUNT} tokens a trace may hold per (step, layer, expert)")
             if num_experts is None:
                 num_experts = len(row)
             elif len(row) != num_experts:

@@ -27,6 +27,9 @@ import numpy as np
 from symi_sim.checks import check_non_negative_int, check_number, check_positive_int
 from symi_sim.traces.format import LoadTrace
 
+# Most steps x layers x experts counts one synthesis makes (several float64 arrays of this size are built at once).
+MAX_SYNTH_COUNTS = 2**26
+
 REVERT = 0.1             # OU pull toward the base per step
 SWAP_RATE = 0.1          # base-rank swaps per step per unit of sigma
 EARLY_BOOST = 2.0        # sigma multiplier at step 0 is 1 + EARLY_BOOST
@@ -48,6 +51,10 @@ def synth_trace(*, num_experts: int, num_layers: int, num_steps: int, skew: floa
         check_positive_int(value, name)
     if top_k > num_experts:
         raise ValueError(f"top_k {top_k} exceeds the number of experts {num_experts}")
+    num_counts = num_steps * num_layers * num_experts
+    if num_counts > MAX_SYNTH_COUNTS:
+        raise ValueError(f"trace too large: {num_steps} steps x {num_layers} layers x {num_experts} experts = "
+                         f"{num_counts} counts, more than the {MAX_SYNTH_COUNTS} a synthesised trace may hold")
     if num_experts > np.iinfo(np.int16).max or top_k * tokens_per_step > np.iinfo(np.int32).max:
         raise ValueError(f"too large: {num_experts} experts, top_k x tokens_per_step = {top_k * tokens_per_step}")
     check_number(skew, "skew", low=0)
