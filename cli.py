@@ -296,6 +296,8 @@ PLAN_FORMATS = {".json": "json", ".npz": "eplb", ".pt": "eplb"}
 
 def _plan_format(fmt: str | None, out: str | None) -> str:
     """--format, or the one --out's extension names; an extension that contradicts --format is refused."""
+    if out is not None and os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a folder; a single plan is a file (.json, .npz or .pt)")
     suffix = os.path.splitext(out)[1].lower() if out else ""
     if suffix not in PLAN_FORMATS and out is not None:
         raise ValueError(f"--out {out!r} must end in .json (--format json) or .npz/.pt (--format eplb)")
