@@ -219,6 +219,10 @@ class Checkpointer:
         if meta["world_size"] != comm.world_size:
             # per-source-rank counts of another world size do not stack (--record-trace refuses this case)
             history.src_counts_SLEG = []
+        if comm.world_size > 1:
+            dist.barrier()   # every rank has read the resume point (and passed over the damaged ones after it)
+        if comm.rank == 0 and run_identity.continues_in_place(config):
+            run_identity.drop_newer(self.root, step)
         self.tracker = tracker = recovered.tracker
         self.last_written = recovered.chain[-1] if recovered.chain else recovered.full_dir
         self.recovery = {"checkpoint": str(recovered.full_dir), "sparse_snapshots": len(recovered.chain),

@@ -106,6 +106,11 @@ class TrainConfig:
             check_number(getattr(self, name), name, low=0)
         for name in ("beta1", "beta2"):
             check_number(getattr(self, name), name, low=0, high=1, high_open=True)
+        largest = float(np.finfo(self.dtype).max)
+        if self.lr / (1 - self.beta1) > largest:
+            raise ValueError(f"lr {self.lr:g} is too large for {self.dtype}: AdamW's first step multiplies by "
+                             f"lr / (1 - beta1) = {self.lr / (1 - self.beta1):g}, over the largest {self.dtype} "
+                             f"({largest:g})")
         check_non_negative_int(self.warmup_steps, "warmup_steps")
         policy = get_policy(self.policy, **self.policy_options)
         if policy.uses_current_load:

@@ -148,6 +148,9 @@ def check_root(config: TrainConfig) -> None:
         if config.overwrite_checkpoints:
             raise ValueError("--overwrite-checkpoints would delete the checkpoints --resume continues from: give "
                              "--checkpoint-dir another folder")
+        if not (root / "run.json").is_file():
+            raise ValueError(f"checkpoint dir {str(root)!r} holds no run.json: it was not written by this version "
+                             f"of symi train")
         read_run(root)
         return
     entries = sorted(root.iterdir()) if root.is_dir() else []
@@ -191,9 +194,10 @@ def _start_root(config: TrainConfig, root: Path, record: dict[str, Any]) -> None
     write_atomic_text(root / RUN_FILE, json.dumps(record, indent=1) + "\n")
 
 
-def _drop_newer(root: Path, step: int) -> None:
-    """Resuming in place from `step`: checkpoints and snapshots after it (damaged, or after a damaged one) belong to
-    a history the run no longer continues; removed, so that a later resume never mixes them with the new one."""
+def drop_newer(root: Path, step: int) -> None:
+    """Resuming in place from `step` (rank 0, once every rank has read it): checkpoints and snapshots after it
+    (damaged, or after a damaged one) belong to a history the run no longer continues; removed, so that a later
+    resume never mixes them with the new one."""
     from symi_exec.checkpoint import STEP_PREFIX, checkpoint_dirs
     from symi_exec.snapshots import SPARSE_PREFIX
 
@@ -264,18 +268,15 @@ def claim(config: TrainConfig, world_size: int, *, leader: bool = True) -> Itera
         resume = resolve(config, world_size) if config.resume is not None else None
         if resume is not None and leader:
             _log_resume(resume, config, world_size)
-        if leader and uses_checkpoint_dir(config):
-            if in_place:
-                assert resume is not None
-                _drop_newer(root, int(resume.meta["step"]))
-            else:
-                record = {"run_id": run_id, "out": str(Path(config.out).resolve()), "started": started,
-                          "settings": settings(config, world_size),
-                          "resumed_from": None if resume is None else {
-                              "checkpoint": str(resume.directory.resolve()), "run_id": resume.meta.get("run_id")}}
-                _start_root(config, root, record)
-        yield dataclasses.replace(config, run_id=run_id,
-                                  batch_size=resume.batch_size if resume is not None else config.batch_size)
+        resolved = dataclasses.replace(config, run_id=run_id,
+                                       batch_size=resume.batch_size if resume is not None else config.batch_size)
+        if leader and uses_checkpoint_dir(config) and not in_place:
+            record = {"run_id": run_id, "out": str(Path(config.out).resolve()), "started": started,
+                      "settings": settings(resolved, world_size),
+                      "resumed_from": None if resume is None else {
+                          "checkpoint": str(resume.directory.resolve()), "run_id": resume.meta.get("run_id")}}
+            _start_root(config, root, record)
+        yield resolved
 
 
 def _log_resume(resume: Resume, config: TrainConfig, world_size: int) -> None:

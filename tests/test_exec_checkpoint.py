@@ -53,7 +53,7 @@ def test_resume_picks_latest_complete_checkpoint_flexmoe(tmp_path: Path) -> None
                          capacity_factor=1.0, log_interval=1000)
     launch(config, 2)
     ckpt = config.checkpoint_root()
-    assert [d.name for d in sorted(ckpt.iterdir())] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert [d.name for d in sorted(ckpt.glob("step-*"))] == ["step-00000002", "step-00000004", "step-00000006"]
     (checkpoint.step_dir(ckpt, 6) / checkpoint.MARKER).unlink()        # as if the job died writing step 6
     (checkpoint.step_dir(ckpt, 4) / checkpoint.MARKER).unlink()
     assert checkpoint.latest_complete(ckpt) == checkpoint.step_dir(ckpt, 2)
