@@ -13,11 +13,11 @@ Hot experts, per layer: the fewest experts, by tokens processed since their own 
 layer's unsaved tokens (ties: the longer unsaved first, then the lower expert id); F = 1 takes every expert, since
 AdamW moves an expert even on steps it gets no token.
 
-Recovery from the chain full(F0), sparse(F0+1), ..., sparse(t) (contiguous, all COMPLETE) gives the state after t
-steps: the dense state, placement and RNG exactly; every expert from its own latest snapshot, so a cold expert
-comes back stale by the steps since it was last hot (at most K - 1): a consistent state of each expert (weights and
-moments of the same step), not the uninterrupted run's. The updates lost are the `unsaved` tokens of the tracker at
-t, reported in the run's recovery.json. F = 1 makes recovery exact.
+Recovery from the chain full(F0), sparse(F0+1), ..., sparse(t) (contiguous, all COMPLETE and intact) gives the
+state after t steps: the dense state, placement and RNG exactly; every expert from its own latest snapshot, so a
+cold expert comes back stale by the steps since it was last hot (at most K - 1): a consistent state of each expert
+(weights and moments of the same step), not the uninterrupted run's. The updates lost are the `unsaved` tokens of
+the tracker at t, reported in the run's recovery.json. F = 1 makes recovery exact.
 """
 
 from __future__ import annotations
