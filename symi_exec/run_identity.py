@@ -148,6 +148,10 @@ def check_root(config: TrainConfig) -> None:
         if config.overwrite_checkpoints:
             raise ValueError("--overwrite-checkpoints would delete the checkpoints --resume continues from: give "
                              "--checkpoint-dir another folder")
+        from symi_exec.checkpoint import latest_complete
+
+        if latest_complete(root) is None:
+            raise ValueError(f"no complete checkpoint in {str(root)!r}")
         if not (root / "run.json").is_file():
             raise ValueError(f"checkpoint dir {str(root)!r} holds no run.json: it was not written by this version "
                              f"of symi train")
