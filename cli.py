@@ -572,12 +572,17 @@ def _train_option(*decls: str, **attrs: object):
                help="Write checkpoints and snapshots in a background thread while training goes on.")
 @_train_option("--fail-at-step", type=int,
                help="Failure drill: every rank kills itself (SIGKILL) when this step starts; resume with --resume.")
+@_train_option("--overwrite-checkpoints", is_flag=True,
+               help="A new run deletes the checkpoints already in its checkpoint dir (else it refuses to start).")
+@click.option("--allow-config-change", "allow_config_change", default="", metavar="FIELD[,FIELD...]",
+              help="Settings a resume may change from those recorded in the checkpoint (e.g. lr,seed,batch_size); "
+                   "any other change is refused.")
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
           options: tuple[str, ...], capacity_factor: float | None, capacity_mode: str, steps: int, batch_size: int,
           lr: float, aux_loss_coef: float, router_skew: float, seed: int, data: str | None, dtype: str,
           record_trace: bool, log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None,
           resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
-          fail_at_step: int | None) -> None:
+          fail_at_step: int | None, overwrite_checkpoints: bool, allow_config_change: str) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
@@ -594,6 +599,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         data=data, record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir, resume=resume, sparse_hot_share=sparse_hot_share,
         keep_checkpoints=keep_checkpoints, overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
+        overwrite_checkpoints=overwrite_checkpoints,
+        allow_config_change=tuple(f.strip() for f in allow_config_change.split(",") if f.strip()),
     )
     try:
         run_dir = launch(config, nproc_per_node)

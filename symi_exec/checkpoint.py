@@ -12,12 +12,16 @@ Layout of a checkpoint root (`--checkpoint-dir`):
                                 experts whose lowest holder this rank is: every element is stored exactly once);
                                 rank 0 also: dense parameters, dense AdamW state, the placement of the next step,
                                 the last step's loads and the metrics history (rows, placements, trace counts)
-    meta.json                 human-readable summary (rank 0)
-    COMPLETE                  written last, by rank 0, after every rank's file is in place
+    meta.json                 human-readable summary (rank 0): also the run id, the run's settings (run_identity.py)
+                                and the sha256 of every rank file
+    COMPLETE                  written last, by rank 0, after every rank's file is in place: the step and the sha256
+                                of meta.json
   sparse-00000011/            with sparse snapshots (snapshots.py): the hot experts after step 11, the same way
-A directory without COMPLETE is ignored (the job died while writing it). The data position and the learning
-rate are functions of the step (get_batch draws step `s`'s batch from (seed, s); lr_at(s)), so the step is the
-whole of both.
+  run.json                    the identity of the run that writes here (run_identity.py)
+A directory without COMPLETE is ignored (the job died while writing it); a complete one whose files do not match
+their checksums is damaged (`damage`), and a resume falls back to the newest intact one (`latest_intact`).
+The data position and the learning rate are functions of the step (get_batch draws step `s`'s batch from
+(seed, s); lr_at(s)), so the step is the whole of both.
 
 Loading re-shards: the full state of every expert is assembled from the G_old files and re-split for the new
 world size, so a job can resume on fewer (or more) ranks; with the same world size the slices are the saved ones.
@@ -25,6 +29,7 @@ world size, so a job can resume on fewer (or more) ranks; with the same world si
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +46,7 @@ logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE_NAMES = ("weights", "exp_avg", "exp_avg_sq")   # an expert's optimizer state, per element of its P
 STEP_PREFIX = "step-"
+RUN_FILE = "run.json"
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -51,29 +57,102 @@ def rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank-{rank:05d}.pt"
 
 
+def checkpoint_dirs(root: str | Path, prefix: str = STEP_PREFIX) -> dict[int, Path]:
+    """Step -> directory `<prefix>NNNNNNNN` under `root` (complete or not); ValueError naming an entry that starts
+    with `prefix` but is no such directory (a stray `step-abc/` is refused, not guessed at)."""
+    root = Path(root)
+    found: dict[int, Path] = {}
+    if not root.is_dir():
+        return found
+    for entry in root.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        digits = entry.name.removeprefix(prefix)
+        if not (entry.is_dir() and len(digits) == 8 and digits.isascii() and digits.isdigit()):
+            raise ValueError(f"checkpoint dir {str(root)!r} holds {entry.name!r}, which is not a checkpoint "
+                             f"({prefix}NNNNNNNN folder): move it out of the checkpoint dir")
+        found[int(digits)] = entry
+    return found
+
+
 def latest_complete(root: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under `root` (None: none)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    done = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(STEP_PREFIX) and (d / MARKER).is_file()]
-    return max(done, key=lambda d: int(d.name.removeprefix(STEP_PREFIX)), default=None)
+    done = {step: d for step, d in checkpoint_dirs(root).items() if (d / MARKER).is_file()}
+    return done[max(done)] if done else None
 
 
-def keep_latest(root: str | Path, num_keep: int) -> list[Path]:
+def latest_intact(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint under `root` whose files match their checksums (None: none), and the newer
+    complete ones that do not, each with what is wrong."""
+    damaged: list[tuple[Path, str]] = []
+    done = {step: d for step, d in checkpoint_dirs(root).items() if (d / MARKER).is_file()}
+    for step in sorted(done, reverse=True):
+        reason = damage(done[step])
+        if reason is None:
+            return done[step], damaged
+        damaged.append((done[step], reason))
+    return None, damaged
+
+
+def keep_latest(root: str | Path, num_keep: int, run_id: str | None = None) -> list[Path]:
     """Remove all but the `num_keep` newest complete checkpoints under `root` (and any incomplete one older than
-    the oldest kept); returns the removed directories."""
-    root = Path(root)
-    steps = sorted((int(d.name.removeprefix(STEP_PREFIX)), d) for d in root.iterdir()
-                   if d.is_dir() and d.name.startswith(STEP_PREFIX))
+    the oldest kept); returns the removed directories. With `run_id`, only checkpoints whose meta.json names that
+    run count and go: another run's are never touched."""
+    steps = sorted(checkpoint_dirs(root).items())
     complete = [step for step, d in steps if (d / MARKER).is_file()]
+    if run_id is not None:
+        complete = [step for step in complete if _run_id_of(dict(steps)[step]) == run_id]
     if len(complete) <= num_keep:
         return []
     oldest_kept = complete[-num_keep]
-    removed = [d for step, d in steps if step < oldest_kept]
+    removed = [d for step, d in steps if step < oldest_kept and
+               (run_id is None or not (d / MARKER).is_file() or step in complete)]
     for directory in removed:
         shutil.rmtree(directory)
     return removed
+
+
+def _run_id_of(directory: Path) -> str | None:
+    try:
+        return read_meta(directory).get("run_id")
+    except ValueError:
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(directory: Path) -> str | None:
+    """What is wrong with the complete checkpoint or snapshot `directory` (a file missing, unreadable or not
+    matching its checksum), None when every file matches: COMPLETE holds meta.json's sha256, meta.json every rank
+    file's."""
+    try:
+        marker = (directory / MARKER).read_text().split()
+        meta_bytes = (directory / "meta.json").read_bytes()
+    except OSError as exc:
+        return f"cannot read {exc.filename}: {exc.strerror}"
+    if len(marker) < 2:
+        return f"{directory / MARKER} holds no checksum (written by an older symi)"
+    if hashlib.sha256(meta_bytes).hexdigest() != marker[1]:
+        return f"{directory / 'meta.json'} does not match its checksum"
+    try:
+        files = read_meta(directory).get("files")
+    except ValueError as exc:
+        return str(exc)
+    if not isinstance(files, dict) or not files:
+        return f"{directory / 'meta.json'} lists no checksums"
+    for name, want in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != want:
+            return f"{path} does not match its checksum"
+    return None
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -97,21 +176,36 @@ def prepare_dir(directory: Path) -> Path:
     return directory
 
 
-def save_rank(directory: Path, rank: int, state: dict[str, Any]) -> int:
-    """This rank's file; returns its size in bytes."""
+def save_rank(directory: Path, rank: int, state: dict[str, Any]) -> tuple[int, str]:
+    """This rank's file; returns its size in bytes and its sha256."""
     path = rank_file(directory, rank)
     _write_atomic(path, lambda tmp: torch.save(state, tmp))
-    return path.stat().st_size
+    return path.stat().st_size, sha256_file(path)
 
 
 def mark_complete(directory: Path, meta: dict[str, Any]) -> None:
-    """Rank 0, after every rank's file is in place: meta.json, then the completion marker."""
-    write_atomic_text(directory / "meta.json", json.dumps(meta, indent=1) + "\n")
-    write_atomic_text(directory / MARKER, f"{meta['step']}\n")
+    """Rank 0, after every rank's file is in place: meta.json (with the rank files' checksums in meta["files"]),
+    then the completion marker holding the step and meta.json's checksum."""
+    text = json.dumps(meta, indent=1) + "\n"
+    write_atomic_text(directory / "meta.json", text)
+    write_atomic_text(directory / MARKER, f"{meta['step']}\n{hashlib.sha256(text.encode()).hexdigest()}\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON object; ValueError naming the file when it is unreadable or not a JSON object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} does not hold a JSON object")
+    return value
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "meta.json").read_text())
+    return read_json(Path(directory) / "meta.json")
 
 
 def load_rank(directory: Path, rank: int) -> dict[str, Any]:

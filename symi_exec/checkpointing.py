@@ -8,14 +8,17 @@ one (checkpoint.py); with sparse_hot_share F also one at step 0 and a sparse sna
 every other step (snapshots.py). `resume` continues from the latest complete checkpoint and the sparse snapshots
 after it, on any number of ranks. Rank 0 then also writes checkpoints.csv (one row per write of this job: step,
 kind, hot experts, bytes, expert bytes, the loop's blocked time, the write time) and, when resumed, recovery.json
-(what was restored and lost). overlap_checkpoints hands the writes to a background thread (writer.py).
+(what was restored and lost, the damaged checkpoints passed over, the settings changed). overlap_checkpoints hands
+the writes to a background thread (writer.py). No rank writes a checkpoint whose state is not finite on every rank.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from symi_exec import checkpoint, snapshots
+from symi_exec import checkpoint, run_identity, snapshots
 from symi_exec.comm import Comm
 from symi_exec.config import Planner, TrainConfig
 from symi_exec.data import lr_at
@@ -64,6 +67,7 @@ class Checkpointer:
         self.tracker = snapshots.SnapshotTracker.fresh(cfg.num_layers, cfg.num_experts)
         self.writes: list[dict[str, Any]] = []        # checkpoints.csv: one row per write of this job
         self.recovery: dict[str, Any] | None = None    # recovery.json, when resumed
+        self.last_written: Path | None = None          # the newest checkpoint or snapshot this job handed over
         self._rng_state: dict[str, Any] | None = None  # read by restore, applied by resume_rng
 
     # ------------------------------------------------------------------ saving
@@ -108,6 +112,7 @@ class Checkpointer:
         config, cfg, comm = self.config, self.cfg, self.comm
         start = time.perf_counter()
         self.writer.wait()   # one write in flight: this directory is prepared only after the previous one completed
+        self._check_finite(step, expert_state)
         if comm.rank == 0:
             checkpoint.prepare_dir(directory)
         if comm.world_size > 1:
@@ -126,24 +131,42 @@ class Checkpointer:
                                   "expert_bytes": None, "blocked_s": None, "write_s": None}
         finish = None
         if comm.rank == 0:
-            def finish(num_bytes: int, num_expert_bytes: int) -> None:
-                meta = {"step": step, "kind": kind, "world_size": comm.world_size,
+            def finish(num_bytes: int, num_expert_bytes: int, checksums: list[str]) -> None:
+                meta = {"step": step, "kind": kind, "run_id": config.run_id,
+                        "settings": run_identity.settings(config, comm.world_size), "world_size": comm.world_size,
                         "slots_per_rank": config.slots_per_rank, "policy": config.policy, "dtype": config.dtype,
                         "model": cfg.to_dict(), "expert_optimizer": expert_state["layout"],
                         "next_lr": lr_at(step, config), "bytes": num_bytes, "expert_bytes": num_expert_bytes,
-                        "hot_experts": num_hot, "placement": placement.to_json_dict()}
+                        "hot_experts": num_hot, "placement": placement.to_json_dict(),
+                        "files": {checkpoint.rank_file(directory, rank).name: sha256
+                                  for rank, sha256 in enumerate(checksums)}}
                 checkpoint.mark_complete(directory, meta)
                 record.update(bytes=num_bytes, expert_bytes=num_expert_bytes)
                 if kind == "full":
                     snapshots.prune_sparse(directory.parent, step)
                     if config.keep_checkpoints:
-                        checkpoint.keep_latest(directory.parent, config.keep_checkpoints)
+                        checkpoint.keep_latest(directory.parent, config.keep_checkpoints, run_id=config.run_id)
                 logger.info("%s snapshot %s: %d bytes in %.3f s", kind, directory, num_bytes,
                             time.perf_counter() - start)
 
         self.writer.write(directory, state, _tensor_bytes(expert_state), finish, record)
+        self.last_written = directory
         record["blocked_s"] = time.perf_counter() - start
         self.writes.append(record)   # write_s (and on rank 0 the bytes) filled in once the write is done
+
+    def _check_finite(self, step: int, expert_state: dict[str, Any]) -> None:
+        """ValueError on every rank (one all-reduce: all agree) when any rank's state to save is not finite."""
+        bad = not (_all_finite(expert_state) and all(bool(torch.isfinite(p).all()) for p in self.model.parameters()))
+        flag = torch.tensor([float(bad)], device=self.comm.device)
+        if self.comm.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise ValueError(f"the model's state is not finite after step {step} (lower --lr?): training stopped "
+                             f"on every rank without saving it; last good checkpoint: {self.last_complete()}")
+
+    def last_complete(self) -> str:
+        """The newest checkpoint or snapshot this job wrote, for messages (its write has completed)."""
+        return str(self.last_written) if self.last_written is not None else "none written by this job"
 
     def wait(self) -> None:
         """Until the write in flight is done."""
@@ -158,6 +181,10 @@ class Checkpointer:
                 table.writerows(self.writes)
         if self.recovery is not None:
             write_json(out_dir / "recovery.json", self.recovery)
+            # config.json (written before) says which settings the resume changed and where it continued from
+            resolved = json.loads((out_dir / "config.json").read_text())
+            resolved["resumed_from"] = {k: self.recovery[k] for k in ("checkpoint", "step", "config_changes")}
+            write_json(out_dir / "config.json", resolved)
 
     # ------------------------------------------------------------------ restoring
 
@@ -169,16 +196,21 @@ class Checkpointer:
         start = time.perf_counter()
         recovered = snapshots.recover(config.resume, cfg.num_layers, cfg.num_experts)
         meta, states, step = recovered.meta, recovered.states, recovered.step
+        changes = {k: v for k, v in run_identity.settings(config, comm.world_size).items()
+                   if meta["settings"].get(k) != v}
         head = states[0]
         device, dtype = comm.device, TORCH_DTYPES[config.dtype]
         missing, unexpected = self.model.load_state_dict(
             {k: v.to(device=device, dtype=dtype) for k, v in head["dense"].items()}, strict=False)
         assert not unexpected and all(k.endswith("slot_weights_SP") for k in missing), (missing, unexpected)
         self.dense_opt.load_state_dict(head["dense_optimizer"])
-        if meta["world_size"] == comm.world_size and meta["slots_per_rank"] == config.slots_per_rank:
+        if (meta["world_size"], meta["slots_per_rank"], meta["settings"]["policy"],
+                meta["settings"]["policy_options"]) == (comm.world_size, config.slots_per_rank, config.policy,
+                                                        json.loads(json.dumps(config.policy_options))):
             placement = Placement(head["phy2log_LR"], head["share_LR"], cfg.num_experts)
         else:
-            # another cluster shape: the policy re-places from the last step's loads (SYMI: at no extra cost)
+            # another cluster shape or policy: the policy re-places from the last step's loads (SYMI: at no extra
+            # cost)
             placement = planner(step - 1, head["load_LE"], cluster, None)
             placement.validate(cluster, num_layers=cfg.num_layers)
         self.expert_opt.load_full_state(recovered.expert_state, placement)
@@ -187,17 +219,25 @@ class Checkpointer:
         if meta["world_size"] != comm.world_size:
             # per-source-rank counts of another world size do not stack (--record-trace refuses this case)
             history.src_counts_SLEG = []
+        if comm.world_size > 1:
+            dist.barrier()   # every rank has read the resume point (and passed over the damaged ones after it)
+        if comm.rank == 0 and run_identity.continues_in_place(config):
+            run_identity.drop_newer(self.root, step)
         self.tracker = tracker = recovered.tracker
+        self.last_written = recovered.chain[-1] if recovered.chain else recovered.full_dir
         self.recovery = {"checkpoint": str(recovered.full_dir), "sparse_snapshots": len(recovered.chain),
                          "step": step, "world_size_then": meta["world_size"], "world_size_now": comm.world_size,
+                         "batch_size_now": config.batch_size,
+                         "damaged": [{"checkpoint": str(d), "reason": reason} for d, reason in recovered.damaged],
+                         "config_changes": {k: [meta["settings"].get(k), v] for k, v in changes.items()},
                          "stale_experts": int((tracker.age_LE > 0).sum()),
                          "max_staleness_steps": int(tracker.age_LE.max()),
                          "lost_expert_assignments": float(tracker.unsaved_LE.sum()),
                          "restore_s": time.perf_counter() - start}
         if comm.rank == 0:
-            logger.info("resumed from %s + %d sparse snapshots (step %d, %d ranks then, %d now; %d stale experts)",
-                        recovered.full_dir, len(recovered.chain), step, meta["world_size"], comm.world_size,
-                        self.recovery["stale_experts"])
+            logger.info("resumed from %s + %d sparse snapshots (step %d, %d ranks then, %d now with %d sequences "
+                        "each; %d stale experts)", recovered.full_dir, len(recovered.chain), step, meta["world_size"],
+                        comm.world_size, config.batch_size, self.recovery["stale_experts"])
         return Restored(step, placement, np.asarray(head["load_LE"], dtype=np.float64), history)
 
     def resume_rng(self) -> None:
@@ -220,6 +260,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _all_finite(state: Any) -> bool:
+    """Every floating-point tensor in a nested state (dicts, lists, tuples) finite."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(_all_finite(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return all(_all_finite(v) for v in state)
+    return not isinstance(state, float) or math.isfinite(state)
 
 
 def _tensor_bytes(state: Any) -> int:

@@ -67,6 +67,9 @@ class TrainConfig:
     keep_checkpoints: int = 0              # 0: keep every full checkpoint; N: only the newest N
     overlap_checkpoints: bool = False      # write checkpoints in a background thread while training goes on
     fail_at_step: int | None = None        # failure drill: every rank SIGKILLs itself when this step starts
+    overwrite_checkpoints: bool = False    # a new run deletes the checkpoints in its checkpoint dir (else refused)
+    allow_config_change: tuple[str, ...] = ()   # settings a resume may change (run_identity.SETTINGS)
+    run_id: str | None = None              # set by the launcher (run_identity.claim): the run's identity
 
     def checkpoint_root(self) -> Path:
         if self.checkpoint_dir is not None:
@@ -102,6 +105,11 @@ class TrainConfig:
             check_number(getattr(self, name), name, low=0)
         for name in ("beta1", "beta2"):
             check_number(getattr(self, name), name, low=0, high=1, high_open=True)
+        largest = float(np.finfo(self.dtype).max)
+        if self.lr / (1 - self.beta1) > largest:
+            raise ValueError(f"lr {self.lr:g} is too large for {self.dtype}: AdamW's first step multiplies by "
+                             f"lr / (1 - beta1) = {self.lr / (1 - self.beta1):g}, over the largest {self.dtype} "
+                             f"({largest:g})")
         check_non_negative_int(self.warmup_steps, "warmup_steps")
         policy = get_policy(self.policy, **self.policy_options)
         if policy.uses_current_load:
@@ -129,26 +137,35 @@ class TrainConfig:
                                  "(--checkpoint-every K) too")
         if self.fail_at_step is not None:
             check_non_negative_int(self.fail_at_step, "fail_at_step")
+        self._validate_checkpoint_dir()
         if self.resume is not None:
             self._validate_resume(world_size)
 
-    def _validate_resume(self, world_size: int) -> None:
-        from symi_exec import checkpoint, snapshots
+    def _validate_checkpoint_dir(self) -> None:
+        from symi_exec import run_identity
 
-        latest = checkpoint.latest_complete(self.resume)
-        if latest is None:
-            raise ValueError(f"no complete checkpoint in {self.resume!r}")
-        meta = checkpoint.read_meta(latest)
-        if meta["model"] != self.model_config().to_dict():
-            raise ValueError(f"checkpoint {str(latest)!r} holds another model: {meta['model']}")
-        chain = snapshots.sparse_chain(self.resume, meta["step"])
-        if chain:
-            meta = checkpoint.read_meta(chain[-1])
-        if meta["step"] >= self.steps:
-            raise ValueError(f"checkpoint {str(latest)!r} (and its sparse snapshots) reach step {meta['step']}; "
-                             f"nothing left of {self.steps} steps")
-        if self.record_trace and meta["world_size"] != world_size:
-            raise ValueError(f"--record-trace needs the checkpoint's world size ({meta['world_size']}), got "
+        run_identity.allowed_changes(self.allow_config_change)
+        if not run_identity.uses_checkpoint_dir(self):
+            return
+        root, out = self.checkpoint_root().resolve(), Path(self.out).resolve()
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"checkpoint dir {str(self.checkpoint_root())!r} is a file, not a folder")
+        if root == out or out in root.parents:
+            # the run folder is written in one piece at the end: checkpoints inside it would be replaced
+            raise ValueError(f"checkpoint dir {str(self.checkpoint_root())!r} is inside --out {self.out!r}, which "
+                             f"is written only at the end: give --checkpoint-dir a folder outside it")
+        run_identity.check_root(self)
+
+    def _validate_resume(self, world_size: int) -> None:
+        from symi_exec import run_identity
+
+        resume = run_identity.resolve(self, world_size)
+        step = int(resume.meta["step"])
+        if step >= self.steps:
+            raise ValueError(f"checkpoint {str(resume.directory)!r} reaches step {step}; nothing left of "
+                             f"{self.steps} steps")
+        if self.record_trace and resume.meta["world_size"] != world_size:
+            raise ValueError(f"--record-trace needs the checkpoint's world size ({resume.meta['world_size']}), got "
                              f"{world_size}")
 
 

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from symi_exec.comm import Comm
 from symi_exec.config import Planner, TrainConfig
 from symi_exec.loop import train
+from symi_exec.run_identity import claim
 from symi_sim.checks import check_positive_int
 from symi_sim.outputs import atomic_dir
 
@@ -36,13 +37,14 @@ def launch(config: TrainConfig, nproc_per_node: int, *, planner: Planner | None 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world_size = int(os.environ["WORLD_SIZE"])
         config.validate(world_size)
-        _worker(int(os.environ["RANK"]), world_size, config, None, planner, log_level)
+        with claim(config, world_size, leader=os.environ["RANK"] == "0") as config:
+            _worker(int(os.environ["RANK"]), world_size, config, None, planner, log_level)
         return Path(config.out)
     check_positive_int(nproc_per_node, "nproc_per_node")
     config.validate(nproc_per_node)
     # Local ranks meet through a file rather than a TCP store served by rank 0: rank 0 may exit (taking a TCP
     # store down) while another rank still tears down its process group, which aborted that rank intermittently.
-    with tempfile.TemporaryDirectory(prefix="symi-store-") as store_dir:
+    with claim(config, nproc_per_node) as config, tempfile.TemporaryDirectory(prefix="symi-store-") as store_dir:
         _spawn(config, nproc_per_node, os.path.join(store_dir, "store"), planner, log_level)
     return Path(config.out)
 

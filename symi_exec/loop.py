@@ -19,7 +19,9 @@ holder updates its 1/r shard, and send_out is the all-gather within the group (t
 alone, every holder rank updates its full copy of the expert, and send_out migrates the weights and AdamW moments
 of replicas that change rank (counted as `weight_sendout` and `optimizer_state` bytes).
 After the step: its metrics row and placement record (outputs.py), then a checkpoint when one is due
-(checkpointing.py). At the end rank 0 writes the run directory.
+(checkpointing.py). At the end rank 0 writes the run directory. A loss or gradient norm that is not finite on any
+rank stops every rank before the optimizer step (one all-reduce of two numbers: all ranks agree), so the last
+checkpoint written stays the last good one.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
 
     tokens = load_tokens(config.data_path())
     tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
+    step_times: list[float] = []
     for step in range(start_step, config.steps):
         if step == config.fail_at_step:
             logger.warning("failure drill: rank %d killed at the start of step %d", comm.rank, step)
@@ -115,6 +118,7 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         times["expert_grad"], clock = _lap(clock, device)
 
         grad_norm = math.sqrt(float(dense_sq) + float(expert_opt.grad_sq_norm()))
+        _stop_unless_finite(step, loss, grad_norm, comm, checkpointer)
         # torch.nn.utils.clip_grad_norm_'s rule, on the norm over all ranks' shards and the dense gradients
         grad_scale = min(config.grad_clip / (grad_norm + 1e-6), 1.0) if config.grad_clip > 0 else 1.0
         for group in dense_opt.param_groups:
@@ -142,10 +146,12 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
                            tokens_per_step=tokens_per_step, comm=comm)
         record = step_record(step, placement=placement, moe_layers=moe_layers, comm=comm)
         history.append(row, record, count_LGE.transpose(0, 2, 1))
+        step_times.append(row["step_s"])
         if comm.rank == 0 and (step % config.log_interval == 0 or step == config.steps - 1):
-            logger.info("step %d | loss %.4f | %.0f tok/s | dropped %.2f%% | imbalance %.2f | moves %d",
-                        step, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"], row["imbalance"],
-                        row["replica_moves"])
+            logger.info("step %d/%d | loss %.4f | %.0f tok/s | dropped %.2f%% | imbalance %.2f | moves %d | eta %s",
+                        step + 1, config.steps, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"],
+                        row["imbalance"], row["replica_moves"],
+                        format_duration(eta_s(step_times, config.steps - step - 1)))
         placement = next_placement
         checkpointer.maybe_save(step, placement=placement, load_LE=load_LE, history=history)
 
@@ -210,6 +216,42 @@ def policy_planner(policy: Policy) -> Planner:
 
 
 # ---------------------------------------------------------------------------------------------- step helpers
+
+ETA_WINDOW = 20   # the ETA extrapolates the mean of the last steps' times (the first, warm-up ones drop out)
+
+
+def eta_s(step_times: list[float], steps_left: int) -> float:
+    """Seconds to run `steps_left` more steps at the mean of the last ETA_WINDOW measured step times."""
+    recent = step_times[-ETA_WINDOW:]
+    return steps_left * sum(recent) / len(recent) if recent and steps_left > 0 else 0.0
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for a log line, to the second: 45s, 1m12s, 2h05m ("?" when it is not a finite number)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _stop_unless_finite(step: int, loss: torch.Tensor, grad_norm: float, comm: Comm,
+                        checkpointer: Checkpointer) -> None:
+    """ValueError on every rank when the loss or gradient norm is not finite on any rank: the sum over ranks of
+    both is finite only if every term is."""
+    values = torch.tensor([float(loss.detach()), grad_norm], dtype=torch.float64, device=comm.device)
+    if comm.world_size > 1:
+        dist.all_reduce(values)
+    total_loss, total_norm = values.cpu().tolist()
+    if math.isfinite(total_loss) and math.isfinite(total_norm):
+        return
+    checkpointer.wait()   # a write in flight holds an earlier, finite state: let it complete
+    raise ValueError(f"loss is not finite at step {step} (mean loss {total_loss / comm.world_size:g}, gradient norm "
+                     f"{grad_norm:g}): training stopped on every rank before the optimizer step; last good "
+                     f"checkpoint: {checkpointer.last_complete()} (lower --lr?)")
 
 
 def _now(device: torch.device) -> float:

@@ -13,11 +13,11 @@ Hot experts, per layer: the fewest experts, by tokens processed since their own 
 layer's unsaved tokens (ties: the longer unsaved first, then the lower expert id); F = 1 takes every expert, since
 AdamW moves an expert even on steps it gets no token.
 
-Recovery from the chain full(F0), sparse(F0+1), ..., sparse(t) (contiguous, all COMPLETE) gives the state after t
-steps: the dense state, placement and RNG exactly; every expert from its own latest snapshot, so a cold expert
-comes back stale by the steps since it was last hot (at most K - 1): a consistent state of each expert (weights and
-moments of the same step), not the uninterrupted run's. The updates lost are the `unsaved` tokens of the tracker at
-t, reported in the run's recovery.json. F = 1 makes recovery exact.
+Recovery from the chain full(F0), sparse(F0+1), ..., sparse(t) (contiguous, all COMPLETE and intact) gives the
+state after t steps: the dense state, placement and RNG exactly; every expert from its own latest snapshot, so a
+cold expert comes back stale by the steps since it was last hot (at most K - 1): a consistent state of each expert
+(weights and moments of the same step), not the uninterrupted run's. The updates lost are the `unsaved` tokens of
+the tracker at t, reported in the run's recovery.json. F = 1 makes recovery exact.
 """
 
 from __future__ import annotations
@@ -100,13 +100,23 @@ def sparse_chain(root: str | Path, full_step: int) -> list[Path]:
     return chain
 
 
+def intact_chain(root: str | Path, full_step: int) -> tuple[list[Path], tuple[Path, str] | None]:
+    """sparse_chain, ended before its first damaged snapshot (checkpoint.damage); that one and what is wrong with
+    it (None: every snapshot of the chain is intact)."""
+    chain = sparse_chain(root, full_step)
+    for i, directory in enumerate(chain):
+        reason = checkpoint.damage(directory)
+        if reason is not None:
+            return chain[:i], (directory, reason)
+    return chain, None
+
+
 def prune_sparse(root: str | Path, up_to_step: int) -> int:
     """Remove the sparse snapshots of steps <= up_to_step (a newer full checkpoint holds everything); returns how
     many were removed."""
-    root = Path(root)
     removed = 0
-    for directory in root.glob(f"{SPARSE_PREFIX}*"):
-        if directory.is_dir() and int(directory.name.removeprefix(SPARSE_PREFIX)) <= up_to_step:
+    for step, directory in checkpoint.checkpoint_dirs(root, SPARSE_PREFIX).items():
+        if step <= up_to_step:
             shutil.rmtree(directory)
             removed += 1
     return removed
@@ -141,6 +151,7 @@ class RecoveredState:
 
     full_dir: Path
     chain: list[Path]
+    damaged: list[tuple[Path, str]]  # newer complete checkpoints / the snapshot that ended the chain, and why
     meta: dict[str, Any]            # the last snapshot's meta.json
     states: list[dict[str, Any]]    # the last snapshot's rank files (RNG states; rank 0: dense state, placement)
     expert_state: dict[str, Any]    # every expert's full state ([L] x [E, P] each; checkpoint.assemble_expert_state)
@@ -152,17 +163,27 @@ class RecoveredState:
         return int(self.meta["step"])
 
 
-def recover(root: str | Path, num_layers: int, num_experts: int) -> RecoveredState:
-    """Merge the latest complete full checkpoint under `root` with the complete sparse snapshots after it."""
-    full_dir = checkpoint.latest_complete(root)
+def resume_point(root: str | Path) -> tuple[Path, list[Path], list[tuple[Path, str]]]:
+    """Where a resume from `root` starts: the newest intact full checkpoint, the intact sparse chain after it, and
+    the damaged checkpoints or snapshot passed over (each with what is wrong); ValueError when nothing is intact."""
+    full_dir, damaged = checkpoint.latest_intact(root)
     if full_dir is None:
+        if damaged:
+            raise ValueError(f"no intact checkpoint in {str(root)!r}: "
+                             + "; ".join(f"{d.name}: {reason}" for d, reason in damaged))
         raise ValueError(f"no complete checkpoint in {str(root)!r}")
+    chain, broken = intact_chain(root, int(read_meta(full_dir)["step"]))
+    return full_dir, chain, damaged + ([broken] if broken else [])
+
+
+def recover(root: str | Path, num_layers: int, num_experts: int) -> RecoveredState:
+    """Merge the newest intact full checkpoint under `root` with the intact sparse snapshots after it."""
+    full_dir, chain, damaged = resume_point(root)
     meta = read_meta(full_dir)
     states = [checkpoint.load_rank(full_dir, rank) for rank in range(meta["world_size"])]
     expert_state = checkpoint.assemble_expert_state(states)
     history = states[0]["history"]
     tracker = SnapshotTracker.fresh(num_layers, num_experts)
-    chain = sparse_chain(root, int(meta["step"]))
     for directory in chain:
         meta = read_meta(directory)
         states = [checkpoint.load_rank(directory, rank) for rank in range(meta["world_size"])]
@@ -173,4 +194,4 @@ def recover(root: str | Path, num_layers: int, num_experts: int) -> RecoveredSta
         history = {name: history[name] + head["history_delta"][name] for name in history}
         tracker = SnapshotTracker.from_state(head["tracker"])
     assert expert_state["num_steps"] == meta["step"], (expert_state["num_steps"], meta["step"])
-    return RecoveredState(full_dir, chain, meta, states, expert_state, history, tracker)
+    return RecoveredState(full_dir, chain, damaged, meta, states, expert_state, history, tracker)

@@ -2,8 +2,8 @@
 
 The completion protocol needs no collective, so a background thread can run it while the training loop goes on:
 every rank writes its file (atomically: temporary name, fsync, rename), then a `.done-RRRRR` note holding its
-file's size and expert bytes; rank 0, once all G notes are there, writes meta.json and COMPLETE (finish()). At most
-one write per rank is in flight: a new one waits for the previous one, so snapshots complete in step order (a
+file's size, expert bytes and sha256; rank 0, once all G notes are there, writes meta.json and COMPLETE (finish()).
+At most one write per rank is in flight: a new one waits for the previous one, so snapshots complete in step order (a
 sparse chain never has a later snapshot complete before an earlier one). The state handed over must be a copy the
 training loop does not touch again (checkpointing.py clones tensors and copies lists before handing them over).
 """
@@ -34,9 +34,10 @@ class SnapshotWriter:
         self._error: BaseException | None = None
 
     def write(self, directory: Path, state: dict[str, Any], expert_bytes: int,
-              finish: Callable[[int, int], None] | None, record: dict[str, Any]) -> None:
+              finish: Callable[[int, int, list[str]], None] | None, record: dict[str, Any]) -> None:
         """Write this rank's file of `directory` (prepared by rank 0 beforehand). Rank 0 passes
-        finish(total_bytes, total_expert_bytes), called once every rank's file is in place; `record` gets
+        finish(total_bytes, total_expert_bytes, sha256 of each rank's file), called once every rank's file is in
+        place; `record` gets
         `write_s` (this rank's wall time of the write, finish included) when the write is done."""
         self.wait()
         if not self.overlapped:
@@ -62,14 +63,14 @@ class SnapshotWriter:
             self._error = exc
 
     def _run(self, directory: Path, state: dict[str, Any], expert_bytes: int,
-             finish: Callable[[int, int], None] | None, record: dict[str, Any]) -> None:
+             finish: Callable[[int, int, list[str]], None] | None, record: dict[str, Any]) -> None:
         start = time.perf_counter()
-        num_bytes = checkpoint.save_rank(directory, self.rank, state)
-        checkpoint.write_atomic_text(_note(directory, self.rank), f"{num_bytes} {expert_bytes}\n")
+        num_bytes, sha256 = checkpoint.save_rank(directory, self.rank, state)
+        checkpoint.write_atomic_text(_note(directory, self.rank), f"{num_bytes} {expert_bytes} {sha256}\n")
         if finish is not None:
             notes = [_note(directory, rank) for rank in range(self.world_size)]
             while not all(note.is_file() for note in notes):
                 time.sleep(POLL_S)
-            sizes = [tuple(int(x) for x in note.read_text().split()) for note in notes]
-            finish(sum(s[0] for s in sizes), sum(s[1] for s in sizes))
+            parts = [note.read_text().split() for note in notes]
+            finish(sum(int(p[0]) for p in parts), sum(int(p[1]) for p in parts), [p[2] for p in parts])
         record["write_s"] = time.perf_counter() - start

@@ -53,7 +53,7 @@ def test_resume_picks_latest_complete_checkpoint_flexmoe(tmp_path: Path) -> None
                          capacity_factor=1.0, log_interval=1000)
     launch(config, 2)
     ckpt = config.checkpoint_root()
-    assert [d.name for d in sorted(ckpt.iterdir())] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert [d.name for d in sorted(ckpt.glob("step-*"))] == ["step-00000002", "step-00000004", "step-00000006"]
     (checkpoint.step_dir(ckpt, 6) / checkpoint.MARKER).unlink()        # as if the job died writing step 6
     (checkpoint.step_dir(ckpt, 4) / checkpoint.MARKER).unlink()
     assert checkpoint.latest_complete(ckpt) == checkpoint.step_dir(ckpt, 2)
@@ -133,8 +133,8 @@ def test_resume_on_fewer_ranks_matches_single_process(tmp_path: Path, policy: st
             expert_opt.state[param] = {"step": torch.tensor(float(full["num_steps"])), "exp_avg": m.clone(),
                                        "exp_avg_sq": v.clone()}
     tokens = load_tokens(config.data_path())
-    for step in range(2, 4):
-        x, y = get_batch(tokens, step, rank=0, world_size=1, batch_size=2 * config.batch_size, seq_len=cfg.seq_len,
+    for step in range(2, 4):   # the resume keeps the global batch: 3 ranks x 2 = 2 ranks x 3 = 6 sequences
+        x, y = get_batch(tokens, step, rank=0, world_size=1, batch_size=3 * config.batch_size, seq_len=cfg.seq_len,
                          seed=config.seed)
         for opt in (dense_opt, expert_opt):
             for group in opt.param_groups:

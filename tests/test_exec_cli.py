@@ -113,5 +113,5 @@ def test_train_option_defaults_are_train_config_defaults(tmp_path: Path, monkeyp
 
     ctx = command.make_context("train", [])
     for param in command.params:
-        if param.name in field_names and param.name != "out" and default_of(param.name) not in (None, False):
+        if param.name in field_names and param.name != "out" and default_of(param.name) not in (None, False, ()):
             assert f"default: {default_of(param.name)}" in param.get_help_record(ctx)[1], param.name

@@ -107,7 +107,7 @@ def test_snapshot_bytes_are_the_hot_experts_state(tmp_path: Path, policy: str, o
     assert max(int(w["bytes"]) for w in sparse) < \
         min(int(w["bytes"]) for w in writes if w["kind"] == "full" and int(w["step"]) > 0)
     # every full checkpoint superseded the sparse snapshots before it
-    assert sorted(d.name for d in config.checkpoint_root().iterdir()) == \
+    assert sorted(d.name for d in config.checkpoint_root().glob("step-*")) == \
         ["step-00000000", "step-00000005", "step-00000008"]
 
 
@@ -260,7 +260,8 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path: Path) -> None:
                                        "5", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--out",
                                        str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    assert sorted(d.name for d in (tmp_path / "run-checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    assert sorted(d.name for d in (tmp_path / "run-checkpoints").glob("step-*")) == ["step-00000004",
+                                                                                      "step-00000005"]
     with open(tmp_path / "run" / "checkpoints.csv") as f:
         assert [int(row["step"]) for row in csv.DictReader(f)] == [1, 2, 3, 4, 5]   # all were written
     # an incomplete older directory goes too; complete ones are counted, incomplete ones never kept instead
