@@ -437,3 +437,72 @@ def test_save_figure_refuses_unknown_figures_and_options(tmp_path):
         save_figure("replay", _replay_table(), tmp_path / "replay.png", label="x")
     assert save_figure("loss", _metrics_table(), tmp_path / "loss.png", label="policy x") == tmp_path / "loss.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+
+
+# ---------------------------------------------------------------- issue 12: visible lines, honest labels and notes
+
+
+def test_cdf_lines_never_share_colour_style_and_marker_and_coinciding_ones_are_named():
+    for count in (2, 5, 9):
+        names = [f"p{index}" for index in range(count - 1)] + ["flexmoe-10"]
+        steps = pd.DataFrame({"policy": np.repeat(names, 4), "step": np.tile([1, 2, 3, 4], count),
+                              "imbalance": np.tile([1.0, 1.5, 2.0, 1.2], count), "dropped_fraction": 0.25})
+        for ax in policy_figures.draw_cdf(steps).axes:
+            lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            assert len(lines) == count
+            keys = {(to_rgba(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines}
+            assert len(keys) == count
+            # every line coincides: each later one is drawn thinner on top, so all stay visible
+            widths = [line.get_linewidth() for line in lines]
+            assert widths == sorted(widths, reverse=True) and len(set(widths)) == count
+        legend = [text.get_text() for text in policy_figures.draw_cdf(steps).axes[1].get_legend().get_texts()]
+        assert legend == ["p0", *(f"{name} (dropped = p0)" for name in names[1:])]
+
+
+def test_replay_notes_a_configuration_with_no_spare_slot():
+    def notes(table: pd.DataFrame) -> list[str]:
+        return [text.get_text() for text in policy_figures.draw_replay(table).texts if "slot" in text.get_text()]
+
+    assert notes(_replay_table().assign(num_experts=64, num_slots=64)) == [
+        policy_figures.replication_note(_replay_table().assign(num_experts=64, num_slots=64))]
+    assert "64 experts on 64 slots" in notes(_replay_table().assign(num_experts=64, num_slots=64))[0]
+    assert notes(_replay_table().assign(num_experts=16, num_slots=64)) == []
+
+
+def test_replay_run_of_64_experts_on_64_slots_carries_the_note(tmp_path):
+    from symi_sim.cluster import load_cluster
+    from symi_sim.simulator.replay import replay
+    from symi_sim.traces.format import read_trace
+
+    trace = read_trace(Path(__file__).resolve().parents[1] / "traces" / "olmoe-domains.parquet")
+    _, summary = replay(trace, load_cluster("paper-a100-16"), ["static", "symi"])
+    assert (summary["num_experts"].tolist(), summary["num_slots"].tolist()) == ([64, 64], [64, 64])
+    assert policy_figures.replication_note(summary).startswith("64 experts on 64 slots")
+    _, roomy = replay(trace, load_cluster("paper-a100-16", slots_per_gpu=8), ["static"])
+    assert policy_figures.replication_note(roomy) is None
+
+
+def test_heatmap_names_domains_and_original_layers_from_the_trace():
+    from symi_sim.traces.format import LoadTrace, read_trace
+
+    olmoe = read_trace(Path(__file__).resolve().parents[1] / "traces" / "olmoe-domains.parquet")
+    fig = training_figures.draw_heatmap(training_figures.check_heatmap(olmoe))
+    panels = fig.axes[:-1]
+    assert [ax.get_title() for ax in panels] == ["layer 0 of the model", "layer 7 of the model",
+                                                 "layer 15 of the model"]
+    assert [label.get_text() for label in panels[-1].get_xticklabels()] == ["arxiv", "book", "c4", "github",
+                                                                            "wikipedia"]
+    assert "domain" in panels[-1].get_xlabel() and "training step" not in panels[-1].get_xlabel()
+    # metadata stored as lists (today's importer) or as their text (older files), or bad: then plain indices
+    counts_SLE = np.ones((2, 2, 3), dtype=np.int64)
+    for meta, titles, xlabel in (
+        ({"domains": ["a", "b"], "original_layers": [3, 9]}, ["layer 3 of the model", "layer 9 of the model"],
+         "text domain (one step per domain)"),
+        ({"domains": "['a', 'b']", "original_layers": "[3, 9]"}, ["layer 3 of the model", "layer 9 of the model"],
+         "text domain (one step per domain)"),
+        ({"domains": ["a"], "original_layers": [3, "x"]}, ["layer 0", "layer 1"], "training step"),
+        ({"domains": "__import__('os')", "original_layers": 5}, ["layer 0", "layer 1"], "training step"),
+    ):
+        fig = training_figures.draw_heatmap(LoadTrace(counts_SLE=counts_SLE, meta=meta))
+        assert [ax.get_title() for ax in fig.axes[:-1]] == titles
+        assert fig.axes[-2].get_xlabel() == xlabel
