@@ -17,7 +17,8 @@ shares 0.5, 0.8, 1; --every sets the period, 10 by default):
              chain, merge, load: recovery.json), the stale experts and the expert assignments whose updates were
              lost, in steps' worth (lost assignments / assignments per step), and recovery_s = restore_s + lost
              steps x step time (process relaunch not included).
-Prints one table and writes bench_checkpoint.csv and bench_checkpoint.json to --out (default benchmarks/results).
+Prints one table and writes bench_checkpoint.csv and bench_checkpoint.json to --out (default runs/bench_checkpoint;
+the committed tables: --out benchmarks/results).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import print_table, write_csv
+from report import add_out_option, out_dir, print_table, write_csv
 
 from symi_exec.config import TrainConfig
 from symi_exec.launch import JobFailed, launch
@@ -110,10 +111,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--fail-at", type=int, default=25)
     parser.add_argument("--every", type=int, default=10, help="steps between full checkpoints")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_out_option(parser, "bench_checkpoint")
     parser.add_argument("--quick", action="store_true",
                         help="model tiny (8 experts), 8 steps, full every 4, failure at step 6, two modes")
     args = parser.parse_args()
+    args.out = out_dir(args.out, "bench_checkpoint")
     labels = list(modes(args.every))
     common = dict(COMMON)
     if args.quick:

@@ -1,6 +1,6 @@
 """Executor benchmark: real `symi train` runs on local CPU ranks (gloo), per policy, in two scenarios.
 
-    .venv/bin/python benchmarks/bench_exec.py [--nproc 4] [--out benchmarks/results] [--quick]
+    .venv/bin/python benchmarks/bench_exec.py [--nproc 4] [--out DIR] [--quick]
 
 Model `tiny` (2 MoE layers, d_model 64, d_ff 128, sequence 64), 8 experts, top-1, 4 ranks x 4 slots (16 slots: 2
 replicas per expert under `static`), 4 sequences per rank per step (1,024 tokens per step), capacity factor 1.0,
@@ -18,7 +18,8 @@ slot capacity mode, seed 0, the shipped Wikipedia sample.
             flexmoe-10 rebalances on its schedule (the SYMI authors' re-implementation, FlexMoE's default here;
             its cost-benefit rule, rule=cost_benefit, never moves experts this small).
 
-Prints one table and writes bench_exec.csv and bench_exec.json (rows, loss curves, configuration) to --out.
+Prints one table and writes bench_exec.csv and bench_exec.json (rows, loss curves, configuration) to --out
+(default runs/bench_exec; the committed tables: --out benchmarks/results).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import print_table, write_csv
+from report import add_out_option, out_dir, print_table, write_csv
 
 from symi_exec.comm import BYTE_KINDS
 from symi_exec.config import TrainConfig
@@ -107,8 +108,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=25, help="Trailing window of the smoothed loss.")
     parser.add_argument("--target-loss", type=float, default=TARGET_LOSS)
     parser.add_argument("--quick", action="store_true", help="Few steps, one repeat: checks the script runs.")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_out_option(parser, "bench_exec")
     args = parser.parse_args()
+    args.out = out_dir(args.out, "bench_exec")
     if args.quick:
         args.balanced_steps, args.repeats, args.skewed_steps, args.warmup, args.window = 8, 1, 10, 2, 3
 

@@ -17,10 +17,11 @@ Layer suite, per (dtype, d_model, top_k, tokens per step), forward and forward+b
 Both MoE layers share one router; the replicated layer's slots hold the reference experts (S slots, slot p
 holding expert p % E), so with no capacity limit both compute the same function (checked: max_abs_diff).
 FLOPs counted: the expert / MLP matmuls only, 2 * 2 * N * k * D * F forward and three times that forward+backward
-(the router's N * D * E is left out). Results: benchmarks/results/bench_moe_gpu.csv and .json (device, versions).
+(the router's N * D * E is left out). Results: bench_moe_gpu.csv and .json (device, versions) in --results (default
+runs/bench_moe_gpu, runs/bench_moe_cpu on the CPU; the committed ones: --results benchmarks/results).
 
 Train suite: `symi train` on one rank (NCCL on a GPU) for each policy x top-k; prints a summary, writes
-benchmarks/results/gpu_train_summary.csv and each run's metrics as benchmarks/results/gpu_train_<policy>_top<k>.csv.
+gpu_train_summary.csv and each run's metrics as gpu_train_<policy>_top<k>.csv into the same folder.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from symi_exec.model import ModelConfig, MoE, expert_mlp
 from symi_exec.moe import ReplicatedMoE
 from symi_sim.placement import Placement
 
-RESULTS = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VARIANTS = ("dense", "expert_gemms", "moe_ref", "moe_replicated")
 
@@ -320,7 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-capacity-factor", type=float, default=1.0)
     parser.add_argument("--train-warmup-steps", type=int, default=10, help="Steps left out of the throughput.")
     parser.add_argument("--results", default=None,
-                        help="Output folder (default: benchmarks/results on CUDA, runs/bench_moe_cpu on the CPU).")
+                        help="Output folder (default: runs/bench_moe_gpu on CUDA, runs/bench_moe_cpu on the CPU; "
+                             "--results benchmarks/results refreshes the committed tables).")
     args = parser.parse_args(argv)
     if args.smoke:
         args.d_models, args.tokens, args.experts, args.warmup, args.iters = "64", "512", 4, 1, 2
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
     results_dir = Path(args.results) if args.results else (
-        RESULTS if device.type == "cuda" else Path("runs") / "bench_moe_cpu")
+        Path("runs") / ("bench_moe_gpu" if device.type == "cuda" else "bench_moe_cpu"))
     results_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     print(f"device: {env['device_name']}, torch {env['torch']}", flush=True)

@@ -1,6 +1,6 @@
 """Planner benchmark: plan time per policy at two shapes, and next-step replay quality on the shipped traces.
 
-    .venv/bin/python benchmarks/bench_plan.py [--repeats 50] [--max-steps 1000] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_plan.py [--repeats 50] [--max-steps 1000] [--out DIR]
 
 Timing (one plan() call for all layers, validation included), every registered policy:
   paper     12 layers x 16 experts on paper-a100-16 (16 GPUs x 4 slots); loads: steps of synthetic-drift
@@ -13,7 +13,7 @@ Robustness sweep: the acceptance bar (symi-balanced imbalance <= eplb's, dropped
 over several cluster shapes (symi_sim.simulator.replay.replay, the policy planning in the mode it is scored in); a
 row per (trace, cluster, mode) with `bar_met`.
 Prints the tables and writes bench_plan.csv (timing), bench_plan_quality.csv, bench_plan_sweep.csv and
-bench_plan.json to --out.
+bench_plan.json to --out (default runs/bench_plan; the committed tables: --out benchmarks/results).
 
 symi-balanced options measured here and then removed, as they did not help (benchmarks/results of 2026-11-23,
 next-step replay as above):
@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from report import add_out_option, out_dir
 
 from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.placement import Placement
@@ -192,8 +193,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50, help="timed plan() calls per policy and shape")
     parser.add_argument("--max-steps", type=int, default=1000, help="replayed steps per trace at most")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_out_option(parser, "bench_plan")
     args = parser.parse_args()
+    args.out = out_dir(args.out, "bench_plan")
 
     drift = read_trace(ROOT / "traces" / "synthetic-drift.parquet")
     timing = pd.DataFrame(time_plans(args.repeats, drift))

@@ -1,6 +1,6 @@
 """Simulator benchmark: wall time per policy at the paper's scale and at 2,048 GPUs, and the simulated comparison.
 
-    .venv/bin/python benchmarks/bench_simulate.py [--paper-steps 1000] [--large-steps 50] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_simulate.py [--paper-steps 1000] [--large-steps 50] [--out DIR]
 
   paper  paper-a100-16 (16 GPUs x 4 slots), gpt-small, traces/synthetic-drift.parquet (16 experts, 12 layers,
          top-1), the first --paper-steps steps (step 0 only seeds the first plan), capacity factor 1.0, slot
@@ -9,7 +9,8 @@
          synthetic trace made here (Zipf 1.0, drift 0.2, at the model's 62.9M tokens per step), --large-steps
          steps; target: <= 60 s per policy.
 Prints one table per scale (wall seconds per policy + the summary numbers) and writes bench_simulate_paper.csv,
-bench_simulate_large.csv and bench_simulate.json to --out.
+bench_simulate_large.csv and bench_simulate.json to --out (default runs/bench_simulate; the committed tables: --out
+benchmarks/results).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from report import add_out_option, out_dir
 
 from cli import DEFAULT_SIMULATE_POLICIES  # the same list `symi simulate` compares by default
 from symi_sim.cluster import load_cluster
@@ -31,6 +33,7 @@ from symi_sim.traces.format import read_trace
 from symi_sim.traces.synth import synth_trace
 
 POLICIES = tuple(DEFAULT_SIMULATE_POLICIES.split(","))
+
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_COLUMNS = ("policy", "wall_s", "mean_time_s", "survival", "imbalance", "phase_grad_collect_s",
                  "phase_migration_s", "iterations_to_target", "time_to_target_s", "speedup_vs_static")
@@ -56,8 +59,9 @@ def main() -> None:
     parser.add_argument("--paper-steps", type=int, default=1000)
     parser.add_argument("--large-steps", type=int, default=50)
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_out_option(parser, "bench_simulate")
     args = parser.parse_args()
+    args.out = out_dir(args.out, "bench_simulate")
     policies = [p for p in args.policies.split(",") if p]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,27 @@
-"""The output of the executor benchmarks: one right-aligned text table, and the same rows as CSV."""
+"""What the benchmarks share: where they write (runs/<benchmark> unless --out: a default run never touches the
+committed tables in benchmarks/results, which the README cites), one right-aligned text table, and the same rows as
+CSV."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 from typing import Any
+
+RUNS_DIR = Path("runs")  # relative to the working directory, like `symi` and the experiments
+
+
+def add_out_option(parser: argparse.ArgumentParser, name: str) -> None:
+    """--out: the folder the benchmark writes its tables to (default runs/<name>)."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default {RUNS_DIR / name}; --out benchmarks/results refreshes the "
+                             f"committed tables)")
+
+
+def out_dir(out: str | Path | None, name: str) -> Path:
+    """The folder benchmark `name` writes to: `out`, or runs/<name>."""
+    return Path(out) if out is not None else RUNS_DIR / name
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

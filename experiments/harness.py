@@ -1,5 +1,5 @@
 """What every study shares: its command line, its run directory (with config.json), its table writers, the lines it
-prints, and the colours and labels of its figures.
+prints, and the colours, ranking and labels of its figures.
 
 A study is a subpackage experiments/<study>/, run from the repository root as `python -m experiments.<study>`; its
 main(argv) writes everything into one run directory (runs/<study>-<timestamp>/ unless --out) at once: the
@@ -20,21 +20,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from symi_sim.figures.colours import policy_colour, short_label
+from symi_sim.figures.colours import phase_colour, policy_colour, policy_styles, short_label
+from symi_sim.figures.tables import best_first
 from symi_sim.outputs import atomic_dir, timestamped_dir, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-__all__ = ["FIGURE_DPI", "REPO_ROOT", "TRACES_DIR", "add_out_option", "phase_colours", "policy_colour", "run_dir",
-           "run_path", "write_png", "say", "say_table", "short_label", "study_parser", "write_json", "write_rows",
-           "write_table"]
+__all__ = ["FIGURE_DPI", "LOG_SCALE", "REPO_ROOT", "TRACES_DIR", "add_out_option", "best_first", "phase_colours",
+           "policy_colour", "policy_styles", "run_dir", "run_path", "write_png", "say", "say_table", "short_label",
+           "study_parser", "write_json", "write_rows", "write_table"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRACES_DIR = REPO_ROOT / "traces"
 FIGURE_DPI = 110
-PHASE_COLORMAP = "tab20"  # critical-path phases: up to 13 of them, so more colours than tab10's
+LOG_SCALE = " (log scale)"  # ends the label of every logarithmic axis
 
 
 # ---------------------------------------------------------------- command line and run directory
@@ -101,11 +102,8 @@ def say_table(table: pd.DataFrame, columns: Sequence[str], float_format: str) ->
 
 
 def phase_colours(phases: Sequence[str]) -> dict[str, Any]:
-    """One colour per critical-path phase, in the order given."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps[PHASE_COLORMAP]
-    return {phase: cmap(i % cmap.N) for i, phase in enumerate(phases)}
+    """The colour of each critical-path phase (a phase keeps its colour in every figure: colours.phase_colour)."""
+    return {phase: phase_colour(phase) for phase in phases}
 
 
 def write_png(fig: Figure, path: Path) -> None:

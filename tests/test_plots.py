@@ -59,22 +59,23 @@ def test_comparison_figure(tmp_path):
     fig = policy_figures.draw_comparison(table)
     ax_target, ax_phase = fig.axes
     assert len(fig.axes) == 2
-    # speed-ups vs static: 300/300, 300/240, 300/200
-    assert [text.get_text() for text in ax_target.texts] == ["1.00x", "1.25x", "1.50x"]
-    assert [patch.get_height() for patch in ax_target.patches] == [300.0, 240.0, 200.0]
+    # ranked, least time first; speed-ups vs static: 300/200, 300/240, 300/300
+    assert [text.get_text() for text in ax_target.texts] == ["1.50x", "1.25x", "1.00x"]
+    assert [patch.get_height() for patch in ax_target.patches] == [200.0, 240.0, 300.0]
     assert "speed-up vs static" in ax_target.get_title()
     assert ax_target.get_ylabel() == "time to target loss (s)"
     assert ax_phase.get_ylabel() == "seconds per iteration (s)"
-    # 3 phases x 3 policies stacked: the tops of the stacks are the per-policy sums
+    # 3 phases x 3 policies stacked, ranked by iteration wall time (0.42, 0.45, 0.50): the tops of the stacks are
+    # the per-policy sums
     assert len(ax_phase.patches) == 9
     tops = {}
     for patch in ax_phase.patches:
         x = round(patch.get_x() + patch.get_width() / 2)
         tops[x] = max(tops.get(x, 0.0), patch.get_y() + patch.get_height())
-    np.testing.assert_allclose([tops[0], tops[1], tops[2]], [0.40, 0.37, 0.34])
+    np.testing.assert_allclose([tops[0], tops[1], tops[2]], [0.34, 0.37, 0.40])
     legend = [text.get_text() for text in ax_phase.get_legend().get_texts()]
     assert legend == ["dispatch", "expert compute", "grad sync", "iteration wall time"]
-    assert [label.get_text() for label in ax_phase.get_xticklabels()] == ["static", "symi", "symi-balanced"]
+    assert [label.get_text() for label in ax_phase.get_xticklabels()] == ["symi-balanced", "symi", "static"]
 
     path = tmp_path / "out" / "comparison.png"
     save_figure("comparison", table, path)
@@ -85,7 +86,7 @@ def test_comparison_figure(tmp_path):
 def test_comparison_without_static_labels_seconds():
     table = _comparison_table().iloc[1:]
     ax_target = policy_figures.draw_comparison(table).axes[0]
-    assert [text.get_text() for text in ax_target.texts] == ["240 s", "200 s"]
+    assert [text.get_text() for text in ax_target.texts] == ["200 s", "240 s"]
     assert "speed-up" not in ax_target.get_title()
 
 
@@ -120,11 +121,15 @@ def test_replay_figure(tmp_path):
     fig = policy_figures.draw_replay(_replay_table())
     ax_imbalance, ax_dropped = fig.axes
     assert len(fig.axes) == 2
-    assert [patch.get_height() for patch in ax_imbalance.patches] == [1.0, 2.3, 1.2]
-    np.testing.assert_allclose([patch.get_height() for patch in ax_dropped.patches], [55.0, 30.0, 25.0])
-    assert [text.get_text() for text in ax_dropped.texts] == ["55.0%", "30.0%", "25.0%"]
+    # each panel ranked by its own value, best (lowest) first
+    assert [patch.get_height() for patch in ax_imbalance.patches] == [1.0, 1.2, 2.3]
+    np.testing.assert_allclose([patch.get_height() for patch in ax_dropped.patches], [25.0, 30.0, 55.0])
+    assert [text.get_text() for text in ax_dropped.texts] == ["25.0%", "30.0%", "55.0%"]
     assert [label.get_text() for label in ax_imbalance.get_xticklabels()] == [
-        "static\n(plan 0.01 ms)", "symi\n(plan 0.4 ms)", "eplb\n(plan 30 ms)"]
+        "static\n(plan 0.01 ms)", "eplb\n(plan 30 ms)", "symi\n(plan 0.4 ms)"]
+    assert [label.get_text() for label in ax_dropped.get_xticklabels()] == ["eplb", "symi", "static"]
+    assert policy_figures.replication_note(_replay_table()) is None  # the table does not say: no note
+    assert not [text for text in fig.texts if "slot" in text.get_text()]
     assert "max / mean" in ax_imbalance.get_ylabel()
     path = tmp_path / "replay.png"
     save_figure("replay", _replay_table(), path)
@@ -346,22 +351,52 @@ def test_plot_run_removes_its_figures_when_a_later_write_fails(tmp_path, monkeyp
 # ---------------------------------------------------------------- one colour per policy, one registry of figures
 
 
-def test_a_policy_has_the_same_colour_in_every_figure():
-    policies = ["static", "symi", "symi-balanced"]
-    steps = _steps_table().assign(policy=[policies[0]] * 2 + [policies[1]] * 2 + [policies[2]] * 2,
-                                  step=[1, 2, 1, 2, 1, 2])
-    expected = [to_rgba(policy_colour(policy)) for policy in policies]
-    assert len(set(expected)) == 3
-    comparison_target = policy_figures.draw_comparison(_comparison_table()).axes[0]
-    assert [patch.get_facecolor() for patch in comparison_target.patches] == expected
-    for ax in policy_figures.draw_cdf(steps).axes:
-        assert [to_rgba(line.get_color()) for line in ax.get_lines() if line.get_label() in policies] == expected
-    timeline = policy_figures.draw_timeline(steps).axes[0]
-    assert [to_rgba(line.get_color()) for line in timeline.get_lines()] == expected
-    # the same policies in another order keep their colours
-    replay = _replay_table().assign(policy=policies[::-1])
-    for ax in policy_figures.draw_replay(replay).axes:
-        assert [patch.get_facecolor() for patch in ax.patches] == expected[::-1]
+POLICIES = ["static", "symi", "symi-balanced", "flexmoe-10", "flexmoe-50", "symi-balanced:shares=live"]
+
+
+def _bar_colours(ax) -> dict[str, tuple]:
+    """{policy: face colour} of a bar panel, the policy read from its tick label (before a newline or ' (')."""
+    labels = [label.get_text().split("\n")[0].split(" (")[0] for label in ax.get_xticklabels()]
+    centres = [patch.get_x() + patch.get_width() / 2 for patch in ax.patches]
+    return {labels[round(x)]: to_rgba(patch.get_facecolor()) for x, patch in zip(centres, ax.patches, strict=True)}
+
+
+def _line_colours(ax) -> dict[str, tuple]:
+    return {line.get_label().split(" (")[0]: to_rgba(line.get_color()) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+def test_a_policy_has_the_same_colour_in_every_figure_and_study():
+    from experiments.paper_comparison.study import comparison_figure
+    from experiments.scale_out.study import time_to_target_figure
+
+    rng = np.random.default_rng(3)
+    count = len(POLICIES)
+    summary = pd.DataFrame({"policy": POLICIES, "time_to_target_s": rng.uniform(100, 300, count),
+                            "mean_time_s": rng.uniform(0.3, 0.6, count), "dropped_fraction": rng.uniform(0, 0.5, count),
+                            "phase_a2a_forward_s": rng.uniform(0, 0.1, count), "plan_ms_median": 1.0,
+                            "imbalance": rng.uniform(1, 2, count), "speedup_vs_static": 1.0})
+    steps = pd.DataFrame({"policy": np.repeat(POLICIES, 3), "step": np.tile([1, 2, 3], count),
+                          "time_s": rng.uniform(0.1, 1, 3 * count), "imbalance": rng.uniform(1, 2, 3 * count),
+                          "dropped_fraction": rng.uniform(0, 1, 3 * count)})
+    expected = {policy: to_rgba(policy_colour(policy)) for policy in POLICIES}
+    assert len(set(expected.values())) == count  # the two flexmoe periods and the symi-balanced variant differ
+
+    seen = [_bar_colours(policy_figures.draw_comparison(summary).axes[0]),
+            *(_bar_colours(ax) for ax in policy_figures.draw_replay(summary).axes),
+            *(_line_colours(ax) for ax in policy_figures.draw_cdf(steps).axes),
+            _line_colours(policy_figures.draw_timeline(steps).axes[0]),
+            # the same policies in another order keep their colours
+            _bar_colours(policy_figures.draw_comparison(summary.iloc[::-1]).axes[0]),
+            _bar_colours(comparison_figure(summary.assign(trace="t"), "t").axes[0]),
+            _line_colours(time_to_target_figure(pd.concat(
+                [summary.assign(family="f", num_gpus=gpus) for gpus in (16, 64)])).axes[0])]
+    for colours in seen:
+        assert colours == expected
+    # a train run's lines take its policy's colour
+    for figure in (training_figures.draw_loss, training_figures.draw_dropped):
+        line = figure(_metrics_table(), label="policy flexmoe-50").axes[0].get_lines()[0]
+        assert to_rgba(line.get_color()) == expected["flexmoe-50"]
 
 
 def test_every_figure_applies_to_a_run_kind_whose_marker_is_known():
@@ -402,3 +437,72 @@ def test_save_figure_refuses_unknown_figures_and_options(tmp_path):
         save_figure("replay", _replay_table(), tmp_path / "replay.png", label="x")
     assert save_figure("loss", _metrics_table(), tmp_path / "loss.png", label="policy x") == tmp_path / "loss.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+
+
+# ---------------------------------------------------------------- issue 12: visible lines, honest labels and notes
+
+
+def test_cdf_lines_never_share_colour_style_and_marker_and_coinciding_ones_are_named():
+    for count in (2, 5, 9):
+        names = [f"p{index}" for index in range(count - 1)] + ["flexmoe-10"]
+        steps = pd.DataFrame({"policy": np.repeat(names, 4), "step": np.tile([1, 2, 3, 4], count),
+                              "imbalance": np.tile([1.0, 1.5, 2.0, 1.2], count), "dropped_fraction": 0.25})
+        for ax in policy_figures.draw_cdf(steps).axes:
+            lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            assert len(lines) == count
+            keys = {(to_rgba(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines}
+            assert len(keys) == count
+            # every line coincides: each later one is drawn thinner on top, so all stay visible
+            widths = [line.get_linewidth() for line in lines]
+            assert widths == sorted(widths, reverse=True) and len(set(widths)) == count
+        legend = [text.get_text() for text in policy_figures.draw_cdf(steps).axes[1].get_legend().get_texts()]
+        assert legend == ["p0", *(f"{name} (dropped = p0)" for name in names[1:])]
+
+
+def test_replay_notes_a_configuration_with_no_spare_slot():
+    def notes(table: pd.DataFrame) -> list[str]:
+        return [text.get_text() for text in policy_figures.draw_replay(table).texts if "slot" in text.get_text()]
+
+    assert notes(_replay_table().assign(num_experts=64, num_slots=64)) == [
+        policy_figures.replication_note(_replay_table().assign(num_experts=64, num_slots=64))]
+    assert "64 experts on 64 slots" in notes(_replay_table().assign(num_experts=64, num_slots=64))[0]
+    assert notes(_replay_table().assign(num_experts=16, num_slots=64)) == []
+
+
+def test_replay_run_of_64_experts_on_64_slots_carries_the_note(tmp_path):
+    from symi_sim.cluster import load_cluster
+    from symi_sim.simulator.replay import replay
+    from symi_sim.traces.format import read_trace
+
+    trace = read_trace(Path(__file__).resolve().parents[1] / "traces" / "olmoe-domains.parquet")
+    _, summary = replay(trace, load_cluster("paper-a100-16"), ["static", "symi"])
+    assert (summary["num_experts"].tolist(), summary["num_slots"].tolist()) == ([64, 64], [64, 64])
+    assert policy_figures.replication_note(summary).startswith("64 experts on 64 slots")
+    _, roomy = replay(trace, load_cluster("paper-a100-16", slots_per_gpu=8), ["static"])
+    assert policy_figures.replication_note(roomy) is None
+
+
+def test_heatmap_names_domains_and_original_layers_from_the_trace():
+    from symi_sim.traces.format import LoadTrace, read_trace
+
+    olmoe = read_trace(Path(__file__).resolve().parents[1] / "traces" / "olmoe-domains.parquet")
+    fig = training_figures.draw_heatmap(training_figures.check_heatmap(olmoe))
+    panels = fig.axes[:-1]
+    assert [ax.get_title() for ax in panels] == ["layer 0 of the model", "layer 7 of the model",
+                                                 "layer 15 of the model"]
+    assert [label.get_text() for label in panels[-1].get_xticklabels()] == ["arxiv", "book", "c4", "github",
+                                                                            "wikipedia"]
+    assert "domain" in panels[-1].get_xlabel() and "training step" not in panels[-1].get_xlabel()
+    # metadata stored as lists (today's importer) or as their text (older files), or bad: then plain indices
+    counts_SLE = np.ones((2, 2, 3), dtype=np.int64)
+    for meta, titles, xlabel in (
+        ({"domains": ["a", "b"], "original_layers": [3, 9]}, ["layer 3 of the model", "layer 9 of the model"],
+         "text domain (one step per domain)"),
+        ({"domains": "['a', 'b']", "original_layers": "[3, 9]"}, ["layer 3 of the model", "layer 9 of the model"],
+         "text domain (one step per domain)"),
+        ({"domains": ["a"], "original_layers": [3, "x"]}, ["layer 0", "layer 1"], "training step"),
+        ({"domains": "__import__('os')", "original_layers": 5}, ["layer 0", "layer 1"], "training step"),
+    ):
+        fig = training_figures.draw_heatmap(LoadTrace(counts_SLE=counts_SLE, meta=meta))
+        assert [ax.get_title() for ax in fig.axes[:-1]] == titles
+        assert fig.axes[-2].get_xlabel() == xlabel

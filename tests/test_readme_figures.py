@@ -64,3 +64,19 @@ def test_every_study_is_linked_from_the_experiments_index(study: str) -> None:
     figure_names = [path.name for path in figures(EXPERIMENTS_INDEX)]
     assert any(name.startswith(f"{study}-") for name in figure_names), (
         f"experiments/README.md links no figure of {study} (docs/figures/{study}-*.png)")
+
+
+def _commands(readme: Path, program: str) -> list[str]:
+    """The `program ...` commands of `readme`'s bash blocks, continuation lines joined."""
+    text = readme.read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    joined = "\n".join(block.replace("\\\n", " ") for block in blocks)
+    return [line.split("#")[0].strip() for line in joined.splitlines() if line.strip().startswith(program)]
+
+
+def test_readme_plan_and_benchmark_examples_write_under_runs() -> None:
+    plans = _commands(REPO_ROOT / "README.md", "symi plan")
+    assert len(plans) >= 3
+    for command in plans:
+        out = re.search(r"--out\s+(\S+)", command)
+        assert out and out.group(1).startswith("runs/"), f"README example writes outside runs/: {command}"

@@ -39,7 +39,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments.harness import (
     add_out_option,
@@ -53,6 +53,9 @@ from experiments.harness import (
     write_rows,
 )
 from symi_sim.simulator.curves import smoothed, steps_to
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STUDY = "capacity_factor"
 # chosen from the full run's curves (README.md): the smoothed losses of all 11 runs fall through 2.8 between about
@@ -190,11 +193,36 @@ def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str,
                  f"{args.aux_loss_coef:g}")
     write_png(fig, out / "loss_curves.png")
 
+    write_png(survival_steps_figure(rows, policies, target), out / "survival_steps.png")
+
+
+def steps_axis_limits(steps: list[int | None]) -> tuple[float, float]:
+    """y-limits of the steps-to-target panel: around the reached values (250 against 274 must show), with room
+    above for the bar labels; from 0 when nothing was reached or the values span most of their range anyway."""
+    reached = [s for s in steps if s is not None]
+    if not reached:
+        return 0.0, 1.0
+    lo, hi = min(reached), max(reached)
+    pad = max(2.0, 0.25 * (hi - lo))
+    floor = max(0.0, lo - pad)
+    if floor < 0.5 * hi:  # a span that large shows on an axis from 0
+        floor = 0.0
+    return floor, hi + 1.6 * pad + 0.15 * (hi - floor)
+
+
+def survival_steps_figure(rows: list[dict[str, Any]], policies: list[str], target: float) -> Figure:
+    """Tokens surviving and steps to the target loss per capacity factor and policy (bars grouped by capacity
+    factor); the steps panel's axis is cut to the values (said in its label) so that close values stay apart."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    all_cfs = sorted({r["capacity_factor"] for r in rows})
     fig = Figure(figsize=(11.0, 4.2), dpi=110, layout="constrained")
     ax_surv, ax_steps = fig.subplots(1, 2)
     width = 0.8 / len(policies)
     x_C = np.arange(len(all_cfs))
     by_key = {(r["policy"], r["capacity_factor"]): r for r in rows}
+    floor, top = steps_axis_limits([r["steps_to_target"] for r in rows])
     for i, policy in enumerate(policies):
         xs, survival, steps = [], [], []
         for c, cf in enumerate(all_cfs):
@@ -206,21 +234,24 @@ def write_figures(out: Path, rows: list[dict[str, Any]], curves: dict[tuple[str,
             steps.append(row["steps_to_target"])
         bars = ax_surv.bar(xs, survival, width, color=policy_colour(policy), label=policy)
         ax_surv.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-        reached = [s if s is not None else 0 for s in steps]
-        bars = ax_steps.bar(xs, reached, width, color=policy_colour(policy), label=policy)
+        # bars rise from the axis floor, so that a cut axis draws them as bars and not as bars hidden below it
+        heights = [s - floor if s is not None else 0.0 for s in steps]
+        bars = ax_steps.bar(xs, heights, width, bottom=floor, color=policy_colour(policy), label=policy)
         ax_steps.bar_label(bars, labels=[str(s) if s is not None else "not reached" for s in steps], fontsize=7,
                            padding=1, rotation=90)
     for ax in (ax_surv, ax_steps):
         ax.set_xticks(x_C, labels=[f"{cf:g}" for cf in all_cfs])
         ax.set_xlabel("capacity factor")
         ax.legend(fontsize=7, loc="upper center", ncol=len(policies))
-        ax.margins(y=0.3)
+    ax_surv.margins(y=0.3)
+    ax_steps.set_ylim(floor, top)
     ax_surv.set_ylabel("tokens surviving (% of token-expert assignments)")
     ax_surv.set_title("Token survival", fontsize=10)
-    ax_steps.set_ylabel(f"steps to fitted loss {target:.3f} (steps)")
+    cut = f", axis from {floor:g}" if floor > 0 else ""
+    ax_steps.set_ylabel(f"steps to fitted loss {target:.3f} (steps{cut})")
     ax_steps.set_title("Steps to the target loss", fontsize=10)
     fig.suptitle("Capacity factor: tokens surviving and steps to target (executor, CPU)")
-    write_png(fig, out / "survival_steps.png")
+    return fig
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -28,7 +28,7 @@ from symi_sim.traces.format import LoadTrace, read_trace
 from symi_sim.traces.stats import layer_stats
 
 AXIS = "aux_loss_coef"
-LABEL = "aux-loss coefficient, log scale\n(in brackets: skew = busiest / mean expert load)"
+LABEL = "aux-loss coefficient (log scale)\n(in brackets: skew = busiest / mean expert load)"
 COEFS = (1e-5, 1e-3, 1e-2, 1e-1)
 QUICK_COEFS = (1e-5, 1e-1)
 STEPS = 300

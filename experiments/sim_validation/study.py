@@ -38,6 +38,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from experiments.harness import (
+    LOG_SCALE,
     add_out_option,
     policy_colour,
     run_dir,
@@ -193,8 +194,8 @@ def figure(table: pd.DataFrame) -> Figure:
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-        ax.set_xlabel("measured (ms, median over repeats)")
-        ax.set_ylabel("predicted by the simulator's cost model (ms)")
+        ax.set_xlabel("measured (ms, median over repeats)" + LOG_SCALE)
+        ax.set_ylabel("predicted by the simulator's cost model (ms)" + LOG_SCALE)
     axes[0].set_title("step time")
     axes[1].set_title("phases: ■ expert compute, ▲ all-to-all, ◆ expert state")
     handles = [axes[0].scatter([], [], color=policy_colour(p), label=short_label(p))

@@ -128,8 +128,8 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def save_figure(name: str, data: Any, path: str | Path, **options: Any) -> Path:
-    """Draw figure `name` from `data` (its table; a heatmap's counts_SLE [steps, layers, experts]) to the PNG
-    `path`, written atomically; return the path. A bad input is one ValueError and no file.
+    """Draw figure `name` from `data` (its table; a heatmap's trace, or its counts_SLE [steps, layers, experts]) to
+    the PNG `path`, written atomically; return the path. A bad input is one ValueError and no file.
 
     options: those of FIGURES[name] (loss, dropped: label=, in the title; heatmap: layers=, default up to 4 spread
     over the depth, first and last included).

@@ -103,3 +103,14 @@ def numbers(table: pd.DataFrame, column: str) -> np.ndarray:
 def per_policy(table: pd.DataFrame, column: str) -> dict[str, np.ndarray]:
     """{policy: values of `column`} in table order (policies in order of first appearance)."""
     return {str(name): numbers(group, column) for name, group in table.groupby("policy", sort=False)}
+
+
+def best_first(values: Sequence[float], names: Sequence[str], *, higher_is_better: bool = False) -> list[int]:
+    """Row indices ranked for a bar chart: best value first (lowest unless `higher_is_better`), ties by name; NaN
+    last."""
+    def key(index: int) -> tuple[bool, float, str]:
+        value = float(values[index])
+        missing = value != value
+        return missing, 0.0 if missing else (-value if higher_is_better else value), str(names[index])
+
+    return sorted(range(len(names)), key=key)

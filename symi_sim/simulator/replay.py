@@ -98,7 +98,8 @@ def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capac
 
     Returns (steps, summary): one row per (policy, step) and one row per policy with mean GPU imbalance
     (max/mean tokens per GPU, averaged over layers and steps), dropped fraction at the capacity factor,
-    plan time median/p99 (ms, over the steps that replanned) and replica moves per step.
+    plan time median/p99 (ms, over the steps that replanned) and replica moves per step, beside the trace's experts
+    and the cluster's slots (num_experts, num_slots: the replay figure notes when no slot is left to replicate).
     """
     cluster.check_experts(trace.num_experts)
     check_replayable(trace.num_steps, "plan --replay")
@@ -125,7 +126,7 @@ def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capac
                 "replica_moves": int(planned.moves_L.sum()),
             })
     steps = pd.DataFrame(rows)
-    return steps, summarize_replay(steps)
+    return steps, summarize_replay(steps).assign(num_experts=trace.num_experts, num_slots=cluster.num_slots)
 
 
 def summarize_replay(steps: pd.DataFrame) -> pd.DataFrame:
