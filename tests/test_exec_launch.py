@@ -245,3 +245,20 @@ def test_a_signal_to_the_launcher_alone_stops_every_rank(tmp_path: Path, signum:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-checkpoints", "tmp"]
     assert not list((tmp_path / "tmp").glob("symi-store-*"))
     assert any((d / "COMPLETE").is_file() for d in (tmp_path / "run-checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_an_os_error_inside_a_rank_is_one_line(tmp_path: Path) -> None:
+    """A file where rank 0 makes checkpoint 2's folder: the rank's NotADirectoryError, after training started,
+    reaches the user as one line naming the path."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "step-00000002").write_text("in the way\n")
+    result = CliRunner().invoke(symi, ["train", "--nproc-per-node", "1", "--experts", "2", "--slots", "2", "--steps",
+                                       "3", "--checkpoint-every", "1", "--checkpoint-dir", str(ckpt), "--out",
+                                       str(tmp_path / "run")])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "step-00000002" in errors[0] and "Not a directory" in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
