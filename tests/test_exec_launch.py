@@ -262,3 +262,23 @@ def test_an_os_error_inside_a_rank_is_one_line(tmp_path: Path) -> None:
     assert len(errors) == 1 and "step-00000002" in errors[0] and "Not a directory" in errors[0], result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.slow
+def test_failure_drill_waits_for_every_write_before_it(tmp_path: Path) -> None:
+    """Overlapped writes: the snapshot of the step before the drill is still in flight when the drill step starts;
+    the drill completes it on every rank before any rank dies, so the chain always reaches the drill's step."""
+    from symi_exec import checkpoint, snapshots
+    from symi_exec.config import TrainConfig
+    from symi_exec.launch import launch
+
+    config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, steps=8, batch_size=2,
+                         checkpoint_every=100, sparse_hot_share=0.5, overlap_checkpoints=True, fail_at_step=3,
+                         log_interval=1000)
+    with pytest.raises(JobFailed, match="died"):
+        launch(config, 2)
+    root = config.checkpoint_root()
+    assert (snapshots.sparse_dir(root, 3) / checkpoint.MARKER).is_file()
+    cfg = config.model_config()
+    assert snapshots.recover(root, cfg.num_layers, cfg.num_experts).step == 3
+    assert not (tmp_path / "run").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run-checkpoints"]
