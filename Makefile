@@ -1,11 +1,12 @@
-# Two entry points: `make demo` (the main job on a shipped trace) and `make test`.
-# Both create .venv on first use and install what they need into it.
+# Two entry points: `make demo` (the main job on a shipped trace) and `make test` (the full suite, what CI runs);
+# `make test-fast` is the inner loop: the suite without the multi-process tests marked slow.
+# Each creates .venv on first use and installs what it needs into it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SYMI := $(VENV)/bin/symi
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed lint
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed lint
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_plan.py

@@ -558,6 +558,8 @@ def _train_option(*decls: str, **attrs: object):
 @_train_option("--dtype", type=click.Choice(["float32", "float64"]), help="Parameter and activation dtype.")
 @_train_option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
 @_train_option("--log-interval", type=int, help="Steps between rank-0 log lines.")
+@_train_option("--dist-timeout", "dist_timeout_s", type=float,
+               help="Seconds a rank may stay silent (stopped, hung, a dead node) before the job ends naming it.")
 @click.option("--out", default=None, help="Run directory (default runs/train-<timestamp>).")
 @_train_option("--checkpoint-every", type=int, help="Checkpoint every K steps and after the last one (0: never).")
 @_train_option("--checkpoint-dir",
@@ -582,7 +584,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
           lr: float, aux_loss_coef: float, router_skew: float, seed: int, data: str | None, dtype: str,
           record_trace: bool, log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None,
           resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
-          fail_at_step: int | None, overwrite_checkpoints: bool, allow_config_change: str) -> None:
+          fail_at_step: int | None, overwrite_checkpoints: bool, allow_config_change: str,
+          dist_timeout_s: float) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
@@ -601,11 +604,14 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         keep_checkpoints=keep_checkpoints, overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
         overwrite_checkpoints=overwrite_checkpoints,
         allow_config_change=tuple(f.strip() for f in allow_config_change.split(",") if f.strip()),
+        dist_timeout_s=dist_timeout_s,
     )
     try:
         run_dir = launch(config, nproc_per_node)
     except JobFailed as exc:
-        raise click.ClickException(str(exc)) from None
+        failure = click.ClickException(str(exc))
+        failure.exit_code = exc.exit_code   # 128 + the signal when interrupted
+        raise failure from None
     if os.environ.get("RANK", "0") != "0":
         return   # under torchrun only rank 0 writes the run directory (other nodes may not even see it)
     with open(run_dir / "metrics.csv") as f:

@@ -1,7 +1,8 @@
 """The SYMI executor: trains a small MoE GPT with torch.distributed (gloo on CPU, NCCL on GPUs).
 
   config.py         TrainConfig, a job's options and their checks (free of torch: the CLI reads its defaults)
-  launch.py         launch: spawns the local ranks or joins a torchrun job; JobFailed
+  launch.py         launch: spawns the local ranks or joins a torchrun job
+  supervise.py      the launcher's limits and watch over its ranks (stopped, interrupted, failed): JobFailed
   loop.py           train: the training loop of one rank, read top to bottom
   data.py           the tokens, each step's batch, the learning-rate schedule
   model.py          the single-device GPT and its reference MoE layer
@@ -11,5 +12,6 @@
   outputs.py        metrics rows, placement records, the run directory
   checkpointing.py  the loop's checkpoints (Checkpointer) over checkpoint.py, snapshots.py and writer.py
 
-Everything but config.py imports torch; the simulator (symi_sim) and the CLI never import it at module level.
+Everything but config.py and supervise.py imports torch; the simulator (symi_sim) and the CLI never import it at
+module level.
 """

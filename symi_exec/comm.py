@@ -27,9 +27,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from symi_exec.supervise import write_progress
 
 BYTE_KINDS = (
     "popularity", "dispatch", "combine", "dispatch_grad", "combine_grad", "dense_grad",
@@ -47,6 +50,12 @@ class Comm:
     device: torch.device
     bytes_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     seconds_by_kind: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    progress_path: Path | None = None   # a spawned rank's progress marker, read by its launcher (supervise.py)
+
+    def mark_progress(self, step: int) -> None:
+        """Tell the launcher this rank started `step`: it names a silent rank by it (spawned ranks only)."""
+        if self.progress_path is not None:
+            write_progress(self.progress_path, step)
 
     def count(self, kind: str, num_bytes: int) -> None:
         assert kind in BYTE_KINDS, kind

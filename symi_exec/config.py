@@ -58,6 +58,7 @@ class TrainConfig:
     record_trace: bool = False
     dtype: str = "float32"
     log_interval: int = 10
+    dist_timeout_s: float = 300.0          # a collective waiting this long for a silent rank ends the job (launch.py)
     model_overrides: dict[str, int] = field(default_factory=dict)
     checkpoint_every: int = 0              # 0: no checkpoints; K: every K steps and after the last step
     checkpoint_dir: str | None = None      # None: the --resume directory, else "<out>-checkpoints"

@@ -91,7 +91,13 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
     step_times: list[float] = []
     for step in range(start_step, config.steps):
+        comm.mark_progress(step)
         if step == config.fail_at_step:
+            # the same state on disk every time: every rank's writes of the steps before are complete (rank 0's
+            # with meta.json and COMPLETE) before any rank dies, and the launcher's stop cannot cut one short
+            checkpointer.wait()
+            if comm.world_size > 1:
+                dist.barrier()
             logger.warning("failure drill: rank %d killed at the start of step %d", comm.rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
         times = dict.fromkeys(PHASES, 0.0)

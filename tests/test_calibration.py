@@ -367,6 +367,7 @@ def test_bad_run_directories(tmp_path, breakage, message):
     assert message in str(info.value)
 
 
+@pytest.mark.slow
 def test_fit_of_a_real_tiny_training_run(tmp_path):
     from symi_exec.config import TrainConfig
     from symi_exec.launch import launch

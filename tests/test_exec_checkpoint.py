@@ -19,6 +19,7 @@ from symi_exec.model import GPT, param_groups
 STEPS = 30
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_bit_identical(tmp_path: Path) -> None:
     reference = symi_train("--steps", str(STEPS), "--out", str(tmp_path / "reference"))
     ckpt = tmp_path / "ckpt"
@@ -45,6 +46,7 @@ def test_killed_job_resumes_bit_identical(tmp_path: Path) -> None:
     assert checkpoint.latest_complete(ckpt) == checkpoint.step_dir(ckpt, STEPS)   # it kept checkpointing
 
 
+@pytest.mark.slow
 def test_resume_picks_latest_complete_checkpoint_flexmoe(tmp_path: Path) -> None:
     """FlexMoE's per-holder layout (optimizer state migrating between ranks) resumes bit-identical too; a step
     directory without the completion marker is ignored."""
@@ -68,6 +70,7 @@ def test_resume_picks_latest_complete_checkpoint_flexmoe(tmp_path: Path) -> None
     assert sum(float(row["bytes_optimizer_state"]) for row in rows[2:]) > 0   # moments did migrate after resuming
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["symi", "static"])
 def test_resume_on_fewer_ranks_matches_single_process(tmp_path: Path, policy: str) -> None:
     """3 ranks train 2 steps and checkpoint; 2 ranks resume from it for 2 more steps. The reference is one process

@@ -44,6 +44,7 @@ def test_existing_output_directory_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "already exists" in result.output
 
 
+@pytest.mark.slow
 def test_train_one_rank_writes_the_run_directory(tmp_path: Path) -> None:
     data = tmp_path / "corpus.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 40)

@@ -16,6 +16,9 @@ from symi_sim.placement import Placement
 from symi_sim.routing import route
 from symi_sim.traces.format import read_trace
 
+# spawns training ranks: `make test-fast` (pytest -m "not slow") leaves this module out
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("mode,factor,policy", [("slot", 0.75, "symi"), ("gpu", 0.9, "static")])
 def test_dropped_tokens_equal_simulator_routing(tmp_path: Path, mode: str, factor: float, policy: str) -> None:

@@ -8,10 +8,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from test_exec_train import replica_sync_bytes, train_and_compare
 
 from symi_exec.config import TrainConfig
+
+# spawns training ranks: `make test-fast` (pytest -m "not slow") leaves this module out
+pytestmark = pytest.mark.slow
 
 ELEM_BYTES = 8   # float64
 

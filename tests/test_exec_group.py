@@ -130,6 +130,7 @@ def test_group_layout_refuses_a_changed_placement() -> None:
 # ---------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_static_group_layout_matches_single_process_on_2_ranks(tmp_path: Path) -> None:
     # 2 ranks x 2 slots, 3 experts: slots hold 0 1 | 2 0, so expert 0's group is both ranks, 1 and 2 are alone
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=3, slots_per_rank=2, top_k=2, policy="static",
@@ -139,6 +140,7 @@ def test_static_group_layout_matches_single_process_on_2_ranks(tmp_path: Path) -
     assert all(row["bytes_replica_grad_sync"] == 2 * 16384 * ELEM_BYTES for row in rows)   # expert 0, 2 layers
 
 
+@pytest.mark.slow
 def test_static_group_layout_on_3_ranks_matches_single_process_and_moves_less_than_symi(tmp_path: Path) -> None:
     """3 ranks x 3 slots, 4 experts: slots hold 0 1 2 | 3 0 1 | 2 3 0, so expert 0's group is all 3 ranks (shards
     of 5462, 5461, 5461 of P = 16384) and experts 1, 2, 3 have groups of 2 that leave one rank out. SYMI on the
@@ -176,6 +178,7 @@ def test_static_group_layout_on_3_ranks_matches_single_process_and_moves_less_th
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_static_killed_job_resumes_bit_identical(tmp_path: Path) -> None:
     """train_jobs' job under static (2 ranks x 3 slots, 4 experts: groups {0, 1} for experts 0 and 1, experts 2
     and 3 alone): full checkpoints every 4 steps and sparse snapshots of every expert in between; killed once

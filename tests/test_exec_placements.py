@@ -6,11 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_exec_train import train_and_compare
 
 from symi_exec.config import TrainConfig
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
+
+# spawns training ranks: `make test-fast` (pytest -m "not slow") leaves this module out
+pytestmark = pytest.mark.slow
 
 
 def random_planner(step: int, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:

@@ -74,6 +74,7 @@ def replay_masks(counts_SLE: np.ndarray, hot_share: float, full_steps: set[int])
 # ---------------------------------------------------------------------------------------------- bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, options, overlap", [("symi", {}, False),
                                                      ("flexmoe-2", {"min_gain_ratio": 0.0}, True),
                                                      ("static", {}, True)])
@@ -114,6 +115,7 @@ def test_snapshot_bytes_are_the_hot_experts_state(tmp_path: Path, policy: str, o
 # ---------------------------------------------------------------------------------------------- recovery
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["symi", "flexmoe-2:min_gain_ratio=0"])
 def test_hot_share_one_resumes_bit_identical(tmp_path: Path, policy: str) -> None:
     name, _, option = policy.partition(":")
@@ -138,6 +140,7 @@ def test_hot_share_one_resumes_bit_identical(tmp_path: Path, policy: str) -> Non
     assert read_rows(tmp_path / "resumed") == read_rows(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_sparse_recovery_restores_each_expert_at_its_last_snapshot(tmp_path: Path) -> None:
     """Hot share 0.5, overlapped writes: recovery gives the dense state of the last step exactly, and each expert's
     weights and moments exactly as the uninterrupted run had them after the step of that expert's last
@@ -216,6 +219,7 @@ def test_bad_sparse_options_fail_cleanly(tmp_path: Path, args: list[str], messag
     assert not out.exists() and not (tmp_path / "run-checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_failure_drill_is_one_error_line_and_no_run_directory(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = CliRunner().invoke(symi, ["train", "--nproc-per-node", "2", "--steps", "3", "--checkpoint-every", "1",
@@ -227,6 +231,7 @@ def test_failure_drill_is_one_error_line_and_no_run_directory(tmp_path: Path) ->
                                                                                            2)
 
 
+@pytest.mark.slow
 def test_sparse_chain_resumes_on_fewer_ranks(tmp_path: Path) -> None:
     """A chain written by 2 ranks (each file holding its half of every hot expert) resumes on 1 rank: the expert
     state it loads is the chain's merged state, re-sharded."""
@@ -255,6 +260,7 @@ def test_sparse_chain_resumes_on_fewer_ranks(tmp_path: Path) -> None:
     assert len(read_rows(tmp_path / "one")) == 6
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_newest(tmp_path: Path) -> None:
     result = CliRunner().invoke(symi, ["train", "--nproc-per-node", "1", "--experts", "2", "--slots", "2", "--steps",
                                        "5", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--out",

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from test_exec_train import train_and_compare
 
 from symi_exec.config import TrainConfig
+
+# spawns training ranks: `make test-fast` (pytest -m "not slow") leaves this module out
+pytestmark = pytest.mark.slow
 
 
 def test_static_matches_single_process(tmp_path: Path) -> None:

@@ -17,6 +17,9 @@ from symi_exec.launch import launch
 from symi_exec.model import GPT, param_groups
 from symi_sim.traces.format import read_trace
 
+# spawns training ranks: `make test-fast` (pytest -m "not slow") leaves this module out
+pytestmark = pytest.mark.slow
+
 NUM_RANKS = 2
 
 

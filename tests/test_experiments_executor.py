@@ -15,6 +15,9 @@ import pytest
 
 from symi_sim.simulator.convergence import load_convergence, paper_model
 
+# runs a study or benchmark (training ranks) as a subprocess: `make test-fast` leaves this module out
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CAPACITY_FACTOR = "capacity_factor"
 CALIBRATION = "convergence_calibration"

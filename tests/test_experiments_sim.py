@@ -197,6 +197,7 @@ def sensitivity(tmp_path_factory):
     return _run_quick("sensitivity", tmp_path_factory)
 
 
+@pytest.mark.slow   # the quick sensitivity study takes about 40 s
 def test_sensitivity_outputs(sensitivity):
     module, out = sensitivity
     table = pd.read_csv(out / "table.csv")
@@ -215,6 +216,7 @@ def test_sensitivity_outputs(sensitivity):
     assert args["aux_steps"] == module.aux_loss.QUICK_STEPS and args["aux_coefs"] == list(module.aux_loss.QUICK_COEFS)
 
 
+@pytest.mark.slow   # the quick sensitivity study takes about 40 s
 def test_sensitivity_properties(sensitivity):
     _, out = sensitivity
     table = pd.read_csv(out / "table.csv")
@@ -237,6 +239,7 @@ def test_sensitivity_properties(sensitivity):
     assert (np.diff(static_k.sort_values("value")["mean_time_s"].to_numpy()) > 0).all()
 
 
+@pytest.mark.slow   # the quick sensitivity study takes about 40 s
 def test_sensitivity_aux_loss_axis(sensitivity):
     """The aux-loss axis: every quick coefficient trained and simulated; the table's skew and static survival are
     those of the recorded trace, computed here without the simulator."""

@@ -61,6 +61,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str
     return out, train_dir, result.stdout
 
 
+@pytest.mark.slow
 def test_quick_outputs(quick_run):
     out, train_dir, stdout = quick_run
     assert stdout.count("trained ") == 4 and f"wrote {out}" in stdout
@@ -92,6 +93,7 @@ def test_quick_outputs(quick_run):
         assert len(list(csv.DictReader(f))) > 0
 
 
+@pytest.mark.slow
 def test_trainings_are_reused_and_other_settings_refused(quick_run, tmp_path):
     _, train_dir, _ = quick_run
     again = run_study("--quick", "--train-dir", str(train_dir), "--out", str(tmp_path / "again"))
