@@ -43,3 +43,12 @@ def read_rows(out: Path) -> list[dict[str, str]]:
     with open(out / "metrics.csv") as f:
         return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_")}
                 for row in csv.DictReader(f)]
+
+
+def fail_on_a_file(rank: int, folder: str) -> None:
+    """A spawned rank for the supervisor's tests: rank 1 makes a folder under a file (NotADirectoryError), rank 0
+    waits for a message that never comes, until the supervisor stops it."""
+    if rank == 1:
+        os.makedirs(os.path.join(folder, "in-the-way", "step-00000002"))
+    else:
+        signal.pause()
