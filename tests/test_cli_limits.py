@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_checks import one_error_line, small_trace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli import symi
 from symi_sim.cluster import MAX_GPUS, MAX_SLOTS, Cluster, load_cluster
 from symi_sim.failures.model import MAX_SAMPLED_RUNS
 from symi_sim.placement import Placement
@@ -24,23 +23,6 @@ from symi_sim.traces.synth import MAX_SYNTH_COUNTS
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def _trace(directory: Path, num_steps: int = 4) -> Path:
-    path = directory / f"t{num_steps}.parquet"
-    counts = np.random.default_rng(0).multinomial(64, [0.4, 0.3, 0.2, 0.1], size=(num_steps, 2))
-    write_trace(LoadTrace(counts, top_k=1, tokens_per_step=64), path)
-    return path
-
-
-def _error(directory: Path, *args: object) -> str:
-    before = sorted(p.name for p in directory.iterdir())
-    result = CliRunner().invoke(symi, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert sorted(p.name for p in directory.iterdir()) == before
-    return errors[0]
 
 
 # ---------------------------------------------------------------- clusters
@@ -55,7 +37,7 @@ def test_giant_clusters_are_refused_naming_the_limit(nodes, gpus, how):
         nodes = MAX_GPUS // gpus + 1
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        trace = _trace(tmp)
+        trace = small_trace(tmp)
         if how == "json":
             spec = tmp / "c.json"
             spec.write_text(json.dumps({"base": "cpu-4", "num_nodes": nodes, "gpus_per_node": gpus}))
@@ -65,7 +47,7 @@ def test_giant_clusters_are_refused_naming_the_limit(nodes, gpus, how):
         else:
             spec = "cpu-4"
         extra = ["--slots", str(MAX_SLOTS // 4 + 1 + nodes)] if how == "slots" else []
-        error = _error(tmp, "simulate", "--trace", trace, "--cluster", spec, *extra, "--out", tmp / "run")
+        error = one_error_line(tmp, "simulate", "--trace", trace, "--cluster", spec, *extra, "--out", tmp / "run")
     limit = MAX_SLOTS if how == "slots" else MAX_GPUS
     assert f"more than the {limit} a cluster may have" in error
 
@@ -84,8 +66,9 @@ def test_the_largest_allowed_cluster_loads():
 def test_too_many_failure_runs_are_refused(runs):
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        error = _error(tmp, "simulate", "--trace", _trace(tmp), "--cluster", "cpu-4", "--fit-model-to-trace",
-                       "--mtbf-hours", "1", "--failure-runs", runs, "--out", tmp / "run")
+        error = one_error_line(tmp, "simulate", "--trace", small_trace(tmp), "--cluster", "cpu-4",
+                               "--fit-model-to-trace", "--mtbf-hours", "1", "--failure-runs", runs, "--out",
+                               tmp / "run")
     assert f"--failure-runs) is {runs}, more than the {MAX_SAMPLED_RUNS}" in error
 
 
@@ -96,8 +79,8 @@ def test_giant_synth_shapes_are_refused_before_any_work(steps, layers, experts):
         steps = MAX_SYNTH_COUNTS // (layers * experts) + 1
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        error = _error(tmp, "trace", "synth", tmp / "s.parquet", "--steps", steps, "--layers", layers,
-                       "--experts", experts)
+        error = one_error_line(tmp, "trace", "synth", tmp / "s.parquet", "--steps", steps, "--layers", layers,
+                               "--experts", experts)
     assert f"more than the {MAX_SYNTH_COUNTS} a synthesised trace may hold" in error
 
 
@@ -129,10 +112,10 @@ def test_routing_is_exact_for_any_capacity_factor(exponent, mode, seed):
 def test_capacity_factors_over_the_ceiling_are_refused(factor, command):
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        trace = _trace(tmp)
+        trace = small_trace(tmp)
         args = (["simulate", "--fit-model-to-trace"] if command == "simulate" else ["plan", "--replay"])
-        error = _error(tmp, *args, "--trace", trace, "--cluster", "cpu-4", "--capacity-factor", repr(factor),
-                       "--out", tmp / "run")
+        error = one_error_line(tmp, *args, "--trace", trace, "--cluster", "cpu-4", "--capacity-factor", repr(factor),
+                               "--out", tmp / "run")
     assert f"more than the {MAX_CAPACITY_FACTOR:g}" in error and "'none'" in error
 
 
@@ -145,7 +128,7 @@ def test_huge_counts_in_jsonl_are_refused_naming_the_limit(count):
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "m.jsonl").write_text(json.dumps({"iteration": 0, "layer": 0, "tokens_per_expert": [1, count]}) + "\n")
-        error = _error(tmp, "trace", "convert", tmp / "m.jsonl", tmp / "m.parquet", "--from", "megatron-jsonl")
+        error = one_error_line(tmp, "trace", "convert", tmp / "m.jsonl", tmp / "m.parquet", "--from", "megatron-jsonl")
     assert f"holds {count}, more than the {MAX_TOKEN_COUNT} tokens" in error and "line 1" in error
 
 
@@ -158,7 +141,7 @@ def test_huge_counts_in_csv_are_refused_naming_the_limit(count, row):
         tmp = Path(tmp_name)
         (tmp / "c.csv").write_text("step,layer,expert,tokens\n" + "".join(
             f"0,0,{e},{t}\n" for e, t in enumerate(tokens)))
-        error = _error(tmp, "trace", "info", tmp / "c.csv")
+        error = one_error_line(tmp, "trace", "info", tmp / "c.csv")
         with pytest.raises(ValueError, match=f"more than the {MAX_TOKEN_COUNT}"):
             import_trace(tmp / "c.csv", fmt="csv")
     assert f"data row {row + 1}: tokens {count} is more than the {MAX_TOKEN_COUNT}" in error
@@ -181,6 +164,6 @@ def test_the_largest_count_round_trips(tmp_path):
     (["plan", "--step", "1"], "a plan"),
 ])
 def test_a_one_step_trace_is_explained(tmp_path, args, command):
-    error = _error(tmp_path, *args, "--trace", _trace(tmp_path, num_steps=1), "--cluster", "cpu-4",
-                   "--out", tmp_path / ("plan.json" if "--step" in args else "run"))
+    error = one_error_line(tmp_path, *args, "--trace", small_trace(tmp_path, num_steps=1), "--cluster", "cpu-4",
+                           "--out", tmp_path / ("plan.json" if "--step" in args else "run"))
     assert f"the trace has 1 step; {command} needs at least 2 (one to plan from, one to score)" in error

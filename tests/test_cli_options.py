@@ -11,6 +11,7 @@ import click
 import numpy as np
 import pandas as pd
 import pytest
+from cli_checks import one_error_line, small_trace
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -104,32 +105,15 @@ def test_out_and_policy_options_say_what_they_write():
 # ---------------------------------------------------------------- behaviour
 
 
-def _trace(directory: Path, num_steps: int = 4) -> Path:
-    path = directory / "t.parquet"
-    counts = np.random.default_rng(0).multinomial(64, [0.4, 0.3, 0.2, 0.1], size=(num_steps, 2))
-    write_trace(LoadTrace(counts, top_k=1, tokens_per_step=64), path)
-    return path
-
-
 def _ok(*args: object) -> click.testing.Result:
     result = CliRunner().invoke(symi, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     return result
 
 
-def _error(directory: Path, *args: object) -> str:
-    before = sorted(p.name for p in directory.iterdir())
-    result = CliRunner().invoke(symi, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert sorted(p.name for p in directory.iterdir()) == before
-    return errors[0]
-
-
 @pytest.mark.parametrize("word", ["none", "None", "dropless", " NONE "])
 def test_simulate_and_plan_accept_a_dropless_capacity_factor(tmp_path, word):
-    trace = _trace(tmp_path)
+    trace = small_trace(tmp_path)
     _ok("simulate", "--trace", trace, "--cluster", "cpu-4", "--fit-model-to-trace", "--policies", "static,symi",
         "--capacity-factor", word, "--out", tmp_path / "sim")
     summary = pd.read_csv(tmp_path / "sim" / "summary.csv")
@@ -142,7 +126,7 @@ def test_simulate_and_plan_accept_a_dropless_capacity_factor(tmp_path, word):
 
 def test_dropless_slot_buffers_pad_to_the_busiest_slot(tmp_path):
     """Dropless pads every slot buffer to the busiest slot's load: never cheaper than a factor that drops."""
-    trace = _trace(tmp_path)
+    trace = small_trace(tmp_path)
     times = {}
     for factor in ("none", "1.0"):
         _ok("simulate", "--trace", trace, "--cluster", "cpu-4", "--fit-model-to-trace", "--policies", "static",
@@ -160,10 +144,10 @@ def test_simulate_option_goes_to_every_policy_that_takes_it(policies, key):
     takers = [p for p in policies if key in get_policy(p).config()]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        args = ["simulate", "--trace", _trace(tmp), "--cluster", "cpu-4", "--fit-model-to-trace", "--policies",
+        args = ["simulate", "--trace", small_trace(tmp), "--cluster", "cpu-4", "--fit-model-to-trace", "--policies",
                 ",".join(policies), "-o", f"{key}={value}", "--out", tmp / "run"]
         if not takers:
-            assert f"-o {key}: no policy among" in _error(tmp, *args)
+            assert f"-o {key}: no policy among" in one_error_line(tmp, *args)
             return
         _ok(*args)
         config = json.loads((tmp / "run" / "config.json").read_text())
@@ -176,8 +160,8 @@ def test_simulate_option_goes_to_every_policy_that_takes_it(policies, key):
 
 
 def test_simulate_option_refuses_what_the_run_sets(tmp_path):
-    error = _error(tmp_path, "simulate", "--trace", _trace(tmp_path), "--policies", "flexmoe", "-o",
-                   "capacity_factor=2", "--out", tmp_path / "run")
+    error = one_error_line(tmp_path, "simulate", "--trace", small_trace(tmp_path), "--policies", "flexmoe", "-o",
+                           "capacity_factor=2", "--out", tmp_path / "run")
     assert "-o capacity_factor: set by the run itself" in error
 
 
@@ -212,7 +196,7 @@ def test_synth_defaults_make_a_trace_simulate_takes_as_it_is(tmp_path):
 def test_plan_format_follows_the_extension(tmp_path, out, fmt, expected):
     if out.endswith(".pt"):
         pytest.importorskip("torch")
-    _ok("plan", "--trace", _trace(tmp_path), "--cluster", "cpu-4", "--step", "1", "--out", tmp_path / out,
+    _ok("plan", "--trace", small_trace(tmp_path), "--cluster", "cpu-4", "--step", "1", "--out", tmp_path / out,
         *(["--format", fmt] if fmt else []))
     data = (tmp_path / out).read_bytes()
     assert data.startswith(b"{") == (expected == "json")
@@ -220,15 +204,16 @@ def test_plan_format_follows_the_extension(tmp_path, out, fmt, expected):
 
 @pytest.mark.parametrize(("out", "fmt"), [("p.npz", "json"), ("p.pt", "json"), ("p.json", "eplb")])
 def test_plan_format_contradicting_the_extension_is_refused(tmp_path, out, fmt):
-    error = _error(tmp_path, "plan", "--trace", _trace(tmp_path), "--cluster", "cpu-4", "--step", "1", "--out",
-                   tmp_path / out, "--format", fmt)
+    error = one_error_line(tmp_path, "plan", "--trace", small_trace(tmp_path), "--cluster", "cpu-4", "--step", "1",
+                           "--out", tmp_path / out, "--format", fmt)
     assert f"--format {fmt} does not match --out" in error
 
 
 @pytest.mark.parametrize("out", ["p.txt", "p", "p.parquet"])
 def test_plan_out_with_an_unknown_extension_is_refused(tmp_path, out):
-    assert "must end in .json" in _error(tmp_path, "plan", "--trace", _trace(tmp_path), "--cluster", "cpu-4",
-                                         "--step", "1", "--out", tmp_path / out)
+    error = one_error_line(tmp_path, "plan", "--trace", small_trace(tmp_path), "--cluster", "cpu-4", "--step", "1",
+                           "--out", tmp_path / out)
+    assert "must end in .json" in error
 
 
 # options a mode ignores: (arguments, the message)
@@ -251,8 +236,8 @@ IGNORED = [
 @pytest.mark.parametrize(("args", "expected"), IGNORED)
 def test_options_a_mode_ignores_are_refused(tmp_path, args, expected):
     out = tmp_path / ("plan.json" if "--step" in args else "run")
-    error = _error(tmp_path, *args, "--trace", _trace(tmp_path), "--cluster", "cpu-4", "--out", out,
-                   *(["--fit-model-to-trace"] if args[0] == "simulate" else []))
+    error = one_error_line(tmp_path, *args, "--trace", small_trace(tmp_path), "--cluster", "cpu-4", "--out", out,
+                           *(["--fit-model-to-trace"] if args[0] == "simulate" else []))
     assert expected in error
 
 
@@ -271,14 +256,13 @@ def test_trace_convert_refuses_options_its_format_does_not_use(fmt, flag):
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "in.csv").write_text("step,layer,expert,tokens\n0,0,0,1\n")
-        error = _error(tmp, "trace", "convert", tmp / "in.csv", tmp / "out.parquet", "--from", fmt,
-                       flag, CONVERT_VALUES[flag])
+        error = one_error_line(tmp, "trace", "convert", tmp / "in.csv", tmp / "out.parquet", "--from", fmt,
+                               flag, CONVERT_VALUES[flag])
     assert f"{flag} does not apply to --from {fmt}" in error
 
 
 def test_calibrate_refuses_warmup_steps_with_latencies(tmp_path):
     latencies = Path(__file__).resolve().parents[1] / "symi_sim/data/calibrations/paper-motivation-forward.csv"
-    error = _error(tmp_path, "calibrate", "--latencies", latencies,
-                   "--cluster", "paper-a100-16", "--model", "gpt-small", "--experts", "32", "--warmup-steps", "5",
-                   "--out", tmp_path / "c.json")
+    error = one_error_line(tmp_path, "calibrate", "--latencies", latencies, "--cluster", "paper-a100-16", "--model",
+                           "gpt-small", "--experts", "32", "--warmup-steps", "5", "--out", tmp_path / "c.json")
     assert "--warmup-steps goes with run directories" in error

@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+from cli_checks import one_error_line, small_trace
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,30 +20,10 @@ from hypothesis import strategies as st
 import cli
 from cli import symi
 from symi_sim.outputs import atomic_dir, atomic_file, remove_stale_temporaries
-from symi_sim.traces.format import LoadTrace, write_trace
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _trace(directory: Path, num_steps: int = 4) -> Path:
-    path = directory / "t.parquet"
-    counts = np.random.default_rng(0).multinomial(64, [0.4, 0.3, 0.2, 0.1], size=(num_steps, 2))
-    write_trace(LoadTrace(counts, top_k=1, tokens_per_step=64), path)
-    return path
-
-
-def _fails_cleanly(directory: Path, *args: object) -> str:
-    """Run `symi args`: exit 1, exactly one Error line, no traceback, nothing new in `directory`."""
-    before = sorted(p.name for p in directory.iterdir())
-    result = CliRunner().invoke(symi, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert sorted(p.name for p in directory.iterdir()) == before
-    return errors[0]
 
 
 def _commands(tmp: Path, trace: Path) -> dict[str, list[object]]:
@@ -78,11 +58,11 @@ def test_an_oserror_while_writing_is_one_line_and_leaves_nothing(command, code):
 
     with tempfile.TemporaryDirectory() as tmp_name, pytest.MonkeyPatch.context() as patch:
         tmp = Path(tmp_name)
-        args = _commands(tmp, _trace(tmp))[command]
+        args = _commands(tmp, small_trace(tmp))[command]
         # every writer ends in one of these, inside its atomic temporary
         patch.setattr(outputs.os, "replace", fail)
         patch.setattr(pq, "write_table", fail)
-        error = _fails_cleanly(tmp, *args)
+        error = one_error_line(tmp, *args)
     assert os.strerror(code) in error
     assert ".tmp" not in error
 
@@ -94,39 +74,39 @@ def test_simulate_refuses_an_unwritable_out_before_simulating(tmp_path, monkeypa
         raise AssertionError("simulated although --out cannot be written")
 
     monkeypatch.setattr(driver, "simulate", never)
-    trace = _trace(tmp_path)
+    trace = small_trace(tmp_path)
     (tmp_path / "file").write_text("x")
     for out, expected in [("/proc/symi-run", "cannot write into '/proc'"),
                           (tmp_path / "file" / "run", "is not a folder"),
                           (tmp_path / "file", "is a file; give a directory")]:
-        error = _fails_cleanly(tmp_path, "simulate", "--trace", trace, "--cluster", "cpu-4", "--fit-model-to-trace",
+        error = one_error_line(tmp_path, "simulate", "--trace", trace, "--cluster", "cpu-4", "--fit-model-to-trace",
                                "--policies", "static", "--out", out)
         assert expected in error and str(out) in error
 
 
 @pytest.mark.parametrize("command", sorted(OUTPUT_OF))
 def test_an_output_naming_a_folder_is_one_line(tmp_path, command):
-    args = _commands(tmp_path, _trace(tmp_path))[command]
+    args = _commands(tmp_path, small_trace(tmp_path))[command]
     target = tmp_path / OUTPUT_OF[command]
     if target.suffix:   # a file output that is a folder
         target.mkdir()
         (target / "keep").write_text("x")
-        assert "is a folder" in _fails_cleanly(tmp_path, *args)
+        assert "is a folder" in one_error_line(tmp_path, *args)
     else:               # a directory output that is a file
         target.write_text("x")
-        assert "is a file" in _fails_cleanly(tmp_path, *args)
+        assert "is a file" in one_error_line(tmp_path, *args)
 
 
 @pytest.mark.parametrize("command", sorted(OUTPUT_OF))
 def test_existing_outputs_are_replaced_only_with_force(tmp_path, command):
-    args = _commands(tmp_path, _trace(tmp_path))[command]
+    args = _commands(tmp_path, small_trace(tmp_path))[command]
     target = tmp_path / OUTPUT_OF[command]
     if target.suffix:
         target.write_text("old")
     else:
         target.mkdir()
         (target / "old.txt").write_text("old")
-    assert "already exists" in _fails_cleanly(tmp_path, *args) and "--force" in _fails_cleanly(tmp_path, *args)
+    assert "already exists" in one_error_line(tmp_path, *args) and "--force" in one_error_line(tmp_path, *args)
     assert (target.read_text() if target.is_file() else (target / "old.txt").read_text()) == "old"
     result = CliRunner().invoke(symi, [str(a) for a in args] + ["--force"])
     assert result.exit_code == 0, result.output
@@ -139,7 +119,7 @@ def test_existing_outputs_are_replaced_only_with_force(tmp_path, command):
 
 def test_calibrate_out_needs_force_too(tmp_path):
     (tmp_path / "calib.json").write_text("{}")
-    error = _fails_cleanly(tmp_path, "calibrate", "--latencies",
+    error = one_error_line(tmp_path, "calibrate", "--latencies",
                            ROOT / "symi_sim/data/calibrations/paper-motivation-forward.csv", "--cluster",
                            "paper-a100-16", "--model", "gpt-small", "--experts", "32", "--out", tmp_path / "calib.json")
     assert "calib.json' already exists; pass --force" in error
