@@ -162,6 +162,7 @@ import signal, sys
 import cli
 from symi_sim.outputs import atomic_dir
 signal.signal(signal.SIGTERM, cli._exit_on_signal)
+signal.signal(signal.SIGINT, signal.default_int_handler)   # a job started in the background inherits SIGINT ignored
 with atomic_dir(sys.argv[1]) as tmp:
     (tmp / "half.csv").write_text("x")
     print(tmp, flush=True)
