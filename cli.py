@@ -311,7 +311,7 @@ def _plan_format(fmt: str | None, out: str | None) -> str:
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
 @_cluster_option
 @_slots_window_options
-@click.option("--policy", default="symi-balanced", show_default=True,
+@click.option("--policy", default="symi", show_default=True,
               help=f"The policy of a single plan. {POLICY_NAMES_HELP}")
 @click.option("--step", type=int, default=None, help="Plan the placement serving this step (from the steps before).")
 @_policy_options_option

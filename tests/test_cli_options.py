@@ -266,3 +266,9 @@ def test_calibrate_refuses_warmup_steps_with_latencies(tmp_path):
     error = one_error_line(tmp_path, "calibrate", "--latencies", latencies, "--cluster", "paper-a100-16", "--model",
                            "gpt-small", "--experts", "32", "--warmup-steps", "5", "--out", tmp_path / "c.json")
     assert "--warmup-steps goes with run directories" in error
+
+
+def test_plan_and_train_default_to_the_same_policy():
+    from symi_exec.config import TrainConfig
+
+    assert _option("plan", "--policy").default == TrainConfig.policy == "symi"
