@@ -619,7 +619,9 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
     last = rows[-1]
     mean_tps = sum(float(r["tokens_per_s"]) for r in rows) / len(rows)
     state_mib = sum(float(r["bytes_optimizer_state"]) for r in rows) / 2**20
-    click.echo(f"step {last['step']}: loss {float(last['loss']):.4f}, {mean_tps:.0f} tokens/s on average, "
+    # counted like the log lines (step 200/200 is the last of 200), not by the 0-based step of metrics.csv
+    click.echo(f"step {int(last['step']) + 1}/{config.steps}: loss {float(last['loss']):.4f}, {mean_tps:.0f} "
+               f"tokens/s on average, "
                f"dropped {100 * float(last['dropped_fraction']):.2f}%, optimizer state moved {state_mib:.2f} MiB")
     click.echo(f"wrote {run_dir}")
 

@@ -31,6 +31,8 @@ import math
 import os
 import signal
 import time
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,7 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
 
     tokens = load_tokens(config.data_path())
     tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
-    step_times: list[float] = []
+    step_times: deque[float] = deque(maxlen=ETA_WINDOW)   # bounded: the ETA needs only the last few
     for step in range(start_step, config.steps):
         comm.mark_progress(step)
         if step == config.fail_at_step:
@@ -226,9 +228,9 @@ def policy_planner(policy: Policy) -> Planner:
 ETA_WINDOW = 20   # the ETA extrapolates the mean of the last steps' times (the first, warm-up ones drop out)
 
 
-def eta_s(step_times: list[float], steps_left: int) -> float:
+def eta_s(step_times: Sequence[float], steps_left: int) -> float:
     """Seconds to run `steps_left` more steps at the mean of the last ETA_WINDOW measured step times."""
-    recent = step_times[-ETA_WINDOW:]
+    recent = list(step_times)[-ETA_WINDOW:]
     return steps_left * sum(recent) / len(recent) if recent and steps_left > 0 else 0.0
 
 
