@@ -21,7 +21,6 @@ import os
 import pickle
 import re
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from contextlib import contextmanager
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
+
+from symi_sim.outputs import write_probe
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +90,16 @@ def cpu_cores() -> int:
 
 def check_writable(path: str | Path, what: str) -> None:
     """ValueError naming `path` when nothing can be created there: the nearest folder of it (or above it) that
-    exists must take a new entry (a probe folder, removed at once). Catches read-only and permission-denied
-    folders, root included."""
+    exists must take a new entry (outputs.write_probe). Catches read-only and permission-denied folders, root
+    included."""
     path = Path(path).absolute()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
         raise ValueError(f"cannot write {what} {str(path)!r}: {str(existing)!r} is not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".symi-probe-", dir=existing))
-    except OSError as exc:
+    failure = write_probe(existing)
+    if failure is not None:
         raise ValueError(f"cannot write {what} {str(path)!r}: folder {str(existing)!r} is not writable "
-                         f"({exc.strerror})") from None
+                         f"({failure.strerror})")
 
 
 # ---------------------------------------------------------------------------------------------- progress markers

@@ -146,15 +146,24 @@ def check_output_path(path: str | Path, *, what: str, is_dir: bool = False, forc
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"{what} {str(path)!r}: a part of its folder path, {str(ancestor)!r}, is not a folder")
-    try:   # try it for real: access() says yes to root on a read-only file system or /proc
-        probe = tempfile.mkdtemp(prefix=".symi-write-check.", suffix=".tmp", dir=ancestor)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.ENOENT:
+    failure = write_probe(ancestor)
+    if failure is not None:
+        reason = failure.strerror or str(failure)
+        if failure.errno == errno.ENOENT:
             reason = "the folder does not accept new files"
-        raise ValueError(f"{what} {str(path)!r}: cannot write into {str(ancestor)!r} ({reason})") from None
-    os.rmdir(probe)
+        raise ValueError(f"{what} {str(path)!r}: cannot write into {str(ancestor)!r} ({reason})")
     return path
+
+
+def write_probe(folder: str | Path) -> OSError | None:
+    """Create and remove an empty folder in `folder`: None when that works, else the OSError. Tried for real
+    because access() says yes to root on a read-only file system or /proc."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".symi-write-check.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        return exc
+    os.rmdir(probe)
+    return None
 
 
 def timestamped_dir(prefix: str, root: str | Path = "runs") -> Path:
