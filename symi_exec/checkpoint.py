@@ -23,8 +23,13 @@ their checksums is damaged (`damage`), and a resume falls back to the newest int
 The data position and the learning rate are functions of the step (get_batch draws step `s`'s batch from
 (seed, s); lr_at(s)), so the step is the whole of both.
 
-Loading re-shards: the full state of every expert is assembled from the G_old files and re-split for the new
-world size, so a job can resume on fewer (or more) ranks; with the same world size the slices are the saved ones.
+Loading reads only what a rank needs (ExpertStateReader): the rank files are opened memory-mapped
+(torch.load(mmap=True)) as they are needed, this rank's own first, and each rank copies out only the slices of the
+saved pieces that overlap its own part under the new world size and placement, so a job can resume on fewer (or
+more) ranks without any rank assembling every expert's state. Same layout, world size and placement: a rank opens
+its own file (and rank 0's, for the dense state) and nothing else. SYMI's layout never opens a file whose shard does
+not overlap (its bounds follow from the world size). assemble_expert_state, which builds every expert's full state,
+is kept for tests and tools.
 """
 
 from __future__ import annotations
@@ -208,9 +213,126 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return read_json(Path(directory) / "meta.json")
 
 
-def load_rank(directory: Path, rank: int) -> dict[str, Any]:
+def load_rank(directory: Path, rank: int, *, mmap: bool = False) -> dict[str, Any]:
+    """One rank's file; mmap: its tensors stay in the file until read (only the pages touched are loaded)."""
     # our own files: they hold numpy RNG states and tuples, which weights_only loading refuses
-    return torch.load(rank_file(directory, rank), map_location="cpu", weights_only=False)
+    return torch.load(rank_file(directory, rank), map_location="cpu", weights_only=False, mmap=mmap)
+
+
+Key = tuple[int, int]   # (layer, expert)
+Piece = tuple[int, int, dict[str, torch.Tensor]]   # [start, stop) of an expert's P and its state there ([stop-start])
+
+
+class RankFiles:
+    """The rank files of one checkpoint or snapshot directory, each loaded memory-mapped on first use."""
+
+    def __init__(self, directory: Path, world_size: int) -> None:
+        self.directory, self.world_size = Path(directory), world_size
+        self._loaded: dict[int, dict[str, Any]] = {}
+
+    def get(self, rank: int) -> dict[str, Any]:
+        if rank not in self._loaded:
+            self._loaded[rank] = load_rank(self.directory, rank, mmap=True)
+        return self._loaded[rank]
+
+    @property
+    def opened(self) -> list[int]:
+        """The ranks whose files were opened so far (in order)."""
+        return sorted(self._loaded)
+
+
+def saved_pieces(part: dict[str, Any], key: Key, *, shard: tuple[int, int] | None = None) -> list[Piece]:
+    """The pieces of expert `key` in one rank's part of a checkpoint ("expert_optimizer") or sparse snapshot
+    ("hot_experts"), in any layout: SYMI's (the rank's `shard` [start, stop) of every expert; a snapshot: of its
+    "keys"), the group layout's (shards with their "bounds") or FlexMoE's (whole experts)."""
+    if part["layout"] == "sharded":
+        assert shard is not None, "SYMI's layout: pass the rank's shard bounds"
+        layer, expert = key
+        if "keys" in part:   # a sparse snapshot: [K, p] stacked in the order of its keys
+            if "_index" not in part:   # built once per loaded part
+                part["_index"] = {tuple(k): i for i, k in enumerate(part["keys"])}
+            if key not in part["_index"]:
+                return []
+            return [(*shard, {name: part[name][part["_index"][key]] for name in STATE_NAMES})]
+        return [(*shard, {name: part[name][layer][expert] for name in STATE_NAMES})]
+    if key not in part["weights"]:
+        return []
+    value = part["weights"][key]
+    start, stop = part["bounds"][key] if "bounds" in part else (0, value.numel())
+    return [(start, stop, {name: part[name][key] for name in STATE_NAMES})]
+
+
+class ExpertStateReader:
+    """The saved state of every expert, read slice by slice: a full checkpoint's rank files, overridden expert by
+    expert by the sparse snapshots after it (add_sparse, oldest first). Implements optim.ExpertStateSource."""
+
+    def __init__(self, files: RankFiles, *, layout: str, expert_numel: int, rank: int) -> None:
+        self.layout, self.expert_numel, self.rank = layout, expert_numel, rank
+        self._sources: list[tuple[RankFiles, str]] = [(files, "expert_optimizer")]
+        self._newest: dict[Key, int] = {}   # experts a sparse snapshot saved -> index of the newest such source
+        self.num_steps = int(files.get(0)["expert_optimizer"]["num_steps"])
+
+    def add_sparse(self, files: RankFiles, hot_keys: list[Key]) -> None:
+        """A sparse snapshot taken one step after the newest state so far, holding the experts `hot_keys`."""
+        self._sources.append((files, "hot_experts"))
+        for key in hot_keys:
+            self._newest[tuple(key)] = len(self._sources) - 1
+        self.num_steps += 1
+
+    def _ranks(self, files: RankFiles, start: int, stop: int) -> list[int]:
+        """The ranks whose files may hold part of [start, stop): this rank's own first."""
+        ranks = sorted(range(files.world_size), key=lambda r: (r != self.rank, r))
+        if self.layout == "sharded":   # bounds known without opening the file
+            ranks = [r for r in ranks if _overlap(shard_bounds(self.expert_numel, files.world_size, r), start, stop)]
+        return ranks
+
+    def read(self, layer: int, expert: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Elements [start, stop) of the expert's weights, exp_avg and exp_avg_sq from its newest save ([stop -
+        start] each, the saved dtype, CPU); files are opened only until the slice is covered."""
+        key = (layer, expert)
+        files, field = self._sources[self._newest.get(key, 0)]
+        out: dict[str, torch.Tensor] = {}
+        covered = 0
+        for rank in self._ranks(files, start, stop):
+            shard = shard_bounds(self.expert_numel, files.world_size, rank)
+            for piece_start, piece_stop, state in saved_pieces(files.get(rank)[field], key, shard=shard):
+                lo, hi = max(piece_start, start), min(piece_stop, stop)
+                if lo >= hi:
+                    continue
+                for name, value in state.items():
+                    if name not in out:
+                        out[name] = torch.empty(stop - start, dtype=value.dtype)
+                    out[name][lo - start:hi - start] = value[lo - piece_start:hi - piece_start]
+                covered += hi - lo   # every element is stored exactly once
+            if covered == stop - start:
+                break
+        assert covered == stop - start, f"expert {key}: the checkpoint holds {covered} of [{start}, {stop})"
+        return out
+
+    def assemble(self, num_layers: int, num_experts: int) -> dict[str, Any]:
+        """Every expert's full state ([L] x [E, P] each, and num_steps: assemble_expert_state's layout) - for tests
+        and tools; a resume never builds it."""
+        full: dict[str, Any] = {name: [] for name in STATE_NAMES}
+        for layer in range(num_layers):
+            states = [self.read(layer, expert, 0, self.expert_numel) for expert in range(num_experts)]
+            for name in STATE_NAMES:
+                full[name].append(torch.stack([state[name] for state in states]))
+        full["num_steps"] = self.num_steps
+        return full
+
+
+class FullStateSource:
+    """optim.ExpertStateSource over an assembled full state (assemble_expert_state's layout)."""
+
+    def __init__(self, full: dict[str, Any]) -> None:
+        self.full, self.num_steps = full, int(full["num_steps"])
+
+    def read(self, layer: int, expert: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        return {name: self.full[name][layer][expert][start:stop] for name in STATE_NAMES}
+
+
+def _overlap(bounds: tuple[int, int], start: int, stop: int) -> bool:
+    return max(bounds[0], start) < min(bounds[1], stop)
 
 
 def assemble_expert_state(states: list[dict[str, Any]]) -> dict[str, Any]:

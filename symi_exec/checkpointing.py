@@ -194,16 +194,16 @@ class Checkpointer:
         config, cfg, comm = self.config, self.cfg, self.comm
         assert config.resume is not None
         start = time.perf_counter()
-        recovered = snapshots.recover(config.resume, cfg.num_layers, cfg.num_experts)
-        meta, states, step = recovered.meta, recovered.states, recovered.step
+        recovered = snapshots.recover(config.resume, cfg.num_layers, cfg.num_experts, rank=comm.rank)
+        meta, head, step = recovered.meta, recovered.head, recovered.step
         changes = {k: v for k, v in run_identity.settings(config, comm.world_size).items()
                    if meta["settings"].get(k) != v}
-        head = states[0]
         device, dtype = comm.device, TORCH_DTYPES[config.dtype]
         missing, unexpected = self.model.load_state_dict(
             {k: v.to(device=device, dtype=dtype) for k, v in head["dense"].items()}, strict=False)
         assert not unexpected and all(k.endswith("slot_weights_SP") for k in missing), (missing, unexpected)
-        self.dense_opt.load_state_dict(head["dense_optimizer"])
+        # a copy: the loaded tensors are memory-mapped from the checkpoint file
+        self.dense_opt.load_state_dict(copy.deepcopy(head["dense_optimizer"]))
         if (meta["world_size"], meta["slots_per_rank"], meta["settings"]["policy"],
                 meta["settings"]["policy_options"]) == (comm.world_size, config.slots_per_rank, config.policy,
                                                         json.loads(json.dumps(config.policy_options))):
@@ -213,8 +213,8 @@ class Checkpointer:
             # cost)
             placement = planner(step - 1, head["load_LE"], cluster, None)
             placement.validate(cluster, num_layers=cfg.num_layers)
-        self.expert_opt.load_full_state(recovered.expert_state, placement)
-        self._rng_state = states[comm.rank]["rng"] if comm.rank < len(states) else None
+        self.expert_opt.load_state(recovered.experts, placement)   # reads only this rank's part
+        self._rng_state = recovered.rng
         history = History.from_dict(recovered.history)
         if meta["world_size"] != comm.world_size:
             # per-source-rank counts of another world size do not stack (--record-trace refuses this case)

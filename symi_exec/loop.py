@@ -43,7 +43,7 @@ from symi_exec.checkpointing import Checkpointer
 from symi_exec.comm import Comm
 from symi_exec.config import Planner, TrainConfig
 from symi_exec.data import get_batch, load_tokens, lr_at
-from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig, param_groups
+from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig, init_expert, param_groups
 from symi_exec.moe import ReplicatedMoE
 from symi_exec.optim import ExpertOptimizer, ShardedExpertOptimizer
 from symi_exec.optim_group import GroupExpertOptimizer
@@ -164,8 +164,9 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         checkpointer.maybe_save(step, placement=placement, load_LE=load_LE, history=history)
 
     checkpointer.wait()
-    full_LEP = expert_opt.full_weights()
+    full_LEP = expert_opt.gather_weights(TORCH_DTYPES[config.dtype])   # rank 0 only, one layer at a time
     if out_dir is not None:
+        assert full_LEP is not None
         write_run_dir(out_dir, config=config, cfg=cfg, comm=comm, model=model, full_LEP=full_LEP, history=history,
                       tokens_per_step=tokens_per_step, final_placement=placement, expert_layout=expert_opt.layout)
         checkpointer.write_records(out_dir)
@@ -177,20 +178,31 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
 def build_model(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, layout: str
                 ) -> tuple[GPT, torch.optim.AdamW, ExpertOptimizer]:
     """This rank's expert-parallel model, the AdamW of its dense parameters and the expert optimizer of the
-    policy's optimizer `layout` ("sharded", "group" or "replica")."""
+    policy's optimizer `layout` ("sharded", "group" or "replica").
+
+    Built without any expert: the dense part (every rank the same, from torch.manual_seed(seed)) with router-only
+    MoE layers swapped for the expert-parallel ones, whose slots the expert optimizer fills; the optimizer creates
+    only the expert state this rank keeps, each expert from model.init_expert(seed, layer, expert). Master weights
+    and moments: float32 for a bfloat16 model, the model's dtype otherwise."""
     check_choice(layout, "expert optimizer layout", tuple(EXPERT_OPTIMIZERS))
-    # every rank builds the same single-device model, then swaps its MoE layers for the expert-parallel ones
+    dtype = TORCH_DTYPES[config.dtype]
+    master_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     torch.manual_seed(config.seed)
-    model = GPT(cfg).to(device=comm.device, dtype=TORCH_DTYPES[config.dtype])
-    expert_weights_LEP = [moe.experts.flat_EP().detach() for moe in model.moe_layers]
+    model = GPT(cfg, seed=config.seed, experts=False).to(device=comm.device, dtype=dtype)
     for block in model.blocks:
         block.moe = ReplicatedMoE(block.moe.router, cfg, slots_per_rank=config.slots_per_rank, comm=comm,
                                   capacity_factor=config.capacity_factor, capacity_mode=config.capacity_mode)
     dense_named = [(n, p) for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
     dense_opt = torch.optim.AdamW(param_groups(dense_named, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=1e-8)
-    expert_opt = EXPERT_OPTIMIZERS[layout](expert_weights_LEP, comm, slots_per_rank=config.slots_per_rank, lr=config.lr,
-                               betas=(config.beta1, config.beta2), eps=1e-8, weight_decay=config.weight_decay)
+
+    def expert_init(layer: int, expert: int) -> torch.Tensor:
+        return init_expert(cfg, seed=config.seed, layer=layer, expert=expert, dtype=master_dtype)
+
+    expert_opt = EXPERT_OPTIMIZERS[layout](
+        expert_init, comm, num_layers=cfg.num_layers, num_experts=cfg.num_experts, expert_numel=cfg.expert_numel,
+        slots_per_rank=config.slots_per_rank, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
+        weight_decay=config.weight_decay, dtype=dtype, master_dtype=master_dtype)
     return model, dense_opt, expert_opt
 
 

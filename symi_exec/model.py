@@ -4,6 +4,9 @@ Legend: B batch, T sequence positions, D d_model, F d_ff (expert hidden size), V
 E experts, K top-k, N tokens (B*T flattened), A assignments (N*K), P parameters of one expert (flat).
 
 nanoGPT-shaped: learned position embeddings, pre-LN blocks, causal self-attention, tied embedding/unembedding.
+Initialisation (GPT-2's): the dense parameters draw from torch's global generator (torch.manual_seed(seed) first),
+in an order that does not depend on the experts; every expert draws from its own generator seeded by (seed, layer,
+expert) alone (init_expert), so any rank can create any expert, or a shard of it, without building the others.
 The MoE layer here is the reference path: every expert is local and no token is dropped. The expert-parallel
 path (symi_exec.moe) replaces `Block.moe` and reuses its router, so both compute the same function.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,17 +120,54 @@ def expert_mlp(x_ND: torch.Tensor, w_in_DF: torch.Tensor, w_out_FD: torch.Tensor
     return F.gelu(x_ND @ w_in_DF) @ w_out_FD
 
 
+# ---------------------------------------------------------------------------------------------- initialisation
+
+INIT_STD = 0.02   # GPT-2's
+
+
+def residual_std(config: ModelConfig) -> float:
+    """GPT-2's std of the residual projections (attention proj, expert w_out): 0.02 / sqrt(2 * layers)."""
+    return INIT_STD / math.sqrt(2 * config.num_layers)
+
+
+def expert_generator(seed: int, layer: int, expert: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, layer, expert) only (numpy's SeedSequence mixes the three)."""
+    for name, value in (("seed", seed), ("layer", layer), ("expert", expert)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"expert initialisation {name} must be a non-negative integer, got {value!r}")
+    state = np.random.SeedSequence([seed, layer, expert]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+def init_expert(config: ModelConfig, *, seed: int, layer: int, expert: int, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """[P] expert `expert` of layer `layer`'s initial weights (w_in D x F then w_out F x D, flat): N(0, 0.02) and
+    N(0, residual_std), drawn in float32 on the CPU from expert_generator(seed, layer, expert), then cast. The same
+    for any number of experts, any device and any rank."""
+    generator = expert_generator(seed, layer, expert)
+    num_dff = config.d_model * config.d_ff
+    flat_P = torch.empty(2 * num_dff, dtype=torch.float32)
+    flat_P[:num_dff].normal_(0.0, INIT_STD, generator=generator)
+    flat_P[num_dff:].normal_(0.0, residual_std(config), generator=generator)
+    return flat_P.to(device=device, dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------------- layers
 
 
 class Experts(nn.Module):
-    """All E experts' weights, stacked."""
+    """All E experts' weights, stacked; filled by init_expert (layer `layer` of a model seeded `seed`)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, seed: int, layer: int) -> None:
         super().__init__()
         e, d, f = config.num_experts, config.d_model, config.d_ff
         self.w_in_EDF = nn.Parameter(torch.empty(e, d, f))
         self.w_out_EFD = nn.Parameter(torch.empty(e, f, d))
+        with torch.no_grad():
+            for expert in range(e):
+                flat_P = init_expert(config, seed=seed, layer=layer, expert=expert)
+                self.w_in_EDF[expert] = flat_P[:d * f].view(d, f)
+                self.w_out_EFD[expert] = flat_P[d * f:].view(f, d)
 
     def flat_EP(self) -> torch.Tensor:
         """[E, P] every expert's parameters as one flat vector (w_in then w_out)."""
@@ -135,14 +176,16 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Reference MoE layer: router + all experts on this device, every assignment computed (dropless)."""
+    """Reference MoE layer: router + all experts on this device, every assignment computed (dropless).
 
-    def __init__(self, config: ModelConfig) -> None:
+    experts=False builds the router only (the expert-parallel model replaces the layer and keeps its router)."""
+
+    def __init__(self, config: ModelConfig, *, seed: int = 0, layer: int = 0, experts: bool = True) -> None:
         super().__init__()
         self.top_k = config.top_k
         self.router_skew = config.router_skew
         self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
-        self.experts = Experts(config)
+        self.experts = Experts(config, seed=seed, layer=layer) if experts else None
         self.aux_loss: torch.Tensor | None = None   # set by forward
         self.count_E: torch.Tensor | None = None    # set by forward
 
@@ -152,6 +195,7 @@ class MoE(nn.Module):
         routed = route_topk(x_ND, self.router, self.top_k, self.router_skew)
         self.count_E = routed.count_E
         self.aux_loss = load_balance_loss(routed.probs_NE, routed.count_E, routed.expert_NK.numel())
+        assert self.experts is not None, "a MoE layer built without experts only keeps its router"
         out_ND = torch.zeros_like(x_ND)
         for e in range(self.experts.w_in_EDF.shape[0]):
             token_idx, choice_idx = torch.nonzero(routed.expert_NK == e, as_tuple=True)
@@ -180,12 +224,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, seed: int = 0, layer: int = 0, experts: bool = True) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
         self.ln_moe = nn.LayerNorm(config.d_model)
-        self.moe: nn.Module = MoE(config)
+        self.moe: nn.Module = MoE(config, seed=seed, layer=layer, experts=experts)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.ln_attn(x_BTD))
@@ -193,28 +237,36 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """The single-device GPT. Experts: init_expert(seed, layer, expert) each (seed None: one drawn from torch's
+    global generator after the dense parameters); dense parameters: torch's global generator, in the same order
+    with experts=False (the router-only layers the expert-parallel model starts from)."""
+
+    def __init__(self, config: ModelConfig, *, seed: int | None = None, experts: bool = True) -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, experts=False) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight   # weight tying, as nanoGPT
-        self._init_weights()
+        self._init_dense()
+        if experts:
+            if seed is None:
+                seed = int(torch.randint(0, 2 ** 31 - 1, ()))
+            for layer, block in enumerate(self.blocks):
+                block.moe.experts = Experts(config, seed=seed, layer=layer)
 
-    def _init_weights(self) -> None:
-        # GPT-2 init: N(0, 0.02), residual projections scaled down by sqrt(2 * layers).
-        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+    def _init_dense(self) -> None:
+        # GPT-2 init: N(0, 0.02), residual projections scaled down by sqrt(2 * layers); experts: init_expert
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 if name.endswith("bias"):
                     nn.init.zeros_(p)
-            elif name.endswith(("proj.weight", "w_out_EFD")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+            elif name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std(self.config))
             else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+                nn.init.normal_(p, mean=0.0, std=INIT_STD)
 
     @property
     def moe_layers(self) -> list[nn.Module]:

@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -95,26 +96,30 @@ def group_shards(holders: dict[Key, list[int]], expert_numel: int
             yield (key, ranks, owner, *shard_bounds(expert_numel, len(ranks), i))
 
 
-def local_grad_sums(slot_grads_LSP: list[torch.Tensor], placement: Placement, rank: int, slots_per_rank: int
-                    ) -> dict[Key, torch.Tensor]:
-    """(layer, expert) -> [P]: the gradients of `rank`'s slots holding the expert, summed (hosted experts only)."""
+def local_grad_sums(slot_grads_LSP: list[torch.Tensor], placement: Placement, rank: int, slots_per_rank: int, *,
+                    dtype: torch.dtype | None = None) -> dict[Key, torch.Tensor]:
+    """(layer, expert) -> [P]: the gradients of `rank`'s slots holding the expert, summed in `dtype` (default:
+    the gradients'; hosted experts only)."""
     sums: dict[Key, torch.Tensor] = {}
     for layer, phy2log_R in enumerate(placement.phy2log_LR):
         local_R = phy2log_R[rank * slots_per_rank:(rank + 1) * slots_per_rank]
+        grads_SP = slot_grads_LSP[layer] if dtype is None else slot_grads_LSP[layer].to(dtype)
         for expert in np.unique(local_R).tolist():
-            sums[layer, expert] = slot_grads_LSP[layer][np.flatnonzero(local_R == expert)].sum(dim=0)
+            sums[layer, expert] = grads_SP[np.flatnonzero(local_R == expert)].sum(dim=0)
     return sums
 
 
 def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement, comm: Comm, slots_per_rank: int,
-                       num_experts: int) -> tuple[dict[Key, torch.Tensor], dict[Key, list[int]]]:
+                       num_experts: int, *, accumulate_dtype: torch.dtype | None = None
+                       ) -> tuple[dict[Key, torch.Tensor], dict[Key, list[int]]]:
     """The replica gradient sync: every holder rank of (layer, expert) ends with the expert's gradient summed over
-    all its slots on all ranks. Returns (representative[(layer, expert)] [P] on holder ranks, holders[(layer,
-    expert)] sorted holder ranks for every key)."""
+    all its slots on all ranks (travelling in the slots' dtype, summed in `accumulate_dtype`, default the same).
+    Returns (representative[(layer, expert)] [P] on holder ranks, holders[(layer, expert)] sorted holder ranks for
+    every key)."""
     expert_numel = slot_grads_LSP[0].shape[1]
     dtype = slot_grads_LSP[0].dtype
     holders = expert_holders(placement, slots_per_rank, num_experts)
-    representative = local_grad_sums(slot_grads_LSP, placement, comm.rank, slots_per_rank)
+    representative = local_grad_sums(slot_grads_LSP, placement, comm.rank, slots_per_rank, dtype=accumulate_dtype)
     reduce_segs, gather_segs = [], []
     for key, ranks, owner, start, stop in group_shards(holders, expert_numel):
         reduce_segs += [Segment(h, owner, key, start, stop) for h in ranks if h != owner]
@@ -134,26 +139,62 @@ def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement,
     return representative, holders
 
 
+ExpertInit = Callable[[int, int], torch.Tensor]   # (layer, expert) -> [P] the expert's full initial weights
+
+
+class ExpertStateSource(Protocol):
+    """Saved expert state a resume reads from (checkpoint.ExpertStateReader: the rank files, memory-mapped, and the
+    sparse snapshots after them; checkpoint.FullStateSource: an assembled full state)."""
+
+    num_steps: int
+
+    def read(self, layer: int, expert: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Elements [start, stop) of the expert's weights, exp_avg and exp_avg_sq ([stop - start] each)."""
+        ...
+
+
 class ExpertOptimizer(ABC):
     """What the layouts share: the hyperparameters, the step count, AdamW over (weights, gradient, moments)
-    tensors, the global gradient norm, and this rank's slots of a placement. The training loop runs any of them."""
+    tensors, the global gradient norm, this rank's slots of a placement and the export to rank 0. The training loop
+    runs any of them.
+
+    Precision: the slots (and so the gradients and weights that travel) are in `dtype`, the model's; the master
+    weights, both AdamW moments and the gradients they accumulate are in `master_dtype` (float32 for a bfloat16
+    model; by default `dtype`). Each layout creates from `expert_init` only the state this rank keeps."""
 
     layout: str   # "sharded", "group" or "replica": the checkpoint layout (state_dict), run config.json's name
 
-    def __init__(self, expert_weights_LEP: list[torch.Tensor], comm: Comm, *, slots_per_rank: int, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        """expert_weights_LEP: the full initial weights of every expert (identical on all ranks)."""
+    def __init__(self, expert_init: ExpertInit, comm: Comm, *, num_layers: int, num_experts: int, expert_numel: int,
+                 slots_per_rank: int, lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, dtype: torch.dtype = torch.float32,
+                 master_dtype: torch.dtype | None = None) -> None:
+        """expert_init(layer, expert): [P] the expert's initial weights, the same on every rank (model.init_expert);
+        called once per expert this rank keeps a part of, each result dropped after its part is taken."""
         self.comm = comm
         self.slots_per_rank = slots_per_rank
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.num_layers = len(expert_weights_LEP)
-        self.num_experts, self.expert_numel = expert_weights_LEP[0].shape
+        self.num_layers, self.num_experts, self.expert_numel = num_layers, num_experts, expert_numel
+        self.dtype = dtype
+        self.master_dtype = master_dtype if master_dtype is not None else dtype
         self.num_steps = 0
-        self._init_state(expert_weights_LEP)
+        self._init_state(expert_init)
+
+    @classmethod
+    def from_weights(cls, expert_weights_LEP: list[torch.Tensor], comm: Comm, **options: Any) -> ExpertOptimizer:
+        """An optimizer initialised from given full weights ([L] x [E, P], identical on all ranks; tests, tools);
+        `dtype` defaults to theirs."""
+        num_experts, expert_numel = expert_weights_LEP[0].shape
+        options.setdefault("dtype", expert_weights_LEP[0].dtype)
+        return cls(lambda layer, expert: expert_weights_LEP[layer][expert], comm, num_layers=len(expert_weights_LEP),
+                   num_experts=num_experts, expert_numel=expert_numel, **options)
+
+    def _new_master(self, initial: torch.Tensor) -> torch.Tensor:
+        """A copy of (a slice of) initial weights in the master dtype on this rank's device."""
+        return initial.detach().to(device=self.comm.device, dtype=self.master_dtype).clone()
 
     @abstractmethod
-    def _init_state(self, expert_weights_LEP: list[torch.Tensor]) -> None:
-        """This rank's initial expert state, from every expert's full initial weights."""
+    def _init_state(self, expert_init: ExpertInit) -> None:
+        """This rank's initial expert state (or what it needs to create it once the placement is known)."""
 
     def _local_R(self, phy2log_R: np.ndarray) -> np.ndarray:
         """The experts of this rank's slots in one layer's placement."""
@@ -191,19 +232,50 @@ class ExpertOptimizer(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, object]:
-        """This rank's part of every expert's state (checkpoint.assemble_expert_state assembles them)."""
+        """This rank's part of every expert's state (checkpoint.ExpertStateReader reads the parts back)."""
 
     @abstractmethod
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
         """This rank's part of the state of the experts in `mask_LE` ([L, E] bool) (snapshots.py)."""
 
     @abstractmethod
-    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
-        """Take this rank's part of every expert's full state (checkpoint.assemble_expert_state)."""
+    def load_state(self, source: ExpertStateSource, placement: Placement) -> None:
+        """Read this rank's part of the saved state under `placement` from `source` (only that part: a re-shard
+        when the checkpoint came from another world size or placement)."""
 
     @abstractmethod
-    def full_weights(self) -> list[torch.Tensor]:
-        """[L] x [E, P]: every expert's full weights, assembled on every rank."""
+    def _export_segments(self, layer: int) -> list[Segment]:
+        """One segment per piece of every expert of `layer` stored on exactly one rank, each to rank 0 (the same
+        list on every rank)."""
+
+    @abstractmethod
+    def _export_read(self, seg: Segment) -> torch.Tensor:
+        """The master weights of an export segment this rank stores."""
+
+    def gather_weights(self, dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
+        """Rank 0: [L] x [E, P] every expert's full weights in `dtype` (default: the slots'), for the run's
+        single-device checkpoint.pt; other ranks: None. One layer at a time: rank 0 receives each stored piece
+        once, the other ranks send only the pieces they store (never more than one layer's). Bytes are counted
+        under `weight_sendout` after the last step's row (they appear in no row)."""
+        dtype = dtype if dtype is not None else self.dtype
+        out: list[torch.Tensor] | None = [] if self.comm.rank == 0 else None
+        for layer in range(self.num_layers):
+            flat_EP = (torch.empty(self.num_experts, self.expert_numel, dtype=dtype, device=self.comm.device)
+                       if out is not None else None)
+
+            def write(seg: Segment, data: torch.Tensor, flat_EP: torch.Tensor | None = flat_EP) -> None:
+                assert flat_EP is not None
+                flat_EP[seg.key[1], seg.start:seg.stop] = data
+
+            segs = self._export_segments(layer)
+            if out is not None:
+                covered = sum(seg.numel for seg in segs)
+                assert covered == self.num_experts * self.expert_numel, (layer, covered)
+            exchange(segs, self.comm, "weight_sendout", dtype, self._export_read, write)
+            if out is not None:
+                assert flat_EP is not None
+                out.append(flat_EP)
+        return out
 
 
 class ShardedExpertOptimizer(ExpertOptimizer):
@@ -211,9 +283,16 @@ class ShardedExpertOptimizer(ExpertOptimizer):
 
     layout = "sharded"
 
-    def _init_state(self, expert_weights_LEP: list[torch.Tensor]) -> None:
+    def _init_state(self, expert_init: ExpertInit) -> None:
+        # one expert at a time: O(L E P / G) kept, O(P) transient
         self.start, self.stop = self._bounds(self.comm.rank)
-        self.master_LEp = [w[:, self.start:self.stop].detach().clone() for w in expert_weights_LEP]
+        self.master_LEp = []
+        for layer in range(self.num_layers):
+            master_Ep = torch.empty(self.num_experts, self.stop - self.start, dtype=self.master_dtype,
+                                    device=self.comm.device)
+            for expert in range(self.num_experts):
+                master_Ep[expert] = expert_init(layer, expert)[self.start:self.stop]
+            self.master_LEp.append(master_Ep)
         self.exp_avg_LEp = [torch.zeros_like(w) for w in self.master_LEp]
         self.exp_avg_sq_LEp = [torch.zeros_like(w) for w in self.master_LEp]
         self.grad_LEp = [torch.zeros_like(w) for w in self.master_LEp]
@@ -228,10 +307,11 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         sends each rank that rank's shard of its partial gradient, and the rank sums them.
 
         slot_grads_LSP: this rank's slot gradients per layer under `placement` (the one the step ran with); the
-        per-rank losses are local means, so the summed gradient is divided by the number of ranks.
+        per-rank losses are local means, so the summed gradient is divided by the number of ranks. The partial
+        sums travel in the slots' dtype and are accumulated in the master dtype.
         """
         comm = self.comm
-        partial = local_grad_sums(slot_grads_LSP, placement, comm.rank, self.slots_per_rank)
+        partial = local_grad_sums(slot_grads_LSP, placement, comm.rank, self.slots_per_rank, dtype=self.master_dtype)
         holders = expert_holders(placement, self.slots_per_rank, self.num_experts)
         segs = [Segment(holder, rank, key, *self._bounds(rank))
                 for key, ranks in holders.items() for holder in ranks for rank in range(comm.world_size)]
@@ -243,7 +323,7 @@ class ShardedExpertOptimizer(ExpertOptimizer):
 
         def add_grad(seg: Segment, data: torch.Tensor) -> None:
             layer, expert = seg.key
-            self.grad_LEp[layer][expert] += data / comm.world_size
+            self.grad_LEp[layer][expert] += data.to(self.master_dtype) / comm.world_size
 
         exchange(segs, comm, "grad_collection", slot_grads_LSP[0].dtype, read_partial, add_grad)
 
@@ -256,7 +336,8 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         return zip(self.master_LEp, self.grad_LEp, self.exp_avg_LEp, self.exp_avg_sq_LEp, strict=True)
 
     def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
-        """Fill every rank's slots with the current weights of the experts `placement` gives them."""
+        """Fill every rank's slots with the current weights of the experts `placement` gives them (the master
+        shards cast to the slots' dtype)."""
         comm, spr = self.comm, self.slots_per_rank
         segs = []
         for layer in range(self.num_layers):
@@ -275,10 +356,10 @@ class ShardedExpertOptimizer(ExpertOptimizer):
                 for s in np.flatnonzero(self._local_R(placement.phy2log_LR[layer]) == expert):
                     slot_weights_LSP[layer][s, seg.start:seg.stop] = data
 
-        exchange(segs, comm, "weight_sendout", self.master_LEp[0].dtype, read_master, write_slots)
+        exchange(segs, comm, "weight_sendout", slot_weights_LSP[0].dtype, read_master, write_slots)
 
     def state_dict(self) -> dict[str, object]:
-        """This rank's shard of every expert: master weights and AdamW moments (checkpoint.py assembles them)."""
+        """This rank's shard of every expert: master weights and AdamW moments (master dtype)."""
         return {"layout": self.layout, "num_steps": self.num_steps, "start": self.start, "stop": self.stop,
                 "weights": [w.detach().cpu().clone() for w in self.master_LEp],
                 "exp_avg": [m.detach().cpu().clone() for m in self.exp_avg_LEp],
@@ -289,41 +370,28 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         keys = [(int(layer), int(expert)) for layer, expert in zip(*np.nonzero(mask_LE), strict=True)]
         return {"layout": self.layout, "keys": keys,
                 **{name: torch.stack([table[layer][expert] for layer, expert in keys]).cpu().clone()
-                   if keys else torch.zeros(0, self.stop - self.start)
+                   if keys else torch.zeros(0, self.stop - self.start, dtype=self.master_dtype)
                    for name, table in (("weights", self.master_LEp), ("exp_avg", self.exp_avg_LEp),
                                        ("exp_avg_sq", self.exp_avg_sq_LEp))}}
 
-    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
-        """Take this rank's shard of every expert's full state (checkpoint.assemble_expert_state) - a re-shard
-        when the checkpoint came from another world size. `placement` is unused (the layout ignores it)."""
-        device, dtype = self.master_LEp[0].device, self.master_LEp[0].dtype
+    def load_state(self, source: ExpertStateSource, placement: Placement) -> None:
+        """Read this rank's shard [start, stop) of every expert from `source` (the saved shards overlapping it).
+        `placement` is unused (the layout ignores it)."""
+        for layer in range(self.num_layers):
+            for expert in range(self.num_experts):
+                saved = source.read(layer, expert, self.start, self.stop)
+                for name, table in (("weights", self.master_LEp), ("exp_avg", self.exp_avg_LEp),
+                                    ("exp_avg_sq", self.exp_avg_sq_LEp)):
+                    table[layer][expert] = saved[name]
+        self.num_steps = int(source.num_steps)
 
-        def mine(full_LEP: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [w[:, self.start:self.stop].to(device=device, dtype=dtype).clone() for w in full_LEP]
+    def _export_segments(self, layer: int) -> list[Segment]:
+        return [Segment(rank, 0, (layer, expert), *self._bounds(rank))
+                for expert in range(self.num_experts) for rank in range(self.comm.world_size)]
 
-        self.master_LEp = mine(full["weights"])
-        self.exp_avg_LEp = mine(full["exp_avg"])
-        self.exp_avg_sq_LEp = mine(full["exp_avg_sq"])
-        self.num_steps = int(full["num_steps"])
-
-    def full_weights(self) -> list[torch.Tensor]:
-        """[L] x [E, P]: every expert's full master weights, assembled on every rank (for checkpoints)."""
-        comm = self.comm
-        if comm.world_size == 1:
-            return [w.clone() for w in self.master_LEp]
-        max_len = self._bounds(0)[1] - self._bounds(0)[0]
-        out = []
-        for master in self.master_LEp:
-            padded = torch.zeros(self.num_experts, max_len, dtype=master.dtype, device=master.device)
-            padded[:, :master.shape[1]] = master
-            parts = [torch.empty_like(padded) for _ in range(comm.world_size)]
-            dist.all_gather(parts, padded)
-            pieces = []
-            for rank, part in enumerate(parts):
-                start, stop = self._bounds(rank)
-                pieces.append(part[:, :stop - start])
-            out.append(torch.cat(pieces, dim=1))
-        return out
+    def _export_read(self, seg: Segment) -> torch.Tensor:
+        layer, expert = seg.key
+        return self.master_LEp[layer][expert]
 
 
 def global_sq_norm(grads: Iterable[torch.Tensor], comm: Comm) -> torch.Tensor:

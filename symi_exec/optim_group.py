@@ -22,10 +22,18 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from symi_exec.comm import Segment, exchange
-from symi_exec.optim import ExpertOptimizer, Key, expert_holders, group_shards, local_grad_sums
+from symi_exec.optim import (
+    ExpertInit,
+    ExpertOptimizer,
+    ExpertStateSource,
+    Key,
+    expert_holders,
+    group_shards,
+    holder_ranks,
+    local_grad_sums,
+)
 from symi_sim.placement import Placement
 
 STATE_NAMES = ("weights", "exp_avg", "exp_avg_sq")
@@ -48,10 +56,9 @@ class GroupExpertOptimizer(ExpertOptimizer):
 
     layout = "group"
 
-    def _init_state(self, expert_weights_LEP: list[torch.Tensor]) -> None:
+    def _init_state(self, expert_init: ExpertInit) -> None:
         # kept only until the first placement says which experts, and which shard of each, this rank holds
-        self._initial_LEP: list[torch.Tensor] | None = [w.detach().clone() for w in expert_weights_LEP]
-        self.dtype = expert_weights_LEP[0].dtype
+        self._expert_init: ExpertInit | None = expert_init
         self.placement: Placement | None = None
         self.bounds: dict[Key, tuple[int, int]] = {}    # [start, stop) of this rank's shard of each held expert
         self.state: dict[str, dict[Key, torch.Tensor]] = {name: {} for name in STATE_NAMES}   # [p] each
@@ -78,10 +85,12 @@ class GroupExpertOptimizer(ExpertOptimizer):
 
     def collect_gradients(self, slot_grads_LSP: list[torch.Tensor], placement: Placement) -> None:
         """Local slot sums, then the reduce-scatter within each replica group; this rank keeps its shards of the
-        summed gradients, averaged over ranks (the per-rank losses are local means)."""
+        summed gradients, averaged over ranks (the per-rank losses are local means). The sums travel in the slots'
+        dtype and accumulate in the master dtype."""
         self._check_same(placement)
         comm = self.comm
-        representative = local_grad_sums(slot_grads_LSP, placement, comm.rank, self.slots_per_rank)
+        representative = local_grad_sums(slot_grads_LSP, placement, comm.rank, self.slots_per_rank,
+                                         dtype=self.master_dtype)
 
         def read_rep(seg: Segment) -> torch.Tensor:
             return representative[seg.key][seg.start:seg.stop].clone()
@@ -106,14 +115,14 @@ class GroupExpertOptimizer(ExpertOptimizer):
         """The all-gather within each replica group: this rank's slots get their experts' updated weights. The
         first call fixes the placement (and, unless load_full_state came first, takes the initial weights)."""
         if self.placement is None:
-            assert self._initial_LEP is not None
+            assert self._expert_init is not None
             self._take_placement(placement)
-            for (layer, expert), (start, stop) in self.bounds.items():
-                shard = self._initial_LEP[layer][expert][start:stop].clone()
+            for (layer, expert), (start, stop) in self.bounds.items():   # only the experts this rank holds
+                shard = self._new_master(self._expert_init(layer, expert)[start:stop])
                 self.state["weights"][layer, expert] = shard
                 self.state["exp_avg"][layer, expert] = torch.zeros_like(shard)
                 self.state["exp_avg_sq"][layer, expert] = torch.zeros_like(shard)
-            self._initial_LEP = None
+            self._expert_init = None
         self._check_same(placement)
 
         def read_master(seg: Segment) -> torch.Tensor:
@@ -142,25 +151,25 @@ class GroupExpertOptimizer(ExpertOptimizer):
                 **{name: {key: self.state[name][key].detach().cpu().clone() for key in keys}
                    for name in STATE_NAMES}}
 
-    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
-        """Take this rank's shards, under `placement`, of every expert's full state (checkpoint.assemble_expert_
-        state); a re-shard when the checkpoint came from another cluster. The next send_out fills the slots."""
-        assert self._initial_LEP is not None, "load the state before the first send_out"
-        device, dtype = self._initial_LEP[0].device, self._initial_LEP[0].dtype
+    def load_state(self, source: ExpertStateSource, placement: Placement) -> None:
+        """Read this rank's shards, under `placement`, of the experts it holds from `source` (a re-shard when the
+        checkpoint came from another cluster). The next send_out fills the slots."""
+        assert self._expert_init is not None, "load the state before the first send_out"
         self._take_placement(placement)
-        for name in STATE_NAMES:
-            self.state[name] = {(layer, expert): full[name][layer][expert][start:stop].to(device=device, dtype=dtype)
-                                .clone() for (layer, expert), (start, stop) in self.bounds.items()}
-        self.num_steps = int(full["num_steps"])
-        self._initial_LEP = None
-
-    def full_weights(self) -> list[torch.Tensor]:
-        """[L] x [E, P]: every expert's full weights, assembled on every rank (for checkpoints)."""
-        weights = self.state["weights"]
-        out_LEP = torch.zeros(self.num_layers, self.num_experts, self.expert_numel, dtype=self.dtype,
-                              device=self.comm.device)
         for (layer, expert), (start, stop) in self.bounds.items():
-            out_LEP[layer, expert, start:stop] = weights[layer, expert]
-        if self.comm.world_size > 1:
-            dist.all_reduce(out_LEP)   # exactly one rank contributes each element; the others add zeros
-        return list(out_LEP)
+            saved = source.read(layer, expert, start, stop)
+            for name in STATE_NAMES:
+                self.state[name][layer, expert] = self._new_master(saved[name])
+        self.num_steps = int(source.num_steps)
+        self._expert_init = None
+
+    def _export_segments(self, layer: int) -> list[Segment]:
+        assert self.placement is not None
+        phy2log_R = self.placement.phy2log_LR[layer]
+        holders = {(layer, expert): holder_ranks(phy2log_R, expert, self.slots_per_rank)
+                   for expert in range(self.num_experts)}
+        return [Segment(owner, 0, key, start, stop)
+                for key, _, owner, start, stop in group_shards(holders, self.expert_numel)]
+
+    def _export_read(self, seg: Segment) -> torch.Tensor:
+        return self.state["weights"][seg.key]

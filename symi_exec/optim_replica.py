@@ -10,10 +10,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from symi_exec.comm import Segment, exchange
-from symi_exec.optim import ExpertOptimizer, holder_ranks, sync_replica_grads
+from symi_exec.optim import ExpertInit, ExpertOptimizer, ExpertStateSource, holder_ranks, sync_replica_grads
 from symi_sim.placement import Placement
 
 
@@ -26,9 +25,9 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
 
     layout = "replica"
 
-    def _init_state(self, expert_weights_LEP: list[torch.Tensor]) -> None:
+    def _init_state(self, expert_init: ExpertInit) -> None:
         # kept only until the first placement says which experts this rank hosts
-        self._initial_LEP: list[torch.Tensor] | None = [w.detach().clone() for w in expert_weights_LEP]
+        self._expert_init: ExpertInit | None = expert_init
         self.weights: dict[tuple[int, int], torch.Tensor] = {}     # (layer, expert) -> [P], hosted experts only
         self.exp_avg: dict[tuple[int, int], torch.Tensor] = {}
         self.exp_avg_sq: dict[tuple[int, int], torch.Tensor] = {}
@@ -51,7 +50,7 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
         assert self.placement is not None and np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR), \
             "gradients must come from the placement the optimizer filled the slots for"
         representative, _ = sync_replica_grads(slot_grads_LSP, placement, self.comm, self.slots_per_rank,
-                                               self.num_experts)
+                                               self.num_experts, accumulate_dtype=self.master_dtype)
         self.grad = {key: grad / self.comm.world_size for key, grad in representative.items()}
 
     def _counted_grads(self) -> Iterable[torch.Tensor]:
@@ -73,13 +72,13 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
         """Migrate the experts whose holder ranks change (weights and moments), then fill this rank's slots."""
         hosted = self._hosted(placement)
         if self.placement is None:
-            assert self._initial_LEP is not None
-            for layer, expert in sorted(hosted):
-                weights = self._initial_LEP[layer][expert].clone()
+            assert self._expert_init is not None
+            for layer, expert in sorted(hosted):   # only the experts this rank hosts
+                weights = self._new_master(self._expert_init(layer, expert))
                 self.weights[layer, expert] = weights
                 self.exp_avg[layer, expert] = torch.zeros_like(weights)
                 self.exp_avg_sq[layer, expert] = torch.zeros_like(weights)
-            self._initial_LEP = None
+            self._expert_init = None
         elif not np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR):
             self._migrate(placement)
         for key in set(self.weights) - hosted:
@@ -136,27 +135,24 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
                    for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
                                        ("exp_avg_sq", self.exp_avg_sq))}}
 
-    def load_full_state(self, full: dict[str, object], placement: Placement) -> None:
-        """Become a holder of every expert `placement` gives this rank, with its full state from the checkpoint
-        (checkpoint.assemble_expert_state); the next send_out with the same placement only fills the slots."""
-        assert self._initial_LEP is not None, "load the state before the first send_out"
-        device, dtype = self._initial_LEP[0].device, self._initial_LEP[0].dtype
+    def load_state(self, source: ExpertStateSource, placement: Placement) -> None:
+        """Become a holder of every expert `placement` gives this rank, its full state read from `source`; the next
+        send_out with the same placement only fills the slots."""
+        assert self._expert_init is not None, "load the state before the first send_out"
         for layer, expert in sorted(self._hosted(placement)):
+            saved = source.read(layer, expert, 0, self.expert_numel)
             for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
                                 ("exp_avg_sq", self.exp_avg_sq)):
-                table[layer, expert] = full[name][layer][expert].to(device=device, dtype=dtype).clone()
-        self.num_steps = int(full["num_steps"])
+                table[layer, expert] = self._new_master(saved[name])
+        self.num_steps = int(source.num_steps)
         self.placement = placement
-        self._initial_LEP = None
+        self._expert_init = None
 
-    def full_weights(self) -> list[torch.Tensor]:
-        """[L] x [E, P]: every expert's full weights, assembled on every rank (for checkpoints)."""
+    def _export_segments(self, layer: int) -> list[Segment]:
         assert self.placement is not None
-        device = next(iter(self.weights.values())).device
-        dtype = next(iter(self.weights.values())).dtype
-        out_LEP = torch.zeros(self.num_layers, self.num_experts, self.expert_numel, dtype=dtype, device=device)
-        for layer, expert in self._lead(self.placement):
-            out_LEP[layer, expert] = self.weights[layer, expert]
-        if self.comm.world_size > 1:
-            dist.all_reduce(out_LEP)   # exactly one rank contributes each expert; the others add zeros
-        return list(out_LEP)
+        phy2log_R = self.placement.phy2log_LR[layer]
+        return [Segment(holder_ranks(phy2log_R, expert, self.slots_per_rank)[0], 0, (layer, expert), 0,
+                        self.expert_numel) for expert in range(self.num_experts)]
+
+    def _export_read(self, seg: Segment) -> torch.Tensor:
+        return self.weights[seg.key]

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from symi_exec import checkpoint
 from symi_exec.checkpoint import MARKER, read_meta
@@ -122,39 +121,18 @@ def prune_sparse(root: str | Path, up_to_step: int) -> int:
     return removed
 
 
-def assemble_hot_experts(states: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    """(layer, expert) -> {weights, exp_avg, exp_avg_sq} ([P] each) of the experts in one sparse snapshot, from all
-    its ranks' files (ranks in order)."""
-    parts = [s["hot_experts"] for s in states]
-    layouts = {part["layout"] for part in parts}
-    assert len(layouts) == 1, layouts
-    if layouts == {"sharded"}:
-        keys = parts[0]["keys"]
-        assert all(part["keys"] == keys for part in parts), "ranks snapshotted different experts"
-        return {key: {name: torch.cat([part[name][i] for part in parts]) for name in checkpoint.STATE_NAMES}
-                for i, key in enumerate(keys)}
-    return checkpoint.keyed_expert_state(parts)
-
-
-def apply_hot_experts(full: dict[str, Any], hot: dict[tuple[int, int], dict[str, torch.Tensor]],
-                      num_steps: int) -> None:
-    """Overwrite the experts of `hot` in `full` (checkpoint.assemble_expert_state's layout) in place."""
-    for (layer, expert), state in hot.items():
-        for name, value in state.items():
-            full[name][layer][expert] = value
-    full["num_steps"] = num_steps
-
-
 @dataclass
 class RecoveredState:
-    """What a resume reads: the latest full checkpoint and the sparse chain after it, merged."""
+    """What a resume reads: the latest full checkpoint and the sparse chain after it, merged; expert state is read
+    slice by slice (`experts`), never assembled."""
 
     full_dir: Path
     chain: list[Path]
     damaged: list[tuple[Path, str]]  # newer complete checkpoints / the snapshot that ended the chain, and why
     meta: dict[str, Any]            # the last snapshot's meta.json
-    states: list[dict[str, Any]]    # the last snapshot's rank files (RNG states; rank 0: dense state, placement)
-    expert_state: dict[str, Any]    # every expert's full state ([L] x [E, P] each; checkpoint.assemble_expert_state)
+    head: dict[str, Any]            # the last snapshot's rank-0 file (dense state, placement, loads)
+    rng: dict[str, Any] | None      # this rank's RNG states in the last snapshot (None: it had no such rank)
+    experts: checkpoint.ExpertStateReader   # every expert from its newest save (optim.ExpertStateSource)
     history: dict[str, list[Any]]   # metrics rows, step records and source counts of every step so far
     tracker: SnapshotTracker
 
@@ -176,22 +154,26 @@ def resume_point(root: str | Path) -> tuple[Path, list[Path], list[tuple[Path, s
     return full_dir, chain, damaged + ([broken] if broken else [])
 
 
-def recover(root: str | Path, num_layers: int, num_experts: int) -> RecoveredState:
-    """Merge the newest intact full checkpoint under `root` with the intact sparse snapshots after it."""
+def recover(root: str | Path, num_layers: int, num_experts: int, *, rank: int = 0) -> RecoveredState:
+    """Merge the newest intact full checkpoint under `root` with the intact sparse snapshots after it, as rank
+    `rank` reads it: rank 0's files (dense state, history) and, as the expert state is read, the files holding
+    this rank's part (checkpoint.ExpertStateReader: memory-mapped, this rank's own first)."""
     full_dir, chain, damaged = resume_point(root)
     meta = read_meta(full_dir)
-    states = [checkpoint.load_rank(full_dir, rank) for rank in range(meta["world_size"])]
-    expert_state = checkpoint.assemble_expert_state(states)
-    history = states[0]["history"]
+    files = checkpoint.RankFiles(full_dir, meta["world_size"])
+    head = files.get(0)
+    model = meta["model"]
+    experts = checkpoint.ExpertStateReader(files, layout=meta["expert_optimizer"], rank=rank,
+                                           expert_numel=2 * int(model["d_model"]) * int(model["d_ff"]))
+    history = head["history"]
     tracker = SnapshotTracker.fresh(num_layers, num_experts)
     for directory in chain:
         meta = read_meta(directory)
-        states = [checkpoint.load_rank(directory, rank) for rank in range(meta["world_size"])]
-        head = states[0]
-        hot = assemble_hot_experts(states)
-        assert sorted(hot) == sorted(tuple(k) for k in head["hot_keys"]), f"a hot expert is missing in {directory}"
-        apply_hot_experts(expert_state, hot, num_steps=int(expert_state["num_steps"]) + 1)
+        files = checkpoint.RankFiles(directory, meta["world_size"])
+        head = files.get(0)
+        experts.add_sparse(files, [tuple(key) for key in head["hot_keys"]])
         history = {name: history[name] + head["history_delta"][name] for name in history}
         tracker = SnapshotTracker.from_state(head["tracker"])
-    assert expert_state["num_steps"] == meta["step"], (expert_state["num_steps"], meta["step"])
-    return RecoveredState(full_dir, chain, damaged, meta, states, expert_state, history, tracker)
+    assert experts.num_steps == meta["step"], (experts.num_steps, meta["step"])
+    rng = files.get(rank)["rng"] if rank < files.world_size else None
+    return RecoveredState(full_dir, chain, damaged, meta, head, rng, experts, history, tracker)

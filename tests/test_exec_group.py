@@ -113,7 +113,7 @@ def test_group_layout_refuses_a_changed_placement() -> None:
     """DeepSpeed's replication is static: the group layout cannot re-place, and says so (one rank, in process)."""
     comm = Comm(rank=0, world_size=1, device=torch.device("cpu"))
     weights_LEP = [torch.arange(12, dtype=torch.float64).reshape(2, 6)]
-    opt = GroupExpertOptimizer(weights_LEP, comm, slots_per_rank=2, lr=1e-2)
+    opt = GroupExpertOptimizer.from_weights(weights_LEP, comm, slots_per_rank=2, lr=1e-2)
     slots_LSP = [torch.zeros(2, 6, dtype=torch.float64)]
     first = Placement.even(np.array([[0, 1]]), 2)
     opt.send_out(first, slots_LSP)

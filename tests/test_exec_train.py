@@ -30,7 +30,7 @@ def train_single_process(config: TrainConfig, world_size: int) -> tuple[GPT, lis
     """
     cfg = config.model_config()
     torch.manual_seed(config.seed)
-    model = GPT(cfg).to(torch.float64)
+    model = GPT(cfg, seed=config.seed).to(torch.float64)
     opt = torch.optim.AdamW(param_groups(list(model.named_parameters()), config.weight_decay), lr=config.lr,
                             betas=(config.beta1, config.beta2), eps=1e-8, foreach=False)
     tokens = load_tokens(config.data_path())
@@ -99,7 +99,7 @@ def assert_same_parameters(out: Path, reference: GPT, seed: int) -> None:
         torch.testing.assert_close(state[name], value, rtol=0, atol=1e-10, msg=name)
     # the run really trained: parameters moved away from the initial ones
     torch.manual_seed(seed)
-    init = GPT(reference.config).to(torch.float64).state_dict()
+    init = GPT(reference.config, seed=seed).to(torch.float64).state_dict()
     assert max(float((state[n] - init[n]).abs().max()) for n in init) > 1e-3
 
 
