@@ -270,7 +270,7 @@ class ExpertStateReader:
         self.layout, self.expert_numel, self.rank = layout, expert_numel, rank
         self._sources: list[tuple[RankFiles, str]] = [(files, "expert_optimizer")]
         self._newest: dict[Key, int] = {}   # experts a sparse snapshot saved -> index of the newest such source
-        self.num_steps = int(files.get(0)["expert_optimizer"]["num_steps"])
+        self.num_steps = int(files.get(rank if rank < files.world_size else 0)["expert_optimizer"]["num_steps"])
 
     def add_sparse(self, files: RankFiles, hot_keys: list[Key]) -> None:
         """A sparse snapshot taken one step after the newest state so far, holding the experts `hot_keys`."""
