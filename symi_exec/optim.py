@@ -366,7 +366,8 @@ class ShardedExpertOptimizer(ExpertOptimizer):
                 "exp_avg_sq": [v.detach().cpu().clone() for v in self.exp_avg_sq_LEp]}
 
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
-        """This rank's shard of the experts in `mask_LE` ([L, E] bool) only (snapshots.py assembles them)."""
+        """This rank's shard of the experts in `mask_LE` ([L, E] bool) only (checkpoint.ExpertStateReader reads
+        them back)."""
         keys = [(int(layer), int(expert)) for layer, expert in zip(*np.nonzero(mask_LE), strict=True)]
         return {"layout": self.layout, "keys": keys,
                 **{name: torch.stack([table[layer][expert] for layer, expert in keys]).cpu().clone()

@@ -113,7 +113,7 @@ class GroupExpertOptimizer(ExpertOptimizer):
 
     def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
         """The all-gather within each replica group: this rank's slots get their experts' updated weights. The
-        first call fixes the placement (and, unless load_full_state came first, takes the initial weights)."""
+        first call fixes the placement (and, unless load_state came first, creates the initial shards)."""
         if self.placement is None:
             assert self._expert_init is not None
             self._take_placement(placement)
@@ -139,7 +139,7 @@ class GroupExpertOptimizer(ExpertOptimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, object]:
-        """This rank's shards of the experts it holds (checkpoint.assemble_expert_state joins the r shards)."""
+        """This rank's shards of the experts it holds (checkpoint.ExpertStateReader reads them back)."""
         return {"num_steps": self.num_steps, **self._shard_state(sorted(self.bounds))}
 
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
