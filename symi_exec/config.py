@@ -168,6 +168,9 @@ class TrainConfig:
         if self.record_trace and resume.meta["world_size"] != world_size:
             raise ValueError(f"--record-trace needs the checkpoint's world size ({resume.meta['world_size']}), got "
                              f"{world_size}")
+        if self.record_trace and not resume.meta.get("trace_counts"):
+            raise ValueError(f"--record-trace needs trace counts from the run's first step, which checkpoint "
+                             f"{str(resume.directory)!r} does not hold (written without --record-trace)")
 
 
 def default_of(name: str) -> Any:

@@ -155,7 +155,7 @@ class RecoveredState:
     meta: dict[str, Any]            # the last snapshot's meta.json
     states: list[dict[str, Any]]    # the last snapshot's rank files (RNG states; rank 0: dense state, placement)
     expert_state: dict[str, Any]    # every expert's full state ([L] x [E, P] each; checkpoint.assemble_expert_state)
-    history: dict[str, list[Any]]   # metrics rows, step records and source counts of every step so far
+    history_deltas: list[dict[str, list[Any]]]   # the chain's metrics row, step record (and trace counts) each
     tracker: SnapshotTracker
 
     @property
@@ -182,7 +182,7 @@ def recover(root: str | Path, num_layers: int, num_experts: int) -> RecoveredSta
     meta = read_meta(full_dir)
     states = [checkpoint.load_rank(full_dir, rank) for rank in range(meta["world_size"])]
     expert_state = checkpoint.assemble_expert_state(states)
-    history = states[0]["history"]
+    history_deltas = []   # the steps up to full_dir's are files in it (outputs.History)
     tracker = SnapshotTracker.fresh(num_layers, num_experts)
     for directory in chain:
         meta = read_meta(directory)
@@ -191,7 +191,7 @@ def recover(root: str | Path, num_layers: int, num_experts: int) -> RecoveredSta
         hot = assemble_hot_experts(states)
         assert sorted(hot) == sorted(tuple(k) for k in head["hot_keys"]), f"a hot expert is missing in {directory}"
         apply_hot_experts(expert_state, hot, num_steps=int(expert_state["num_steps"]) + 1)
-        history = {name: history[name] + head["history_delta"][name] for name in history}
+        history_deltas.append(head["history_delta"])
         tracker = SnapshotTracker.from_state(head["tracker"])
     assert expert_state["num_steps"] == meta["step"], (expert_state["num_steps"], meta["step"])
-    return RecoveredState(full_dir, chain, damaged, meta, states, expert_state, history, tracker)
+    return RecoveredState(full_dir, chain, damaged, meta, states, expert_state, history_deltas, tracker)
