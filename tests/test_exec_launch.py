@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import pytest
 from click.testing import CliRunner
-from train_jobs import ROOT, TRAIN_ARGS
+from train_jobs import ROOT, TRAIN_ARGS, read_rows
 
 from cli import symi
 from symi_exec import supervise
@@ -282,4 +282,7 @@ def test_failure_drill_waits_for_every_write_before_it(tmp_path: Path) -> None:
     assert (snapshots.sparse_dir(root, 3) / checkpoint.MARKER).is_file()
     cfg = config.model_config()
     assert snapshots.recover(root, cfg.num_layers, cfg.num_experts).step == 3
-    assert not (tmp_path / "run").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run-checkpoints"]
+    # the partial run directory: step 0's row, written out with its log line (log interval 1000), no COMPLETE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-checkpoints"]
+    assert not (tmp_path / "run" / "COMPLETE").exists()
+    assert [row["step"] for row in read_rows(tmp_path / "run")] == ["0"]

@@ -125,7 +125,7 @@ def test_hot_share_one_resumes_bit_identical(tmp_path: Path, policy: str) -> Non
     job = symi_train(*policy_args, "--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "1",
                      "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "killed"))
     kill_once(job, snapshots.sparse_dir(ckpt, 5) / checkpoint.MARKER)
-    assert not (tmp_path / "killed").exists()
+    assert not (tmp_path / "killed" / "COMPLETE").exists()
     assert [d.name for d in ckpt.glob("step-*")] == ["step-00000000"]       # only the chain's base is full
     finish(symi_train(*policy_args, "--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "1",
                       "--resume", str(ckpt), "--out", str(tmp_path / "resumed")))
