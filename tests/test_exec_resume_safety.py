@@ -420,7 +420,7 @@ def test_checkpoint_dir_that_is_a_file_or_inside_out_is_refused(tmp_path: Path) 
     with pytest.raises(ValueError, match=f"checkpoint dir '{tmp_path / 'file'}' is a file, not a folder"):
         TrainConfig(out=str(tmp_path / "run"), checkpoint_every=1, checkpoint_dir=str(tmp_path / "file")).validate(2)
     for inside in ("run", "run/ckpt", "run/a/b"):
-        with pytest.raises(ValueError, match="is inside --out .* written only at the end"):
+        with pytest.raises(ValueError, match="is inside --out .* holds the run.s outputs only"):
             TrainConfig(out=str(tmp_path / "run"), checkpoint_every=1,
                         checkpoint_dir=str(tmp_path / inside)).validate(2)
     TrainConfig(out=str(tmp_path / "run"), checkpoint_every=1, checkpoint_dir=str(tmp_path / "run2")).validate(2)
