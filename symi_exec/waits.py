@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-POLL_S = 0.01
+POLL_S = (0.0005, 0.05)   # the first and the longest pause between looks: short waits stay short, long ones cheap
 TEST_DIR_ENV = "SYMI_TEST_WAIT_DIR"
 
 
@@ -31,8 +31,10 @@ def wait_for_ranks(store: Any, name: str, *, rank: int, world_size: int) -> None
     folder = os.environ.get(TEST_DIR_ENV)
     if folder:
         Path(folder, f"waiting-{rank:05d}").write_text(f"{name}\n")
+    pause = POLL_S[0]
     while store.add(key, 0) < world_size:
-        time.sleep(POLL_S)
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_S[1])
 
 
 def hold_for_test(what: str) -> None:
@@ -42,4 +44,4 @@ def hold_for_test(what: str) -> None:
         return
     Path(folder, f"holding-{what}").write_text("")
     while not Path(folder, "release").exists():
-        time.sleep(POLL_S)
+        time.sleep(POLL_S[1])
