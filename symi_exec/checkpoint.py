@@ -11,7 +11,10 @@ Layout of a checkpoint root (`--checkpoint-dir`):
                                 holds, with its bounds; FlexMoE layout: the full weights and moments of the
                                 experts whose lowest holder this rank is: every element is stored exactly once);
                                 rank 0 also: dense parameters, dense AdamW state, the placement of the next step,
-                                the last step's loads and the metrics history (rows, placements, trace counts)
+                                the last step's loads
+    metrics.csv ...           copies of the run directory's streamed files (outputs.History) as they were at
+                                this step: the whole run's metrics rows, placements and (--record-trace) trace
+                                counts so far, whatever the step count (rank 0's file does not grow with it)
     meta.json                 human-readable summary (rank 0): also the run id, the run's settings (run_identity.py)
                                 and the sha256 of every rank file
     COMPLETE                  written last, by rank 0, after every rank's file is in place: the step and the sha256

@@ -35,7 +35,8 @@ from symi_exec.config import Planner, TrainConfig
 from symi_exec.data import lr_at
 from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig
 from symi_exec.optim import ExpertOptimizer
-from symi_exec.outputs import History, dense_state_dict
+from symi_exec.outputs import History, HistoryBase, dense_state_dict
+from symi_exec.waits import wait_for_ranks
 from symi_exec.writer import SnapshotWriter
 from symi_sim.cluster import Cluster
 from symi_sim.outputs import write_json
@@ -46,12 +47,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Restored:
-    """Where a resumed run continues: the next step, its placement, the last step's loads, the outputs so far."""
+    """Where a resumed run continues: the next step, its placement, the last step's loads, where its outputs so far
+    are (the full checkpoint's copies of the streamed files and the sparse deltas after it)."""
 
     step: int
     placement: Placement
     load_LE: np.ndarray
-    history: History
+    history: HistoryBase
 
 
 class Checkpointer:
@@ -69,6 +71,7 @@ class Checkpointer:
         self.recovery: dict[str, Any] | None = None    # recovery.json, when resumed
         self.last_written: Path | None = None          # the newest checkpoint or snapshot this job handed over
         self._rng_state: dict[str, Any] | None = None  # read by restore, applied by resume_rng
+        self._num_waits = 0                            # wait_for_ranks names: every rank counts the same
 
     # ------------------------------------------------------------------ saving
 
@@ -93,25 +96,27 @@ class Checkpointer:
         """Every rank writes its file of full checkpoint `step` (the state after `step` steps); once complete,
         rank 0 drops the sparse snapshots it supersedes."""
         self._write(checkpoint.step_dir(self.root, step), step, "full", self.expert_opt.state_dict(), placement,
-                    load_LE, history=history.to_dict())
+                    load_LE, history=history)
 
     def save_sparse(self, step: int, *, placement: Placement, load_LE: np.ndarray, history: History) -> None:
         """Every rank writes its file of sparse snapshot `step`: the hot experts the tracker picks (snapshots.py)."""
         mask_LE = snapshots.hot_mask_LE(self.tracker.unsaved_LE, self.tracker.age_LE, self.config.sparse_hot_share)
         self.tracker.mark_saved(mask_LE)
         self._write(snapshots.sparse_dir(self.root, step), step, "sparse", self.expert_opt.hot_state_dict(mask_LE),
-                    placement, load_LE, history_delta=history.to_dict(last_only=True), tracker=self.tracker.state(),
+                    placement, load_LE, history_delta=history.delta(), tracker=self.tracker.state(),
                     hot_keys=[(int(layer), int(e)) for layer, e in zip(*np.nonzero(mask_LE), strict=True)])
 
     def _write(self, directory: Path, step: int, kind: str, expert_state: dict[str, Any], placement: Placement,
-               load_LE: np.ndarray, **head: Any) -> None:
+               load_LE: np.ndarray, history: History | None = None, **head: Any) -> None:
         """Full checkpoints and sparse snapshots alike: rank 0 prepares `directory`; every rank hands its state
         (rank 0: plus the dense state, the next placement, the loads and `head`) to its writer (writer.py), rank 0
-        with the step that writes meta.json and COMPLETE once every file is in place. Adds the checkpoints.csv
-        row: bytes and expert_bytes summed over ranks, blocked_s (the loop's wait), write_s (the write itself)."""
+        with the step that writes meta.json and COMPLETE once every file is in place (a full checkpoint's: after
+        copying the run's streamed files as they are at this step, `history`, whose checksums meta.json lists
+        with the rank files'). Adds the checkpoints.csv row: bytes and expert_bytes summed over ranks, blocked_s
+        (the loop's wait), write_s (the write itself)."""
         config, cfg, comm = self.config, self.cfg, self.comm
         start = time.perf_counter()
-        self.writer.wait()   # one write in flight: this directory is prepared only after the previous one completed
+        self.wait()   # one write in flight: this directory is prepared only after the previous one completed
         self._check_finite(step, expert_state)
         if comm.rank == 0:
             checkpoint.prepare_dir(directory)
@@ -131,15 +136,19 @@ class Checkpointer:
                                   "expert_bytes": None, "blocked_s": None, "write_s": None}
         finish = None
         if comm.rank == 0:
+            sizes = history.file_sizes() if history is not None else {}
+
             def finish(num_bytes: int, num_expert_bytes: int, checksums: list[str]) -> None:
+                files = {checkpoint.rank_file(directory, rank).name: sha256 for rank, sha256 in enumerate(checksums)}
+                if history is not None:
+                    files.update(history.history_files(directory, sizes))
                 meta = {"step": step, "kind": kind, "run_id": config.run_id,
                         "settings": run_identity.settings(config, comm.world_size), "world_size": comm.world_size,
                         "slots_per_rank": config.slots_per_rank, "policy": config.policy, "dtype": config.dtype,
                         "model": cfg.to_dict(), "expert_optimizer": expert_state["layout"],
                         "next_lr": lr_at(step, config), "bytes": num_bytes, "expert_bytes": num_expert_bytes,
                         "hot_experts": num_hot, "placement": placement.to_json_dict(),
-                        "files": {checkpoint.rank_file(directory, rank).name: sha256
-                                  for rank, sha256 in enumerate(checksums)}}
+                        "trace_counts": config.record_trace, "files": files}
                 checkpoint.mark_complete(directory, meta)
                 record.update(bytes=num_bytes, expert_bytes=num_expert_bytes)
                 if kind == "full":
@@ -150,6 +159,8 @@ class Checkpointer:
                             time.perf_counter() - start)
 
         self.writer.write(directory, state, _tensor_bytes(expert_state), finish, record)
+        if not self.writer.overlapped:
+            self._meet()   # rank 0 writes the most: the next step's collectives start once it is done
         self.last_written = directory
         record["blocked_s"] = time.perf_counter() - start
         self.writes.append(record)   # write_s (and on rank 0 the bytes) filled in once the write is done
@@ -169,8 +180,15 @@ class Checkpointer:
         return str(self.last_written) if self.last_written is not None else "none written by this job"
 
     def wait(self) -> None:
-        """Until the write in flight is done."""
+        """Until the write in flight is done on every rank (every rank calls this at the same point; no deadline:
+        rank 0's write, the largest, may take longer than the collective timeout)."""
         self.writer.wait()
+        self._meet()
+
+    def _meet(self) -> None:
+        self._num_waits += 1
+        wait_for_ranks(self.comm.store, f"checkpoint-{self._num_waits}", rank=self.comm.rank,
+                       world_size=self.comm.world_size)
 
     def write_records(self, out_dir: Path) -> None:
         """checkpoints.csv (when this job wrote any) and recovery.json (when resumed) into the run directory."""
@@ -215,10 +233,7 @@ class Checkpointer:
             placement.validate(cluster, num_layers=cfg.num_layers)
         self.expert_opt.load_state(recovered.experts, placement)   # reads only this rank's part
         self._rng_state = recovered.rng
-        history = History.from_dict(recovered.history)
-        if meta["world_size"] != comm.world_size:
-            # per-source-rank counts of another world size do not stack (--record-trace refuses this case)
-            history.src_counts_SLEG = []
+        history = HistoryBase(recovered.full_dir, recovered.history_deltas)
         if comm.world_size > 1:
             dist.barrier()   # every rank has read the resume point (and passed over the damaged ones after it)
         if comm.rank == 0 and run_identity.continues_in_place(config):

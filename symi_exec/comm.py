@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,7 @@ class Comm:
     bytes_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     seconds_by_kind: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     progress_path: Path | None = None   # a spawned rank's progress marker, read by its launcher (supervise.py)
+    store: Any = None                   # the job's rendezvous store: waits without the collective timeout (waits.py)
 
     def mark_progress(self, step: int) -> None:
         """Tell the launcher this rank started `step`: it names a silent rank by it (spawned ranks only)."""

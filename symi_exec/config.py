@@ -128,7 +128,9 @@ class TrainConfig:
                              f"needs ({seq_len + 2})")
         out = Path(self.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ValueError(f"output directory {self.out!r} already exists and is not empty")
+            partial = out.is_dir() and (out / "metrics.csv").is_file() and not (out / "COMPLETE").is_file()
+            raise ValueError(f"output directory {self.out!r} already exists and is not empty"
+                             + (" (the partial outputs of a failed run): give another --out" if partial else ""))
         check_non_negative_int(self.checkpoint_every, "checkpoint_every")
         check_non_negative_int(self.keep_checkpoints, "keep_checkpoints")
         if self.sparse_hot_share is not None:
@@ -152,9 +154,9 @@ class TrainConfig:
         if root.exists() and not root.is_dir():
             raise ValueError(f"checkpoint dir {str(self.checkpoint_root())!r} is a file, not a folder")
         if root == out or out in root.parents:
-            # the run folder is written in one piece at the end: checkpoints inside it would be replaced
+            # the run folder is the run's outputs alone (a partial one is kept, a complete one is whole)
             raise ValueError(f"checkpoint dir {str(self.checkpoint_root())!r} is inside --out {self.out!r}, which "
-                             f"is written only at the end: give --checkpoint-dir a folder outside it")
+                             f"holds the run's outputs only: give --checkpoint-dir a folder outside it")
         run_identity.check_root(self)
 
     def _validate_resume(self, world_size: int) -> None:
@@ -168,6 +170,9 @@ class TrainConfig:
         if self.record_trace and resume.meta["world_size"] != world_size:
             raise ValueError(f"--record-trace needs the checkpoint's world size ({resume.meta['world_size']}), got "
                              f"{world_size}")
+        if self.record_trace and not resume.meta.get("trace_counts"):
+            raise ValueError(f"--record-trace needs trace counts from the run's first step, which checkpoint "
+                             f"{str(resume.directory)!r} does not hold (written without --record-trace)")
 
 
 def default_of(name: str) -> Any:

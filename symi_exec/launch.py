@@ -2,17 +2,22 @@
 
 The launcher checks the job's limits and folders before any rank starts, then watches its ranks (supervise.py): a
 rank that dies (killed, out of memory, a failure drill), stops answering (SIGSTOP, a hang: the collective timeout
-`dist_timeout_s`) or fails on a file, and SIGINT or SIGTERM to the launcher, end the job with one line (JobFailed)
-and no run directory. Rank 0 writes the run directory into a temporary folder of the launcher's, which the launcher
-renames into place once every rank finished (and removes otherwise).
+`dist_timeout_s`) or fails on a file, and SIGINT or SIGTERM to the launcher, end the job with one line (JobFailed).
+The run directory is created once the checks passed; rank 0 streams its files into it as training goes
+(outputs.py) and the launcher (under torchrun: rank 0) writes COMPLETE once every rank finished. A failed job keeps
+the partial directory, and its line says so ("partial outputs in X: metrics up to step N"); one that failed before
+any step was written out leaves none.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,20 +28,22 @@ import torch.multiprocessing as mp
 from symi_exec.comm import Comm
 from symi_exec.config import Planner, TrainConfig
 from symi_exec.loop import train
+from symi_exec.outputs import mark_run_complete, written_steps
 from symi_exec.run_identity import claim
 from symi_exec.supervise import (
     MAX_DIST_TIMEOUT_S,
     RESUME_HINT,
     JobFailed,
     check_local_ranks,
+    check_ranks_per_gpu,
     check_writable,
     cpu_cores,
     progress_path,
     supervise,
     write_progress,
 )
+from symi_exec.waits import wait_for_ranks
 from symi_sim.checks import check_number, check_positive_int
-from symi_sim.outputs import atomic_dir
 
 __all__ = ["JobFailed", "launch"]
 
@@ -51,16 +58,22 @@ def launch(config: TrainConfig, nproc_per_node: int, *, planner: Planner | None 
                  low_open=True)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        if torch.cuda.is_available():
+            check_ranks_per_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                                cuda_devices=torch.cuda.device_count())
         config.validate(world_size)
-        with claim(config, world_size, leader=rank == 0) as config:
+        with (claim(config, world_size, leader=rank == 0) as config,
+              run_directory(config.out) if rank == 0 else nullcontext()):
             try:
-                _worker(rank, world_size, config, None, None, planner, log_level)
+                _worker(rank, world_size, config, None, planner, log_level)
             except RuntimeError as exc:
                 if "timed out" not in str(exc).lower():
                     raise
                 # torchrun's ranks have no launcher of ours that could tell which peer went silent
                 raise JobFailed(f"rank {rank} waited {config.dist_timeout_s:g} s for another rank in a collective "
                                 f"(one stopped, hung or is on a dead node); {RESUME_HINT}") from None
+            if rank == 0:
+                mark_run_complete(Path(config.out), config.steps)   # every rank passed the end barrier
         return Path(config.out)
     check_positive_int(nproc_per_node, "nproc_per_node")
     check_local_ranks(nproc_per_node, cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
@@ -72,19 +85,59 @@ def launch(config: TrainConfig, nproc_per_node: int, *, planner: Planner | None 
     # Local ranks meet through a file rather than a TCP store served by rank 0: rank 0 may exit (taking a TCP
     # store down) while another rank still tears down its process group, which aborted that rank intermittently.
     with (claim(config, nproc_per_node) as config, tempfile.TemporaryDirectory(prefix="symi-store-") as store_dir,
-          atomic_dir(config.out) as out_tmp):
-        context = mp.start_processes(_worker, args=(nproc_per_node, config, store_dir, out_tmp, planner, log_level),
+          run_directory(config.out)):
+        context = mp.start_processes(_worker, args=(nproc_per_node, config, store_dir, planner, log_level),
                                      nprocs=nproc_per_node, join=False, start_method="spawn")
         supervise(context, store_dir=store_dir, timeout_s=config.dist_timeout_s)
+        mark_run_complete(Path(config.out), config.steps)
     return Path(config.out)
 
 
-def _worker(rank: int, world_size: int, config: TrainConfig, store_dir: str | None, out_tmp: Path | None,
-            planner: Planner | None, log_level: int) -> None:
-    """One rank: join the process group, train, leave. `store_dir` None: a torchrun rank (the user's process), whose
-    rank 0 writes the run directory itself; a spawned rank 0 writes into the launcher's `out_tmp`."""
+@contextmanager
+def run_directory(out: str | Path) -> Iterator[Path]:
+    """The run directory while the job runs (created; validated empty or absent before). A job that fails
+    (JobFailed, ValueError) keeps it with the steps written so far and says so in its line; one that wrote no step,
+    or ends otherwise without any, leaves none (an empty folder that was there stays)."""
+    out = Path(out)
+    existed = out.is_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except (JobFailed, ValueError) as exc:
+        num_steps = written_steps(out)
+        if not num_steps:
+            _remove(out, keep_folder=existed)
+            raise
+        where = f"partial outputs in {out}: metrics up to step {num_steps}"
+        if isinstance(exc, JobFailed):
+            raise JobFailed(f"{exc}; {where}", exit_code=exc.exit_code) from None
+        raise ValueError(f"{exc}; {where}") from None
+    except BaseException:
+        if not written_steps(out):
+            _remove(out, keep_folder=existed)
+        raise
+
+
+def _remove(out: Path, *, keep_folder: bool) -> None:
+    if not keep_folder:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _worker(rank: int, world_size: int, config: TrainConfig, store_dir: str | None, planner: Planner | None,
+            log_level: int) -> None:
+    """One rank: join the process group, train, leave; rank 0 writes the run directory. `store_dir` None: a
+    torchrun rank (the user's process, whose logging the CLI set up: its level is lowered to `log_level` here)."""
     spawned = store_dir is not None
-    logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if spawned:
+        logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    else:
+        # the CLI configured logging at WARNING before any rank existed: the progress lines (INFO) would vanish
+        root = logging.getLogger()
+        level = min(log_level, root.getEffectiveLevel())
+        logging.basicConfig(level=level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
     torch.set_num_threads(1)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -94,20 +147,21 @@ def _worker(rank: int, world_size: int, config: TrainConfig, store_dir: str | No
     else:
         device, backend = torch.device("cpu"), "gloo"
     # torchrun (store_dir None) rendezvous through its env:// store; spawned local ranks through a shared file
-    store = dist.FileStore(os.path.join(store_dir, "store"), world_size) if spawned else None
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=config.dist_timeout_s),
+    timeout = timedelta(seconds=config.dist_timeout_s)
+    if spawned:
+        store = dist.FileStore(os.path.join(store_dir, "store"), world_size)
+    else:
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if backend == "nccl" else None)
     try:
         progress = progress_path(store_dir, rank) if spawned else None
         if progress is not None:
             write_progress(progress, -1)
-        comm = Comm(rank=rank, world_size=world_size, device=device, progress_path=progress)
-        if rank == 0 and not spawned:
-            with atomic_dir(config.out) as tmp:
-                train(config, comm, tmp, planner)
-        else:
-            train(config, comm, out_tmp if rank == 0 else None, planner)
+        comm = Comm(rank=rank, world_size=world_size, device=device, progress_path=progress, store=store)
+        train(config, comm, Path(config.out) if rank == 0 else None, planner)
+        # rank 0 writes the run directory's final files, maybe for longer than the collective timeout
+        wait_for_ranks(store, "end", rank=rank, world_size=world_size)
         dist.barrier()
     finally:
         dist.destroy_process_group()

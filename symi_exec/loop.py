@@ -18,8 +18,9 @@ holder updates its 1/r shard, and send_out is the all-gather within the group (t
 "replica" policies (flexmoe) run with optim_replica.ReplicaExpertOptimizer: expert_grad is the replica gradient sync
 alone, every holder rank updates its full copy of the expert, and send_out migrates the weights and AdamW moments
 of replicas that change rank (counted as `weight_sendout` and `optimizer_state` bytes).
-After the step: its metrics row and placement record (outputs.py), then a checkpoint when one is due
-(checkpointing.py). At the end rank 0 writes the run directory. A loss or gradient norm that is not finite on any
+After the step: its metrics row and placement record (outputs.py: streamed into the run directory, written out
+every log interval), then a checkpoint when one is due (checkpointing.py). At the end rank 0 writes the run
+directory's final files. A loss or gradient norm that is not finite on any
 rank stops every rank before the optimizer step (one all-reduce of two numbers: all ranks agree), so the last
 checkpoint written stays the last good one.
 """
@@ -48,7 +49,7 @@ from symi_exec.moe import ReplicatedMoE
 from symi_exec.optim import ExpertOptimizer, ShardedExpertOptimizer
 from symi_exec.optim_group import GroupExpertOptimizer
 from symi_exec.optim_replica import ReplicaExpertOptimizer
-from symi_exec.outputs import History, step_metrics, step_record, write_run_dir
+from symi_exec.outputs import History, run_config, step_metrics, step_record, write_run_dir
 from symi_sim.checks import check_choice
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
@@ -76,13 +77,16 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     slot_params = [moe.slot_weights_SP for moe in moe_layers]
     checkpointer = Checkpointer(config=config, cfg=cfg, comm=comm, model=model, dense_opt=dense_opt,
                                 expert_opt=expert_opt)
+    tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
+    history = History(out_dir, record_trace=config.record_trace)
     if config.resume is not None:
         restored = checkpointer.restore(cluster=cluster, planner=planner)
-        start_step, placement, load_LE, history = (restored.step, restored.placement, restored.load_LE,
-                                                   restored.history)
+        start_step, placement, load_LE, base = restored.step, restored.placement, restored.load_LE, restored.history
     else:
-        start_step, load_LE, history = 0, np.ones((cfg.num_layers, cfg.num_experts)), History()
+        start_step, load_LE, base = 0, np.ones((cfg.num_layers, cfg.num_experts)), None
         placement = planner(-1, load_LE, cluster, None)
+    history.start(run_config(config, cfg, comm, tokens_per_step=tokens_per_step, expert_layout=expert_opt.layout),
+                  base)
     placement.validate(cluster, num_layers=cfg.num_layers)
     expert_opt.send_out(placement, [p.data for p in slot_params])
     comm.take_bytes()   # the initial fill is not part of any step
@@ -90,7 +94,6 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     checkpointer.save_start(start_step, placement=placement, load_LE=load_LE, history=history)
 
     tokens = load_tokens(config.data_path())
-    tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
     step_times: deque[float] = deque(maxlen=ETA_WINDOW)   # bounded: the ETA needs only the last few
     for step in range(start_step, config.steps):
         comm.mark_progress(step)
@@ -155,6 +158,8 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         record = step_record(step, placement=placement, moe_layers=moe_layers, comm=comm)
         history.append(row, record, count_LGE.transpose(0, 2, 1))
         step_times.append(row["step_s"])
+        if step % config.log_interval == 0 or step == config.steps - 1:
+            history.flush()   # a crash keeps every step logged so far
         if comm.rank == 0 and (step % config.log_interval == 0 or step == config.steps - 1):
             logger.info("step %d/%d | loss %.4f | %.0f tok/s | dropped %.2f%% | imbalance %.2f | moves %d | eta %s",
                         step + 1, config.steps, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"],
@@ -168,7 +173,7 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     if out_dir is not None:
         assert full_LEP is not None
         write_run_dir(out_dir, config=config, cfg=cfg, comm=comm, model=model, full_LEP=full_LEP, history=history,
-                      tokens_per_step=tokens_per_step, final_placement=placement, expert_layout=expert_opt.layout)
+                      tokens_per_step=tokens_per_step, final_placement=placement)
         checkpointer.write_records(out_dir)
 
 

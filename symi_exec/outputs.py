@@ -2,17 +2,27 @@
 
 Legend: L MoE layers, E experts, G ranks, S steps, P parameters of one expert.
 
-Rank 0 writes the run directory: config.json, metrics.csv (one row per step), placements.jsonl (the placement
-each step ran with and the assignments it dropped per layer and expert), checkpoint.pt (single-device state dict,
-loadable by model.GPT), trace.parquet (--record-trace: counts per step, layer, expert and source rank); with
-checkpoints also checkpoints.csv and, when resumed, recovery.json (checkpointing.py).
+Rank 0 writes the run directory as training goes: config.json at the start; metrics.csv (one row per step),
+placements.jsonl (the placement each step ran with and the assignments it dropped per layer and expert) and
+(--record-trace) trace_counts.bin (int32 [S, L, E, G] counts per step, layer, expert and source rank, C order),
+appended every step and written out every log interval (History.flush), whole lines only; at the end
+checkpoint.pt (single-device state dict, loadable by model.GPT), trace.parquet (from trace_counts.bin, then
+removed) and, with checkpoints, checkpoints.csv and, when resumed, recovery.json (checkpointing.py); the launcher
+(or rank 0 of a torchrun job) writes COMPLETE last, once every rank finished. A job that fails keeps its partial
+directory (no COMPLETE): every row up to the last flush.
+
+Memory and checkpoints do not grow with the steps: History holds the last step (a sparse snapshot's delta) and the
+rows not yet written; a full checkpoint copies the streamed files as they are at its step (history_files).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,32 +35,182 @@ from symi_exec.comm import BYTE_KINDS, Comm
 from symi_exec.config import TrainConfig
 from symi_exec.model import GPT, ModelConfig
 from symi_exec.moe import ReplicatedMoE
-from symi_sim.outputs import write_json
+from symi_exec.waits import hold_for_test
+from symi_sim.outputs import RUN_COMPLETE, write_json
 from symi_sim.placement import Placement
 
+METRICS, PLACEMENTS, TRACE_COUNTS = "metrics.csv", "placements.jsonl", "trace_counts.bin"
+STREAMED = (METRICS, PLACEMENTS, TRACE_COUNTS)   # the files History appends to, in the run and checkpoint dirs
+TRACE_DTYPE = np.int32
 
-@dataclass
+
+@dataclass(frozen=True)
+class HistoryBase:
+    """Where a resumed run's outputs start: the full checkpoint's copies of the streamed files (its steps), then
+    the sparse snapshots' one-step deltas after it (History.delta's lists, one dict per snapshot)."""
+
+    directory: Path
+    deltas: list[dict[str, list[Any]]] = field(default_factory=list)
+
+
 class History:
-    """Every step's outputs so far, the run directory's content; checkpoints carry it, so a resumed run writes
-    the whole run's files."""
+    """The run's per-step outputs, streamed into `out_dir` (rank 0; None on the other ranks: nothing is kept but
+    the last step). Holds no per-step list: the last step's outputs (`delta`, a sparse snapshot's part) and the
+    text of the steps not yet written (at most a log interval's)."""
 
-    rows: list[dict[str, Any]] = field(default_factory=list)            # metrics.csv
-    step_records: list[dict[str, Any]] = field(default_factory=list)    # placements.jsonl
-    src_counts_SLEG: list[np.ndarray] = field(default_factory=list)     # trace.parquet: [L, E, G] per step
+    def __init__(self, out_dir: Path | None, *, record_trace: bool) -> None:
+        self.out_dir, self.record_trace = out_dir, record_trace
+        self.num_steps = 0                             # steps appended (restored ones included)
+        self.num_written = 0                           # of them, written out to the files
+        self._last: tuple[dict[str, Any], dict[str, Any], np.ndarray] | None = None
+        self._pending = {name: io.BytesIO() for name in STREAMED}
+        self._fieldnames: list[str] | None = None     # metrics.csv's columns, once known
 
-    def append(self, row: dict[str, Any], record: dict[str, Any], counts_LEG: np.ndarray) -> None:
-        self.rows.append(row)
-        self.step_records.append(record)
-        self.src_counts_SLEG.append(counts_LEG)
+    # ------------------------------------------------------------------ starting
 
-    def to_dict(self, *, last_only: bool = False) -> dict[str, list[Any]]:
-        """Copies of the lists as a checkpoint stores them (a sparse snapshot: the last step only)."""
-        lists = {"rows": self.rows, "step_records": self.step_records, "src_counts_SLEG": self.src_counts_SLEG}
-        return {name: value[-1:] if last_only else list(value) for name, value in lists.items()}
+    def start(self, resolved: dict[str, Any], base: HistoryBase | None = None) -> None:
+        """Rank 0, before the first step: config.json (`resolved`), the streamed files (a resumed run's: the
+        checkpoint's copies and the sparse deltas after it)."""
+        if self.out_dir is None:
+            return
+        write_json(self.out_dir / "config.json", resolved)
+        for name in self.file_names():
+            source = base.directory / name if base is not None else None
+            if source is not None and source.is_file():
+                shutil.copyfile(source, self.out_dir / name)
+            else:
+                (self.out_dir / name).write_bytes(b"")
+        if base is None:
+            return
+        with open(self.out_dir / METRICS, newline="") as f:
+            header = next(csv.reader(f), None)
+        self._fieldnames = header
+        with open(self.out_dir / PLACEMENTS, "rb") as f:
+            self.num_steps = self.num_written = sum(1 for _ in f)
+        for delta in base.deltas:
+            (row,), (record,) = delta["rows"], delta["step_records"]
+            counts = delta["src_counts_SLEG"]
+            self.append(row, record, counts[0] if counts else None)
+        self.flush()
 
-    @classmethod
-    def from_dict(cls, history: dict[str, list[Any]]) -> History:
-        return cls(history["rows"], history["step_records"], history["src_counts_SLEG"])
+    def file_names(self) -> tuple[str, ...]:
+        """The streamed files of this run (trace counts only with --record-trace)."""
+        return STREAMED if self.record_trace else STREAMED[:2]
+
+    # ------------------------------------------------------------------ every step
+
+    def append(self, row: dict[str, Any], record: dict[str, Any], counts_LEG: np.ndarray | None) -> None:
+        """One step's metrics row, placement record and [L, E, G] source counts (kept with --record-trace)."""
+        if self.record_trace:
+            if counts_LEG is None:
+                raise ValueError("--record-trace: a step without trace counts")
+            counts_LEG = np.asarray(counts_LEG, dtype=TRACE_DTYPE)
+        else:
+            counts_LEG = None
+        self._last = (row, record, counts_LEG)
+        self.num_steps += 1
+        if self.out_dir is None:
+            return
+        text = io.StringIO()
+        if self._fieldnames is None:
+            self._fieldnames = list(row)
+            csv.writer(text).writerow(self._fieldnames)
+        csv.DictWriter(text, fieldnames=self._fieldnames).writerow(row)
+        self._pending[METRICS].write(text.getvalue().encode())
+        self._pending[PLACEMENTS].write((json.dumps(record) + "\n").encode())
+        if counts_LEG is not None:
+            self._pending[TRACE_COUNTS].write(np.ascontiguousarray(counts_LEG).tobytes())
+
+    def flush(self) -> None:
+        """Write the steps appended since the last flush: one write per file, of whole lines (a process killed
+        outright leaves every file at a step boundary or before the write)."""
+        if self.out_dir is None:
+            return
+        for name in self.file_names():
+            data = self._pending[name].getvalue()
+            if data:
+                fd = os.open(self.out_dir / name, os.O_WRONLY | os.O_APPEND)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+            self._pending[name] = io.BytesIO()
+        self.num_written = self.num_steps
+
+    def delta(self) -> dict[str, list[Any]]:
+        """The last step's outputs as a sparse snapshot stores them (one-element lists; no counts without
+        --record-trace)."""
+        if self._last is None:
+            return {"rows": [], "step_records": [], "src_counts_SLEG": []}
+        row, record, counts_LEG = self._last
+        return {"rows": [row], "step_records": [record],
+                "src_counts_SLEG": [] if counts_LEG is None else [counts_LEG.copy()]}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def file_sizes(self) -> dict[str, int]:
+        """Rank 0, at a full checkpoint: every step so far written out, the streamed files' sizes (the prefix
+        history_files copies while training appends on)."""
+        assert self.out_dir is not None
+        self.flush()
+        return {name: (self.out_dir / name).stat().st_size for name in self.file_names()}
+
+    def history_files(self, directory: Path, sizes: dict[str, int]) -> dict[str, str]:
+        """Copy the first `sizes[name]` bytes of each streamed file into checkpoint `directory` (fsynced); returns
+        name -> sha256 of each copy, for meta.json's checksums."""
+        assert self.out_dir is not None
+        return {name: copy_prefix(self.out_dir / name, directory / name, num_bytes)
+                for name, num_bytes in sizes.items()}
+
+    # ------------------------------------------------------------------ the end
+
+    def trace_counts_SLEG(self, num_layers: int, num_experts: int, world_size: int) -> np.ndarray:
+        """Rank 0, once flushed: the recorded counts, [S, L, E, G] (a read-only memory map of trace_counts.bin)."""
+        assert self.out_dir is not None and self.record_trace
+        path = self.out_dir / TRACE_COUNTS
+        shape = (self.num_steps, num_layers, num_experts, world_size)
+        expected = int(np.prod(shape)) * np.dtype(TRACE_DTYPE).itemsize
+        if path.stat().st_size != expected:
+            raise ValueError(f"{str(path)!r} holds {path.stat().st_size} bytes, not the {expected} of {shape} counts")
+        if expected == 0:
+            return np.zeros(shape, dtype=TRACE_DTYPE)
+        return np.memmap(path, dtype=TRACE_DTYPE, mode="r", shape=shape)
+
+
+def copy_prefix(source: Path, target: Path, num_bytes: int) -> str:
+    """The first `num_bytes` of `source` into `target` (fsynced); returns their sha256."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        left = num_bytes
+        while left > 0:
+            block = src.read(min(left, 1 << 20))
+            if not block:
+                raise ValueError(f"{str(source)!r} is shorter than the {num_bytes} bytes a checkpoint copies")
+            dst.write(block)
+            digest.update(block)
+            left -= len(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return digest.hexdigest()
+
+
+def written_steps(run_dir: Path) -> int:
+    """The steps whose metrics rows a (partial) run directory holds: its whole lines after the header."""
+    try:
+        with open(run_dir / METRICS, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return 0
+    return max(len(lines) - 2, 0)   # the header, the rows, and the empty text after the last newline
+
+
+def mark_run_complete(run_dir: Path, num_steps: int) -> None:
+    """COMPLETE, written last: the run directory is whole."""
+    tmp = run_dir / f".{RUN_COMPLETE}.tmp"
+    tmp.write_text(f"{num_steps}\n")
+    os.replace(tmp, run_dir / RUN_COMPLETE)
 
 
 LEAST_PHASES = ("dense_grad", "expert_grad", "send_out")   # the loop's communication phases
@@ -112,35 +272,40 @@ def step_record(step: int, *, placement: Placement, moe_layers: list[ReplicatedM
             "dropped": dropped_LE.cpu().tolist()}
 
 
+def run_config(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, tokens_per_step: int,
+               expert_layout: str) -> dict[str, Any]:
+    """config.json: the job's options, its model and where it ran."""
+    return {"train": asdict(config), "model": cfg.to_dict(), "world_size": comm.world_size,
+            "backend": dist.get_backend(), "device": str(comm.device), "data": str(config.data_path()),
+            "tokens_per_step": tokens_per_step, "torch": torch.__version__, "expert_optimizer": expert_layout,
+            "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "threads_per_rank": torch.get_num_threads()}
+
+
 def write_run_dir(out_dir: Path, *, config: TrainConfig, cfg: ModelConfig, comm: Comm, model: GPT,
-                  full_LEP: list[torch.Tensor], history: History, tokens_per_step: int, final_placement: Placement,
-                  expert_layout: str) -> None:
-    """config.json, metrics.csv, placements.jsonl, checkpoint.pt and (record_trace) trace.parquet."""
-    resolved = {"train": asdict(config), "model": cfg.to_dict(), "world_size": comm.world_size,
-                "backend": dist.get_backend(), "device": str(comm.device), "data": str(config.data_path()),
-                "tokens_per_step": tokens_per_step, "torch": torch.__version__, "expert_optimizer": expert_layout,
-                "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                "threads_per_rank": torch.get_num_threads()}
-    write_json(out_dir / "config.json", resolved)
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history.rows[0]))
-        writer.writeheader()
-        writer.writerows(history.rows)
-    with open(out_dir / "placements.jsonl", "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in history.step_records)
+                  full_LEP: list[torch.Tensor], history: History, tokens_per_step: int,
+                  final_placement: Placement) -> None:
+    """The end of the run directory (config.json and the streamed files are there): the last rows written out,
+    checkpoint.pt and (record_trace) trace.parquet, from trace_counts.bin, which goes."""
+    hold_for_test("run-dir")
+    history.flush()
+    if history.num_steps != config.steps:
+        raise ValueError(f"{str(out_dir / METRICS)!r} holds {history.num_steps} steps of {config.steps}")
     torch.save({"model": single_device_state_dict(model, full_LEP, cfg), "model_config": cfg.to_dict(),
                 "train_config": asdict(config), "steps": config.steps,
                 "placement": final_placement.to_json_dict()}, out_dir / "checkpoint.pt")
     if config.record_trace:
         from symi_sim.traces.format import LoadTrace, write_trace
 
-        src_counts_SLEG = np.stack(history.src_counts_SLEG)
+        src_counts_SLEG = history.trace_counts_SLEG(cfg.num_layers, cfg.num_experts, comm.world_size)
         trace = LoadTrace(counts_SLE=src_counts_SLEG.sum(axis=3), top_k=cfg.top_k, tokens_per_step=tokens_per_step,
                           model=f"symi-exec-{config.model}-E{cfg.num_experts}", source="symi train",
                           provenance=f"recorded by symi train (policy {config.policy}, seed {config.seed}, data "
                                      f"{config.data_path().name}, {comm.world_size} ranks)",
-                          src_counts_SLEG=src_counts_SLEG)
+                          src_counts_SLEG=np.array(src_counts_SLEG))
         write_trace(trace, out_dir / "trace.parquet")
+        del src_counts_SLEG
+        (out_dir / TRACE_COUNTS).unlink()
 
 
 def dense_state_dict(model: GPT) -> dict[str, torch.Tensor]:

@@ -133,7 +133,7 @@ class RecoveredState:
     head: dict[str, Any]            # the last snapshot's rank-0 file (dense state, placement, loads)
     rng: dict[str, Any] | None      # this rank's RNG states in the last snapshot (None: it had no such rank)
     experts: checkpoint.ExpertStateReader   # every expert from its newest save (optim.ExpertStateSource)
-    history: dict[str, list[Any]]   # metrics rows, step records and source counts of every step so far
+    history_deltas: list[dict[str, list[Any]]]   # the chain's metrics row, step record (and trace counts) each
     tracker: SnapshotTracker
 
     @property
@@ -165,15 +165,15 @@ def recover(root: str | Path, num_layers: int, num_experts: int, *, rank: int = 
     model = meta["model"]
     experts = checkpoint.ExpertStateReader(files, layout=meta["expert_optimizer"], rank=rank,
                                            expert_numel=2 * int(model["d_model"]) * int(model["d_ff"]))
-    history = head["history"]
+    history_deltas = []   # the steps up to full_dir's are files in it (outputs.History)
     tracker = SnapshotTracker.fresh(num_layers, num_experts)
     for directory in chain:
         meta = read_meta(directory)
         files = checkpoint.RankFiles(directory, meta["world_size"])
         head = files.get(0)
         experts.add_sparse(files, [tuple(key) for key in head["hot_keys"]])
-        history = {name: history[name] + head["history_delta"][name] for name in history}
+        history_deltas.append(head["history_delta"])
         tracker = SnapshotTracker.from_state(head["tracker"])
     assert experts.num_steps == meta["step"], (experts.num_steps, meta["step"])
     rng = files.get(rank)["rng"] if rank < files.world_size else None
-    return RecoveredState(full_dir, chain, damaged, meta, head, rng, experts, history, tracker)
+    return RecoveredState(full_dir, chain, damaged, meta, head, rng, experts, history_deltas, tracker)

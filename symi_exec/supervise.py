@@ -81,6 +81,15 @@ def check_local_ranks(nproc_per_node: int, *, cuda_devices: int, cpu_cores: int)
         raise ValueError(f"nproc_per_node {nproc_per_node} is over the limit of {limit} local ranks ({reason})")
 
 
+def check_ranks_per_gpu(local_world_size: int, *, cuda_devices: int) -> None:
+    """ValueError when a torchrun node runs more ranks (LOCAL_WORLD_SIZE) than it has visible GPUs: two ranks would
+    map to one GPU, which NCCL refuses deep inside its first collective (checked before init_process_group)."""
+    if local_world_size > cuda_devices:
+        raise ValueError(f"{local_world_size} ranks on this node (LOCAL_WORLD_SIZE) but {cuda_devices} visible "
+                         f"GPU{'s' if cuda_devices != 1 else ''}: NCCL needs one GPU per rank; start torchrun with "
+                         f"--nproc-per-node {cuda_devices} or fewer, or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+
+
 def cpu_cores() -> int:
     """The CPU cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):

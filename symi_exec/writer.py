@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from symi_exec import checkpoint
+from symi_exec.waits import hold_for_test
 
 POLL_S = 0.002
 
@@ -65,6 +66,8 @@ class SnapshotWriter:
     def _run(self, directory: Path, state: dict[str, Any], expert_bytes: int,
              finish: Callable[[int, int, list[str]], None] | None, record: dict[str, Any]) -> None:
         start = time.perf_counter()
+        if self.rank == 0:
+            hold_for_test(directory.name)
         num_bytes, sha256 = checkpoint.save_rank(directory, self.rank, state)
         checkpoint.write_atomic_text(_note(directory, self.rank), f"{num_bytes} {expert_bytes} {sha256}\n")
         if finish is not None:

@@ -166,6 +166,17 @@ def write_probe(folder: str | Path) -> OSError | None:
     return None
 
 
+RUN_COMPLETE = "COMPLETE"   # written last into a `symi train` run directory, once every rank finished
+
+
+def check_complete_run(path: str | Path) -> None:
+    """ValueError unless `path` is a finished `symi train` run directory (its COMPLETE marker written last): a
+    failed or running job's directory holds only the steps written so far."""
+    if Path(path).is_dir() and not (Path(path) / RUN_COMPLETE).is_file():
+        raise ValueError(f"run directory {str(path)!r} is not complete (no {RUN_COMPLETE} marker): its job failed "
+                         f"or is still running")
+
+
 def timestamped_dir(prefix: str, root: str | Path = "runs") -> Path:
     """`root/<prefix>-YYYYmmdd-HHMMSS` (local time now): the default run directory of a command or study."""
     return Path(root) / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -256,6 +256,7 @@ def write_synthetic_run(directory: Path, *, world_size: int = 2, slots: int = 2,
                         "num_experts": num_experts, "top_k": 1, "vocab_size": 256},
               "world_size": world_size, "tokens_per_step": tokens, "expert_optimizer": "sharded"}
     (directory / "config.json").write_text(json.dumps(config))
+    (directory / "COMPLETE").write_text("done\n")   # the marker a finished `symi train` writes last
     with open(directory / "placements.jsonl", "w") as f:
         for step in range(steps):
             routing = route(counts_SLE[step], placement, slots_per_gpu=slots, capacity_factor=capacity_factor)
@@ -333,6 +334,7 @@ def test_estimated_tokens_per_slot():
 
 @pytest.mark.parametrize(("breakage", "message"), [
     ("no-metrics", "has no metrics.csv"),
+    ("partial", "is not complete (no COMPLETE marker): its job failed or is still running"),
     ("nan", "metrics.csv, data row 2: time_forward_s must be a finite number >= 0, got nan"),
     ("negative", "metrics.csv, data row 2: time_forward_s must be a finite number >= 0, got -1.0"),
     ("missing-column", "missing column(s) ['time_backward_s']"),
@@ -347,6 +349,8 @@ def test_bad_run_directories(tmp_path, breakage, message):
     warmup = 6 if breakage == "warmup" else 1
     if breakage == "no-metrics":
         (run / "metrics.csv").unlink()
+    elif breakage == "partial":
+        (run / "COMPLETE").unlink()
     elif breakage in ("nan", "negative"):
         row = metrics[2].split(",")
         row[header.index("time_forward_s")] = "nan" if breakage == "nan" else "-1.0"

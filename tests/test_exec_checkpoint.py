@@ -29,7 +29,7 @@ def test_killed_job_resumes_bit_identical(tmp_path: Path) -> None:
     latest = checkpoint.latest_complete(ckpt)
     assert latest is not None
     killed_at = checkpoint.read_meta(latest)["step"]
-    assert 3 <= killed_at < STEPS and not (tmp_path / "killed").exists()   # it really died mid-run
+    assert 3 <= killed_at < STEPS and not (tmp_path / "killed" / "COMPLETE").exists()   # it really died mid-run
 
     # checkpoints of the resumed job go to the --resume directory by default
     finish(symi_train("--steps", str(STEPS), "--checkpoint-every", "3", "--resume", str(ckpt), "--out",

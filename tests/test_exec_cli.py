@@ -54,7 +54,7 @@ def test_train_one_rank_writes_the_run_directory(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.csv", "placements.jsonl", "checkpoint.pt",
-                                               "trace.parquet"}
+                                               "trace.parquet", "COMPLETE"}   # trace_counts.bin went
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(float(r["bytes_dispatch"]) == 0 for r in rows)   # one rank sends nothing

@@ -190,7 +190,7 @@ def test_static_killed_job_resumes_bit_identical(tmp_path: Path) -> None:
     job = symi_train(*policy, "--steps", steps, *checkpoints, "--checkpoint-dir", str(ckpt),
                      "--out", str(tmp_path / "killed"))
     kill_once(job, snapshots.sparse_dir(ckpt, 6) / checkpoint.MARKER)
-    assert not (tmp_path / "killed").exists()
+    assert not (tmp_path / "killed" / "COMPLETE").exists()
     latest = checkpoint.latest_complete(ckpt)
     assert latest is not None and checkpoint.read_meta(latest)["expert_optimizer"] == "group"
     # each expert element stored once: expert 0 of layer 0 in halves on ranks 0 and 1, expert 2 whole on rank 0

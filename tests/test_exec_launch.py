@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import TypeVar
 
 import pytest
 from click.testing import CliRunner
-from train_jobs import ROOT, TRAIN_ARGS
+from train_jobs import ROOT, TRAIN_ARGS, read_rows
 
 from cli import symi
 from symi_exec import supervise
@@ -218,11 +219,14 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path: Path) -> None:
     finally:
         end(job, pids)
     assert job.returncode == 1, err[-3000:]
+    # step 0's row was written out with its log line (log interval 1000): the partial run directory stays
     assert err.strip().splitlines()[-1] == ("Error: rank 1 did not answer for 5 s (stopped, hung or on a dead node); "
-                                            "resume from the last checkpoint with --resume"), err[-3000:]
+                                            "resume from the last checkpoint with --resume; partial outputs in "
+                                            f"{tmp_path / 'run'}: metrics up to step 1"), err[-3000:]
     assert "Traceback" not in err
     assert all(gone(pid) for pid in pids)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]   # no run directory, not even a hidden one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tmp"]   # no hidden folder either
+    assert not (tmp_path / "run" / "COMPLETE").exists() and [r["step"] for r in read_rows(tmp_path / "run")] == ["0"]
 
 
 @pytest.mark.slow
@@ -238,11 +242,15 @@ def test_a_signal_to_the_launcher_alone_stops_every_rank(tmp_path: Path, signum:
     finally:
         end(job, pids)
     assert job.returncode == 128 + signum, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"Error: {INTERRUPTED}"
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"Error: {re.escape(INTERRUPTED)}; partial outputs in {re.escape(str(tmp_path / 'run'))}: "
+                        rf"metrics up to step (\d+)", last), last
+    num_steps = int(last.rpartition(" ")[2])
     assert "Traceback" not in err and "Aborted" not in err
     assert all(gone(pid) for pid in pids)
-    # the checkpoints stay (a complete one at least), no run directory nor its hidden temporary folder
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-checkpoints", "tmp"]
+    # the checkpoints stay (a complete one at least), the partial run directory (each checkpoint wrote its rows out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-checkpoints", "tmp"]
+    assert [r["step"] for r in read_rows(tmp_path / "run")] == [str(s) for s in range(num_steps)]
     assert not list((tmp_path / "tmp").glob("symi-store-*"))
     assert any((d / "COMPLETE").is_file() for d in (tmp_path / "run-checkpoints").iterdir())
 
@@ -282,4 +290,7 @@ def test_failure_drill_waits_for_every_write_before_it(tmp_path: Path) -> None:
     assert (snapshots.sparse_dir(root, 3) / checkpoint.MARKER).is_file()
     cfg = config.model_config()
     assert snapshots.recover(root, cfg.num_layers, cfg.num_experts).step == 3
-    assert not (tmp_path / "run").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run-checkpoints"]
+    # the partial run directory: step 0's row, written out with its log line (log interval 1000), no COMPLETE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-checkpoints"]
+    assert not (tmp_path / "run" / "COMPLETE").exists()
+    assert [row["step"] for row in read_rows(tmp_path / "run")] == ["0"]

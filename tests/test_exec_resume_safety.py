@@ -286,10 +286,13 @@ def test_non_finite_loss_stops_every_rank_keeping_the_last_good_checkpoint(tmp_p
     out, root = tmp_path / "run", tmp_path / "run-checkpoints"
     result = CliRunner().invoke(symi, ["train", "--nproc-per-node", "2", "--steps", "4", "--checkpoint-every", "1",
                                        "--lr", "1e30", "--out", str(out)])
-    assert result.exit_code == 1 and not out.exists()
+    assert result.exit_code == 1 and not (out / "COMPLETE").exists()
     line = one_error_line(result.output)
     assert line.startswith("Error: loss is not finite at step 1 (mean loss nan")
-    assert line.endswith(f"last good checkpoint: {checkpoint.step_dir(root, 1)} (lower --lr?)")
+    # step 0's row was written out with its log line: the partial run directory is kept
+    assert line.endswith(f"last good checkpoint: {checkpoint.step_dir(root, 1)} (lower --lr?); partial outputs in "
+                         f"{out}: metrics up to step 1")
+    assert [row["step"] for row in read_rows(out)] == ["0"]
     assert checkpoint.latest_complete(root) == checkpoint.step_dir(root, 1)
     for directory in checkpoint.checkpoint_dirs(root).values():   # every checkpoint written is intact and finite
         assert checkpoint.damage(directory) is None
@@ -417,7 +420,7 @@ def test_checkpoint_dir_that_is_a_file_or_inside_out_is_refused(tmp_path: Path) 
     with pytest.raises(ValueError, match=f"checkpoint dir '{tmp_path / 'file'}' is a file, not a folder"):
         TrainConfig(out=str(tmp_path / "run"), checkpoint_every=1, checkpoint_dir=str(tmp_path / "file")).validate(2)
     for inside in ("run", "run/ckpt", "run/a/b"):
-        with pytest.raises(ValueError, match="is inside --out .* written only at the end"):
+        with pytest.raises(ValueError, match="is inside --out .* holds the run.s outputs only"):
             TrainConfig(out=str(tmp_path / "run"), checkpoint_every=1,
                         checkpoint_dir=str(tmp_path / inside)).validate(2)
     TrainConfig(out=str(tmp_path / "run"), checkpoint_every=1, checkpoint_dir=str(tmp_path / "run2")).validate(2)

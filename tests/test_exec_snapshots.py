@@ -125,7 +125,7 @@ def test_hot_share_one_resumes_bit_identical(tmp_path: Path, policy: str) -> Non
     job = symi_train(*policy_args, "--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "1",
                      "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "killed"))
     kill_once(job, snapshots.sparse_dir(ckpt, 5) / checkpoint.MARKER)
-    assert not (tmp_path / "killed").exists()
+    assert not (tmp_path / "killed" / "COMPLETE").exists()
     assert [d.name for d in ckpt.glob("step-*")] == ["step-00000000"]       # only the chain's base is full
     finish(symi_train(*policy_args, "--steps", str(STEPS), "--checkpoint-every", "100", "--sparse-hot-share", "1",
                       "--resume", str(ckpt), "--out", str(tmp_path / "resumed")))
@@ -221,13 +221,15 @@ def test_bad_sparse_options_fail_cleanly(tmp_path: Path, args: list[str], messag
 
 
 @pytest.mark.slow
-def test_failure_drill_is_one_error_line_and_no_run_directory(tmp_path: Path) -> None:
+def test_failure_drill_is_one_error_line_and_a_partial_run_directory(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = CliRunner().invoke(symi, ["train", "--nproc-per-node", "2", "--steps", "3", "--checkpoint-every", "1",
                                        "--fail-at-step", "2", "--out", str(out)])
     assert result.exit_code == 1
     assert "Error: rank" in result.output and "died" in result.output and "Traceback" not in result.output
-    assert not out.exists()
+    # the rows of steps 0 and 1 were written out (each checkpoint writes them out first); no COMPLETE
+    assert f"; partial outputs in {out}: metrics up to step 2" in result.output
+    assert not (out / "COMPLETE").exists() and len((out / "metrics.csv").read_text().splitlines()) == 3
     assert checkpoint.latest_complete(tmp_path / "run-checkpoints") == checkpoint.step_dir(tmp_path / "run-checkpoints",
                                                                                            2)
 

@@ -40,6 +40,7 @@ def write_run(directory: Path, *, layout: str, counts_SLE: np.ndarray, phy2log_L
     if cpu is not None:
         config.update(device="cpu", cpu_cores=cpu[0], threads_per_rank=cpu[1])
     (directory / "config.json").write_text(json.dumps(config))
+    (directory / "COMPLETE").write_text("done\n")   # the marker a finished `symi train` writes last
     placement = Placement.even(phy2log_LR, num_experts)
     with open(directory / "placements.jsonl", "w") as f:
         for step in range(num_steps):

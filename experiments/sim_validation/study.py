@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from experiments.harness import (
     write_table,
 )
 from experiments.sim_validation.grid import CALIBRATION, HELD_OUT, RunSpec, grid, train_run
+from symi_sim.outputs import RUN_COMPLETE
 from symi_sim.simulator.calibrate import fit_runs, format_fit
 from symi_sim.simulator.calibration import write_calibration
 from symi_sim.simulator.run_dirs import read_run
@@ -83,7 +85,8 @@ def train_all(specs: list[RunSpec], *, train_dir: Path, settings: dict[str, obje
         for spec in specs:
             path = train_dir / spec.name / f"seed{int(settings['first_seed']) + repeat}"
             runs[spec.name, repeat] = path
-            if not (path / "metrics.csv").is_file():
+            if not (path / RUN_COMPLETE).is_file():
+                shutil.rmtree(path, ignore_errors=True)   # a failed run's partial outputs: trained again
                 todo.append((spec, repeat, path))
     for i, (spec, repeat, path) in enumerate(todo, start=1):
         start = time.perf_counter()

@@ -32,6 +32,7 @@ import pandas as pd
 from symi_sim.checks import check_choice
 from symi_sim.cluster import Cluster
 from symi_sim.models import ModelConfig
+from symi_sim.outputs import check_complete_run
 from symi_sim.placement import Placement
 from symi_sim.policies.base import OPTIMIZER_LAYOUTS
 from symi_sim.routing import CAPACITY_MODES, route
@@ -181,6 +182,7 @@ def read_run(path: str | Path, *, warmup_steps: int = DEFAULT_WARMUP_STEPS, clus
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"run directory {str(path)!r} does not exist")
+    check_complete_run(path)
     for name in ("metrics.csv", "config.json", "placements.jsonl"):
         if not (path / name).is_file():
             raise ValueError(f"run directory {str(path)!r} has no {name}")
