@@ -143,3 +143,28 @@ def test_dtype_names_cover_every_known_dtype_and_config_checks_them(tmp_path: Pa
         dataclasses.replace(TrainConfig(out=str(tmp_path / "run")), dtype=dtype).validate(2)
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):
         TrainConfig(out=str(tmp_path / "run"), dtype="float16").validate(2)
+
+
+@pytest.mark.slow
+def test_bfloat16_resume_continues_exactly_from_the_float32_masters(tmp_path: Path) -> None:
+    """A bfloat16 run killed after two steps and resumed ends bit for bit where the uninterrupted run ends: the
+    checkpoint carries the dense float32 master weights, not only their bfloat16 cast."""
+    from symi_exec.supervise import JobFailed
+
+    common = {"num_experts": 2, "slots_per_rank": 2, "steps": 4, "dtype": "bfloat16", "seed": 4, "log_interval": 1000}
+    straight = TrainConfig(out=str(tmp_path / "straight"), **common)
+    launch(straight, 1)
+    root = tmp_path / "checkpoints"
+    killed = TrainConfig(out=str(tmp_path / "killed"), checkpoint_every=1, checkpoint_dir=str(root), fail_at_step=2,
+                         **common)
+    with pytest.raises(JobFailed):
+        launch(killed, 1)
+    launch(dataclasses.replace(killed, out=str(tmp_path / "resumed"), resume=str(root), checkpoint_dir=None,
+                               fail_at_step=None), 1)
+    want = torch.load(tmp_path / "straight" / "checkpoint.pt")["model"]
+    got = torch.load(tmp_path / "resumed" / "checkpoint.pt")["model"]
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    with open(tmp_path / "resumed" / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
