@@ -546,8 +546,13 @@ def _train_option(*decls: str, **attrs: object):
 @_train_option("--capacity-factor", type=CAPACITY_FACTOR, help=CAPACITY_FACTOR_HELP)
 @_train_option("--capacity-mode", type=click.Choice(["slot", "gpu"]), help=CAPACITY_MODE_HELP)
 @_train_option("--steps", type=int, help="Training steps.")
-@_train_option("--batch-size", type=int, help="Sequences per rank per step.")
+@_train_option("--batch-size", type=int, help="Sequences per rank per micro-batch.")
+@_train_option("--grad-accum", type=int,
+               help="Micro-batches per step, gradients accumulated (global batch: ranks x batch size x this).")
 @_train_option("--lr", type=float, help="Peak learning rate (cosine decay to a tenth of it).")
+@_train_option("--warmup-steps", type=int, help="Steps of linear learning-rate warmup before the cosine decay.")
+@_train_option("--weight-decay", type=float, help="AdamW's decoupled weight decay (matrices and embeddings only).")
+@_train_option("--clip-grad", "grad_clip", type=float, help="Clip the global gradient norm to this (0: no clipping).")
 @_train_option("--aux-loss-coef", type=float, help="Load-balancing loss weight.")
 @_train_option("--router-skew", type=float,
                help="Skewed expert load: expert e's router logit biased by -S ln(1 + e), a Zipf-like start the router "
@@ -555,7 +560,9 @@ def _train_option(*decls: str, **attrs: object):
 @_train_option("--seed", type=int, help="Random seed (model initialisation and batches).")
 @_train_option("--data", type=click.Path(dir_okay=False),
                help="Text file to train on (bytes are tokens); default: the shipped Wikipedia sample.")
-@_train_option("--dtype", type=click.Choice(["float32", "float64"]), help="Parameter and activation dtype.")
+@_train_option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]),
+               help="Parameter and activation dtype (bfloat16: float32 master weights and AdamW moments).")
+@_train_option("--bucket-mb", type=float, help="MiB of dense gradients per all-reduce bucket (during the backward).")
 @_train_option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
 @_train_option("--log-interval", type=int, help="Steps between rank-0 log lines.")
 @_train_option("--dist-timeout", "dist_timeout_s", type=float,
@@ -585,7 +592,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
           record_trace: bool, log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None,
           resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
           fail_at_step: int | None, overwrite_checkpoints: bool, allow_config_change: str,
-          dist_timeout_s: float) -> None:
+          dist_timeout_s: float, grad_accum: int, warmup_steps: int, weight_decay: float, grad_clip: float,
+          bucket_mb: float) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
@@ -604,7 +612,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         keep_checkpoints=keep_checkpoints, overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
         overwrite_checkpoints=overwrite_checkpoints,
         allow_config_change=tuple(f.strip() for f in allow_config_change.split(",") if f.strip()),
-        dist_timeout_s=dist_timeout_s,
+        dist_timeout_s=dist_timeout_s, grad_accum=grad_accum, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        grad_clip=grad_clip, bucket_mb=bucket_mb,
     )
     try:
         run_dir = launch(config, nproc_per_node)

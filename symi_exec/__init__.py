@@ -7,6 +7,8 @@
   data.py           the tokens, each step's batch, the learning-rate schedule
   model.py          the single-device GPT and its reference MoE layer
   moe.py, comm.py   the expert-parallel MoE layer and its communication (bytes counted by kind)
+  dense.py          the dense parameters: bucketed gradient all-reduce during the backward, AdamW (float32
+                    masters under bfloat16)
   optim.py          the expert optimizers' base and SYMI's sharded layout; optim_group.py DeepSpeed's group
                     layout (static, fastermoe); optim_replica.py FlexMoE's
   outputs.py        metrics rows, placement records, the run directory

@@ -24,7 +24,13 @@ if TYPE_CHECKING:
     from symi_exec.model import ModelConfig
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "wikipedia_texts.txt"
-DTYPE_NAMES = ("float32", "float64")   # model.TORCH_DTYPES maps them to torch dtypes
+DTYPE_NAMES = ("float32", "float64", "bfloat16")   # model.TORCH_DTYPES maps them to torch dtypes
+# the dtype of the optimizers' master weights and AdamW moments: float32 under a bfloat16 model (its 8-bit
+# mantissa would lose most updates), the model's own otherwise
+MASTER_DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "float32"}
+# the largest finite value of each dtype (numpy has no bfloat16)
+DTYPE_MAX = {"float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max),
+             "bfloat16": 3.3895313892515355e38}
 
 # planner(step, load_LE, cluster, previous) -> the placement of the next step: the policy's plan by default
 # (loop.policy_planner); launch takes another (tests use it for arbitrary placements)
@@ -43,7 +49,8 @@ class TrainConfig:
     capacity_factor: float | None = 1.0    # None: dropless
     capacity_mode: str = "slot"
     steps: int = 50
-    batch_size: int = 4                    # sequences per rank per step
+    batch_size: int = 4                    # sequences per rank per micro-batch
+    grad_accum: int = 1                    # micro-batches per step (each rank: grad_accum x batch_size sequences)
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 0
@@ -58,6 +65,7 @@ class TrainConfig:
     record_trace: bool = False
     dtype: str = "float32"
     log_interval: int = 10
+    bucket_mb: float = 25.0                # MiB of dense gradients per all-reduce bucket (dense.py; DDP's default)
     dist_timeout_s: float = 300.0          # a collective waiting this long for a silent rank ends the job (launch.py)
     model_overrides: dict[str, int] = field(default_factory=dict)
     checkpoint_every: int = 0              # 0: no checkpoints; K: every K steps and after the last step
@@ -92,7 +100,7 @@ class TrainConfig:
 
     def validate(self, world_size: int) -> None:
         """ValueError naming the first bad option (checked before any process starts)."""
-        for name in ("num_experts", "slots_per_rank", "top_k", "steps", "batch_size", "log_interval"):
+        for name in ("num_experts", "slots_per_rank", "top_k", "steps", "batch_size", "grad_accum", "log_interval"):
             check_positive_int(getattr(self, name), name)
         check_positive_int(world_size, "the number of ranks")
         if self.num_experts > world_size * self.slots_per_rank:
@@ -102,11 +110,13 @@ class TrainConfig:
         check_capacity_factor(self.capacity_factor)
         check_choice(self.capacity_mode, "capacity mode", CAPACITY_MODES)
         check_choice(self.dtype, "dtype", DTYPE_NAMES)
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay"):
             check_number(getattr(self, name), name, low=0)
+        check_number(self.grad_clip, "grad_clip (--clip-grad)", low=0)
+        check_number(self.bucket_mb, "bucket_mb", low=0, low_open=True)
         for name in ("beta1", "beta2"):
             check_number(getattr(self, name), name, low=0, high=1, high_open=True)
-        largest = float(np.finfo(self.dtype).max)
+        largest = DTYPE_MAX[self.dtype]
         if self.lr / (1 - self.beta1) > largest:
             raise ValueError(f"lr {self.lr:g} is too large for {self.dtype}: AdamW's first step multiplies by "
                              f"lr / (1 - beta1) = {self.lr / (1 - self.beta1):g}, over the largest {self.dtype} "

@@ -3,10 +3,11 @@
 Legend: L MoE layers, E experts, G ranks, S slots per rank (in `_SP` names), B sequences per rank, T sequence
 length, P parameters of one expert.
 
-One step on every rank:
+One step on every rank (forward and backward once per micro-batch, M = grad_accum of them, gradients accumulated):
   forward     router top-k, popularity all-gather, dispatch to the replicas of the current placement, combine
-  backward    through the same all-to-alls
-  dense_grad  plain data parallel: all-reduce (mean) of every non-expert gradient
+  backward    through the same all-to-alls; in the last micro-batch's, the dense gradients' all-reduce starts bucket
+              by bucket as their gradients are done (dense.py)
+  dense_grad  plain data parallel: the wait for the rest of those all-reduces (the mean of every non-expert gradient)
   expert_grad replica gradient sync + collection into this rank's 1/G shard of every expert (optim.py)
   optimizer   gradient clipping on the global norm; AdamW on dense parameters and on the expert shards
   plan        the policy plans the next placement from this step's global popularity (every rank, deterministic);
@@ -20,9 +21,12 @@ alone, every holder rank updates its full copy of the expert, and send_out migra
 of replicas that change rank (counted as `weight_sendout` and `optimizer_state` bytes).
 After the step: its metrics row and placement record (outputs.py: streamed into the run directory, written out
 every log interval), then a checkpoint when one is due (checkpointing.py). At the end rank 0 writes the run
-directory's final files. A loss or gradient norm that is not finite on any
-rank stops every rank before the optimizer step (one all-reduce of two numbers: all ranks agree), so the last
-checkpoint written stays the last good one.
+directory's final files. A loss or gradient norm that is not finite on any rank stops every rank before the
+optimizer step (the loss rides in the dense gradients' all-reduce, the gradient norm is global: all ranks agree),
+so the last checkpoint written stays the last good one.
+Micro-batch m of rank r is rows (m G + r) B .. (m G + r + 1) B - 1 of the step's global batch of G B M sequences
+(step_batch), so any (G, M) with the same G M trains on the same tokens; the loss is the mean over micro-batches,
+and the MoE layers' counts and drops are summed over them (planning, metrics row, trace).
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ import torch.distributed as dist
 
 from symi_exec.checkpointing import Checkpointer
 from symi_exec.comm import Comm
-from symi_exec.config import Planner, TrainConfig
+from symi_exec.config import MASTER_DTYPES, Planner, TrainConfig
 from symi_exec.data import get_batch, load_tokens, lr_at
-from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig, init_expert, param_groups
+from symi_exec.dense import DenseOptimizer
+from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig, init_expert
 from symi_exec.moe import ReplicatedMoE
 from symi_exec.optim import ExpertOptimizer, ShardedExpertOptimizer
 from symi_exec.optim_group import GroupExpertOptimizer
@@ -73,11 +78,10 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
 
     model, dense_opt, expert_opt = build_model(config, cfg, comm, layout=policy.optimizer_layout)
     moe_layers: list[ReplicatedMoE] = list(model.moe_layers)
-    dense_params = [p for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
     slot_params = [moe.slot_weights_SP for moe in moe_layers]
     checkpointer = Checkpointer(config=config, cfg=cfg, comm=comm, model=model, dense_opt=dense_opt,
                                 expert_opt=expert_opt)
-    tokens_per_step = comm.world_size * config.batch_size * cfg.seq_len
+    tokens_per_step = comm.world_size * config.batch_size * config.grad_accum * cfg.seq_len
     history = History(out_dir, record_trace=config.record_trace)
     if config.resume is not None:
         restored = checkpointer.restore(cluster=cluster, planner=planner)
@@ -111,38 +115,45 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         for layer, moe in enumerate(moe_layers):
             moe.placement = Placement(placement.phy2log_LR[layer:layer + 1], placement.share_LR[layer:layer + 1],
                                       cfg.num_experts)
-        x_BT, y_BT = get_batch(tokens, step, rank=comm.rank, world_size=comm.world_size,
-                               batch_size=config.batch_size, seq_len=cfg.seq_len, seed=config.seed)
-        _, loss = model(x_BT.to(device), y_BT.to(device))
-        times["forward"], clock = _lap(clock, device)
-
-        for p in model.parameters():
+        dense_opt.sync.zero_grads()
+        for p in slot_params:
             p.grad = None
-        loss.backward()
-        times["backward"], clock = _lap(clock, device)
+        num_micro = config.grad_accum
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        count_LGE = dropped_LE = 0
+        for micro in range(num_micro):
+            x_BT, y_BT = step_batch(tokens, step, micro, config=config, comm=comm)
+            _, loss = model(x_BT.to(device), y_BT.to(device))
+            loss_sum += loss.detach()
+            count_LGE = count_LGE + np.stack([moe.count_GE for moe in moe_layers])
+            dropped_LE = dropped_LE + np.stack([moe.dropped_E for moe in moe_layers])
+            lap, clock = _lap(clock, device)
+            times["forward"] += lap
+            if micro == num_micro - 1:
+                dense_opt.sync.arm(loss_sum / num_micro)
+            (loss / num_micro).backward()
+            lap, clock = _lap(clock, device)
+            times["backward"] += lap
+        loss = loss_sum / num_micro
+        for moe, count_GE, dropped_E in zip(moe_layers, count_LGE, dropped_LE, strict=True):
+            # the step's totals over its micro-batches, where the metrics row and the record read them
+            moe.count_GE, moe.dropped_E = count_GE, dropped_E
 
-        dense_sq = _all_reduce_dense_grads(dense_params, comm)
+        dense_sq, mean_loss = dense_opt.sync.finish()
         times["dense_grad"], clock = _lap(clock, device)
 
         slot_grads_LSP = [p.grad if p.grad is not None else torch.zeros_like(p) for p in slot_params]
         expert_opt.collect_gradients(slot_grads_LSP, placement)
         times["expert_grad"], clock = _lap(clock, device)
 
-        grad_norm = math.sqrt(float(dense_sq) + float(expert_opt.grad_sq_norm()))
-        _stop_unless_finite(step, loss, grad_norm, comm, checkpointer)
+        grad_norm = math.sqrt(dense_sq + float(expert_opt.grad_sq_norm()))
+        _stop_unless_finite(step, mean_loss, grad_norm, comm, checkpointer)
         # torch.nn.utils.clip_grad_norm_'s rule, on the norm over all ranks' shards and the dense gradients
         grad_scale = min(config.grad_clip / (grad_norm + 1e-6), 1.0) if config.grad_clip > 0 else 1.0
-        for group in dense_opt.param_groups:
-            group["lr"] = lr
-        if grad_scale != 1.0:
-            for p in dense_params:
-                if p.grad is not None:
-                    p.grad.mul_(grad_scale)
-        dense_opt.step()
+        dense_opt.step(lr, grad_scale)
         expert_opt.step(lr, grad_scale)
         times["optimizer"], clock = _lap(clock, device)
 
-        count_LGE = np.stack([moe.count_GE for moe in moe_layers])
         load_LE = count_LGE.sum(axis=1)
         next_placement = planner(step, load_LE.astype(np.float64), cluster, placement)
         next_placement.validate(cluster, num_layers=cfg.num_layers)
@@ -181,25 +192,24 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
 
 
 def build_model(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, layout: str
-                ) -> tuple[GPT, torch.optim.AdamW, ExpertOptimizer]:
-    """This rank's expert-parallel model, the AdamW of its dense parameters and the expert optimizer of the
-    policy's optimizer `layout` ("sharded", "group" or "replica").
+                ) -> tuple[GPT, DenseOptimizer, ExpertOptimizer]:
+    """This rank's expert-parallel model, the optimizer and gradient sync of its dense parameters and the expert
+    optimizer of the policy's optimizer `layout` ("sharded", "group" or "replica").
 
     Built without any expert: the dense part (every rank the same, from torch.manual_seed(seed)) with router-only
     MoE layers swapped for the expert-parallel ones, whose slots the expert optimizer fills; the optimizer creates
     only the expert state this rank keeps, each expert from model.init_expert(seed, layer, expert). Master weights
-    and moments: float32 for a bfloat16 model, the model's dtype otherwise."""
+    and moments: float32 for a bfloat16 model, the model's dtype otherwise (config.MASTER_DTYPES)."""
     check_choice(layout, "expert optimizer layout", tuple(EXPERT_OPTIMIZERS))
     dtype = TORCH_DTYPES[config.dtype]
-    master_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    master_dtype = TORCH_DTYPES[MASTER_DTYPES.get(config.dtype, config.dtype)]
     torch.manual_seed(config.seed)
     model = GPT(cfg, seed=config.seed, experts=False).to(device=comm.device, dtype=dtype)
     for block in model.blocks:
         block.moe = ReplicatedMoE(block.moe.router, cfg, slots_per_rank=config.slots_per_rank, comm=comm,
                                   capacity_factor=config.capacity_factor, capacity_mode=config.capacity_mode)
     dense_named = [(n, p) for n, p in model.named_parameters() if not n.endswith("slot_weights_SP")]
-    dense_opt = torch.optim.AdamW(param_groups(dense_named, config.weight_decay), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), eps=1e-8)
+    dense_opt = DenseOptimizer(dense_named, config, comm)
 
     def expert_init(layer: int, expert: int) -> torch.Tensor:
         return init_expert(cfg, seed=config.seed, layer=layer, expert=expert, dtype=master_dtype)
@@ -223,9 +233,10 @@ def executor_policy(config: TrainConfig) -> Policy:
     capacity, gets the real ones (unless its options set them): the same facts the simulator gives it."""
     cfg = config.model_config()
     value_bytes = TORCH_DTYPES[config.dtype].itemsize
+    master_bytes = TORCH_DTYPES[MASTER_DTYPES[config.dtype]].itemsize
     facts = {"d_model": cfg.d_model, "d_ff": cfg.d_ff, "capacity_mode": config.capacity_mode,
              "capacity_factor": config.capacity_factor, "weight_bytes": value_bytes, "activation_bytes": value_bytes,
-             "optimizer_bytes": 3 * value_bytes}   # AdamW here: master weights, m and v in the model's dtype
+             "optimizer_bytes": 3 * master_bytes}   # AdamW: master weights, m and v (float32 under bfloat16)
     context = {k: v for k, v in facts.items() if k not in config.policy_options}
     return with_context(get_policy(config.policy, **config.policy_options), **context)
 
@@ -241,6 +252,16 @@ def policy_planner(policy: Policy) -> Planner:
 
 
 # ---------------------------------------------------------------------------------------------- step helpers
+
+
+def step_batch(tokens: np.ndarray, step: int, micro: int, *, config: TrainConfig, comm: Comm
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] inputs and targets of this rank's micro-batch `micro`: rows (micro G + rank) B .. + B - 1 of the
+    step's global batch of G B M sequences (get_batch's), the same global batch for every (G, M) of one G M."""
+    return get_batch(tokens, step, rank=micro * comm.world_size + comm.rank,
+                     world_size=comm.world_size * config.grad_accum, batch_size=config.batch_size,
+                     seq_len=config.model_config().seq_len, seed=config.seed)
+
 
 ETA_WINDOW = 20   # the ETA extrapolates the mean of the last steps' times (the first, warm-up ones drop out)
 
@@ -263,18 +284,15 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _stop_unless_finite(step: int, loss: torch.Tensor, grad_norm: float, comm: Comm,
+def _stop_unless_finite(step: int, mean_loss: float, grad_norm: float, comm: Comm,
                         checkpointer: Checkpointer) -> None:
-    """ValueError on every rank when the loss or gradient norm is not finite on any rank: the sum over ranks of
-    both is finite only if every term is."""
-    values = torch.tensor([float(loss.detach()), grad_norm], dtype=torch.float64, device=comm.device)
-    if comm.world_size > 1:
-        dist.all_reduce(values)
-    total_loss, total_norm = values.cpu().tolist()
-    if math.isfinite(total_loss) and math.isfinite(total_norm):
+    """ValueError on every rank when the loss or gradient norm is not finite on any rank. Both arrive the same on
+    every rank: `mean_loss` is the mean over ranks (finite only if every rank's is: it rode in the dense gradients'
+    all-reduce), `grad_norm` the global one."""
+    if math.isfinite(mean_loss) and math.isfinite(grad_norm):
         return
     checkpointer.wait()   # a write in flight holds an earlier, finite state: let it complete
-    raise ValueError(f"loss is not finite at step {step} (mean loss {total_loss / comm.world_size:g}, gradient norm "
+    raise ValueError(f"loss is not finite at step {step} (mean loss {mean_loss:g}, gradient norm "
                      f"{grad_norm:g}): training stopped on every rank before the optimizer step; last good "
                      f"checkpoint: {checkpointer.last_complete()} (lower --lr?)")
 
@@ -288,18 +306,3 @@ def _now(device: torch.device) -> float:
 def _lap(clock: float, device: torch.device) -> tuple[float, float]:
     now = _now(device)
     return now - clock, now
-
-
-def _all_reduce_dense_grads(params: list[torch.nn.Parameter], comm: Comm) -> float:
-    """Mean of the dense gradients over ranks, in one flat all-reduce; returns their squared norm."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if comm.world_size > 1:
-        dist.all_reduce(flat)
-        flat /= comm.world_size
-        comm.count("dense_grad", 2 * (comm.world_size - 1) * flat.numel() * flat.element_size() // comm.world_size)
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
-        offset += g.numel()
-    return float((flat.double() ** 2).sum())

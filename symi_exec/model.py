@@ -284,7 +284,10 @@ class GPT(nn.Module):
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         if targets_BT is None:
             return logits_BTV, None
-        loss = F.cross_entropy(logits_BTV.reshape(b * t, -1), targets_BT.reshape(b * t))
+        logits_NV = logits_BTV.reshape(b * t, -1)
+        # bfloat16's 8-bit mantissa would round the loss itself to ~0.4%: its softmax and mean in float32
+        logits_NV = logits_NV.float() if logits_NV.dtype == torch.bfloat16 else logits_NV
+        loss = F.cross_entropy(logits_NV, targets_BT.reshape(b * t))
         if self.config.aux_loss_coef > 0:
             aux = torch.stack([moe.aux_loss for moe in self.moe_layers]).mean()
             loss = loss + self.config.aux_loss_coef * aux

@@ -46,7 +46,7 @@ def settings(config: TrainConfig, world_size: int) -> dict[str, Any]:
     """The settings that define a run, as JSON stores them."""
     values = {name: getattr(config, name) for name in SETTINGS if name not in ("global_batch", "data")}
     # the shipped sample as None: a checkout moved elsewhere still resumes
-    values.update(global_batch=config.batch_size * world_size,
+    values.update(global_batch=config.batch_size * world_size * config.grad_accum,
                   data=None if config.data is None else str(config.data_path().resolve()))
     return json.loads(json.dumps({name: values[name] for name in SETTINGS}))
 
