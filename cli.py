@@ -85,6 +85,8 @@ WINDOW_HELP = "Steps of history the policies plan from."
 SLOTS_HELP = "Expert slots per GPU (overrides the cluster's)."
 TOP_K_HELP = "Experts each token is routed to (top-k)."
 TOKENS_PER_STEP_HELP = "Tokens per step, before top-k."
+# symi_exec.model.MODEL_PRESETS' names, here so that `import cli` loads no torch (a test keeps them equal)
+TRAIN_MODEL_PRESETS = ("tiny", "small", "gpt-small", "gpt-medium", "gpt-large")
 FORCE_HELP = "Replace an existing output (file, or non-empty run directory) instead of refusing."
 
 
@@ -537,7 +539,13 @@ def _train_option(*decls: str, **attrs: object):
 @symi.command()
 @click.option("--nproc-per-node", type=int, default=2, show_default=True,
               help="Local ranks to spawn (ignored under torchrun, which sets RANK/WORLD_SIZE).")
-@_train_option("--model", type=click.Choice(["tiny", "small"]), help="Model preset (symi_exec/model.py).")
+@_train_option("--model", type=click.Choice(TRAIN_MODEL_PRESETS),
+               help="Model preset (symi_exec/model.py; the gpt-* ones are the simulator's); --n-layer etc. override.")
+@click.option("--n-layer", "num_layers", type=int, default=None, help="Transformer blocks (overrides the preset).")
+@click.option("--d-model", "d_model", type=int, default=None, help="Model width (overrides the preset).")
+@click.option("--n-head", "num_heads", type=int, default=None, help="Attention heads (overrides the preset).")
+@click.option("--d-ff", "d_ff", type=int, default=None, help="Expert hidden width (overrides the preset).")
+@click.option("--seq-len", "seq_len", type=int, default=None, help="Sequence length (overrides the preset).")
 @_train_option("--experts", "num_experts", type=int, help="Experts per MoE layer (E).")
 @_train_option("--slots", "slots_per_rank", type=int, help="Expert slots per rank.")
 @_train_option("--top-k", type=int, help=TOP_K_HELP)
@@ -558,8 +566,13 @@ def _train_option(*decls: str, **attrs: object):
                help="Skewed expert load: expert e's router logit biased by -S ln(1 + e), a Zipf-like start the router "
                     "may learn against (0: none).")
 @_train_option("--seed", type=int, help="Random seed (model initialisation and batches).")
-@_train_option("--data", type=click.Path(dir_okay=False),
-               help="Text file to train on (bytes are tokens); default: the shipped Wikipedia sample.")
+@_train_option("--data", type=click.Path(),
+               help="A `symi data prepare` folder (token files, read by memory map), or a text file whose bytes are "
+                    "the tokens (its last 10% validates); default: the shipped Wikipedia sample as bytes.")
+@_train_option("--eval-every", type=int,
+               help="Validation loss after every N-th step and after the last one (0: never).")
+@_train_option("--eval-batches", type=int,
+               help="Fixed validation batches (--batch-size sequences per rank each) per evaluation.")
 @_train_option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]),
                help="Parameter and activation dtype (bfloat16: float32 master weights and AdamW moments).")
 @_train_option("--bucket-mb", type=float, help="MiB of dense gradients per all-reduce bucket (during the backward).")
@@ -593,7 +606,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
           resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
           fail_at_step: int | None, overwrite_checkpoints: bool, allow_config_change: str,
           dist_timeout_s: float, grad_accum: int, warmup_steps: int, weight_decay: float, grad_clip: float,
-          bucket_mb: float) -> None:
+          bucket_mb: float, num_layers: int | None, d_model: int | None, num_heads: int | None,
+          d_ff: int | None, seq_len: int | None, eval_every: int, eval_batches: int) -> None:
     """Train a small MoE GPT with expert replicas placed by POLICY (gloo on CPU, NCCL on GPUs)."""
     import csv
     import os
@@ -614,6 +628,10 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         allow_config_change=tuple(f.strip() for f in allow_config_change.split(",") if f.strip()),
         dist_timeout_s=dist_timeout_s, grad_accum=grad_accum, warmup_steps=warmup_steps, weight_decay=weight_decay,
         grad_clip=grad_clip, bucket_mb=bucket_mb,
+        eval_every=eval_every, eval_batches=eval_batches,
+        model_overrides={name: value for name, value in (("num_layers", num_layers), ("d_model", d_model),
+                                                         ("num_heads", num_heads), ("d_ff", d_ff),
+                                                         ("seq_len", seq_len)) if value is not None},
     )
     try:
         run_dir = launch(config, nproc_per_node)
@@ -633,6 +651,33 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
                f"tokens/s on average, "
                f"dropped {100 * float(last['dropped_fraction']):.2f}%, optimizer state moved {state_mib:.2f} MiB")
     click.echo(f"wrote {run_dir}")
+
+
+# ---------------------------------------------------------------- data
+
+
+@symi.group("data")
+def data_group() -> None:
+    """Training data for `symi train`: tokenizer and token files."""
+
+
+@data_group.command("prepare")
+@click.argument("texts", nargs=-1, required=True, metavar="TEXT...")
+@click.option("--vocab-size", type=int, required=True,
+              help="Tokens of the byte-level BPE tokenizer (at least 257: the 256 bytes and <|endoftext|>).")
+@click.option("--out", required=True, help="Folder to write (tokenizer.json, train.bin, val.bin, meta.json).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the tokens (the last ones) written to val.bin.")
+@_force_option
+def data_prepare(texts: tuple[str, ...], vocab_size: int, out: str, val_fraction: float, force: bool) -> None:
+    """Train a byte-level BPE tokenizer on the TEXT files (offline) and write their tokens for `symi train --data`."""
+    from symi_exec.prepare import prepare_data
+
+    check_output_path(out, what="--out", is_dir=True, force=force)
+    meta = prepare_data(sources=texts, vocab_size=vocab_size, out=out, val_fraction=val_fraction, force=force)
+    click.echo(f"vocabulary {meta['vocab_size']}, {meta['train_tokens']} train and {meta['val_tokens']} validation "
+               f"tokens ({meta['dtype']})")
+    click.echo(f"wrote {out}")
 
 
 # ---------------------------------------------------------------- calibrate

@@ -64,7 +64,7 @@ def run(policy: str, scenario: str, steps: int, nproc: int, root: Path) -> list[
                          aux_loss_coef=SCENARIOS[scenario]["aux_loss_coef"], **COMMON)
     launch(config, nproc, log_level=logging.WARNING)
     with open(out / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def summarise(scenario: str, policy: str, runs: list[list[dict[str, float]]], args: argparse.Namespace

@@ -212,7 +212,7 @@ def run_train_suite(args: argparse.Namespace, results_dir: Path) -> list[dict[st
                 run_dir = launch(config, 1)
                 wall_s = time.perf_counter() - start
                 with open(run_dir / "metrics.csv") as f:
-                    rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+                    rows = [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
                 shutil.copyfile(run_dir / "metrics.csv", results_dir / f"gpu_train_{policy.strip()}_top{top_k}.csv")
                 with open(run_dir / "config.json") as f:
                     resolved = json.load(f)

@@ -4,7 +4,9 @@
   launch.py         launch: spawns the local ranks or joins a torchrun job
   supervise.py      the launcher's limits and watch over its ranks (stopped, interrupted, failed): JobFailed
   loop.py           train: the training loop of one rank, read top to bottom
-  data.py           the tokens, each step's batch, the learning-rate schedule
+  data.py           the tokens (memory-mapped), each step's batch, the validation batches, the learning-rate schedule
+  prepare.py        `symi data prepare`: the BPE tokenizer and token files
+  evaluate.py       the validation loss
   model.py          the single-device GPT and its reference MoE layer
   moe.py, comm.py   the expert-parallel MoE layer and its communication (bytes counted by kind)
   dense.py          the dense parameters: bucketed gradient all-reduce during the backward, AdamW (float32
@@ -14,6 +16,6 @@
   outputs.py        metrics rows, placement records, the run directory
   checkpointing.py  the loop's checkpoints (Checkpointer) over checkpoint.py, snapshots.py and writer.py
 
-Everything but config.py and supervise.py imports torch; the simulator (symi_sim) and the CLI never import it at
-module level.
+Everything but config.py, prepare.py and supervise.py imports torch; the simulator (symi_sim) and the CLI never
+import it at module level.
 """

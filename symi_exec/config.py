@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from symi_exec.model import ModelConfig
 
 DEFAULT_DATA = Path(__file__).parent / "data" / "wikipedia_texts.txt"
+BYTE_VAL_FRACTION = 0.1   # a text file's last tenth of bytes is its validation data (data.load_data)
 DTYPE_NAMES = ("float32", "float64", "bfloat16")   # model.TORCH_DTYPES maps them to torch dtypes
 # the dtype of the optimizers' master weights and AdamW moments: float32 under a bfloat16 model (its 8-bit
 # mantissa would lose most updates), the model's own otherwise
@@ -61,7 +62,10 @@ class TrainConfig:
     aux_loss_coef: float = 0.01
     router_skew: float = 0.0               # s: expert e's router logit biased by -s ln(1 + e) (skewed load)
     seed: int = 0
-    data: str | None = None                # a text file (bytes are tokens); None: the shipped Wikipedia sample
+    data: str | None = None                # a text file (bytes are tokens), a `symi data prepare` folder; None: the
+                                           # shipped Wikipedia sample
+    eval_every: int = 0                    # validation loss after every N-th step and the last one; 0: never
+    eval_batches: int = 8                  # fixed validation batches (of batch_size sequences per rank) per evaluation
     record_trace: bool = False
     dtype: str = "float32"
     log_interval: int = 10
@@ -91,12 +95,28 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         from symi_exec.model import model_config
 
+        # a prepared folder sets the vocabulary; raw bytes keep the model's default (256)
+        vocab = {"vocab_size": self.data_meta()["vocab_size"]} if self.data_path().is_dir() else {}
         return model_config(self.model, num_experts=self.num_experts, top_k=self.top_k,
                             aux_loss_coef=self.aux_loss_coef, router_skew=self.router_skew,
-                            **self.model_overrides)
+                            **{**vocab, **self.model_overrides})
 
     def data_path(self) -> Path:
         return Path(self.data) if self.data is not None else DEFAULT_DATA
+
+    def data_meta(self) -> dict[str, Any]:
+        """meta.json of a prepared data folder (prepare.read_meta), checked against its token files."""
+        from symi_exec.prepare import read_meta
+
+        return read_meta(self.data_path())
+
+    def token_counts(self) -> tuple[int, int]:
+        """Training and validation tokens of the data (a folder's token files, or a text file's byte split)."""
+        path = self.data_path()
+        if path.is_dir():
+            meta = self.data_meta()
+            return int(meta["train_tokens"]), int(meta["val_tokens"])
+        return byte_split(path.stat().st_size)
 
     def validate(self, world_size: int) -> None:
         """ValueError naming the first bad option (checked before any process starts)."""
@@ -129,13 +149,7 @@ class TrainConfig:
             raise ValueError(f"policy {self.policy!r} shadows hot experts (their weights broadcast to every rank, "
                              f"their tokens computed where they are), which the executor does not run; compare it "
                              f"with symi simulate")
-        path = self.data_path()
-        if not path.is_file():
-            raise ValueError(f"data file {str(path)!r} does not exist")
-        seq_len = self.model_config().seq_len
-        if path.stat().st_size < seq_len + 2:
-            raise ValueError(f"data file {str(path)!r} holds {path.stat().st_size} bytes, fewer than a sequence "
-                             f"needs ({seq_len + 2})")
+        self._validate_data()
         out = Path(self.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             partial = out.is_dir() and (out / "metrics.csv").is_file() and not (out / "COMPLETE").is_file()
@@ -153,6 +167,22 @@ class TrainConfig:
         self._validate_checkpoint_dir()
         if self.resume is not None:
             self._validate_resume(world_size)
+
+    def _validate_data(self) -> None:
+        path = self.data_path()
+        if not path.exists():
+            raise ValueError(f"data file {str(path)!r} does not exist")
+        check_non_negative_int(self.eval_every, "eval_every")
+        check_positive_int(self.eval_batches, "eval_batches")
+        num_train, num_val = self.token_counts()
+        need = self.model_config().seq_len + 2
+        what = "tokens" if path.is_dir() else "bytes"
+        if num_train < need:
+            raise ValueError(f"data {str(path)!r} holds {num_train} training {what}, fewer than a sequence needs "
+                             f"({need})")
+        if self.eval_every and num_val < need:
+            raise ValueError(f"data {str(path)!r} holds {num_val} validation {what}, fewer than a sequence needs "
+                             f"({need}) for --eval-every")
 
     def _validate_checkpoint_dir(self) -> None:
         from symi_exec import run_identity
@@ -183,6 +213,12 @@ class TrainConfig:
         if self.record_trace and not resume.meta.get("trace_counts"):
             raise ValueError(f"--record-trace needs trace counts from the run's first step, which checkpoint "
                              f"{str(resume.directory)!r} does not hold (written without --record-trace)")
+
+
+def byte_split(num_bytes: int) -> tuple[int, int]:
+    """Training and validation bytes of a text file of `num_bytes` bytes: the last BYTE_VAL_FRACTION validates."""
+    num_val = int(num_bytes * BYTE_VAL_FRACTION)
+    return num_bytes - num_val, num_val
 
 
 def default_of(name: str) -> Any:

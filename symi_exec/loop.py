@@ -47,8 +47,9 @@ import torch.distributed as dist
 from symi_exec.checkpointing import Checkpointer
 from symi_exec.comm import Comm
 from symi_exec.config import MASTER_DTYPES, Planner, TrainConfig
-from symi_exec.data import get_batch, load_tokens, lr_at
+from symi_exec.data import get_batch, load_data, lr_at
 from symi_exec.dense import DenseOptimizer
+from symi_exec.evaluate import validation_loss
 from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig, init_expert
 from symi_exec.moe import ReplicatedMoE
 from symi_exec.optim import ExpertOptimizer, ShardedExpertOptimizer
@@ -97,7 +98,8 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     checkpointer.resume_rng()
     checkpointer.save_start(start_step, placement=placement, load_LE=load_LE, history=history)
 
-    tokens = load_tokens(config.data_path())
+    data = load_data(config.data_path())
+    tokens = data.train
     step_times: deque[float] = deque(maxlen=ETA_WINDOW)   # bounded: the ETA needs only the last few
     for step in range(start_step, config.steps):
         comm.mark_progress(step)
@@ -167,6 +169,9 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
                            moe_layers=moe_layers, placement=placement, next_placement=next_placement,
                            tokens_per_step=tokens_per_step, comm=comm)
         record = step_record(step, placement=placement, moe_layers=moe_layers, comm=comm)
+        row["val_loss"] = None   # metrics.csv leaves it empty on the steps without an evaluation
+        if config.eval_every and ((step + 1) % config.eval_every == 0 or step == config.steps - 1):
+            row["val_loss"] = validation_loss(model, data.val, next_placement, config=config, comm=comm)
         history.append(row, record, count_LGE.transpose(0, 2, 1))
         step_times.append(row["step_s"])
         if step % config.log_interval == 0 or step == config.steps - 1:
@@ -176,6 +181,8 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
                         step + 1, config.steps, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"],
                         row["imbalance"], row["replica_moves"],
                         format_duration(eta_s(step_times, config.steps - step - 1)))
+        if comm.rank == 0 and row["val_loss"] is not None:
+            logger.info("step %d/%d | val loss %.4f", step + 1, config.steps, row["val_loss"])
         placement = next_placement
         checkpointer.maybe_save(step, placement=placement, load_LE=load_LE, history=history)
 

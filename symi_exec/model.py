@@ -1,6 +1,6 @@
-"""A small byte-level GPT whose MLP in every block is a Mixture-of-Experts layer (single-device code).
+"""A small GPT whose MLP in every block is a Mixture-of-Experts layer (single-device code).
 
-Legend: B batch, T sequence positions, D d_model, F d_ff (expert hidden size), V vocabulary (256 bytes),
+Legend: B batch, T sequence positions, D d_model, F d_ff (expert hidden size), V vocabulary (the data's),
 E experts, K top-k, N tokens (B*T flattened), A assignments (N*K), P parameters of one expert (flat).
 
 nanoGPT-shaped: learned position embeddings, pre-LN blocks, causal self-attention, tied embedding/unembedding.
@@ -24,7 +24,7 @@ from torch import nn
 from symi_exec.config import DTYPE_NAMES
 from symi_sim.checks import check_number
 
-VOCAB_SIZE = 256
+VOCAB_SIZE = 256   # raw bytes; a prepared data folder sets its own (TrainConfig.model_config)
 # TrainConfig.dtype's names as torch dtypes
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -63,9 +63,15 @@ class ModelConfig:
         return asdict(self)
 
 
+# gpt-*: the simulator's presets (symi_sim.models.PRESETS: layers, d_model, d_ff = expert_d_ff = 4 d_model, sequence
+# 512) with GPT-3's heads (Brown et al. 2020, table 2.1: Small 12, Medium 16, Large 16); the vocabulary comes from the
+# data (50257 for GPT-2's), the number of experts and top-k from the job (TrainConfig)
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"num_layers": 2, "d_model": 64, "num_heads": 4, "d_ff": 128, "seq_len": 64},
     "small": {"num_layers": 4, "d_model": 128, "num_heads": 4, "d_ff": 512, "seq_len": 128},
+    "gpt-small": {"num_layers": 12, "d_model": 768, "num_heads": 12, "d_ff": 3072, "seq_len": 512},
+    "gpt-medium": {"num_layers": 24, "d_model": 1024, "num_heads": 16, "d_ff": 4096, "seq_len": 512},
+    "gpt-large": {"num_layers": 24, "d_model": 1536, "num_heads": 16, "d_ff": 6144, "seq_len": 512},
 }
 
 

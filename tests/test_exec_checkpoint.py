@@ -52,7 +52,7 @@ def test_resume_picks_latest_complete_checkpoint_flexmoe(tmp_path: Path) -> None
     directory without the completion marker is ignored."""
     config = TrainConfig(out=str(tmp_path / "full"), num_experts=4, slots_per_rank=3, top_k=2, policy="flexmoe-2",
                          policy_options={"min_gain_ratio": 0.0}, steps=6, batch_size=2, checkpoint_every=2,
-                         capacity_factor=1.0, log_interval=1000)
+                         capacity_factor=1.0, log_interval=1000, seed=1)   # seed 1: moves after step 2
     launch(config, 2)
     ckpt = config.checkpoint_root()
     assert [d.name for d in sorted(ckpt.glob("step-*"))] == ["step-00000002", "step-00000004", "step-00000006"]

@@ -95,7 +95,9 @@ def test_train_option_defaults_are_train_config_defaults(tmp_path: Path, monkeyp
     them in --help, and every option but the launcher's names a TrainConfig field (so a new one cannot drift)."""
     command = symi.commands["train"]
     field_names = {spec.name for spec in dataclasses.fields(TrainConfig)}
-    assert {param.name for param in command.params} - field_names == {"nproc_per_node", "options"}
+    # besides the launcher's: the model size options, which go to TrainConfig.model_overrides
+    assert {param.name for param in command.params} - field_names == {"nproc_per_node", "options", "num_layers",
+                                                                       "d_model", "num_heads", "d_ff", "seq_len"}
 
     launched: list[TrainConfig] = []
 

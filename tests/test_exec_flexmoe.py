@@ -35,7 +35,7 @@ def test_flexmoe_matches_single_process_and_migrates_exactly_the_moved_state(tmp
     # min_gain_ratio=0: rebalance on schedule whenever the max GPU load drops (the cost-aware default never moves
     # replicas of experts this small); flexmoe-2: a new plan only after steps 1, 3, 5
     config = TrainConfig(out=str(tmp_path / "run"), num_experts=4, slots_per_rank=3, top_k=2, policy="flexmoe-2",
-                         policy_options={"min_gain_ratio": 0}, steps=6, batch_size=2, dtype="float64", seed=1,
+                         policy_options={"min_gain_ratio": 0}, steps=6, batch_size=2, dtype="float64", seed=3,
                          lr=1e-2, grad_clip=0.5, capacity_factor=None)
     out, rows, _ = train_and_compare(config)
     assert all(row["dropped_fraction"] == 0 for row in rows)

@@ -88,7 +88,7 @@ def replica_sync_bytes(phy2log_LR: np.ndarray, slots_per_rank: int, expert_numel
 
 def read_metrics(out: Path) -> list[dict[str, float]]:
     with open(out / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def assert_same_parameters(out: Path, reference: GPT, seed: int) -> None:

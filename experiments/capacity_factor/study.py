@@ -121,7 +121,7 @@ def train_one(policy: str, capacity_factor: float, args: argparse.Namespace, roo
                          batch_size=4, aux_loss_coef=args.aux_loss_coef, seed=args.seed, log_interval=10**6)
     launch(config, args.nproc, log_level=logging.WARNING)
     with open(out / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def summarise(policy: str, capacity_factor: float, rows: list[dict[str, float]], wall_s: float,
