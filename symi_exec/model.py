@@ -169,6 +169,8 @@ class Experts(nn.Module):
         e, d, f = config.num_experts, config.d_model, config.d_ff
         self.w_in_EDF = nn.Parameter(torch.empty(e, d, f))
         self.w_out_EFD = nn.Parameter(torch.empty(e, f, d))
+        if self.w_in_EDF.device.type == "meta":   # shapes only (e.g. parameter counts): nothing to draw
+            return
         with torch.no_grad():
             for expert in range(e):
                 flat_P = init_expert(config, seed=seed, layer=layer, expert=expert)
@@ -259,7 +261,7 @@ class GPT(nn.Module):
         self._init_dense()
         if experts:
             if seed is None:
-                seed = int(torch.randint(0, 2 ** 31 - 1, ()))
+                seed = int(torch.randint(0, 2 ** 31 - 1, (), device="cpu"))
             for layer, block in enumerate(self.blocks):
                 block.moe.experts = Experts(config, seed=seed, layer=layer)
 
