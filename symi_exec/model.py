@@ -14,6 +14,7 @@ path (symi_exec.moe) replaces `Block.moe` and reuses its router, so both compute
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -196,6 +197,8 @@ class MoE(nn.Module):
         self.experts = Experts(config, seed=seed, layer=layer) if experts else None
         self.aux_loss: torch.Tensor | None = None   # set by forward
         self.count_E: torch.Tensor | None = None    # set by forward
+        # tests: expert_NK -> [N, K] bool, the assignments served (the others drop: the token keeps its residual)
+        self.keep_rule: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         b, t, d = x_BTD.shape
@@ -204,13 +207,16 @@ class MoE(nn.Module):
         self.count_E = routed.count_E
         self.aux_loss = load_balance_loss(routed.probs_NE, routed.count_E, routed.expert_NK.numel())
         assert self.experts is not None, "a MoE layer built without experts only keeps its router"
+        gate_NK = routed.gate_NK
+        if self.keep_rule is not None:
+            gate_NK = gate_NK * self.keep_rule(routed.expert_NK).to(gate_NK.dtype)
         out_ND = torch.zeros_like(x_ND)
         for e in range(self.experts.w_in_EDF.shape[0]):
             token_idx, choice_idx = torch.nonzero(routed.expert_NK == e, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
             y_ND = expert_mlp(x_ND[token_idx], self.experts.w_in_EDF[e], self.experts.w_out_EFD[e])
-            out_ND = out_ND.index_add(0, token_idx, y_ND * routed.gate_NK[token_idx, choice_idx, None])
+            out_ND = out_ND.index_add(0, token_idx, y_ND * gate_NK[token_idx, choice_idx, None])
         return out_ND.reshape(b, t, d)
 
 
