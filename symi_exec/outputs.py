@@ -229,8 +229,8 @@ def step_metrics(step: int, *, loss: torch.Tensor, lr: float, grad_norm: float, 
     dropped_E = np.stack([moe.dropped_E for moe in moe_layers]).sum(axis=0)
     summed = torch.tensor([float(loss.detach()), float(dropped_E.sum()), *bytes_by_kind.values()],
                           dtype=torch.float64, device=comm.device)
-    maxed = torch.tensor([step_s, *times.values(), *seconds["expert_forward"]], dtype=torch.float64,
-                         device=comm.device)
+    maxed = torch.tensor([step_s, *times.values(), *seconds["expert_forward"], peak_memory_mib(comm.device)],
+                         dtype=torch.float64, device=comm.device)
     num_forward = len(seconds["a2a_forward"])
     least = torch.tensor([*(times[phase] for phase in LEAST_PHASES), *seconds["a2a_forward"],
                           *seconds["a2a_backward"]], dtype=torch.float64, device=comm.device)
@@ -254,12 +254,28 @@ def step_metrics(step: int, *, loss: torch.Tensor, lr: float, grad_norm: float, 
         "replica_moves": int(next_placement.replica_moves(placement).sum()),
     }
     row.update({f"time_{phase}_s": value for phase, value in zip(times, maxed[1:1 + len(times)], strict=True)})
-    row.update({"time_expert_forward_s": sum(maxed[1 + len(times):]), "time_a2a_forward_s": sum(calls[:num_forward]),
+    row["peak_memory_mib"] = maxed[-1]
+    row.update({"time_expert_forward_s": sum(maxed[1 + len(times):-1]), "time_a2a_forward_s": sum(calls[:num_forward]),
                 "time_a2a_backward_s": sum(calls[num_forward:])})
     row.update({f"time_{phase}_least_s": value
                 for phase, value in zip(LEAST_PHASES, least[:len(LEAST_PHASES)], strict=True)})
     row.update({f"bytes_{kind}": int(value) for kind, value in zip(BYTE_KINDS, summed[2:], strict=True)})
     return row
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far, MiB: the CUDA caching allocator's peak allocation on a GPU, the peak
+    resident set (VmHWM) on the CPU; NaN where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def step_record(step: int, *, placement: Placement, moe_layers: list[ReplicatedMoE], comm: Comm) -> dict[str, Any]:

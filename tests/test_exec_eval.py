@@ -26,7 +26,7 @@ from symi_exec.prepare import prepare_data
 pytestmark = pytest.mark.slow
 
 NUM_RANKS = 2
-TIMING = ("step_s", "tokens_per_s")
+TIMING = ("step_s", "tokens_per_s", "peak_memory_mib")   # measured, not computed
 
 
 def _rows(out: Path) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # deterministic, with drops (capacity 1.0) and, under symi (the default policy), a placement that changes every step
 TRAIN_ARGS = ["--nproc-per-node", "2", "--experts", "4", "--slots", "3", "--top-k", "2", "--batch-size", "2",
               "--capacity-factor", "1.0", "--log-interval", "1000"]
-TIMING = ("step_s", "tokens_per_s")
+TIMING = ("step_s", "tokens_per_s", "peak_memory_mib")   # measured, not computed
 
 
 def symi_train(*args: str) -> subprocess.Popen:
