@@ -12,10 +12,12 @@ the real one; the bytes never leave the process). The layer is symi_exec.moe.Rep
 `symi_exec` PYTHONPATH finds (the table names the file), so the same script measures any checkout.
 
 Per repeat: the layer's forward (autograd on) and its backward; the forward's expert GEMMs as the layer itself
-times them (Comm.timed("expert_forward")); the router alone (route_topk on the same tokens). Bookkeeping = forward
-- expert GEMMs - router: the popularity plan, index arithmetic, gathers, scatters and fake copies. d_model is small
-(64) so that the GEMMs do not drown it. Medians over --repeats after --warmup; torch on --threads threads (1: a
-rank's view of a shared host). Writes bench_dispatch.csv and .json to --out (default runs/bench_dispatch).
+times them (Comm.timed("expert_forward")); the router alone (route_topk and the aux loss on the same tokens).
+Bookkeeping = forward - expert GEMMs - router: the popularity plan, index arithmetic, gathers, scatters and the fake
+copies. d_model is small (64) so that the GEMMs do not drown it. Each is measured twice: wall time, and the CPU time
+of the thread (torch on --threads threads; with 1, the default, every op runs on it), which a machine shared with
+other jobs inflates far less. Medians over --repeats after --warmup. Writes bench_dispatch.csv and .json to --out
+(default runs/bench_dispatch).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ from report import add_out_option, out_dir, print_table, write_csv
 
 import symi_exec.moe as moe_impl
 from symi_exec.comm import Comm
-from symi_exec.model import ModelConfig, route_topk
+from symi_exec.model import ModelConfig, load_balance_loss, route_topk
 from symi_sim.cluster import Cluster
 from symi_sim.policies import get_policy
 
@@ -46,9 +50,30 @@ def skew_probs(num_experts: int, skew: float) -> np.ndarray:
     return weights_E / weights_E.sum()
 
 
+class _FakeAllToAll(torch.autograd.Function):
+    """A copy of the rows into a buffer of the size the splits give (the first rows; zeros past the input's end),
+    and the same backward: what an all-to-all costs a rank's memory, without the network."""
+
+    @staticmethod
+    def forward(ctx, x_MD, num_out):  # type: ignore[override]
+        ctx.num_in = x_MD.shape[0]
+        return _copy_rows(x_MD, num_out)
+
+    @staticmethod
+    def backward(ctx, grad_MD):  # type: ignore[override]
+        return _copy_rows(grad_MD, ctx.num_in), None
+
+
+def _copy_rows(x_MD: torch.Tensor, num_rows: int) -> torch.Tensor:
+    out = x_MD.new_empty(num_rows, *x_MD.shape[1:])
+    num_copied = min(num_rows, x_MD.shape[0])
+    out[:num_copied].copy_(x_MD[:num_copied])
+    out[num_copied:].zero_()
+    return out
+
+
 def fake_comm(count_GE: np.ndarray) -> tuple[Any, Any]:
-    """Stand-ins for the layer's all-gather (rank 0's real counts, the others' synthesised) and all-to-all (the
-    input's rows copied, cycled, to the size the splits give: differentiable, no process group)."""
+    """Stand-ins for the layer's all-gather (rank 0's real counts, the others' synthesised) and all-to-all."""
 
     def all_gather_counts(count_E: torch.Tensor, comm: Comm) -> np.ndarray:
         out_GE = count_GE.copy()
@@ -57,16 +82,27 @@ def fake_comm(count_GE: np.ndarray) -> tuple[Any, Any]:
 
     def all_to_all(x_MD: torch.Tensor, out_splits: list[int], in_splits: list[int], comm: Comm, kind: str,
                    grad_kind: str) -> torch.Tensor:
-        num_out = int(sum(out_splits))
-        if x_MD.shape[0] == 0:
-            return x_MD.new_zeros(num_out, *x_MD.shape[1:])
-        index = torch.arange(num_out, device=x_MD.device) % x_MD.shape[0]
-        return x_MD.index_select(0, index)
+        return _FakeAllToAll.apply(x_MD, int(sum(out_splits)))
 
     return all_gather_counts, all_to_all
 
 
-def build(args: argparse.Namespace) -> tuple[Any, torch.Tensor, Comm]:
+class TimingComm(Comm):
+    """Comm whose timed blocks also record this thread's CPU seconds (per kind, in call order)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cpu_seconds: dict[str, list[float]] = {}
+
+    @contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        start = time.thread_time()
+        with super().timed(kind):
+            yield
+        self.cpu_seconds.setdefault(kind, []).append(time.thread_time() - start)
+
+
+def build(args: argparse.Namespace) -> tuple[Any, torch.Tensor, TimingComm]:
     """The layer (rank 0 of args.ranks), its input [1, N, D], and its Comm; communication patched out."""
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -78,7 +114,7 @@ def build(args: argparse.Namespace) -> tuple[Any, torch.Tensor, Comm]:
     placement = get_policy("symi").plan(count_GE.sum(axis=0)[None, :], cluster)
     router = torch.nn.Linear(args.d_model, args.experts, bias=False)
     torch.nn.init.normal_(router.weight, std=0.02)
-    comm = Comm(rank=0, world_size=args.ranks, device=torch.device("cpu"))
+    comm = TimingComm(rank=0, world_size=args.ranks, device=torch.device("cpu"))
     moe_impl._all_gather_counts, moe_impl.all_to_all = fake_comm(count_GE)
     layer = moe_impl.ReplicatedMoE(router, cfg, slots_per_rank=args.slots, comm=comm,
                                    capacity_factor=args.capacity_factor, capacity_mode="slot")
@@ -89,44 +125,56 @@ def build(args: argparse.Namespace) -> tuple[Any, torch.Tensor, Comm]:
     return layer, x_BTD, comm
 
 
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Medians over the repeats, in ms, of wall and CPU (this thread's) time: forward, backward, the expert GEMMs,
+    the router (route_topk and the aux loss), and bookkeeping = forward - GEMMs - router per repeat."""
     layer, x_BTD, comm = build(args)
     grad_BTD = torch.randn_like(x_BTD)
-    samples: dict[str, list[float]] = {"forward": [], "backward": [], "expert": [], "router": []}
+    global_count_E = torch.as_tensor(np.bincount(np.arange(args.experts), minlength=args.experts))
+    samples: dict[str, list[float]] = {}
     for i in range(args.warmup + args.repeats):
         comm.take_seconds()
+        comm.cpu_seconds.clear()
         layer.zero_grad(set_to_none=True)
         x_in = x_BTD.detach().requires_grad_(True)
-        start = time.perf_counter()
+        wall, cpu = _clocks()
         out = layer(x_in)
-        forward_s = time.perf_counter() - start
-        start = time.perf_counter()
+        forward = (time.perf_counter() - wall, time.thread_time() - cpu)
+        wall, cpu = _clocks()
         out.backward(grad_BTD)
-        backward_s = time.perf_counter() - start
-        expert_s = sum(comm.take_seconds()["expert_forward"])
-        start = time.perf_counter()
+        backward = (time.perf_counter() - wall, time.thread_time() - cpu)
+        expert = (sum(comm.take_seconds()["expert_forward"]), sum(comm.cpu_seconds["expert_forward"]))
+        wall, cpu = _clocks()
         with torch.no_grad():
-            route_topk(x_BTD.reshape(-1, args.d_model), layer.router, args.top_k, args.skew)
-        router_s = time.perf_counter() - start
-        if i >= args.warmup:
-            for key, value in zip(samples, (forward_s, backward_s, expert_s, router_s), strict=True):
-                samples[key].append(1e3 * value)
-    med = {key: statistics.median(values) for key, values in samples.items()}
-    bookkeeping_R = [f - e - r for f, e, r in zip(samples["forward"], samples["expert"], samples["router"],
-                                                  strict=True)]
+            routed = route_topk(x_BTD.reshape(-1, args.d_model), layer.router, args.top_k, args.skew)
+            load_balance_loss(routed.probs_NE, global_count_E, args.tokens * args.top_k)
+        router = (time.perf_counter() - wall, time.thread_time() - cpu)
+        if i < args.warmup:
+            continue
+        for clock, j in (("wall", 0), ("cpu", 1)):
+            values = {"forward": forward[j], "backward": backward[j], "expert_gemm": expert[j], "router": router[j]}
+            values["bookkeeping"] = values["forward"] - values["expert_gemm"] - values["router"]
+            for key, value in values.items():
+                samples.setdefault(f"{key}_{clock}_ms", []).append(1e3 * value)
     plan = layer.plan
     served = int(plan.routing.served_LR.sum())
     assigned = int(plan.routing.assigned_LR.sum())
-    return {
+    row: dict[str, Any] = {
         "implementation": "vectorised" if hasattr(moe_impl, "rank_dispatch") else "previous",
         "ranks": args.ranks, "experts": args.experts, "slots_per_rank": args.slots, "top_k": args.top_k,
         "tokens_per_rank": args.tokens, "d_model": args.d_model, "threads": args.threads,
         "dropped_pct": round(100 * (1 - served / assigned), 2),
-        "bookkeeping_ms": round(statistics.median(bookkeeping_R), 3),
-        "forward_ms": round(med["forward"], 3), "expert_gemm_ms": round(med["expert"], 3),
-        "router_ms": round(med["router"], 3), "backward_ms": round(med["backward"], 3),
-        "repeats": args.repeats,
     }
+    order = ("bookkeeping", "forward", "expert_gemm", "router", "backward")
+    for clock in ("wall", "cpu"):
+        for key in order:
+            row[f"{key}_{clock}_ms"] = round(statistics.median(samples[f"{key}_{clock}_ms"]), 3)
+    row["repeats"] = args.repeats
+    return row
 
 
 def main() -> None:

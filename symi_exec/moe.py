@@ -4,7 +4,8 @@ combine, all differentiable.
 Legend: N local tokens, K top-k, A local assignments (N*K; assignment a = token a // K, choice a % K),
 D d_model, F d_ff, P parameters of one expert (flat), E experts, G ranks, S slots per rank, R slots (G*S),
 M rows in a communication buffer, J sub-runs of a rank's expert-sorted assignments (2 per slot: kept, dropped),
-B blocks of a receive buffer (G*S: one per source rank and local slot).
+B blocks of a receive buffer (G*S: one per source rank and local slot), C blocks of the compute buffer (S*(G+1):
+per local slot, one per source rank and its padding).
 
 Which replica serves which token (identical on every rank, computed from the all-gathered counts):
   1. All assignments of expert e are put in one global order: by source rank, then by local assignment index.
@@ -92,7 +93,8 @@ class RankDispatch:
     of sub-run J goes to send-buffer row i + sort_delta_J[J] (kept ones: by slot id, then key; dropped ones after
     the num_kept kept rows).
     Receive side: row i of the receive buffer (by source rank, then local slot, then key) in block B goes to row
-    i + recv_delta_B[B] of the compute buffer: slot-major rows (grouped / loop), or S blocks of max_rows (padded).
+    i + recv_delta_B[B] of the compute buffer: slot-major rows (grouped / loop), or S blocks of max_rows (padded);
+    the other way round, compute-buffer row j of block C is receive row j + fill_delta_C[C] (padding: below 0).
     """
 
     num_kept: int
@@ -102,6 +104,8 @@ class RankDispatch:
     sort_delta_J: np.ndarray
     recv_len_B: np.ndarray
     recv_delta_B: np.ndarray
+    fill_len_C: np.ndarray
+    fill_delta_C: np.ndarray
     rows_S: np.ndarray            # rows each local slot computes
     buffer_rows: int              # rows of the compute buffer
     dropped_E: np.ndarray         # this rank's dropped assignments per expert
@@ -130,6 +134,12 @@ def rank_dispatch(plan: DispatchPlan, rank: int, *, slots_per_rank: int, padded:
     slot_start_S = (np.arange(slots_per_rank) * max_rows) if padded else (np.cumsum(rows_S) - rows_S)
     within_GS = np.cumsum(recv_GS, axis=0) - recv_GS   # rows of the slot from lower source ranks
     recv_delta_B = (slot_start_S + within_GS - recv_start_GS).reshape(-1)
+    buffer_rows = slots_per_rank * max_rows if padded else int(rows_S.sum())
+    # the same blocks in compute-buffer order (slot, then source), each slot's padding block after its rows
+    pad_S = (max_rows - rows_S) if padded else np.zeros_like(rows_S)
+    fill_len_C = np.concatenate([recv_GS.T, pad_S[:, None]], axis=1).reshape(-1)
+    fill_delta_C = np.concatenate([-recv_delta_B.reshape(recv_GS.shape).T,
+                                   np.full((slots_per_rank, 1), -buffer_rows - 1)], axis=1).reshape(-1)
 
     num_experts = plan.routing.dropped_LE.shape[1]
     dropped_E = np.bincount(plan.phy2log_R, weights=plan.assigned_GR[rank] - plan.send_GR[rank],
@@ -139,30 +149,29 @@ def rank_dispatch(plan: DispatchPlan, rank: int, *, slots_per_rank: int, padded:
         in_splits=plan.send_GR[rank].reshape(num_ranks, slots_per_rank).sum(axis=1).tolist(),
         out_splits=recv_GS.sum(axis=1).tolist(),
         sort_len_J=sort_len_J, sort_delta_J=sort_delta_J, recv_len_B=recv_GS.reshape(-1),
-        recv_delta_B=recv_delta_B, rows_S=rows_S,
-        buffer_rows=slots_per_rank * max_rows if padded else int(rows_S.sum()), dropped_E=dropped_E)
+        recv_delta_B=recv_delta_B, fill_len_C=fill_len_C, fill_delta_C=fill_delta_C, rows_S=rows_S,
+        buffer_rows=buffer_rows, dropped_E=dropped_E)
 
 
 def send_order(expert_A: torch.Tensor, dispatch: RankDispatch, sort_len_J: torch.Tensor,
                sort_delta_J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The send buffer's assignments send_assign_M [num_kept] (by slot, then global key) and kept_A [A] (bool).
+    """The send buffer's assignments send_assign_M [num_kept] (by slot, then global key) and each assignment's
+    send-buffer row row_A [A] (num_kept where dropped; kept_A is row_A < num_kept).
 
     sort_len_J / sort_delta_J: the dispatch's arrays on expert_A's device. No host sync.
     """
     num_assign = expert_A.numel()
     order_A = torch.argsort(expert_A, stable=True)
-    dest_A = torch.arange(num_assign, device=expert_A.device) + torch.repeat_interleave(
-        sort_delta_J, sort_len_J, output_size=num_assign)
-    perm_A = torch.empty_like(order_A).scatter_(0, dest_A, order_A)
-    send_assign_M = perm_A[:dispatch.num_kept]
-    kept_A = torch.zeros(num_assign, dtype=torch.bool, device=expert_A.device).index_fill_(0, send_assign_M, True)
-    return send_assign_M, kept_A
+    dest_A = block_offsets(num_assign, sort_len_J, sort_delta_J)
+    send_assign_M = torch.empty_like(order_A).scatter_(0, dest_A, order_A)[:dispatch.num_kept]
+    row_A = torch.empty_like(order_A).scatter_(0, order_A, dest_A.clamp(max=dispatch.num_kept))
+    return send_assign_M, row_A
 
 
-def recv_positions(num_rows: int, recv_len_B: torch.Tensor, recv_delta_B: torch.Tensor) -> torch.Tensor:
-    """[M] the compute-buffer row of each receive-buffer row (no host sync)."""
-    return torch.arange(num_rows, device=recv_len_B.device) + torch.repeat_interleave(
-        recv_delta_B, recv_len_B, output_size=num_rows)
+def block_offsets(num_rows: int, len_X: torch.Tensor, delta_X: torch.Tensor) -> torch.Tensor:
+    """[num_rows] i + delta_X[block of i], rows in consecutive blocks of len_X (no host sync: num_rows is known)."""
+    return torch.arange(num_rows, device=len_X.device) + torch.repeat_interleave(delta_X, len_X,
+                                                                                  output_size=num_rows)
 
 
 @functools.cache
@@ -262,33 +271,39 @@ class ReplicatedMoE(nn.Module):
             mode = "loop"   # nothing to compute; the grouped kernel wants rows
         self.dropped_E = dispatch.dropped_E
         global_E = count_GE.sum(axis=0)
-        sort_len_J, sort_delta_J, recv_len_B, recv_delta_B, offs_S, global_count_E = _to_device(
-            [dispatch.sort_len_J, dispatch.sort_delta_J, dispatch.recv_len_B, dispatch.recv_delta_B,
-             np.cumsum(dispatch.rows_S), global_E], device)
+        sort_len_J, sort_delta_J, recv_len_B, recv_delta_B, fill_len_C, fill_delta_C, offs_S, global_count_E = (
+            _to_device([dispatch.sort_len_J, dispatch.sort_delta_J, dispatch.recv_len_B, dispatch.recv_delta_B,
+                        dispatch.fill_len_C, dispatch.fill_delta_C, np.cumsum(dispatch.rows_S), global_E], device))
         self.aux_loss = load_balance_loss(routed.probs_NE, global_count_E, int(global_E.sum()))
 
         # send side: kept assignments ordered by slot (so by destination rank), then by global key
         expert_A = routed.expert_NK.reshape(-1)
-        send_assign_M, self.kept_A = send_order(expert_A, dispatch, sort_len_J, sort_delta_J)
-        x_recv_MD = all_to_all(x_ND[send_assign_M // self.top_k], dispatch.out_splits, dispatch.in_splits, comm,
-                               "dispatch", "dispatch_grad")
+        send_assign_M, row_A = send_order(expert_A, dispatch, sort_len_J, sort_delta_J)
+        self.kept_A = row_A < dispatch.num_kept
+        x_recv_MD = all_to_all(x_ND.index_select(0, send_assign_M // self.top_k), dispatch.out_splits,
+                               dispatch.in_splits, comm, "dispatch", "dispatch_grad")
 
-        # slot compute on the compute buffer (slot-major or padded), rows back in receive order
-        pos_M = recv_positions(x_recv_MD.shape[0], recv_len_B, recv_delta_B)
-        x_buf_MD = x_recv_MD.new_zeros(dispatch.buffer_rows, d).index_copy(0, pos_M, x_recv_MD)
+        # slot compute on the compute buffer (slot-major, or padded per slot), rows back in receive order. Padding
+        # rows copy receive row 0 rather than zeros (a gather, not a scatter into zeros): no output row reads them,
+        # so their gradient is exactly zero and they add exactly nothing to the weights' gradients.
+        num_recv = x_recv_MD.shape[0]
+        fill_M = block_offsets(dispatch.buffer_rows, fill_len_C, fill_delta_C).clamp(min=0)
+        x_buf_MD = x_recv_MD.index_select(0, fill_M) if num_recv else x_recv_MD.new_zeros(dispatch.buffer_rows, d)
         num_dff = self.d_model * self.d_ff
         w_in_SDF = self.slot_weights_SP[:, :num_dff].view(num_slots_local, self.d_model, self.d_ff)
         w_out_SFD = self.slot_weights_SP[:, num_dff:].view(num_slots_local, self.d_ff, self.d_model)
         with comm.timed("expert_forward"):
             y_buf_MD = slot_mlp(x_buf_MD, w_in_SDF, w_out_SFD, rows_S=dispatch.rows_S,
                                 offs_S=offs_S.to(torch.int32) if mode == "grouped" else None, mode=mode)
-        y_recv_MD = y_buf_MD.index_select(0, pos_M)
+        y_recv_MD = y_buf_MD.index_select(0, block_offsets(num_recv, recv_len_B, recv_delta_B))
 
-        # combine: back to the source rank, then the gate-weighted sum over the k choices (dropped: zero)
+        # combine: back to the source rank, then the gate-weighted sum over the k choices (dropped: the zero row)
         y_back_MD = all_to_all(y_recv_MD, dispatch.in_splits, dispatch.out_splits, comm, "combine", "combine_grad")
-        y_AD = torch.zeros(expert_A.numel(), d, dtype=x_ND.dtype, device=device)
-        y_AD = y_AD.index_copy(0, send_assign_M, y_back_MD)
-        out_ND = (y_AD.view(b * t, self.top_k, d) * routed.gate_NK.unsqueeze(-1)).sum(dim=1)
+        y_NKD = torch.cat([y_back_MD, y_back_MD.new_zeros(1, d)]).index_select(0, row_A).view(b * t, self.top_k, d)
+        gate_NK = routed.gate_NK
+        out_ND = y_NKD[:, 0] * gate_NK[:, :1]
+        for k in range(1, self.top_k):
+            out_ND = torch.addcmul(out_ND, y_NKD[:, k], gate_NK[:, k:k + 1])
         return out_ND.reshape(b, t, d)
 
 

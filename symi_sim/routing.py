@@ -189,15 +189,16 @@ def fair_kept_GR(assigned_GR: np.ndarray, served_R: np.ndarray) -> np.ndarray:
     short = np.flatnonzero(served_R < total_R)
     if short.size == 0:
         return kept_GR
-    a_GC, s_C, t_C = assigned_GR[:, short], served_R[short], total_R[short]
-    prod_GC = a_GC * s_C
-    base_GC = prod_GC // t_C
-    remainder_GC = prod_GC - base_GC * t_C   # the fractional part, in units of 1 / total (same per column)
-    leftover_C = s_C - base_GC.sum(axis=0)
-    order_GC = np.argsort(-remainder_GC, axis=0, kind="stable")
-    rank_GC = np.empty_like(order_GC)
-    np.put_along_axis(rank_GC, order_GC, np.arange(a_GC.shape[0])[:, None], axis=0)
-    kept_GR[:, short] = base_GC + (rank_GC < leftover_C)
+    a_CG = assigned_GR.T[short]   # the short slots, one contiguous row each (sorted along rows below)
+    s_C1, t_C1 = served_R[short, None], total_R[short, None]
+    prod_CG = a_CG * s_C1
+    base_CG = prod_CG // t_C1
+    remainder_CG = prod_CG - base_CG * t_C1   # the fractional part in units of 1 / total (one unit per slot)
+    leftover_C1 = s_C1 - base_CG.sum(axis=1, keepdims=True)
+    order_CG = np.argsort(-remainder_CG, axis=1, kind="stable")   # ties: lower source first
+    rank_CG = np.empty_like(order_CG)
+    np.put_along_axis(rank_CG, order_CG, np.arange(a_CG.shape[1])[None, :], axis=1)
+    kept_GR[:, short] = (base_CG + (rank_CG < leftover_C1)).T
     return kept_GR
 
 

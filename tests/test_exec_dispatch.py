@@ -18,7 +18,7 @@ from test_exec_model import loop_dispatch, random_placement
 
 from symi_exec.comm import Comm
 from symi_exec.model import MoE, model_config
-from symi_exec.moe import ReplicatedMoE, grouped_mm_supported, plan_dispatch, rank_dispatch, recv_positions, send_order
+from symi_exec.moe import ReplicatedMoE, block_offsets, grouped_mm_supported, plan_dispatch, rank_dispatch, send_order
 from symi_sim.placement import Placement
 from symi_sim.routing import route
 
@@ -36,9 +36,9 @@ def test_issue_case_every_rank_keeps_its_share() -> None:
     for g in range(4):
         dispatch = rank_dispatch(plan, g, slots_per_rank=1, padded=False)
         assert dispatch.dropped_E.tolist() == [24, 0, 0, 0]
-        send_M, kept_A = send_order(torch.zeros(40, dtype=torch.int64), dispatch,
-                                    torch.as_tensor(dispatch.sort_len_J), torch.as_tensor(dispatch.sort_delta_J))
-        assert send_M.tolist() == list(range(16)) and kept_A.tolist() == [True] * 16 + [False] * 24
+        send_M, row_A = send_order(torch.zeros(40, dtype=torch.int64), dispatch,
+                                   torch.as_tensor(dispatch.sort_len_J), torch.as_tensor(dispatch.sort_delta_J))
+        assert send_M.tolist() == list(range(16)) and row_A.tolist() == list(range(16)) + [16] * 24
 
 
 def test_per_source_kept_counts_are_proportional_within_every_slot() -> None:
@@ -86,9 +86,11 @@ def test_g_rank_exchange_puts_every_row_where_the_rule_says(padded: bool, mode: 
         dispatches = [rank_dispatch(plan, g, slots_per_rank=slots, padded=padded) for g in range(num_ranks)]
         sends = []
         for g, d in enumerate(dispatches):
-            send_M, kept_A = send_order(torch.as_tensor(expert_GA[g]), d, torch.as_tensor(d.sort_len_J),
-                                        torch.as_tensor(d.sort_delta_J))
-            np.testing.assert_array_equal(kept_A.numpy(), kept_GA[g])
+            send_M, row_A = send_order(torch.as_tensor(expert_GA[g]), d, torch.as_tensor(d.sort_len_J),
+                                       torch.as_tensor(d.sort_delta_J))
+            np.testing.assert_array_equal(row_A.numpy() < d.num_kept, kept_GA[g])
+            kept = np.flatnonzero(kept_GA[g])
+            np.testing.assert_array_equal(send_M.numpy()[row_A.numpy()[kept]], kept)   # row_A inverts the order
             sends.append(send_M.numpy())
         ids_G = [np.stack([np.full(s.size, g), s], axis=1) for g, s in enumerate(sends)]   # (rank, assignment)
         recv_G = _exchange([np.split(ids, np.cumsum(d.in_splits)[:-1]) for ids, d in zip(ids_G, dispatches,
@@ -96,9 +98,14 @@ def test_g_rank_exchange_puts_every_row_where_the_rule_says(padded: bool, mode: 
         back_parts = []
         for r, (d, recv) in enumerate(zip(dispatches, recv_G, strict=True)):
             assert recv.shape[0] == sum(d.out_splits)
-            pos_M = recv_positions(recv.shape[0], torch.as_tensor(d.recv_len_B), torch.as_tensor(d.recv_delta_B))
+            pos_M = block_offsets(recv.shape[0], torch.as_tensor(d.recv_len_B), torch.as_tensor(d.recv_delta_B))
             buffer = np.full((d.buffer_rows, 2), -1)
             buffer[pos_M.numpy()] = recv
+            # the gather the layer does instead: every compute row from its receive row, padding from below 0
+            fill_M = block_offsets(d.buffer_rows, torch.as_tensor(d.fill_len_C), torch.as_tensor(d.fill_delta_C))
+            gathered = np.where((fill_M.numpy() >= 0)[:, None], recv[np.maximum(fill_M.numpy(), 0)] if recv.size
+                                else -1, -1)
+            np.testing.assert_array_equal(gathered, buffer)
             block = d.buffer_rows // slots if padded else None
             start = 0
             for s in range(slots):
