@@ -183,7 +183,8 @@ def test_bench_dispatch_quick_run_writes_its_table(tmp_path: Path) -> None:
     with open(tmp_path / "out" / "bench_dispatch.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["implementation"] == "vectorised" and rows[0]["ranks"] == "8"
-    assert float(rows[0]["dropped_pct"]) > 0 and float(rows[0]["forward_ms"]) > 0
+    assert float(rows[0]["dropped_pct"]) > 0 and float(rows[0]["forward_wall_ms"]) > 0
+    assert float(rows[0]["bookkeeping_cpu_ms"]) > 0
     assert (tmp_path / "out" / "bench_dispatch.json").is_file()
 
 
