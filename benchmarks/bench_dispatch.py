@@ -14,7 +14,8 @@ the real one; the bytes never leave the process). The layer is symi_exec.moe.Rep
 Per repeat: the layer's forward (autograd on) and its backward; the forward's expert GEMMs as the layer itself
 times them (Comm.timed("expert_forward")); the router alone (route_topk and the aux loss on the same tokens).
 Bookkeeping = forward - expert GEMMs - router: the popularity plan, index arithmetic, gathers, scatters and the fake
-copies. d_model is small (64) so that the GEMMs do not drown it. Each is measured twice: wall time, and the CPU time
+copies; host_plan_cpu_ms: the numpy plan alone (plan_dispatch, and rank_dispatch where the layer has it). d_model is
+small (64) so that the GEMMs do not drown it. Each is measured twice: wall time, and the CPU time
 of the thread (torch on --threads threads; with 1, the default, every op runs on it), which a machine shared with
 other jobs inflates far less. Medians over --repeats after --warmup. Writes bench_dispatch.csv and .json to --out
 (default runs/bench_dispatch).
@@ -160,6 +161,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             values["bookkeeping"] = values["forward"] - values["expert_gemm"] - values["router"]
             for key, value in values.items():
                 samples.setdefault(f"{key}_{clock}_ms", []).append(1e3 * value)
+    # the host-side plan alone (numpy: routing, fair drops, this rank's index arithmetic), on the last counts
+    host_plan_ms = []
+    for _ in range(args.repeats):
+        start = time.thread_time()
+        plan = moe_impl.plan_dispatch(layer.count_GE, layer.placement, slots_per_rank=args.slots,
+                                      capacity_factor=args.capacity_factor, capacity_mode="slot")
+        if hasattr(moe_impl, "rank_dispatch"):
+            moe_impl.rank_dispatch(plan, 0, slots_per_rank=args.slots, padded=True)
+        host_plan_ms.append(1e3 * (time.thread_time() - start))
     plan = layer.plan
     served = int(plan.routing.served_LR.sum())
     assigned = int(plan.routing.assigned_LR.sum())
@@ -173,6 +183,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for clock in ("wall", "cpu"):
         for key in order:
             row[f"{key}_{clock}_ms"] = round(statistics.median(samples[f"{key}_{clock}_ms"]), 3)
+    row["host_plan_cpu_ms"] = round(statistics.median(host_plan_ms), 3)
     row["repeats"] = args.repeats
     return row
 

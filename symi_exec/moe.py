@@ -286,9 +286,11 @@ class ReplicatedMoE(nn.Module):
         # slot compute on the compute buffer (slot-major, or padded per slot), rows back in receive order. Padding
         # rows copy receive row 0 rather than zeros (a gather, not a scatter into zeros): no output row reads them,
         # so their gradient is exactly zero and they add exactly nothing to the weights' gradients.
+        # Always a gather from x_recv_MD, even of nothing (no rows received means an empty buffer): every rank's
+        # graph must reach both all-to-alls, or a rank skips their backward and the collectives fall out of step.
         num_recv = x_recv_MD.shape[0]
         fill_M = block_offsets(dispatch.buffer_rows, fill_len_C, fill_delta_C).clamp(min=0)
-        x_buf_MD = x_recv_MD.index_select(0, fill_M) if num_recv else x_recv_MD.new_zeros(dispatch.buffer_rows, d)
+        x_buf_MD = x_recv_MD.index_select(0, fill_M)
         num_dff = self.d_model * self.d_ff
         w_in_SDF = self.slot_weights_SP[:, :num_dff].view(num_slots_local, self.d_model, self.d_ff)
         w_out_SFD = self.slot_weights_SP[:, num_dff:].view(num_slots_local, self.d_ff, self.d_model)

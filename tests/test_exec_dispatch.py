@@ -166,10 +166,13 @@ def test_slot_compute_is_checked_and_auto_resolves() -> None:
 def test_a_rank_with_no_rows_gives_empty_output_and_zero_slot_gradients(slot_compute: str, dtype: torch.dtype
                                                                          ) -> None:
     layer, x = _layer_pair(slot_compute, dtype)
-    out = layer(x[:, :0])
+    out = layer(x[:, :0].clone().requires_grad_(True))   # as in a model: the input carries a gradient
     assert out.shape == (2, 0, x.shape[2]) and layer.count_GE.sum() == 0 and layer.kept_A.numel() == 0
+    layer.comm.take_seconds()
     out.sum().backward()
     assert layer.slot_weights_SP.grad is not None and not layer.slot_weights_SP.grad.any()
+    # both all-to-alls' backward ran: a rank that receives nothing still joins the backward collectives
+    assert len(layer.comm.take_seconds()["a2a_backward"]) == 2
 
 
 def _bench(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
