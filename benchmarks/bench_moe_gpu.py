@@ -12,10 +12,16 @@ Layer suite, per (dtype, d_model, top_k, tokens per step), forward and forward+b
   expert_gemms   the experts' matmuls alone: N*k rows pre-sorted into E equal chunks, one expert MLP per chunk
                  (the kernel shapes of a perfectly balanced MoE, without routing, permutation or host syncs)
   moe_ref        symi_exec.model.MoE: the single-device reference layer (loop over experts, index_add combine)
-  moe_replicated symi_exec.moe.ReplicatedMoE at world size 1: router, popularity, host-side dispatch plan,
-                 all-to-all (a copy at one rank), slot compute, combine; the executor's layer
-Both MoE layers share one router; the replicated layer's slots hold the reference experts (S slots, slot p
-holding expert p % E), so with no capacity limit both compute the same function (checked: max_abs_diff).
+  moe_grouped    symi_exec.moe.ReplicatedMoE at world size 1 (router, popularity, host-side dispatch plan,
+                 all-to-all (a copy at one rank), slot compute, combine; the executor's layer), its S slots
+                 computed as torch._grouped_mm (a CUTLASS kernel for bf16 on compute capability 9.x/10.x; elsewhere
+                 torch's fallback loop, which reads the offsets back to the host)
+  moe_padded     the same layer, slots as one batched matmul over [S, max rows, D] (zero rows padded)
+  moe_loop       the same layer, one matmul pair per slot (the executor before the grouped compute)
+`symi train` uses moe_grouped where symi_exec.moe.grouped_mm_supported says so, moe_padded otherwise (the
+`auto_compute` column). The MoE layers share one router; the replicated layers' slots hold the reference experts
+(S slots, slot p holding expert p % E), so with no capacity limit all compute the same function (checked:
+max_abs_diff against moe_ref). The defaults include gpt-small's expert shape (d_model 768, d_ff 3072) in bf16.
 FLOPs counted: the expert / MLP matmuls only, 2 * 2 * N * k * D * F forward and three times that forward+backward
 (the router's N * D * E is left out). Results: bench_moe_gpu.csv and .json (device, versions) in --results (default
 runs/bench_moe_gpu, runs/bench_moe_cpu on the CPU; the committed ones: --results benchmarks/results).
@@ -46,11 +52,12 @@ from torch import nn
 
 from symi_exec.comm import Comm
 from symi_exec.model import ModelConfig, MoE, expert_mlp
-from symi_exec.moe import ReplicatedMoE
+from symi_exec.moe import ReplicatedMoE, grouped_mm_supported
 from symi_sim.placement import Placement
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-VARIANTS = ("dense", "expert_gemms", "moe_ref", "moe_replicated")
+REPLICATED = {"moe_grouped": "grouped", "moe_padded": "padded", "moe_loop": "loop"}   # variant: slot compute
+VARIANTS = ("dense", "expert_gemms", "moe_ref", *REPLICATED)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -107,7 +114,7 @@ class ExpertGemms(nn.Module):
 def build_layers(*, d_model: int, d_ff: int, num_experts: int, top_k: int, slots: int,
                  capacity_factor: float | None, dtype: torch.dtype, device: torch.device, seed: int
                  ) -> dict[str, nn.Module]:
-    """The four benchmarked layers, on `device` in `dtype`; the MoE layers share router and expert weights."""
+    """The benchmarked layers, on `device` in `dtype`; the MoE layers share router and expert weights."""
     torch.manual_seed(seed)
     cfg = ModelConfig(num_layers=1, d_model=d_model, num_heads=1, d_ff=d_ff, seq_len=1, num_experts=num_experts,
                       top_k=top_k)
@@ -117,14 +124,18 @@ def build_layers(*, d_model: int, d_ff: int, num_experts: int, top_k: int, slots
         ref.experts.w_out_EFD.normal_(0.0, 0.02)
     ref = ref.to(device=device, dtype=dtype)
     comm = Comm(rank=0, world_size=1, device=device)
-    replicated = ReplicatedMoE(ref.router, cfg, slots_per_rank=slots, comm=comm, capacity_factor=capacity_factor)
-    replicated.placement = Placement.even((np.arange(slots, dtype=np.int64) % num_experts)[None, :], num_experts)
-    with torch.no_grad():
-        flat_EP = ref.experts.flat_EP()
-        replicated.slot_weights_SP.copy_(flat_EP[np.arange(slots) % num_experts])
-    dense = DenseMLP(d_model, top_k * d_ff).to(device=device, dtype=dtype)
-    gemms = ExpertGemms(ref.experts.w_in_EDF, ref.experts.w_out_EFD, top_k)
-    return {"dense": dense, "expert_gemms": gemms, "moe_ref": ref, "moe_replicated": replicated}
+    layers: dict[str, nn.Module] = {"dense": DenseMLP(d_model, top_k * d_ff).to(device=device, dtype=dtype),
+                                    "expert_gemms": ExpertGemms(ref.experts.w_in_EDF, ref.experts.w_out_EFD, top_k),
+                                    "moe_ref": ref}
+    for variant, slot_compute in REPLICATED.items():
+        replicated = ReplicatedMoE(ref.router, cfg, slots_per_rank=slots, comm=comm, capacity_factor=capacity_factor,
+                                   slot_compute=slot_compute)
+        replicated.placement = Placement.even((np.arange(slots, dtype=np.int64) % num_experts)[None, :],
+                                              num_experts)
+        with torch.no_grad():
+            replicated.slot_weights_SP.copy_(ref.experts.flat_EP()[np.arange(slots) % num_experts])
+        layers[variant] = replicated
+    return layers
 
 
 def bench_shape(*, dtype_name: str, d_model: int, num_experts: int, top_k: int, tokens: int, slots: int,
@@ -139,12 +150,13 @@ def bench_shape(*, dtype_name: str, d_model: int, num_experts: int, top_k: int, 
     x_BTD = torch.randn(1, tokens, d_model, generator=gen, device=device, dtype=dtype)
     grad_BTD = torch.randn(1, tokens, d_model, generator=gen, device=device, dtype=dtype)
 
-    # the two MoE layers compute the same function when nothing is dropped
+    # the MoE layers compute the same function when nothing is dropped
     with torch.no_grad():
         y_ref = layers["moe_ref"](x_BTD)
-        y_rep = layers["moe_replicated"](x_BTD)
-    max_abs_diff = float((y_ref.float() - y_rep.float()).abs().max())
-    replicated: ReplicatedMoE = layers["moe_replicated"]  # type: ignore[assignment]
+        max_abs_diff = {variant: float((y_ref.float() - layers[variant](x_BTD).float()).abs().max())
+                        for variant in REPLICATED}
+    replicated: ReplicatedMoE = layers["moe_padded"]  # type: ignore[assignment]
+    auto_compute = "grouped" if grouped_mm_supported(device, dtype, d_model, d_ff) else "padded"
     count_E = replicated.count_GE.sum(axis=0)
     max_load_ratio = float(count_E.max() / count_E.mean())
     dropped_pct = 100.0 * float(replicated.dropped_E.sum()) / float(count_E.sum())
@@ -174,14 +186,14 @@ def bench_shape(*, dtype_name: str, d_model: int, num_experts: int, top_k: int, 
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         rows.append({
             "dtype": dtype_name, "d_model": d_model, "d_ff": d_ff, "experts": num_experts, "top_k": top_k,
-            "tokens": tokens, "variant": variant,
+            "tokens": tokens, "variant": variant, "auto_compute": auto_compute,
             "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3),
             "tokens_per_s": round(tokens / (fwd_bwd_ms / 1e3)),
             "tflops": round(3 * matmul_flops_fwd / (fwd_bwd_ms / 1e3) / 1e12, 2),
             "vs_dense": float("nan"), "peak_mib": round(peak_mib, 1),
             "max_load_ratio": round(max_load_ratio, 3) if variant.startswith("moe") else float("nan"),
-            "dropped_pct": round(dropped_pct, 3) if variant == "moe_replicated" else float("nan"),
-            "max_abs_diff": max_abs_diff if variant == "moe_replicated" else float("nan"),
+            "dropped_pct": round(dropped_pct, 3) if variant in REPLICATED else float("nan"),
+            "max_abs_diff": max_abs_diff.get(variant, float("nan")),
         })
     dense_tps = rows[0]["tokens_per_s"]
     for row in rows:

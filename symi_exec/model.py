@@ -106,7 +106,10 @@ def route_topk(x_ND: torch.Tensor, router: nn.Linear, top_k: int, skew: float = 
         logits_NE = logits_NE - skew * torch.log1p(ranks_E)
     probs_NE = F.softmax(logits_NE, dim=-1)
     gate_NK, expert_NK = torch.topk(probs_NE, top_k, dim=-1)
-    count_E = torch.bincount(expert_NK.reshape(-1), minlength=probs_NE.shape[1])
+    # scatter_add, not bincount: bincount on a GPU reads the largest index back to the host (a sync)
+    flat_A = expert_NK.reshape(-1)
+    count_E = torch.zeros(probs_NE.shape[1], dtype=torch.int64, device=flat_A.device).scatter_add_(
+        0, flat_A, torch.ones_like(flat_A))
     return RouterOutput(probs_NE, expert_NK, gate_NK, count_E)
 
 

@@ -3,44 +3,57 @@ combine, all differentiable.
 
 Legend: N local tokens, K top-k, A local assignments (N*K; assignment a = token a // K, choice a % K),
 D d_model, F d_ff, P parameters of one expert (flat), E experts, G ranks, S slots per rank, R slots (G*S),
-M rows in a communication buffer.
+M rows in a communication buffer, J sub-runs of a rank's expert-sorted assignments (2 per slot: kept, dropped),
+B blocks of a receive buffer (G*S: one per source rank and local slot), C blocks of the compute buffer (S*(G+1):
+per local slot, one per source rank and its padding).
 
 Which replica serves which token (identical on every rank, computed from the all-gathered counts):
   1. All assignments of expert e are put in one global order: by source rank, then by local assignment index.
   2. The expert's replicas, in ascending slot order, take consecutive runs of that order whose lengths are
      `symi_sim.routing.split_tokens` of the GLOBAL counts (so per-slot counts are exactly the simulator's).
-  3. Capacity: of the run a slot is sent, it serves the first `served` tokens, `served` being
-     `symi_sim.routing.route(...).served_LR` (slot or gpu mode); the rest is dropped. A dropped assignment's
-     expert output is zero, so the token only keeps its residual (and its other top-k choices).
+  3. Capacity: a slot computes `served` of its run's tokens, `served` being `symi_sim.routing.route(...).served_LR`
+     (slot or gpu mode). Fair drops: each source rank keeps a share of ITS part of the run in proportion to that
+     part (`symi_sim.routing.fair_kept_GR`, largest remainders), the first ones in the global order; the rest is
+     dropped. A dropped assignment's expert output is zero, so the token only keeps its residual (and its other
+     top-k choices).
+
+Per layer and step everything is array arithmetic: numpy on the [G, R] plan after the one host sync (the counts'
+all-gather), then device ops that need no sync (sizes come from the plan); one host-to-device copy of the plan's
+index pieces. A rank's S slots compute as one grouped matmul (`torch._grouped_mm`, where the device has a kernel for
+it) or one padded batched matmul.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from symi_exec.comm import Comm, all_to_all
 from symi_exec.model import ModelConfig, expert_mlp, load_balance_loss, route_topk
 from symi_sim.placement import Placement
-from symi_sim.routing import Routing, route
+from symi_sim.routing import Routing, fair_kept_GR, route
+
+# how a rank's slots are computed: grouped (torch._grouped_mm), padded (one batched matmul over [S, rows, D] with
+# zero rows), loop (one matmul pair per slot); auto: grouped where the device has the kernel, padded otherwise
+SLOT_COMPUTES = ("auto", "grouped", "padded", "loop")
 
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """One layer's token movement, the same on every rank."""
+    """One layer's token movement, the same on every rank (numpy)."""
 
     routing: Routing              # the simulator's routing of the global counts (1 layer)
     phy2log_R: np.ndarray         # expert held by slot p
-    slot_order_R: np.ndarray      # slots sorted by (expert, slot id): their runs tile the global key space
-    expert_base_E: np.ndarray     # global key where expert e's assignments start (experts in id order)
-    offset_GE: np.ndarray         # where rank g's assignments of e start within expert e's order
-    slot_begin_R: np.ndarray      # global key where slot p's run starts
-    served_R: np.ndarray          # tokens slot p computes
-    send_GR: np.ndarray           # tokens rank g sends to slot p (after dropping)
+    slot_order_R: np.ndarray      # slots sorted by (expert, slot id): their runs tile each expert's global order
+    assigned_GR: np.ndarray       # tokens of rank g in slot p's run (before capacity)
+    send_GR: np.ndarray           # tokens rank g sends slot p: its fair share of the run's served tokens
+    served_R: np.ndarray          # tokens slot p computes (= send_GR.sum(0))
 
 
 def plan_dispatch(count_GE: np.ndarray, placement: Placement, *, slots_per_rank: int,
@@ -56,56 +69,159 @@ def plan_dispatch(count_GE: np.ndarray, placement: Placement, *, slots_per_rank:
     served_R = routing.served_LR[0]
     phy2log_R = placement.phy2log_LR[0]
     num_slots = phy2log_R.size
-    expert_base_E = np.cumsum(global_E) - global_E
-    offset_GE = np.cumsum(count_GE, axis=0) - count_GE
-    # Slots sorted by (expert, slot id) tile the global key space with their assigned runs.
+    # Slots sorted by (expert, slot id) tile the global key space (experts in id order) with their runs.
     order = np.lexsort((np.arange(num_slots), phy2log_R))
     slot_begin_R = np.empty(num_slots, dtype=np.int64)
     slot_begin_R[order] = np.cumsum(assigned_R[order]) - assigned_R[order]
-    assert np.array_equal(np.bincount(phy2log_R, weights=assigned_R, minlength=global_E.size), global_E)
-    src_begin_GR = (expert_base_E + offset_GE)[:, phy2log_R]
+    # where rank g's assignments of expert e start in the global key space
+    src_begin_GE = (np.cumsum(global_E) - global_E) + (np.cumsum(count_GE, axis=0) - count_GE)
+    src_begin_GR = src_begin_GE[:, phy2log_R]
     src_end_GR = src_begin_GR + count_GE[:, phy2log_R]
-    lo_GR = np.maximum(src_begin_GR, slot_begin_R[None, :])
-    hi_GR = np.minimum(src_end_GR, (slot_begin_R + served_R)[None, :])
-    send_GR = np.maximum(hi_GR - lo_GR, 0)
-    return DispatchPlan(routing, phy2log_R, order, expert_base_E, offset_GE, slot_begin_R, served_R, send_GR)
+    lo_GR = np.maximum(src_begin_GR, slot_begin_R)
+    hi_GR = np.minimum(src_end_GR, slot_begin_R + assigned_R)
+    assigned_GR = np.maximum(hi_GR - lo_GR, 0)
+    send_GR = fair_kept_GR(assigned_GR, served_R)
+    return DispatchPlan(routing, phy2log_R, order, assigned_GR, send_GR, served_R)
 
 
-def assignment_slots(expert_A: torch.Tensor, plan: DispatchPlan, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot of each local assignment under `plan`, and whether it is served (False: dropped). Both [A]."""
-    device = expert_A.device
-    num_experts = plan.expert_base_E.size
+@dataclass(frozen=True)
+class RankDispatch:
+    """One rank's share of a DispatchPlan as index arithmetic (numpy, sizes J, B and S; no per-token arrays).
+
+    Send side: sorting the rank's assignments by expert (stable) puts each slot's run in one piece, pieces in the
+    plan's slot order; piece j splits into its kept head and dropped tail (sub-runs 2j, 2j + 1). Sorted position i
+    of sub-run J goes to send-buffer row i + sort_delta_J[J] (kept ones: by slot id, then key; dropped ones after
+    the num_kept kept rows).
+    Receive side: row i of the receive buffer (by source rank, then local slot, then key) in block B goes to row
+    i + recv_delta_B[B] of the compute buffer: slot-major rows (grouped / loop), or S blocks of max_rows (padded);
+    the other way round, compute-buffer row j of block C is receive row j + fill_delta_C[C] (padding: below 0).
+    """
+
+    num_kept: int
+    in_splits: list[int]          # rows sent to each rank
+    out_splits: list[int]         # rows received from each rank
+    sort_len_J: np.ndarray
+    sort_delta_J: np.ndarray
+    recv_len_B: np.ndarray
+    recv_delta_B: np.ndarray
+    fill_len_C: np.ndarray
+    fill_delta_C: np.ndarray
+    rows_S: np.ndarray            # rows each local slot computes
+    buffer_rows: int              # rows of the compute buffer
+    dropped_E: np.ndarray         # this rank's dropped assignments per expert
+
+
+def rank_dispatch(plan: DispatchPlan, rank: int, *, slots_per_rank: int, padded: bool) -> RankDispatch:
+    """Rank `rank`'s RankDispatch under `plan`; `padded`: the compute buffer is S blocks of max rows."""
+    num_ranks, num_slots = plan.send_GR.shape
+    order = plan.slot_order_R
+    a_J = plan.assigned_GR[rank, order]
+    k_J = plan.send_GR[rank, order]
+    start_J = np.cumsum(a_J) - a_J
+    kept_row_R = np.cumsum(plan.send_GR[rank]) - plan.send_GR[rank]   # send-buffer rows: by slot id
+    num_kept = int(k_J.sum())
+    d_J = a_J - k_J
+    dropped_start_J = np.cumsum(d_J) - d_J
+    sort_len_J = np.stack([k_J, d_J], axis=1).reshape(-1)
+    sort_delta_J = np.stack([kept_row_R[order] - start_J,
+                             num_kept + dropped_start_J - (start_J + k_J)], axis=1).reshape(-1)
+
+    lo, hi = rank * slots_per_rank, (rank + 1) * slots_per_rank
+    recv_GS = plan.send_GR[:, lo:hi]
+    rows_S = recv_GS.sum(axis=0)
+    recv_start_GS = (np.cumsum(recv_GS.reshape(-1)) - recv_GS.reshape(-1)).reshape(recv_GS.shape)
+    max_rows = int(rows_S.max()) if rows_S.size else 0
+    slot_start_S = (np.arange(slots_per_rank) * max_rows) if padded else (np.cumsum(rows_S) - rows_S)
+    within_GS = np.cumsum(recv_GS, axis=0) - recv_GS   # rows of the slot from lower source ranks
+    recv_delta_B = (slot_start_S + within_GS - recv_start_GS).reshape(-1)
+    buffer_rows = slots_per_rank * max_rows if padded else int(rows_S.sum())
+    # the same blocks in compute-buffer order (slot, then source), each slot's padding block after its rows
+    pad_S = (max_rows - rows_S) if padded else np.zeros_like(rows_S)
+    fill_len_C = np.concatenate([recv_GS.T, pad_S[:, None]], axis=1).reshape(-1)
+    fill_delta_C = np.concatenate([-recv_delta_B.reshape(recv_GS.shape).T,
+                                   np.full((slots_per_rank, 1), -buffer_rows - 1)], axis=1).reshape(-1)
+
+    num_experts = plan.routing.dropped_LE.shape[1]
+    dropped_E = np.bincount(plan.phy2log_R, weights=plan.assigned_GR[rank] - plan.send_GR[rank],
+                            minlength=num_experts).astype(np.int64)
+    return RankDispatch(
+        num_kept=num_kept,
+        in_splits=plan.send_GR[rank].reshape(num_ranks, slots_per_rank).sum(axis=1).tolist(),
+        out_splits=recv_GS.sum(axis=1).tolist(),
+        sort_len_J=sort_len_J, sort_delta_J=sort_delta_J, recv_len_B=recv_GS.reshape(-1),
+        recv_delta_B=recv_delta_B, fill_len_C=fill_len_C, fill_delta_C=fill_delta_C, rows_S=rows_S,
+        buffer_rows=buffer_rows, dropped_E=dropped_E)
+
+
+def send_order(expert_A: torch.Tensor, dispatch: RankDispatch, sort_len_J: torch.Tensor,
+               sort_delta_J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The send buffer's assignments send_assign_M [num_kept] (by slot, then global key) and each assignment's
+    send-buffer row row_A [A] (num_kept where dropped; kept_A is row_A < num_kept).
+
+    sort_len_J / sort_delta_J: the dispatch's arrays on expert_A's device. No host sync.
+    """
+    num_assign = expert_A.numel()
     order_A = torch.argsort(expert_A, stable=True)
-    expert_sorted_A = expert_A[order_A]
-    count_E = torch.bincount(expert_A, minlength=num_experts)
-    local_start_E = torch.cumsum(count_E, 0) - count_E
-    within_A = torch.arange(expert_A.numel(), device=device) - local_start_E[expert_sorted_A]
-    base_E = torch.as_tensor(plan.expert_base_E + plan.offset_GE[rank], device=device)
-    key_sorted_A = base_E[expert_sorted_A] + within_A
-    # the last slot (in key order) starting at or before a key holds it; empty runs are skipped that way
-    begin_sorted = torch.as_tensor(plan.slot_begin_R[plan.slot_order_R], device=device)
-    slot_sorted_A = torch.as_tensor(plan.slot_order_R, device=device)[
-        torch.searchsorted(begin_sorted, key_sorted_A, right=True) - 1]
-    slot_begin = torch.as_tensor(plan.slot_begin_R, device=device)
-    served = torch.as_tensor(plan.served_R, device=device)
-    kept_sorted_A = key_sorted_A < slot_begin[slot_sorted_A] + served[slot_sorted_A]
-    slot_A = torch.empty_like(slot_sorted_A)
-    slot_A[order_A] = slot_sorted_A
-    kept_A = torch.empty_like(kept_sorted_A)
-    kept_A[order_A] = kept_sorted_A
-    return slot_A, kept_A
+    dest_A = block_offsets(num_assign, sort_len_J, sort_delta_J)
+    send_assign_M = torch.empty_like(order_A).scatter_(0, dest_A, order_A)[:dispatch.num_kept]
+    row_A = torch.empty_like(order_A).scatter_(0, order_A, dest_A.clamp(max=dispatch.num_kept))
+    return send_assign_M, row_A
+
+
+def block_offsets(num_rows: int, len_X: torch.Tensor, delta_X: torch.Tensor) -> torch.Tensor:
+    """[num_rows] i + delta_X[block of i], rows in consecutive blocks of len_X (no host sync: num_rows is known)."""
+    return torch.arange(num_rows, device=len_X.device) + torch.repeat_interleave(delta_X, len_X,
+                                                                                  output_size=num_rows)
+
+
+@functools.cache
+def _grouped_kernel(device_type: str, index: int | None) -> bool:
+    # torch._grouped_mm's CUDA kernel (CUTLASS, bf16) is built for compute capability 9.x/10.x; elsewhere torch
+    # falls back to a loop that copies the offsets to the host (a sync), no better than the padded matmul
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(index)[0] in (9, 10)
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int) -> bool:
+    """Whether the slots run as torch._grouped_mm: CUDA with capability 9.x/10.x, bf16, 16-byte aligned rows."""
+    return (dtype == torch.bfloat16 and d_model % 8 == 0 and d_ff % 8 == 0
+            and _grouped_kernel(device.type, device.index))
+
+
+def slot_mlp(x_MD: torch.Tensor, w_in_SDF: torch.Tensor, w_out_SFD: torch.Tensor, *, rows_S: np.ndarray,
+             offs_S: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Every local slot's expert MLP on its rows of the compute buffer x_MD; [M, D] out, rows in place.
+
+    grouped / loop: rows slot-major, rows_S [S] each (offs_S: their int32 cumulative ends on the device, grouped
+    only); padded: S blocks of M / S rows, the rows past a slot's own zero (GELU(0) = 0: they output zero and add
+    nothing to any gradient).
+    """
+    num_slots, d_model, _ = w_in_SDF.shape
+    if mode == "grouped":
+        h_MF = F.gelu(torch._grouped_mm(x_MD, w_in_SDF, offs=offs_S))
+        return torch._grouped_mm(h_MF, w_out_SFD, offs=offs_S)
+    if mode == "padded":
+        y_SMD = expert_mlp(x_MD.view(num_slots, x_MD.shape[0] // num_slots, d_model), w_in_SDF, w_out_SFD)
+        return y_SMD.reshape(-1, d_model)
+    assert mode == "loop", mode
+    parts = torch.split(x_MD, rows_S.tolist())
+    return torch.cat([expert_mlp(x, w_in_SDF[s], w_out_SFD[s]) for s, x in enumerate(parts)])
 
 
 class ReplicatedMoE(nn.Module):
     """Expert-parallel MoE layer: this rank's S slots hold the weights of the experts the placement gives them.
 
     The training loop sets `placement` (1 layer) before forward and fills `slot_weights_SP` with the matching experts'
-    weights (optim.ShardedExpertOptimizer.send_out). After forward the layer exposes this step's counts.
+    weights (optim.ShardedExpertOptimizer.send_out). After forward the layer exposes this step's counts (count_GE),
+    plan, dropped_E, kept_A and aux_loss. `slot_compute` picks how the slots compute (SLOT_COMPUTES).
     """
 
     def __init__(self, router: nn.Linear, config: ModelConfig, *, slots_per_rank: int, comm: Comm,
-                 capacity_factor: float | None, capacity_mode: str = "slot") -> None:
+                 capacity_factor: float | None, capacity_mode: str = "slot", slot_compute: str = "auto") -> None:
         super().__init__()
+        if slot_compute not in SLOT_COMPUTES:
+            raise ValueError(f"unknown slot compute {slot_compute!r}; choices: {', '.join(SLOT_COMPUTES)}")
         self.router = router
         self.top_k = config.top_k
         self.router_skew = config.router_skew
@@ -115,6 +231,7 @@ class ReplicatedMoE(nn.Module):
         self.comm = comm
         self.capacity_factor = capacity_factor
         self.capacity_mode = capacity_mode
+        self.slot_compute = slot_compute
         weight = router.weight
         self.slot_weights_SP = nn.Parameter(
             torch.zeros(slots_per_rank, config.expert_numel, dtype=weight.dtype, device=weight.device))
@@ -124,58 +241,81 @@ class ReplicatedMoE(nn.Module):
         self.count_GE: np.ndarray | None = None
         self.plan: DispatchPlan | None = None
         self.dropped_E: np.ndarray | None = None   # this rank's dropped assignments per expert
+        self.kept_A: torch.Tensor | None = None    # [A] bool on the device: assignment served (route_topk's order)
+
+    def compute_mode(self) -> str:
+        """The slot compute this forward uses (`slot_compute`, with auto resolved for the weights' device)."""
+        if self.slot_compute != "auto":
+            return self.slot_compute
+        weight = self.slot_weights_SP
+        grouped = grouped_mm_supported(weight.device, weight.dtype, self.d_model, self.d_ff)
+        return "grouped" if grouped else "padded"
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         assert self.placement is not None, "set the layer's placement before forward"
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
-        comm, num_slots_local = self.comm, self.slots_per_rank
+        comm, num_slots_local, device = self.comm, self.slots_per_rank, x_ND.device
         routed = route_topk(x_ND, self.router, self.top_k, self.router_skew)
 
-        # popularity exchange: every rank learns every rank's counts (the all-reduce's sum and the offsets)
+        # popularity exchange: every rank learns every rank's counts (the all-reduce's sum and the offsets); the
+        # layer's one host sync
         count_GE = _all_gather_counts(routed.count_E, comm)
         self.count_GE = count_GE
-        self.aux_loss = load_balance_loss(routed.probs_NE, torch.as_tensor(count_GE.sum(axis=0)),
-                                          int(count_GE.sum()))
         plan = plan_dispatch(count_GE, self.placement, slots_per_rank=num_slots_local,
                              capacity_factor=self.capacity_factor, capacity_mode=self.capacity_mode)
         self.plan = plan
+        mode = self.compute_mode()
+        dispatch = rank_dispatch(plan, comm.rank, slots_per_rank=num_slots_local, padded=mode == "padded")
+        if mode == "grouped" and dispatch.buffer_rows == 0:
+            mode = "loop"   # nothing to compute; the grouped kernel wants rows
+        self.dropped_E = dispatch.dropped_E
+        global_E = count_GE.sum(axis=0)
+        sort_len_J, sort_delta_J, recv_len_B, recv_delta_B, fill_len_C, fill_delta_C, offs_S, global_count_E = (
+            _to_device([dispatch.sort_len_J, dispatch.sort_delta_J, dispatch.recv_len_B, dispatch.recv_delta_B,
+                        dispatch.fill_len_C, dispatch.fill_delta_C, np.cumsum(dispatch.rows_S), global_E], device))
+        self.aux_loss = load_balance_loss(routed.probs_NE, global_count_E, int(global_E.sum()))
 
-        # send side: served assignments ordered by slot (so by destination rank), then by global key
+        # send side: kept assignments ordered by slot (so by destination rank), then by global key
         expert_A = routed.expert_NK.reshape(-1)
-        slot_A, kept_A = assignment_slots(expert_A, plan, comm.rank)
-        self.dropped_E = np.bincount(expert_A[~kept_A].cpu().numpy(), minlength=self.num_experts)
-        kept_idx = torch.nonzero(kept_A).squeeze(1)
-        send_order = torch.argsort(slot_A[kept_idx], stable=True)
-        send_assign_M = kept_idx[send_order]
-        in_splits = plan.send_GR[comm.rank].reshape(comm.world_size, num_slots_local).sum(axis=1).tolist()
-        recv_GS = plan.send_GR[:, comm.rank * num_slots_local:(comm.rank + 1) * num_slots_local]
-        out_splits = recv_GS.sum(axis=1).tolist()
-        x_recv_MD = all_to_all(x_ND[send_assign_M // self.top_k], out_splits, in_splits, comm, "dispatch",
-                               "dispatch_grad")
+        send_assign_M, row_A = send_order(expert_A, dispatch, sort_len_J, sort_delta_J)
+        self.kept_A = row_A < dispatch.num_kept
+        x_recv_MD = all_to_all(x_ND.index_select(0, send_assign_M // self.top_k), dispatch.out_splits,
+                               dispatch.in_splits, comm, "dispatch", "dispatch_grad")
 
-        # slot compute, slot-major (within a slot: by source rank, then key = the global order)
-        slot_of_row_M = torch.repeat_interleave(
-            torch.arange(num_slots_local, device=x_ND.device).repeat(comm.world_size),
-            torch.as_tensor(recv_GS.reshape(-1), device=x_ND.device))
-        slot_major_M = torch.argsort(slot_of_row_M, stable=True)
-        x_slot_MD = x_recv_MD[slot_major_M]
+        # slot compute on the compute buffer (slot-major, or padded per slot), rows back in receive order. Padding
+        # rows copy receive row 0 rather than zeros (a gather, not a scatter into zeros): no output row reads them,
+        # so their gradient is exactly zero and they add exactly nothing to the weights' gradients.
+        # Always a gather from x_recv_MD, even of nothing (no rows received means an empty buffer): every rank's
+        # graph must reach both all-to-alls, or a rank skips their backward and the collectives fall out of step.
+        num_recv = x_recv_MD.shape[0]
+        fill_M = block_offsets(dispatch.buffer_rows, fill_len_C, fill_delta_C).clamp(min=0)
+        x_buf_MD = x_recv_MD.index_select(0, fill_M)
         num_dff = self.d_model * self.d_ff
-        y_parts = []
+        w_in_SDF = self.slot_weights_SP[:, :num_dff].view(num_slots_local, self.d_model, self.d_ff)
+        w_out_SFD = self.slot_weights_SP[:, num_dff:].view(num_slots_local, self.d_ff, self.d_model)
         with comm.timed("expert_forward"):
-            for s, x_part in enumerate(torch.split(x_slot_MD, recv_GS.sum(axis=0).tolist())):
-                w_in_DF = self.slot_weights_SP[s, :num_dff].view(self.d_model, self.d_ff)
-                w_out_FD = self.slot_weights_SP[s, num_dff:].view(self.d_ff, self.d_model)
-                y_parts.append(expert_mlp(x_part, w_in_DF, w_out_FD))
-            y_slot_MD = torch.cat(y_parts)
-        y_recv_MD = y_slot_MD[torch.argsort(slot_major_M)]
+            y_buf_MD = slot_mlp(x_buf_MD, w_in_SDF, w_out_SFD, rows_S=dispatch.rows_S,
+                                offs_S=offs_S.to(torch.int32) if mode == "grouped" else None, mode=mode)
+        y_recv_MD = y_buf_MD.index_select(0, block_offsets(num_recv, recv_len_B, recv_delta_B))
 
-        # combine: back to the source rank, then the gate-weighted sum over the k choices (dropped: zero)
-        y_back_MD = all_to_all(y_recv_MD, in_splits, out_splits, comm, "combine", "combine_grad")
-        y_AD = torch.zeros(expert_A.numel(), d, dtype=x_ND.dtype, device=x_ND.device)
-        y_AD = y_AD.index_copy(0, send_assign_M, y_back_MD)
-        out_ND = (y_AD.view(b * t, self.top_k, d) * routed.gate_NK.unsqueeze(-1)).sum(dim=1)
+        # combine: back to the source rank, then the gate-weighted sum over the k choices (dropped: the zero row)
+        y_back_MD = all_to_all(y_recv_MD, dispatch.in_splits, dispatch.out_splits, comm, "combine", "combine_grad")
+        y_NKD = torch.cat([y_back_MD, y_back_MD.new_zeros(1, d)]).index_select(0, row_A).view(b * t, self.top_k, d)
+        gate_NK = routed.gate_NK
+        out_ND = y_NKD[:, 0] * gate_NK[:, :1]
+        for k in range(1, self.top_k):
+            out_ND = torch.addcmul(out_ND, y_NKD[:, k], gate_NK[:, k:k + 1])
         return out_ND.reshape(b, t, d)
+
+
+def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The int64 arrays on `device` in one copy, which on a GPU does not wait for the device (pinned, non-blocking)."""
+    sizes = [a.size for a in arrays]
+    packed = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]))
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(packed, sizes))
 
 
 def _all_gather_counts(count_E: torch.Tensor, comm: Comm) -> np.ndarray:

@@ -12,6 +12,8 @@ Capacity (`capacity_mode`), with A = assignments per layer (k x tokens; by defau
         (DeepSpeed's and the paper's semantics).
   gpu   every GPU buffers ceil(capacity_factor * A / G) tokens shared by its slots; a GPU over budget serves
         each of its slots in proportion to what it was sent (whole tokens, largest remainders).
+Which of a short slot's tokens drop (`fair_kept_GR`): every source (rank) keeps a share of what it sent the slot in
+proportion to what it sent (largest remainders), so no rank's tokens are systematically the ones dropped.
 A capacity is never more than the layer's total tokens (no slot or GPU can be sent more), so routing is exact, in
 int64, for any finite capacity factor. Simulating a factor is bounded by MAX_CAPACITY_FACTOR (padded slot buffers
 cost capacity_factor x the mean load each; use None, dropless, for "never drop").
@@ -162,6 +164,42 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     gpu_load_LG = assigned_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
     gpu_served_LG = served_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
     return Routing(assigned_LR, served_LR, shadow_LG, dropped_LE, gpu_load_LG, gpu_served_LG, num_assignments_L)
+
+
+def fair_kept_GR(assigned_GR: np.ndarray, served_R: np.ndarray) -> np.ndarray:
+    """Fair drops: which share of each source's tokens a slot short of capacity keeps.
+
+    assigned_GR [G, R]: tokens source g (a rank, or any sender) sends slot p (integers >= 0); served_R [R]: tokens
+    slot p computes, 0 <= served_R <= assigned_GR.sum(0). Returns kept_GR [G, R] int64: every source keeps a share
+    of ITS tokens in proportion to what it sent, floor(assigned * served / assigned total) each, the slot's leftover
+    tokens going one each to the sources with the largest remainders (ties: lower source index). So the column sums
+    are served_R, kept <= assigned and |kept - assigned * served / total| < 1. Exact (integer arithmetic).
+    """
+    assigned_GR = np.asarray(assigned_GR)
+    served_R = np.asarray(served_R)
+    if assigned_GR.ndim != 2 or served_R.shape != assigned_GR.shape[1:]:
+        raise ValueError(f"fair drops need assigned [G, R] and served [R], got shapes {assigned_GR.shape} and "
+                         f"{served_R.shape}")
+    assigned_GR = assigned_GR.astype(np.int64)
+    served_R = served_R.astype(np.int64)
+    total_R = assigned_GR.sum(axis=0)
+    if (assigned_GR < 0).any() or (served_R < 0).any() or (served_R > total_R).any():
+        raise ValueError("fair drops need assigned >= 0 and 0 <= served <= assigned tokens per slot")
+    kept_GR = assigned_GR.copy()
+    short = np.flatnonzero(served_R < total_R)
+    if short.size == 0:
+        return kept_GR
+    a_CG = assigned_GR.T[short]   # the short slots, one contiguous row each (sorted along rows below)
+    s_C1, t_C1 = served_R[short, None], total_R[short, None]
+    prod_CG = a_CG * s_C1
+    base_CG = prod_CG // t_C1
+    remainder_CG = prod_CG - base_CG * t_C1   # the fractional part in units of 1 / total (one unit per slot)
+    leftover_C1 = s_C1 - base_CG.sum(axis=1, keepdims=True)
+    order_CG = np.argsort(-remainder_CG, axis=1, kind="stable")   # ties: lower source first
+    rank_CG = np.empty_like(order_CG)
+    np.put_along_axis(rank_CG, order_CG, np.arange(a_CG.shape[1])[None, :], axis=1)
+    kept_GR[:, short] = (base_CG + (rank_CG < leftover_C1)).T
+    return kept_GR
 
 
 def _fit_gpu_budget(assigned_LR: np.ndarray, budget_L: np.ndarray, slots_per_gpu: int) -> np.ndarray:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
 
 from symi_exec.comm import Comm
 from symi_exec.model import GPT, MoE, expert_mlp, model_config, route_topk
-from symi_exec.moe import ReplicatedMoE, assignment_slots, plan_dispatch
+from symi_exec.moe import ReplicatedMoE, plan_dispatch, rank_dispatch, send_order
 from symi_exec.optim import adamw_update_, shard_bounds
 from symi_sim.placement import Placement
 from symi_sim.routing import route
@@ -27,7 +29,8 @@ def random_placement(rng: np.random.Generator, num_experts: int, num_slots: int)
 def loop_dispatch(expert_GA: list[np.ndarray], placement: Placement, served_R: np.ndarray, assigned_R: np.ndarray
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The documented rule, by explicit loops: per expert, order (rank, assignment index); replicas in slot order
-    take consecutive runs of `assigned` tokens and serve the first `served` of their run."""
+    take consecutive runs of `assigned` tokens; of its part of a run, each rank keeps the first
+    floor(part * served / assigned) + (1 for the largest remainders, ties to the lower rank), exact fractions."""
     phy2log = placement.phy2log_LR[0]
     slot_GA = [np.full(a.size, -1) for a in expert_GA]
     kept_GA = [np.zeros(a.size, dtype=bool) for a in expert_GA]
@@ -35,11 +38,20 @@ def loop_dispatch(expert_GA: list[np.ndarray], placement: Placement, served_R: n
         queue = [(g, a) for g, experts in enumerate(expert_GA) for a in range(experts.size) if experts[a] == e]
         pos = 0
         for p in sorted(np.flatnonzero(phy2log == e)):
-            for i in range(assigned_R[p]):
-                g, a = queue[pos + i]
-                slot_GA[g][a] = p
-                kept_GA[g][a] = i < served_R[p]
+            run = queue[pos:pos + assigned_R[p]]
             pos += assigned_R[p]
+            parts: dict[int, list[int]] = {}
+            for g, a in run:
+                slot_GA[g][a] = p
+                parts.setdefault(g, []).append(a)
+            exact = {g: Fraction(len(items) * int(served_R[p]), len(run)) for g, items in parts.items()}
+            quota = {g: int(x) for g, x in exact.items()}   # floor (x >= 0)
+            leftover = int(served_R[p]) - sum(quota.values())
+            for g in sorted(parts, key=lambda g: (-(exact[g] - quota[g]), g))[:leftover]:
+                quota[g] += 1
+            for g, items in parts.items():
+                for a in items[:quota[g]]:
+                    kept_GA[g][a] = True
         assert pos == len(queue)
     return slot_GA, kept_GA
 
@@ -137,18 +149,26 @@ def test_dispatch_matches_loop_and_simulator(mode: str, factor: float | None) ->
         slot_GA, kept_GA = loop_dispatch(expert_GA, placement, sim.served_LR[0], sim.assigned_LR[0])
         dropped_E = np.zeros(num_experts, dtype=np.int64)
         for g in range(num_ranks):
-            slot_A, kept_A = assignment_slots(torch.as_tensor(expert_GA[g]), plan, g)
-            np.testing.assert_array_equal(slot_A.numpy(), slot_GA[g])
-            np.testing.assert_array_equal(kept_A.numpy(), kept_GA[g])
+            dispatch = rank_dispatch(plan, g, slots_per_rank=slots_per_rank, padded=False)
+            send_M, row_A = send_order(torch.as_tensor(expert_GA[g]), dispatch,
+                                       torch.as_tensor(dispatch.sort_len_J), torch.as_tensor(dispatch.sort_delta_J))
+            np.testing.assert_array_equal(row_A.numpy() < dispatch.num_kept, kept_GA[g])
+            # the send buffer: kept assignments by slot, then by index (the global key order within a rank)
+            kept_idx = np.flatnonzero(kept_GA[g])
+            np.testing.assert_array_equal(send_M.numpy(), kept_idx[np.lexsort((kept_idx, slot_GA[g][kept_idx]))])
             np.testing.assert_array_equal(plan.send_GR[g], np.bincount(slot_GA[g][kept_GA[g]],
                                                                        minlength=placement.num_slots))
-            dropped_E += np.bincount(expert_GA[g][~kept_GA[g]], minlength=num_experts)
+            np.testing.assert_array_equal(plan.assigned_GR[g], np.bincount(slot_GA[g], minlength=placement.num_slots))
+            np.testing.assert_array_equal(dispatch.dropped_E, np.bincount(expert_GA[g][~kept_GA[g]],
+                                                                          minlength=num_experts))
+            dropped_E += dispatch.dropped_E
         np.testing.assert_array_equal(dropped_E, sim.dropped_LE[0])
         if factor == 0.7:
             assert dropped_E.sum() > 0
 
 
-def test_replicated_moe_one_rank_drops_to_residual_and_backprops() -> None:
+@pytest.mark.parametrize("slot_compute", ["auto", "padded", "loop"])
+def test_replicated_moe_one_rank_drops_to_residual_and_backprops(slot_compute: str) -> None:
     """World of one rank holding every slot: output and expert gradients equal an explicit masked sum."""
     rng = np.random.default_rng(3)
     torch.manual_seed(3)
@@ -160,7 +180,7 @@ def test_replicated_moe_one_rank_drops_to_residual_and_backprops() -> None:
     num_slots = 7
     placement = random_placement(rng, 4, num_slots)
     layer = ReplicatedMoE(ref.router, cfg, slots_per_rank=num_slots, comm=Comm(0, 1, torch.device("cpu")),
-                          capacity_factor=0.6, capacity_mode="slot")
+                          capacity_factor=0.6, capacity_mode="slot", slot_compute=slot_compute)
     with torch.no_grad():
         layer.slot_weights_SP.copy_(ref.experts.flat_EP()[placement.phy2log_LR[0]])
     layer.placement = placement
@@ -174,6 +194,8 @@ def test_replicated_moe_one_rank_drops_to_residual_and_backprops() -> None:
     sim = route(count_E[None], placement, slots_per_gpu=num_slots, capacity_factor=0.6)
     assert sim.dropped_LE.sum() > 0
     _, kept_GA = loop_dispatch([expert_NK.reshape(-1).numpy()], placement, sim.served_LR[0], sim.assigned_LR[0])
+    np.testing.assert_array_equal(layer.kept_A.numpy(), kept_GA[0])
+    np.testing.assert_array_equal(layer.dropped_E, sim.dropped_LE[0])
     w_in = ref.experts.w_in_EDF.detach().clone().requires_grad_(True)
     w_out = ref.experts.w_out_EFD.detach().clone().requires_grad_(True)
     rows = []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from symi_sim.placement import Placement
-from symi_sim.routing import route, split_tokens
+from symi_sim.routing import fair_kept_GR, route, split_tokens
 
 
 def _even(phy2log_R: list[int], num_experts: int, shadow_E: list[bool] | None = None) -> Placement:
@@ -184,3 +184,56 @@ def test_route_rejects_infinite_capacity_factor() -> None:
     p = Placement.even(np.array([[0, 1]]), 2)
     with pytest.raises(ValueError, match="finite number > 0"):
         route(np.array([[1, 3]]), p, slots_per_gpu=1, capacity_factor=float("inf"))
+
+
+def test_fair_drops_by_hand() -> None:
+    # the issue's case: 4 ranks x 40 tokens to one slot that computes 64 -> 16 each (not 40 / 24 / 0 / 0)
+    assert fair_kept_GR(np.array([[40], [40], [40], [40]]), np.array([64])).tolist() == [[16], [16], [16], [16]]
+    # 7 and 4 tokens, 5 served: 35/11 = 3.18 and 20/11 = 1.82 -> 3 and 1, the leftover to the larger remainder
+    assert fair_kept_GR(np.array([[7], [4]]), np.array([5])).tolist() == [[3], [2]]
+    # three equal remainders (2/3 each), 2 leftovers: to the lower ranks
+    assert fair_kept_GR(np.array([[1], [1], [1]]), np.array([2])).tolist() == [[1], [1], [0]]
+    # columns independent: a slot not short keeps everything, one that serves nothing keeps nothing; 0/3/3 sent
+    # with 3 served: 0, 1.5, 1.5 -> the leftover to rank 1 (tie, lower rank), rank 2 keeps 1, rank 0 nothing
+    kept = fair_kept_GR(np.array([[5, 3, 2, 0], [5, 1, 2, 3], [0, 0, 2, 3]]), np.array([10, 0, 3, 3]))
+    assert kept.tolist() == [[5, 0, 1, 0], [5, 0, 1, 2], [0, 0, 1, 1]]
+
+
+def _fair_by_fractions(assigned: list[int], served: int) -> list[int]:
+    """Largest remainders with exact fractions, one slot (an independent reference)."""
+    total = sum(assigned)
+    if served == total:
+        return list(assigned)
+    exact = [Fraction(a * served, total) for a in assigned]
+    kept = [int(x) for x in exact]
+    for g in sorted(range(len(assigned)), key=lambda g: (-(exact[g] - kept[g]), g))[:served - sum(kept)]:
+        kept[g] += 1
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fair_drops_random(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        num_sources, num_slots = int(rng.integers(1, 9)), int(rng.integers(1, 7))
+        assigned_GR = rng.integers(0, 60, (num_sources, num_slots)) * (rng.random((num_sources, num_slots)) < 0.8)
+        total_R = assigned_GR.sum(axis=0)
+        served_R = np.array([rng.integers(0, t + 1) for t in total_R])
+        kept_GR = fair_kept_GR(assigned_GR, served_R)
+        assert kept_GR.dtype == np.int64
+        np.testing.assert_array_equal(kept_GR.sum(axis=0), served_R)
+        assert ((0 <= kept_GR) & (kept_GR <= assigned_GR)).all()
+        ideal_GR = assigned_GR * served_R / np.maximum(total_R, 1)
+        assert (np.abs(kept_GR - ideal_GR) < 1).all()
+        for p in range(num_slots):
+            assert kept_GR[:, p].tolist() == _fair_by_fractions(assigned_GR[:, p].tolist(), int(served_R[p]))
+        np.testing.assert_array_equal(fair_kept_GR(assigned_GR.copy(), served_R.copy()), kept_GR)
+
+
+def test_fair_drops_refuse_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"assigned \[G, R\] and served \[R\]"):
+        fair_kept_GR(np.array([[1, 2]]), np.array([1]))
+    with pytest.raises(ValueError, match="0 <= served <= assigned"):
+        fair_kept_GR(np.array([[1], [2]]), np.array([4]))
+    with pytest.raises(ValueError, match="assigned >= 0"):
+        fair_kept_GR(np.array([[-1], [2]]), np.array([0]))
