@@ -26,7 +26,13 @@ FLOPs counted: the expert / MLP matmuls only, 2 * 2 * N * k * D * F forward and 
 (the router's N * D * E is left out). Results: bench_moe_gpu.csv and .json (device, versions) in --results (default
 runs/bench_moe_gpu, runs/bench_moe_cpu on the CPU; the committed ones: --results benchmarks/results).
 
-Train suite: `symi train` on one rank (NCCL on a GPU) for each policy x top-k; prints a summary, writes
+Train suite: `symi train` on one rank (NCCL on a GPU) for each policy x top-k, by default the executor's
+`gpt-small` (12 layers, d_model 768, d_ff 3072, sequence 512: the model `symi simulate --model gpt-small` models;
+vocabulary 256, the shipped text's bytes, since the benchmark prepares no data) in bfloat16 with float32 masters,
+16 experts in 20 slots, static and symi, 8 sequences (4,096 tokens) per step; the slots compute with
+torch._grouped_mm where the GPU supports it (symi_exec.moe.grouped_mm_supported; the summary's slot_compute). Per
+run: the median step time and tokens/s after --train-warmup-steps, the peak GPU memory (metrics.csv's
+peak_memory_mib: the CUDA allocator's peak), drops, loss and the phases' mean times. Prints a summary, writes
 gpu_train_summary.csv and each run's metrics as gpu_train_<policy>_top<k>.csv into the same folder.
 """
 
@@ -210,6 +216,8 @@ def run_train_suite(args: argparse.Namespace, results_dir: Path) -> list[dict[st
     from symi_exec.config import TrainConfig
     from symi_exec.launch import launch
     from symi_exec.loop import PHASES
+    from symi_exec.model import TORCH_DTYPES
+    from symi_exec.moe import grouped_mm_supported
 
     summary: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +227,9 @@ def run_train_suite(args: argparse.Namespace, results_dir: Path) -> list[dict[st
                                      num_experts=args.train_experts, slots_per_rank=args.train_slots, top_k=top_k,
                                      policy=policy.strip(), capacity_factor=args.train_capacity_factor,
                                      steps=args.train_steps, batch_size=args.train_batch_size, lr=args.train_lr,
-                                     min_lr=args.train_lr / 10, log_interval=max(args.train_steps // 5, 1))
+                                     min_lr=args.train_lr / 10, log_interval=max(args.train_steps // 5, 1),
+                                     dtype=args.train_dtype)
+                cfg = config.model_config()
                 start = time.perf_counter()
                 run_dir = launch(config, 1)
                 wall_s = time.perf_counter() - start
@@ -231,12 +241,16 @@ def run_train_suite(args: argparse.Namespace, results_dir: Path) -> list[dict[st
                 timed = rows[min(args.train_warmup_steps, len(rows) - 1):]
                 window = max(min(10, len(rows) // 4), 1)
                 row: dict[str, Any] = {
-                    "policy": policy.strip(), "top_k": top_k, "model": args.train_model,
+                    "policy": policy.strip(), "top_k": top_k, "model": args.train_model, "dtype": args.train_dtype,
+                    "slot_compute": "grouped" if grouped_mm_supported(
+                        torch.device(resolved["device"]), TORCH_DTYPES[args.train_dtype], d_model=cfg.d_model,
+                        d_ff=cfg.d_ff) else "padded",
                     "experts": args.train_experts, "slots": args.train_slots,
                     "capacity_factor": args.train_capacity_factor, "steps": len(rows),
                     "tokens_per_step": resolved["tokens_per_step"], "backend": resolved["backend"],
-                    "tokens_per_s": round(statistics.mean(r["tokens_per_s"] for r in timed)),
+                    "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed)),
                     "step_ms_median": round(1e3 * statistics.median(r["step_s"] for r in timed), 2),
+                    "peak_memory_mib": round(max(r["peak_memory_mib"] for r in rows)),
                     "dropped_pct": round(100 * statistics.mean(r["dropped_fraction"] for r in rows), 2),
                     "dropped_pct_last": round(100 * statistics.mean(r["dropped_fraction"] for r in rows[-window:]),
                                               2),
@@ -322,12 +336,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tf32", action="store_true", help="Allow TF32 matmuls for float32.")
     parser.add_argument("--train-policies", default="symi,static")
     parser.add_argument("--train-top-k", default="1,2")
-    parser.add_argument("--train-model", default="small")
+    parser.add_argument("--train-model", default="gpt-small")
+    parser.add_argument("--train-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--train-experts", type=int, default=16)
     parser.add_argument("--train-slots", type=int, default=20,
                         help="Slots of the one rank (>= experts; the spare ones hold replicas).")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--train-batch-size", type=int, default=32, help="Sequences per step.")
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-batch-size", type=int, default=8, help="Sequences per step.")
     parser.add_argument("--train-lr", type=float, default=3e-3)
     parser.add_argument("--train-capacity-factor", type=float, default=1.0)
     parser.add_argument("--train-warmup-steps", type=int, default=10, help="Steps left out of the throughput.")
@@ -338,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.d_models, args.tokens, args.experts, args.warmup, args.iters = "64", "512", 4, 1, 2
         args.train_model, args.train_experts, args.train_slots, args.train_steps = "tiny", 4, 6, 4
-        args.train_batch_size, args.train_warmup_steps = 2, 1
+        args.train_batch_size, args.train_warmup_steps, args.train_dtype = 2, 1, "float32"
     return args
 
 
