@@ -5,11 +5,11 @@ Legend: L MoE layers, E experts, G ranks, S steps, P parameters of one expert.
 Rank 0 writes the run directory as training goes: config.json at the start; metrics.csv (one row per step),
 placements.jsonl (the placement each step ran with and the assignments it dropped per layer and expert) and
 (--record-trace) trace_counts.bin (int32 [S, L, E, G] counts per step, layer, expert and source rank, C order),
-appended every step and written out every log interval (History.flush), whole lines only; at the end
-checkpoint.pt (single-device state dict, loadable by model.GPT), trace.parquet (from trace_counts.bin, then
-removed) and, with checkpoints, checkpoints.csv and, when resumed, recovery.json (checkpointing.py); the launcher
-(or rank 0 of a torchrun job) writes COMPLETE last, once every rank finished. A job that fails keeps its partial
-directory (no COMPLETE): every row up to the last flush.
+appended every step and written out every log interval (History.flush), whole lines only; at the end checkpoint.pt
+(single-device state dict, loadable by model.GPT; streamed a few experts at a time, export.py), trace.parquet (from
+trace_counts.bin, then removed) and, with checkpoints, checkpoints.csv and, when resumed, recovery.json
+(checkpointing.py); the launcher (or rank 0 of a torchrun job) writes COMPLETE last, once every rank finished. A job
+that fails keeps its partial directory (no COMPLETE): every row up to the last flush.
 
 Memory and checkpoints do not grow with the steps: History holds the last step (a sparse snapshot's delta) and the
 rows not yet written; a full checkpoint copies the streamed files as they are at its step (history_files).
