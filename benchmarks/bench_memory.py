@@ -1,24 +1,28 @@
-"""Memory benchmark: peak RSS per rank of `symi train` (CPU, gloo) as the expert count grows at fixed slots per rank.
+"""Memory benchmark: the expert part of the peak RSS per rank of `symi train` (CPU, gloo), experts grow at fixed slots.
 
-    .venv/bin/python benchmarks/bench_memory.py [--slots 16] [--experts 16 32 64 128 256] [--out DIR] [--quick]
+    .venv/bin/python benchmarks/bench_memory.py [--slots 16] [--experts 16 32 64 128 256] [--repeats 3]
+        [--jobs train resume] [--min-d-ff 1] [--out DIR] [--quick]
 
 Every expert must have a slot, so the ranks grow with the experts: G = E / S ranks of S slots (default S = 16:
-16 -> 256 experts on 1 -> 16 ranks). Then a rank's own expert memory - its S slots and its 1/G shard of every
-expert's master weights, AdamW moments and gradient accumulator (S P each) - is the same for every E; what grew
-with E before (every rank building every expert, the export all-gathered to every rank, a resume assembling every
-expert's full state on every rank) should not. Model: preset `small` with 2 layers, d_model 256, d_ff 512 (P =
-262,144 parameters per expert, 1 MiB in float32: the experts are ~95% of the model at 16 experts), top-1, symi,
-1 sequence of 128 tokens per rank, float32, seed 0.
+16 -> 256 experts on 1 -> 16 ranks). A rank's own expert state - its S slots with their gradients and its 1/G shard
+of every expert's master weights, two AdamW moments and gradient accumulator - is then own = L (2 S P + 4 E P / G)
+x 4 B = 6 L S P x 4 B at every E (float32); the old design added 2 L E P x 4 B more per rank (every expert built,
+then all-gathered at the export; rank 0 a third copy in the state dict it saved), which grows with E.
 
-Per expert count, two jobs: `train` (build, 4 steps, full checkpoints after steps 2 and 4, the final export) and
-`resume` (resume from step 4 on the same ranks, 2 more steps, a checkpoint, the export). Inside every rank: VmRSS
-before the job builds anything (torch imported, process group up: the E-independent base) and VmHWM (the peak) at
-the end, gathered per rank. added = peak - base: what the job added on the rank, dense part included (the dense
-part is E-independent but for the router's E x d_model). Reported per job: rank 0's and the largest of the other
-ranks' base, peak and added (MiB); slot_shard_mib = L (2 S P + 4 S P) x 4 B, a rank's own expert state; export_mib
-= L E P x 4 B, the single-device checkpoint.pt rank 0 assembles at the end (rank 0 only); ckpt0_bytes_by_step:
-rank 0's checkpoint file size at each checkpoint step (the history it carries grows per step: not this benchmark's
-subject). Prints one table and writes bench_memory.csv and bench_memory.json to --out (default runs/bench_memory).
+What else a rank's peak holds also changes with G (gloo's buffers per peer, the processes beside it, the allocator),
+so the expert part is isolated by a difference: each job runs twice at identical G, batch and dense part (d_model,
+layers, router), once with the real expert width (d_ff 512: P = 2 d_model d_ff = 262,144, 1 MiB in float32) and once
+with a minimal one (--min-d-ff, default 1: P = 512); expert part = peak(real) - peak(minimal), per rank, median over
+--repeats runs of each. Predicted: own x (1 - P_min / P). Model: preset `small` with 2 layers, d_model 256, top-1,
+symi, 1 sequence of 128 tokens per rank, float32, seed 0.
+
+Jobs: `train` (build, 4 steps, full checkpoints after steps 2 and 4, the final export) and `resume` (resume from
+step 4 on the same ranks, 2 more steps, a checkpoint, the export). Inside every rank: VmHWM (the peak RSS) at the
+end, and VmRSS before the job builds anything (torch imported, process group up), gathered per rank. Reported per E
+and job (MiB): rank 0's expert part and the largest of the other ranks', next to the predicted own expert state and
+the old design's predicted expert part (own + 2 L E P x 4 B); the real width's peaks (rank 0, largest other) for
+scale. Prints one table and writes bench_memory.csv and bench_memory.json (every run's per-rank numbers) to --out
+(default runs/bench_memory).
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ import json
 import logging
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
+import time
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -40,7 +47,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from report import add_out_option, out_dir, print_table, write_csv
 
-from symi_exec import checkpoint
 from symi_exec.comm import Comm
 from symi_exec.config import TrainConfig
 from symi_exec.loop import train
@@ -49,6 +55,7 @@ COMMON = {"model": "small", "model_overrides": {"num_layers": 2, "d_model": 256,
           "policy": "symi", "batch_size": 1, "seed": 0, "dtype": "float32", "log_interval": 10**6,
           "capacity_factor": 1.0}
 QUICK = {"model": "tiny", "model_overrides": {}}
+JOBS = ("train", "resume")
 MIB = 2 ** 20
 
 
@@ -88,23 +95,31 @@ def run_job(config: TrainConfig, world_size: int, work: Path, name: str) -> list
     return [json.loads((result_dir / f"rank-{rank:05d}.json").read_text()) for rank in range(world_size)]
 
 
-def summarize(ranks: list[dict[str, int]]) -> dict[str, float | None]:
-    def mib(kib: int) -> float:
-        return round(kib * 1024 / MIB, 1)
+def median_peaks_kib(runs: list[list[dict[str, int]]]) -> list[float]:
+    """Per rank, the median over repeated runs of the peak (KiB)."""
+    return [float(statistics.median(run[rank]["peak_kib"] for run in runs)) for rank in range(len(runs[0]))]
 
-    others = ranks[1:]
-    row: dict[str, float | None] = {"rank0_base_mib": mib(ranks[0]["base_kib"]), "rank0_peak_mib":
-                                    mib(ranks[0]["peak_kib"]),
-                                    "rank0_added_mib": mib(ranks[0]["peak_kib"] - ranks[0]["base_kib"])}
-    row["others_peak_mib"] = mib(max(r["peak_kib"] for r in others)) if others else None
-    row["others_added_mib"] = mib(max(r["peak_kib"] - r["base_kib"] for r in others)) if others else None
-    return row
+
+def run_width(config: TrainConfig, world_size: int, work: Path, jobs: list[str]) -> dict[str, list[dict[str, int]]]:
+    """One run of each job at `config`'s expert width (resume: from train's checkpoint after step 4)."""
+    work.mkdir(parents=True)
+    ckpt = work / "ckpt"
+    trained = replace(config, checkpoint_dir=str(ckpt))
+    out = {"train": run_job(trained, world_size, work, "train")}
+    if "resume" in jobs:
+        resumed = replace(trained, steps=6, resume=str(ckpt), checkpoint_dir=str(work / "ckpt2"))
+        out["resume"] = run_job(resumed, world_size, work, "resume")
+    shutil.rmtree(work)   # checkpoints of every expert: the disk of a long sweep
+    return {job: out[job] for job in jobs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, default=16, help="slots per rank (ranks = experts / slots)")
     parser.add_argument("--experts", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each job and width (medians)")
+    parser.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
+    parser.add_argument("--min-d-ff", type=int, default=1, help="the minimal expert width (d_ff)")
     parser.add_argument("--quick", action="store_true", help="model tiny, 4 slots, 4 and 8 experts (a smoke test)")
     add_out_option(parser, "bench_memory")
     args = parser.parse_args()
@@ -114,41 +129,60 @@ def main() -> None:
     for num_experts in experts:
         if num_experts % slots:
             parser.error(f"--experts {num_experts} is not a multiple of --slots {slots}")
+    if args.repeats < 1 or args.min_d_ff < 1:
+        parser.error("--repeats and --min-d-ff must be positive")
+    start = time.monotonic()
     rows: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for num_experts in experts:
             world_size = num_experts // slots
-            work = Path(tmp, f"E{num_experts}")
-            work.mkdir()
-            ckpt = work / "ckpt"
-            config = TrainConfig(out=str(work / "unused"), num_experts=num_experts, slots_per_rank=slots, steps=4,
-                                 checkpoint_every=2, checkpoint_dir=str(ckpt), **common)
-            cfg = config.model_config()
-            per_job = {"train": run_job(config, world_size, work, "train")}
-            sizes = {step: checkpoint.rank_file(checkpoint.step_dir(ckpt, step), 0).stat().st_size for step in (2, 4)}
-            resumed = replace(config, steps=6, resume=str(ckpt), checkpoint_dir=str(work / "ckpt2"))
-            per_job["resume"] = run_job(resumed, world_size, work, "resume")
-            sizes[6] = checkpoint.rank_file(checkpoint.step_dir(work / "ckpt2", 6), 0).stat().st_size
-            for job, ranks in per_job.items():
+            real = TrainConfig(out=str(Path(tmp, "unused")), num_experts=num_experts, slots_per_rank=slots, steps=4,
+                               checkpoint_every=2, **common)
+            cfg = real.model_config()
+            minimal = replace(real, model_overrides={**real.model_overrides, "d_ff": args.min_d_ff})
+            numel_min = minimal.model_config().expert_numel
+            if numel_min >= cfg.expert_numel:
+                parser.error(f"--min-d-ff {args.min_d_ff} is not below the real d_ff {cfg.d_ff}")
+            runs: dict[tuple[str, str], list[list[dict[str, int]]]] = {}
+            for repeat in range(args.repeats):   # the widths alternate: a drift in the machine's load hits both
+                for width, config in (("real", real), ("minimal", minimal)):
+                    got = run_width(config, world_size, Path(tmp, f"E{num_experts}-{width}-{repeat}"), args.jobs)
+                    for job, ranks in got.items():
+                        runs.setdefault((job, width), []).append(ranks)
+                        raw.append({"experts": num_experts, "job": job, "width": width, "repeat": repeat,
+                                    "ranks": ranks})
+            own = cfg.num_layers * 6 * slots * cfg.expert_numel * 4
+            predicted = own * (1 - numel_min / cfg.expert_numel)
+            old = predicted + 2 * cfg.num_layers * num_experts * (cfg.expert_numel - numel_min) * 4
+            for job in args.jobs:
+                peak_real, peak_min = median_peaks_kib(runs[job, "real"]), median_peaks_kib(runs[job, "minimal"])
+                part = [(r - m) * 1024 / MIB for r, m in zip(peak_real, peak_min, strict=True)]
                 rows.append({"experts": num_experts, "ranks": world_size, "slots": slots, "job": job,
-                             **summarize(ranks),
-                             "slot_shard_mib": round(cfg.num_layers * 6 * slots * cfg.expert_numel * 4 / MIB, 1),
-                             "export_mib": round(cfg.num_layers * num_experts * cfg.expert_numel * 4 / MIB, 1),
-                             "ckpt0_bytes_by_step": " ".join(f"{s}:{b}" for s, b in sorted(sizes.items()))})
-            print_table(rows[-2:])   # progress: a long sweep
+                             "rank0_part_mib": round(part[0], 1),
+                             "others_part_mib": round(max(part[1:]), 1) if world_size > 1 else None,
+                             "others_part_min_mib": round(min(part[1:]), 1) if world_size > 1 else None,
+                             "predicted_mib": round(predicted / MIB, 1), "old_design_mib": round(old / MIB, 1),
+                             "rank0_peak_mib": round(peak_real[0] / 1024, 1),
+                             "others_peak_mib": round(max(peak_real[1:]) / 1024, 1) if world_size > 1 else None})
+            print_table(rows[-len(args.jobs):])   # progress: a long sweep
+    elapsed_s = time.monotonic() - start
     print()  # noqa: T201
     print_table(rows)
-    for job in ("train", "resume"):
-        added = [row["others_added_mib"] for row in rows if row["job"] == job and row["others_added_mib"]]
-        if added:
-            print(f"{job}: other ranks' added peak from {min(added)} to {max(added)} MiB "  # noqa: T201
-                  f"({100 * (max(added) / min(added) - 1):.1f}% spread)")
+    for job in args.jobs:
+        for column in ("rank0_part_mib", "others_part_mib"):
+            parts = [row[column] for row in rows if row["job"] == job and row[column] is not None]
+            if parts and min(parts) > 0:
+                print(f"{job}: {column} from {min(parts)} to {max(parts)} MiB "  # noqa: T201
+                      f"({100 * (max(parts) / min(parts) - 1):.1f}% spread)")
+    print(f"{len(raw)} runs in {elapsed_s / 60:.1f} min")  # noqa: T201
     target = out_dir(args.out, "bench_memory")
     write_csv(target / "bench_memory.csv", rows)
-    meta = {"slots": slots, "experts": experts, "config": {k: v for k, v in asdict(config).items()
-                                                           if k in COMMON or k in ("steps", "checkpoint_every")},
+    meta = {"slots": slots, "experts": experts, "repeats": args.repeats, "jobs": args.jobs,
+            "min_d_ff": args.min_d_ff, "elapsed_s": round(elapsed_s, 1),
+            "config": {k: v for k, v in asdict(real).items() if k in COMMON or k in ("steps", "checkpoint_every")},
             "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__}
-    (target / "bench_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (target / "bench_memory.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": raw}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
                     masters under bfloat16)
   optim.py          the expert optimizers' base and SYMI's sharded layout; optim_group.py DeepSpeed's group
                     layout (static, fastermoe); optim_replica.py FlexMoE's
-  outputs.py        metrics rows, placement records, the run directory
+  outputs.py        metrics rows, placement records, the run directory; export.py its checkpoint.pt, streamed
   checkpointing.py  the loop's checkpoints (Checkpointer) over checkpoint.py, snapshots.py and writer.py
 
 Everything but config.py, prepare.py and supervise.py imports torch; the simulator (symi_sim) and the CLI never

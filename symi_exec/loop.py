@@ -187,12 +187,14 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         checkpointer.maybe_save(step, placement=placement, load_LE=load_LE, history=history)
 
     checkpointer.wait()
-    full_LEP = expert_opt.gather_weights(TORCH_DTYPES[config.dtype])   # rank 0 only, one layer at a time
+    export = expert_opt.export_chunks(TORCH_DTYPES[config.dtype])   # collective; rank 0 gets a few experts at a time
     if out_dir is not None:
-        assert full_LEP is not None
-        write_run_dir(out_dir, config=config, cfg=cfg, comm=comm, model=model, full_LEP=full_LEP, history=history,
+        write_run_dir(out_dir, config=config, cfg=cfg, comm=comm, model=model, export_chunks=export, history=history,
                       tokens_per_step=tokens_per_step, final_placement=placement)
         checkpointer.write_records(out_dir)
+    else:
+        for _ in export:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------- set-up

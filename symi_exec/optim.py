@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from symi_exec.comm import Comm, Segment, exchange
+from symi_exec.waits import wait_for_ranks
 from symi_sim.placement import Placement
 
 
@@ -252,30 +253,50 @@ class ExpertOptimizer(ABC):
     def _export_read(self, seg: Segment) -> torch.Tensor:
         """The master weights of an export segment this rank stores."""
 
-    def gather_weights(self, dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
-        """Rank 0: [L] x [E, P] every expert's full weights in `dtype` (default: the slots'), for the run's
-        single-device checkpoint.pt; other ranks: None. One layer at a time: rank 0 receives each stored piece
-        once, the other ranks send only the pieces they store (never more than one layer's). Bytes are counted
+    def export_chunks(self, dtype: torch.dtype | None = None, *, experts_per_chunk: int | None = None
+                      ) -> Iterator[tuple[int, torch.Tensor | None]]:
+        """Every expert's full weights in `dtype` (default: the slots'), for the run's single-device checkpoint.pt,
+        a few experts at a time: yields (layer, chunk_nP) per chunk of n <= `experts_per_chunk` (default: the slots
+        per rank) consecutive experts of a layer, layer by layer, experts ascending; chunk_nP [n, P] on rank 0, None
+        on the other ranks. A collective: every rank runs it to its end. Rank 0 receives each stored piece once and
+        holds one chunk at a time (its slots' size: independent of the expert count), the other ranks send only
+        the pieces they store. Before each chunk the ranks meet on the job's store (waits.wait_for_ranks, no
+        deadline), so rank 0 may write the previous one for longer than the collective timeout. Bytes are counted
         under `weight_sendout` after the last step's row (they appear in no row)."""
         dtype = dtype if dtype is not None else self.dtype
-        out: list[torch.Tensor] | None = [] if self.comm.rank == 0 else None
+        per_chunk = experts_per_chunk if experts_per_chunk is not None else self.slots_per_rank
+        if per_chunk < 1:
+            raise ValueError(f"experts per export chunk must be positive, got {per_chunk}")
+        rank0 = self.comm.rank == 0
         for layer in range(self.num_layers):
-            flat_EP = (torch.empty(self.num_experts, self.expert_numel, dtype=dtype, device=self.comm.device)
-                       if out is not None else None)
+            layer_segs = self._export_segments(layer)
+            for first in range(0, self.num_experts, per_chunk):
+                stop = min(first + per_chunk, self.num_experts)
+                wait_for_ranks(self.comm.store, f"export-{layer}-{first}", rank=self.comm.rank,
+                               world_size=self.comm.world_size)
+                chunk_nP = (torch.empty(stop - first, self.expert_numel, dtype=dtype, device=self.comm.device)
+                            if rank0 else None)
 
-            def write(seg: Segment, data: torch.Tensor, flat_EP: torch.Tensor | None = flat_EP) -> None:
-                assert flat_EP is not None
-                flat_EP[seg.key[1], seg.start:seg.stop] = data
+                def write(seg: Segment, data: torch.Tensor, chunk_nP: torch.Tensor | None = chunk_nP,
+                          first: int = first) -> None:
+                    assert chunk_nP is not None
+                    chunk_nP[seg.key[1] - first, seg.start:seg.stop] = data
 
-            segs = self._export_segments(layer)
-            if out is not None:
-                covered = sum(seg.numel for seg in segs)
-                assert covered == self.num_experts * self.expert_numel, (layer, covered)
-            exchange(segs, self.comm, "weight_sendout", dtype, self._export_read, write)
-            if out is not None:
-                assert flat_EP is not None
-                out.append(flat_EP)
-        return out
+                segs = [seg for seg in layer_segs if first <= seg.key[1] < stop]
+                if rank0:
+                    covered = sum(seg.numel for seg in segs)
+                    assert covered == (stop - first) * self.expert_numel, (layer, first, covered)
+                exchange(segs, self.comm, "weight_sendout", dtype, self._export_read, write)
+                yield layer, chunk_nP
+                del chunk_nP, write   # the next chunk's buffer is allocated with this one gone
+
+    def gather_weights(self, dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
+        """Rank 0: [L] x [E, P] every expert's full weights (export_chunks, all kept); other ranks: None."""
+        parts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        for layer, chunk_nP in self.export_chunks(dtype):
+            if chunk_nP is not None:
+                parts[layer].append(chunk_nP)
+        return [torch.cat(chunks) for chunks in parts] if self.comm.rank == 0 else None
 
 
 class ShardedExpertOptimizer(ExpertOptimizer):

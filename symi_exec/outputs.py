@@ -5,11 +5,11 @@ Legend: L MoE layers, E experts, G ranks, S steps, P parameters of one expert.
 Rank 0 writes the run directory as training goes: config.json at the start; metrics.csv (one row per step),
 placements.jsonl (the placement each step ran with and the assignments it dropped per layer and expert) and
 (--record-trace) trace_counts.bin (int32 [S, L, E, G] counts per step, layer, expert and source rank, C order),
-appended every step and written out every log interval (History.flush), whole lines only; at the end
-checkpoint.pt (single-device state dict, loadable by model.GPT), trace.parquet (from trace_counts.bin, then
-removed) and, with checkpoints, checkpoints.csv and, when resumed, recovery.json (checkpointing.py); the launcher
-(or rank 0 of a torchrun job) writes COMPLETE last, once every rank finished. A job that fails keeps its partial
-directory (no COMPLETE): every row up to the last flush.
+appended every step and written out every log interval (History.flush), whole lines only; at the end checkpoint.pt
+(single-device state dict, loadable by model.GPT; streamed a few experts at a time, export.py), trace.parquet (from
+trace_counts.bin, then removed) and, with checkpoints, checkpoints.csv and, when resumed, recovery.json
+(checkpointing.py); the launcher (or rank 0 of a torchrun job) writes COMPLETE last, once every rank finished. A job
+that fails keeps its partial directory (no COMPLETE): every row up to the last flush.
 
 Memory and checkpoints do not grow with the steps: History holds the last step (a sparse snapshot's delta) and the
 rows not yet written; a full checkpoint copies the streamed files as they are at its step (history_files).
@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ import torch.distributed as dist
 
 from symi_exec.comm import BYTE_KINDS, Comm
 from symi_exec.config import TrainConfig
-from symi_exec.model import GPT, ModelConfig
+from symi_exec.export import save_streamed
+from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig
 from symi_exec.moe import ReplicatedMoE
 from symi_exec.waits import hold_for_test
 from symi_sim.outputs import RUN_COMPLETE, write_json
@@ -299,17 +301,19 @@ def run_config(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, tokens_per_
 
 
 def write_run_dir(out_dir: Path, *, config: TrainConfig, cfg: ModelConfig, comm: Comm, model: GPT,
-                  full_LEP: list[torch.Tensor], history: History, tokens_per_step: int,
+                  export_chunks: Iterable[tuple[int, torch.Tensor]], history: History, tokens_per_step: int,
                   final_placement: Placement) -> None:
     """The end of the run directory (config.json and the streamed files are there): the last rows written out,
-    checkpoint.pt and (record_trace) trace.parquet, from trace_counts.bin, which goes."""
-    hold_for_test("run-dir")
+    checkpoint.pt, streamed from `export_chunks` ((layer, [n, P] weights of its next n experts), rank 0's side of
+    ExpertOptimizer.export_chunks, run to its end here) and (record_trace) trace.parquet, from trace_counts.bin,
+    which goes."""
     history.flush()
     if history.num_steps != config.steps:
         raise ValueError(f"{str(out_dir / METRICS)!r} holds {history.num_steps} steps of {config.steps}")
-    torch.save({"model": single_device_state_dict(model, full_LEP, cfg), "model_config": cfg.to_dict(),
-                "train_config": asdict(config), "steps": config.steps,
-                "placement": final_placement.to_json_dict()}, out_dir / "checkpoint.pt")
+    save_streamed(out_dir / "checkpoint.pt", dense=dense_state_dict(model), cfg=cfg, dtype=TORCH_DTYPES[config.dtype],
+                  chunks=export_chunks, extra={"model_config": cfg.to_dict(), "train_config": asdict(config),
+                                               "steps": config.steps, "placement": final_placement.to_json_dict()})
+    hold_for_test("run-dir")   # after the export's collectives: the other ranks wait at the job's end
     if config.record_trace:
         from symi_sim.traces.format import LoadTrace, write_trace
 
