@@ -7,6 +7,7 @@ per-segment `exchange` they replace, bit for bit, and against the sums they stan
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import threading
@@ -368,9 +369,11 @@ def test_sharded_collection_sums_a_ranks_slots_in_slot_order(monkeypatch: pytest
 
 
 def test_bench_exchange_quick_run_writes_its_table(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_exchange.py"), "--quick", "--out",
-                    str(tmp_path)], check=True, cwd=ROOT, capture_output=True, text=True)
-    with open(tmp_path / "bench_exchange.csv") as f:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_exchange.py"), "--quick", "--out", "out"],
+                   check=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "out" / "bench_exchange.json").is_file()
+    with open(tmp_path / "out" / "bench_exchange.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1
     row = rows[0]
