@@ -499,7 +499,7 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         # [U, P] this rank's slot gradients summed per hosted expert (slots in order)
         partial_UP = torch.zeros(num_hosted, self.expert_numel, dtype=self.master_dtype, device=comm.device)
         for grads_SP, slot_rows_S in zip(slot_grads_LSP, side.slot_rows_LS, strict=True):
-            partial_UP.index_add_(0, slot_rows_S, grads_SP.to(self.master_dtype))
+            partial_UP.index_put_((slot_rows_S,), grads_SP.to(self.master_dtype), accumulate=True)
         send = torch.empty(num_hosted * (self.expert_numel - shard), dtype=dtype, device=comm.device)
         num_before = num_hosted * self.start   # the shards of the ranks before this one
         pack_shard_blocks_(send[:num_before], partial_UP, num_ranks, 0, me)
@@ -508,7 +508,9 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         parts_NP = torch.cat([partial_UP[:, self.start:self.stop],
                               recv.view(len(side.collect_recv_keys), shard).to(self.master_dtype)]) / num_ranks
         grad_Kp = self._grad_LEp.view(self.num_layers * self.num_experts, shard).zero_()
-        grad_Kp.index_add_(0, torch.cat([side.keys_U, side.collect_recv_keys]), parts_NP)
+        # accumulate=True adds repeated rows in order on the CPU and, sort-based, on CUDA too (index_add_ there is
+        # atomic: a run would not reproduce itself)
+        grad_Kp.index_put_((torch.cat([side.keys_U, side.collect_recv_keys]),), parts_NP, accumulate=True)
 
     def _counted_grads(self) -> Iterable[torch.Tensor]:
         return self.grad_LEp   # shards: every element lives on one rank
