@@ -1,6 +1,6 @@
 """Communication for the executor: bytes counted by kind, a differentiable all-to-all, planned segment exchanges.
 
-Legend: M rows (tokens) in a buffer, D features, G ranks.
+Legend: M rows (tokens) in a buffer, D features, G ranks, N segments of a table.
 
 Byte counts are what this rank SENDS to other ranks (payload only; nothing a rank keeps for itself):
   popularity            all-gather of the per-rank [E] router counts (every MoE layer, every step)
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -180,3 +181,82 @@ def exchange(segments: Sequence[Segment], comm: Comm, kind: str, dtype: torch.dt
         for seg in src_segs:
             write(seg, recv[offset:offset + seg.numel])
             offset += seg.numel
+
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """A segment list as parallel int64 arrays [N], in list order: elements [start_N, stop_N) of the flat vector of
+    (layer_N, expert_N) go from rank src_N to rank dst_N. Built from the placement with array operations, so the
+    same table on every rank; `segments()` is the equivalent list of Segment (tests, the callback `exchange`)."""
+
+    src_N: np.ndarray
+    dst_N: np.ndarray
+    layer_N: np.ndarray
+    expert_N: np.ndarray
+    start_N: np.ndarray
+    stop_N: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.src_N)
+
+    @property
+    def numel_N(self) -> np.ndarray:
+        return self.stop_N - self.start_N
+
+    def segments(self) -> list[Segment]:
+        """The table as Segment objects (key (layer, expert)), in table order."""
+        return [Segment(int(src), int(dst), (int(layer), int(expert)), int(start), int(stop))
+                for src, dst, layer, expert, start, stop in zip(self.src_N, self.dst_N, self.layer_N, self.expert_N,
+                                                                self.start_N, self.stop_N, strict=True)]
+
+    def select(self, rows_N: np.ndarray) -> SegmentTable:
+        """The rows `rows_N` (indices or a boolean mask) of the table, in that order."""
+        return SegmentTable(*(column[rows_N] for column in (self.src_N, self.dst_N, self.layer_N, self.expert_N,
+                                                            self.start_N, self.stop_N)))
+
+    def side(self, rank: int, world_size: int) -> ExchangeSide:
+        """`rank`'s part of the table's exchange, in the order `exchange` moves it."""
+        src_N, dst_N, numel_N = self.src_N, self.dst_N, self.numel_N
+        local = np.flatnonzero((src_N == rank) & (dst_N == rank))
+        send = np.flatnonzero((src_N == rank) & (dst_N != rank))
+        send = send[np.argsort(dst_N[send], kind="stable")]
+        recv = np.flatnonzero((dst_N == rank) & (src_N != rank))
+        recv = recv[np.argsort(src_N[recv], kind="stable")]
+        in_splits = np.bincount(dst_N[send], weights=numel_N[send], minlength=world_size).astype(np.int64)
+        out_splits = np.bincount(src_N[recv], weights=numel_N[recv], minlength=world_size).astype(np.int64)
+        return ExchangeSide(send_N=send, recv_N=recv, local_N=local, in_splits=in_splits.tolist(),
+                            out_splits=out_splits.tolist(), crossing=bool(np.any(src_N != dst_N)))
+
+
+def segment_table(*, src_N: np.ndarray, dst_N: np.ndarray, layer_N: np.ndarray, expert_N: np.ndarray,
+                  start_N: np.ndarray, stop_N: np.ndarray) -> SegmentTable:
+    """A SegmentTable from array-likes (cast to int64, broadcast to one length)."""
+    columns = np.broadcast_arrays(*(np.asarray(c, dtype=np.int64) for c in (src_N, dst_N, layer_N, expert_N,
+                                                                           start_N, stop_N)))
+    return SegmentTable(*(np.ascontiguousarray(c) for c in columns))
+
+
+@dataclass(frozen=True)
+class ExchangeSide:
+    """One rank's part of a SegmentTable's exchange: rows of the table it sends (src == rank != dst, by dst, table
+    order within one dst: the send buffer's order), receives (dst == rank != src, by src: the receive buffer's
+    order) and keeps (src == dst == rank, table order); elements per peer rank; whether any segment crosses ranks
+    (the same answer on every rank: when none does, every rank skips the all-to-all)."""
+
+    send_N: np.ndarray
+    recv_N: np.ndarray
+    local_N: np.ndarray
+    in_splits: list[int]    # elements this rank sends to each rank
+    out_splits: list[int]   # elements this rank receives from each rank
+    crossing: bool
+
+
+def exchange_buffer(send: torch.Tensor, side: ExchangeSide, comm: Comm, kind: str, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """The all-to-all of a packed table exchange: `send` [sum(in_splits)] (this rank's outgoing segments in
+    side.send_N's order) travels in `dtype`; returns [sum(out_splits)] in side.recv_N's order. The same collective
+    `exchange` makes for the table's segments (bytes counted under `kind`)."""
+    assert send.numel() == sum(side.in_splits), (send.numel(), sum(side.in_splits))
+    if comm.world_size > 1 and side.crossing:
+        return all_to_all_rows(send.to(dtype), side.out_splits, side.in_splits, comm, kind)
+    return send

@@ -45,13 +45,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from symi_exec.comm import Comm, Segment, exchange
+from symi_exec.comm import Comm, ExchangeSide, Segment, SegmentTable, exchange, exchange_buffer, segment_table
 from symi_exec.waits import wait_for_ranks
 from symi_sim.placement import Placement
 
@@ -82,10 +83,20 @@ def holder_ranks(phy2log_R: np.ndarray, expert: int, slots_per_rank: int) -> lis
 Key = tuple[int, int]   # (layer, expert)
 
 
+def holder_mask(phy2log_LR: np.ndarray, num_experts: int, slots_per_rank: int) -> np.ndarray:
+    """[L, E, G] bool: rank g has at least one slot holding expert e in layer l."""
+    num_layers, num_slots = phy2log_LR.shape
+    mask_LEG = np.zeros((num_layers, num_experts, num_slots // slots_per_rank), dtype=bool)
+    mask_LEG[np.arange(num_layers)[:, None], phy2log_LR, np.arange(num_slots)[None, :] // slots_per_rank] = True
+    return mask_LEG
+
+
 def expert_holders(placement: Placement, slots_per_rank: int, num_experts: int) -> dict[Key, list[int]]:
     """Sorted holder ranks of every (layer, expert) of `placement` (layers, then experts, in order)."""
-    return {(layer, expert): holder_ranks(phy2log_R, expert, slots_per_rank)
-            for layer, phy2log_R in enumerate(placement.phy2log_LR) for expert in range(num_experts)}
+    mask_LEG = holder_mask(placement.phy2log_LR, num_experts, slots_per_rank)
+    return {(layer, expert): np.flatnonzero(mask_G).tolist()
+            for (layer, expert), mask_G in zip(np.ndindex(mask_LEG.shape[:2]), mask_LEG.reshape(-1, mask_LEG.shape[2]),
+                                               strict=True)}
 
 
 def group_shards(holders: dict[Key, list[int]], expert_numel: int
@@ -95,6 +106,73 @@ def group_shards(holders: dict[Key, list[int]], expert_numel: int
     for key, ranks in holders.items():
         for i, owner in enumerate(ranks):
             yield (key, ranks, owner, *shard_bounds(expert_numel, len(ranks), i))
+
+
+def _runs(lengths_K: np.ndarray) -> np.ndarray:
+    """[sum(lengths)] the position of every element within its run: 0 .. lengths[k] - 1 for each k in turn."""
+    total = int(lengths_K.sum())
+    return np.arange(total) - np.repeat(np.cumsum(lengths_K) - lengths_K, lengths_K)
+
+
+def shard_bounds_array(numel: int, num_shards_N: np.ndarray, shard_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """shard_bounds elementwise: ([N] start, [N] stop) of shard shard_N of `numel` split num_shards_N ways."""
+    base_N, rest_N = np.divmod(numel, num_shards_N)
+    start_N = shard_N * base_N + np.minimum(shard_N, rest_N)
+    return start_N, start_N + base_N + (shard_N < rest_N)
+
+
+def group_tables(phy2log_LR: np.ndarray, *, num_experts: int, slots_per_rank: int, expert_numel: int
+                 ) -> tuple[SegmentTable, SegmentTable]:
+    """(reduce-scatter, all-gather) of every expert's replica group (group_shards' shards), as tables: per
+    (layer, expert), per owner i of the r sorted holders, per holder h: [shard i of r] from h to the owner, and from
+    the owner to h. The reduce-scatter leaves out h == owner; the all-gather keeps it (no bytes)."""
+    layer_H, expert_H, rank_H = np.nonzero(holder_mask(phy2log_LR, num_experts, slots_per_rank))
+    count_K = np.bincount(layer_H * num_experts + expert_H, minlength=phy2log_LR.shape[0] * num_experts)
+    count_H = count_K[layer_H * num_experts + expert_H]        # r of the holder's expert
+    first_H = np.repeat(np.cumsum(count_K) - count_K, count_K)  # the expert's first holder row
+    index_H = np.arange(len(rank_H)) - first_H                  # i: the holder's position among them
+    start_H, stop_H = shard_bounds_array(expert_numel, count_H, index_H)
+    # one row per (owner row, holder of the same expert), owners in order, holders sorted
+    owner_X = np.repeat(np.arange(len(rank_H)), count_H)
+    peer_X = first_H[owner_X] + _runs(count_H)
+    columns = {"layer_N": layer_H[owner_X], "expert_N": expert_H[owner_X], "start_N": start_H[owner_X],
+               "stop_N": stop_H[owner_X]}
+    gather = segment_table(src_N=rank_H[owner_X], dst_N=rank_H[peer_X], **columns)
+    reduce = segment_table(src_N=rank_H[peer_X], dst_N=rank_H[owner_X], **columns)
+    return reduce.select(reduce.src_N != reduce.dst_N), gather
+
+
+def sharded_tables(phy2log_LR: np.ndarray, *, num_experts: int, slots_per_rank: int, world_size: int,
+                   expert_numel: int) -> tuple[SegmentTable, SegmentTable]:
+    """SYMI's (collection, send-out) under one placement, as tables. Collection: per (layer, expert), per holder h
+    (sorted), per rank r: shard r of G of h's partial gradient from h to r. Send-out: per (layer, expert), per
+    holder h, per rank r: rank r's shard of the updated weights from r to h."""
+    layer_H, expert_H, rank_H = np.nonzero(holder_mask(phy2log_LR, num_experts, slots_per_rank))
+    ranks_G = np.arange(world_size)
+    start_G, stop_G = shard_bounds_array(expert_numel, np.full(world_size, world_size), ranks_G)
+    num_holders = len(rank_H)
+    columns = {"layer_N": np.repeat(layer_H, world_size), "expert_N": np.repeat(expert_H, world_size),
+               "start_N": np.tile(start_G, num_holders), "stop_N": np.tile(stop_G, num_holders)}
+    holder_N, rank_N = np.repeat(rank_H, world_size), np.tile(ranks_G, num_holders)
+    return (segment_table(src_N=holder_N, dst_N=rank_N, **columns),
+            segment_table(src_N=rank_N, dst_N=holder_N, **columns))
+
+
+class PlacementCache:
+    """What one rank derived from a placement, for the last `size` placements (a run re-plans every step: the
+    send-out's placement is the next step's collection's)."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._entries: dict[tuple[tuple[int, ...], bytes], Any] = {}
+
+    def get(self, phy2log_LR: np.ndarray, build: Callable[[], Any]) -> Any:
+        key = (phy2log_LR.shape, np.ascontiguousarray(phy2log_LR, dtype=np.int64).tobytes())
+        if key not in self._entries:
+            while len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = build()
+        return self._entries[key]
 
 
 def local_grad_sums(slot_grads_LSP: list[torch.Tensor], placement: Placement, rank: int, slots_per_rank: int, *,
@@ -110,21 +188,29 @@ def local_grad_sums(slot_grads_LSP: list[torch.Tensor], placement: Placement, ra
     return sums
 
 
+def replica_sync_segments(phy2log_LR: np.ndarray, *, num_experts: int, slots_per_rank: int, expert_numel: int
+                          ) -> tuple[list[Segment], list[Segment]]:
+    """(reduce-scatter, all-gather) segments of the replica gradient sync: group_tables without the all-gather's
+    copies of an owner to itself."""
+    reduce, gather = group_tables(phy2log_LR, num_experts=num_experts, slots_per_rank=slots_per_rank,
+                                  expert_numel=expert_numel)
+    return reduce.segments(), gather.select(gather.src_N != gather.dst_N).segments()
+
+
 def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement, comm: Comm, slots_per_rank: int,
-                       num_experts: int, *, accumulate_dtype: torch.dtype | None = None
-                       ) -> tuple[dict[Key, torch.Tensor], dict[Key, list[int]]]:
+                       num_experts: int, *, accumulate_dtype: torch.dtype | None = None,
+                       segments: tuple[list[Segment], list[Segment]] | None = None) -> dict[Key, torch.Tensor]:
     """The replica gradient sync: every holder rank of (layer, expert) ends with the expert's gradient summed over
     all its slots on all ranks (travelling in the slots' dtype, summed in `accumulate_dtype`, default the same).
-    Returns (representative[(layer, expert)] [P] on holder ranks, holders[(layer, expert)] sorted holder ranks for
-    every key)."""
+    `segments`: replica_sync_segments of `placement` (computed when not given). Returns [P] per (layer, expert)
+    this rank hosts."""
     expert_numel = slot_grads_LSP[0].shape[1]
     dtype = slot_grads_LSP[0].dtype
-    holders = expert_holders(placement, slots_per_rank, num_experts)
     representative = local_grad_sums(slot_grads_LSP, placement, comm.rank, slots_per_rank, dtype=accumulate_dtype)
-    reduce_segs, gather_segs = [], []
-    for key, ranks, owner, start, stop in group_shards(holders, expert_numel):
-        reduce_segs += [Segment(h, owner, key, start, stop) for h in ranks if h != owner]
-        gather_segs += [Segment(owner, h, key, start, stop) for h in ranks if h != owner]
+    if segments is None:
+        segments = replica_sync_segments(placement.phy2log_LR, num_experts=num_experts,
+                                         slots_per_rank=slots_per_rank, expert_numel=expert_numel)
+    reduce_segs, gather_segs = segments
 
     def read_rep(seg: Segment) -> torch.Tensor:
         return representative[seg.key][seg.start:seg.stop].clone()
@@ -137,7 +223,7 @@ def sync_replica_grads(slot_grads_LSP: list[torch.Tensor], placement: Placement,
 
     exchange(reduce_segs, comm, "replica_grad_sync", dtype, read_rep, add_rep)
     exchange(gather_segs, comm, "replica_grad_sync", dtype, read_rep, copy_rep)
-    return representative, holders
+    return representative
 
 
 ExpertInit = Callable[[int, int], torch.Tensor]   # (layer, expert) -> [P] the expert's full initial weights
@@ -299,27 +385,123 @@ class ExpertOptimizer(ABC):
         return [torch.cat(chunks) for chunks in parts] if self.comm.rank == 0 else None
 
 
+def _shard_runs(numel: int, num_shards: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(first shard, number of shards, shard size): shards lo .. hi - 1 of shard_bounds' split in runs of one size."""
+    base, rest = divmod(numel, num_shards)
+    runs = [(lo, min(hi, rest) - lo, base + 1), (max(lo, rest), hi - max(lo, rest), base)]
+    return [run for run in runs if run[1] > 0]
+
+
+def pack_shard_blocks_(out: torch.Tensor, x_UP: torch.Tensor, num_shards: int, lo: int, hi: int) -> None:
+    """out [U (stop of shard hi - 1 - start of shard lo)] = shards lo .. hi - 1 of x_UP's rows, shard-major: the
+    block of shard g is x_UP[:, start_g:stop_g] ([U, p_g], row-major). Casts to out's dtype."""
+    num_rows, numel = x_UP.shape
+    offset = 0
+    for first, count, size in _shard_runs(numel, num_shards, lo, hi):
+        start = shard_bounds(numel, num_shards, first)[0]
+        block_numel = num_rows * count * size
+        out[offset:offset + block_numel].view(count, num_rows, size).copy_(
+            x_UP[:, start:start + count * size].view(num_rows, count, size).transpose(0, 1))
+        offset += block_numel
+    assert offset == out.numel(), (offset, out.numel())
+
+
+def unpack_shard_blocks_(x_UP: torch.Tensor, data: torch.Tensor, num_shards: int, lo: int, hi: int) -> None:
+    """The inverse of pack_shard_blocks_: x_UP's columns of shards lo .. hi - 1 = the shard-major blocks `data`."""
+    num_rows, numel = x_UP.shape
+    offset = 0
+    for first, count, size in _shard_runs(numel, num_shards, lo, hi):
+        start = shard_bounds(numel, num_shards, first)[0]
+        block_numel = num_rows * count * size
+        x_UP[:, start:start + count * size].view(num_rows, count, size).copy_(
+            data[offset:offset + block_numel].view(count, num_rows, size).transpose(0, 1))
+        offset += block_numel
+    assert offset == data.numel(), (offset, data.numel())
+
+
+@dataclass(frozen=True)
+class ShardedSide:
+    """One rank's part of SYMI's collection and send-out under one placement (sharded_tables), as device indices.
+    Legend: U the (layer, expert) pairs this rank hosts, K = L E."""
+
+    keys_U: torch.Tensor            # [U] layer * E + expert of the experts this rank hosts, (layer, expert) order
+    slot_rows_LS: list[torch.Tensor]   # [L] x [S] the row of keys_U each of this rank's slots holds
+    collect: ExchangeSide
+    collect_recv_keys: torch.Tensor   # [n] layer * E + expert of each received gradient shard, receive order
+    sendout: ExchangeSide
+    sendout_send_keys: torch.Tensor   # [n] layer * E + expert of each sent weight shard, send order
+
+
+def sharded_side(phy2log_LR: np.ndarray, *, num_experts: int, slots_per_rank: int, world_size: int,
+                 expert_numel: int, rank: int, device: torch.device) -> ShardedSide:
+    """`rank`'s ShardedSide of a placement. Its packing relies on the tables' shape, checked here: in the
+    collection every holder sends every other rank that rank's shard of each expert it hosts (so the send buffer is
+    the hosted partial sums' shards, rank-major), in the send-out every rank sends every holder its own shard (so
+    the receive buffer is the hosted experts' shards, rank-major)."""
+    collect, sendout = sharded_tables(phy2log_LR, num_experts=num_experts, slots_per_rank=slots_per_rank,
+                                      world_size=world_size, expert_numel=expert_numel)
+    collect_side, sendout_side = collect.side(rank, world_size), sendout.side(rank, world_size)
+    num_layers = phy2log_LR.shape[0]
+    local_LS = phy2log_LR[:, rank * slots_per_rank:(rank + 1) * slots_per_rank]
+    key_LS = np.arange(num_layers)[:, None] * num_experts + local_LS
+    keys_U = np.unique(key_LS)
+    row_K = np.full(num_layers * num_experts, -1, dtype=np.int64)
+    row_K[keys_U] = np.arange(len(keys_U))
+
+    def keys(table: SegmentTable, rows_N: np.ndarray) -> np.ndarray:
+        return table.layer_N[rows_N] * num_experts + table.expert_N[rows_N]
+
+    shard_G = np.diff(shard_bounds_array(expert_numel, np.full(world_size, world_size), np.arange(world_size)),
+                      axis=0)[0]
+    others_G = np.where(np.arange(world_size) == rank, 0, len(keys_U) * shard_G).tolist()
+    num_others = world_size - 1
+    assert collect_side.in_splits == others_G and sendout_side.out_splits == others_G
+    assert np.array_equal(keys(collect, collect_side.local_N), keys_U)
+    assert np.array_equal(keys(sendout, sendout_side.local_N), keys_U)
+    assert np.array_equal(keys(collect, collect_side.send_N), np.tile(keys_U, num_others))
+    assert np.array_equal(keys(sendout, sendout_side.recv_N), np.tile(keys_U, num_others))
+
+    def as_index(index: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(index, dtype=torch.int64, device=device)
+
+    return ShardedSide(keys_U=as_index(keys_U), slot_rows_LS=[as_index(row_K[key_S]) for key_S in key_LS],
+                       collect=collect_side, collect_recv_keys=as_index(keys(collect, collect_side.recv_N)),
+                       sendout=sendout_side, sendout_send_keys=as_index(keys(sendout, sendout_side.send_N)))
+
+
 class ShardedExpertOptimizer(ExpertOptimizer):
-    """Every expert's master weights and AdamW moments for this rank's shard; the gradient and weight traffic."""
+    """Every expert's master weights and AdamW moments for this rank's shard; the gradient and weight traffic.
+
+    The traffic follows sharded_tables; both phases pack, move and unpack with a few tensor ops whatever the
+    number of experts (ShardedSide, cached for the last two placements: the send-out's is the next collection's)."""
 
     layout = "sharded"
 
     def _init_state(self, expert_init: ExpertInit) -> None:
-        # one expert at a time: O(L E P / G) kept, O(P) transient
+        # one expert at a time: O(L E P / G) kept, O(P) transient; one [L, E, p] tensor per kind (the exchanges
+        # index its flat [L E, p] view), handed out per layer as views
         self.start, self.stop = self._bounds(self.comm.rank)
-        self.master_LEp = []
+        shape = (self.num_layers, self.num_experts, self.stop - self.start)
+        self._master_LEp = torch.empty(shape, dtype=self.master_dtype, device=self.comm.device)
         for layer in range(self.num_layers):
-            master_Ep = torch.empty(self.num_experts, self.stop - self.start, dtype=self.master_dtype,
-                                    device=self.comm.device)
             for expert in range(self.num_experts):
-                master_Ep[expert] = expert_init(layer, expert)[self.start:self.stop]
-            self.master_LEp.append(master_Ep)
-        self.exp_avg_LEp = [torch.zeros_like(w) for w in self.master_LEp]
-        self.exp_avg_sq_LEp = [torch.zeros_like(w) for w in self.master_LEp]
-        self.grad_LEp = [torch.zeros_like(w) for w in self.master_LEp]
+                self._master_LEp[layer, expert] = expert_init(layer, expert)[self.start:self.stop]
+        self._exp_avg_LEp, self._exp_avg_sq_LEp, self._grad_LEp = (torch.zeros_like(self._master_LEp)
+                                                                   for _ in range(3))
+        self.master_LEp = list(self._master_LEp.unbind(0))
+        self.exp_avg_LEp = list(self._exp_avg_LEp.unbind(0))
+        self.exp_avg_sq_LEp = list(self._exp_avg_sq_LEp.unbind(0))
+        self.grad_LEp = list(self._grad_LEp.unbind(0))
+        self._sides = PlacementCache()
 
     def _bounds(self, rank: int) -> tuple[int, int]:
         return shard_bounds(self.expert_numel, self.comm.world_size, rank)
+
+    def _side(self, placement: Placement) -> ShardedSide:
+        return self._sides.get(placement.phy2log_LR, lambda: sharded_side(
+            placement.phy2log_LR, num_experts=self.num_experts, slots_per_rank=self.slots_per_rank,
+            world_size=self.comm.world_size, expert_numel=self.expert_numel, rank=self.comm.rank,
+            device=self.comm.device))
 
     # ------------------------------------------------------------------ gradients
 
@@ -329,24 +511,27 @@ class ShardedExpertOptimizer(ExpertOptimizer):
 
         slot_grads_LSP: this rank's slot gradients per layer under `placement` (the one the step ran with); the
         per-rank losses are local means, so the summed gradient is divided by the number of ranks. The partial
-        sums travel in the slots' dtype and are accumulated in the master dtype.
+        sums travel in the slots' dtype and are accumulated in the master dtype: this rank's own partial first,
+        then the other holders' in rank order (the sums are sequential, so every rank's result is reproducible).
         """
-        comm = self.comm
-        partial = local_grad_sums(slot_grads_LSP, placement, comm.rank, self.slots_per_rank, dtype=self.master_dtype)
-        holders = expert_holders(placement, self.slots_per_rank, self.num_experts)
-        segs = [Segment(holder, rank, key, *self._bounds(rank))
-                for key, ranks in holders.items() for holder in ranks for rank in range(comm.world_size)]
-        for grad_Ep in self.grad_LEp:
-            grad_Ep.zero_()
-
-        def read_partial(seg: Segment) -> torch.Tensor:
-            return partial[seg.key][seg.start:seg.stop]
-
-        def add_grad(seg: Segment, data: torch.Tensor) -> None:
-            layer, expert = seg.key
-            self.grad_LEp[layer][expert] += data.to(self.master_dtype) / comm.world_size
-
-        exchange(segs, comm, "grad_collection", slot_grads_LSP[0].dtype, read_partial, add_grad)
+        comm, side = self.comm, self._side(placement)
+        num_ranks, me, dtype = comm.world_size, comm.rank, slot_grads_LSP[0].dtype
+        num_hosted, shard = len(side.keys_U), self.stop - self.start
+        # [U, P] this rank's slot gradients summed per hosted expert (slots in order)
+        partial_UP = torch.zeros(num_hosted, self.expert_numel, dtype=self.master_dtype, device=comm.device)
+        for grads_SP, slot_rows_S in zip(slot_grads_LSP, side.slot_rows_LS, strict=True):
+            partial_UP.index_put_((slot_rows_S,), grads_SP.to(self.master_dtype), accumulate=True)
+        send = torch.empty(num_hosted * (self.expert_numel - shard), dtype=dtype, device=comm.device)
+        num_before = num_hosted * self.start   # the shards of the ranks before this one
+        pack_shard_blocks_(send[:num_before], partial_UP, num_ranks, 0, me)
+        pack_shard_blocks_(send[num_before:], partial_UP, num_ranks, me + 1, num_ranks)
+        recv = exchange_buffer(send, side.collect, comm, "grad_collection", dtype)
+        parts_NP = torch.cat([partial_UP[:, self.start:self.stop],
+                              recv.view(len(side.collect_recv_keys), shard).to(self.master_dtype)]) / num_ranks
+        grad_Kp = self._grad_LEp.view(self.num_layers * self.num_experts, shard).zero_()
+        # accumulate=True adds repeated rows in order on the CPU and, sort-based, on CUDA too (index_add_ there is
+        # atomic: a run would not reproduce itself)
+        grad_Kp.index_put_((torch.cat([side.keys_U, side.collect_recv_keys]),), parts_NP, accumulate=True)
 
     def _counted_grads(self) -> Iterable[torch.Tensor]:
         return self.grad_LEp   # shards: every element lives on one rank
@@ -358,26 +543,22 @@ class ShardedExpertOptimizer(ExpertOptimizer):
 
     def send_out(self, placement: Placement, slot_weights_LSP: list[torch.Tensor]) -> None:
         """Fill every rank's slots with the current weights of the experts `placement` gives them (the master
-        shards cast to the slots' dtype)."""
-        comm, spr = self.comm, self.slots_per_rank
-        segs = []
-        for layer in range(self.num_layers):
-            phy2log_R = placement.phy2log_LR[layer]
-            for expert in range(self.num_experts):
-                for dst in holder_ranks(phy2log_R, expert, spr):
-                    segs += [Segment(src, dst, (layer, expert), *self._bounds(src)) for src in range(comm.world_size)]
-
-        def read_master(seg: Segment) -> torch.Tensor:
-            layer, expert = seg.key
-            return self.master_LEp[layer][expert]
-
-        def write_slots(seg: Segment, data: torch.Tensor) -> None:
-            layer, expert = seg.key
-            with torch.no_grad():
-                for s in np.flatnonzero(self._local_R(placement.phy2log_LR[layer]) == expert):
-                    slot_weights_LSP[layer][s, seg.start:seg.stop] = data
-
-        exchange(segs, comm, "weight_sendout", slot_weights_LSP[0].dtype, read_master, write_slots)
+        shards cast to the slots' dtype): every rank sends its shard of each expert to the expert's holders, and a
+        holder assembles the expert ([U, P]) and copies it into each of its slots holding it."""
+        comm, side = self.comm, self._side(placement)
+        num_ranks, me, dtype = comm.world_size, comm.rank, slot_weights_LSP[0].dtype
+        num_hosted, shard = len(side.keys_U), self.stop - self.start
+        master_Kp = self._master_LEp.view(self.num_layers * self.num_experts, shard)
+        send = master_Kp.index_select(0, side.sendout_send_keys).to(dtype).view(-1)
+        recv = exchange_buffer(send, side.sendout, comm, "weight_sendout", dtype)
+        full_UP = torch.empty(num_hosted, self.expert_numel, dtype=dtype, device=comm.device)
+        num_before = num_hosted * self.start
+        unpack_shard_blocks_(full_UP, recv[:num_before], num_ranks, 0, me)
+        full_UP[:, self.start:self.stop] = master_Kp.index_select(0, side.keys_U)
+        unpack_shard_blocks_(full_UP, recv[num_before:], num_ranks, me + 1, num_ranks)
+        with torch.no_grad():
+            for weights_SP, slot_rows_S in zip(slot_weights_LSP, side.slot_rows_LS, strict=True):
+                weights_SP.copy_(full_UP.index_select(0, slot_rows_S))
 
     def state_dict(self) -> dict[str, object]:
         """This rank's shard of every expert: master weights and AdamW moments (master dtype)."""

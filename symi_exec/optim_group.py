@@ -29,8 +29,8 @@ from symi_exec.optim import (
     ExpertOptimizer,
     ExpertStateSource,
     Key,
-    expert_holders,
     group_shards,
+    group_tables,
     holder_ranks,
     local_grad_sums,
 )
@@ -41,14 +41,12 @@ STATE_NAMES = ("weights", "exp_avg", "exp_avg_sq")
 
 def group_segments(placement: Placement, *, slots_per_rank: int, expert_numel: int
                    ) -> tuple[list[Segment], list[Segment]]:
-    """(reduce-scatter, all-gather) segments of every expert's replica group under `placement`; the same list on
-    every rank. The all-gather includes each owner's copy to itself (it never leaves the rank, no bytes)."""
-    holders = expert_holders(placement, slots_per_rank, placement.num_experts)
-    reduce_segs, gather_segs = [], []
-    for key, ranks, owner, start, stop in group_shards(holders, expert_numel):
-        reduce_segs += [Segment(h, owner, key, start, stop) for h in ranks if h != owner]
-        gather_segs += [Segment(owner, h, key, start, stop) for h in ranks]
-    return reduce_segs, gather_segs
+    """(reduce-scatter, all-gather) segments of every expert's replica group under `placement` (optim.group_tables,
+    built with array operations); the same list on every rank. The all-gather includes each owner's copy to itself
+    (it never leaves the rank, no bytes)."""
+    reduce, gather = group_tables(placement.phy2log_LR, num_experts=placement.num_experts,
+                                  slots_per_rank=slots_per_rank, expert_numel=expert_numel)
+    return reduce.segments(), gather.segments()
 
 
 class GroupExpertOptimizer(ExpertOptimizer):

@@ -11,9 +11,36 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from symi_exec.comm import Segment, exchange
-from symi_exec.optim import ExpertInit, ExpertOptimizer, ExpertStateSource, holder_ranks, sync_replica_grads
+from symi_exec.comm import Segment, SegmentTable, exchange, segment_table
+from symi_exec.optim import (
+    ExpertInit,
+    ExpertOptimizer,
+    ExpertStateSource,
+    PlacementCache,
+    holder_mask,
+    holder_ranks,
+    replica_sync_segments,
+    sync_replica_grads,
+)
 from symi_sim.placement import Placement
+
+
+def migration_table(old_phy2log_LR: np.ndarray, new_phy2log_LR: np.ndarray, *, num_experts: int,
+                    slots_per_rank: int, expert_numel: int) -> SegmentTable:
+    """FlexMoE's migration as a table: per (layer, expert), per new holder rank dst that did not hold it (sorted),
+    the whole expert [0, P) from sorted(old holders)[dst % len(old holders)]."""
+    old_LEG = holder_mask(old_phy2log_LR, num_experts, slots_per_rank)
+    new_LEG = holder_mask(new_phy2log_LR, num_experts, slots_per_rank)
+    layer_N, expert_N, dst_N = np.nonzero(new_LEG & ~old_LEG)
+    # the old holders flattened key by key, sorted: key k's i-th is old_rank_H[first_K[k] + i]
+    num_old_K = old_LEG.sum(axis=2).reshape(-1)
+    first_K = np.cumsum(num_old_K) - num_old_K
+    old_rank_H = np.nonzero(old_LEG)[2]
+    key_N = layer_N * num_experts + expert_N
+    assert np.all(num_old_K[key_N] > 0), "every expert has an old holder"
+    src_N = old_rank_H[first_K[key_N] + dst_N % np.maximum(num_old_K[key_N], 1)]
+    return segment_table(src_N=src_N, dst_N=dst_N, layer_N=layer_N, expert_N=expert_N, start_N=0,
+                         stop_N=expert_numel)
 
 
 class ReplicaExpertOptimizer(ExpertOptimizer):
@@ -33,6 +60,7 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
         self.exp_avg_sq: dict[tuple[int, int], torch.Tensor] = {}
         self.grad: dict[tuple[int, int], torch.Tensor] = {}
         self.placement: Placement | None = None
+        self._sync_segments = PlacementCache()   # replica_sync_segments of the recent placements
 
     def _hosted(self, placement: Placement) -> set[tuple[int, int]]:
         return {(layer, int(e)) for layer, phy2log_R in enumerate(placement.phy2log_LR)
@@ -40,8 +68,9 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
 
     def _lead(self, placement: Placement) -> set[tuple[int, int]]:
         """Keys whose lowest holder rank is this one."""
-        return {key for key in self._hosted(placement)
-                if holder_ranks(placement.phy2log_LR[key[0]], key[1], self.slots_per_rank)[0] == self.comm.rank}
+        # the lowest holder of every (layer, expert): the first True along the ranks (argmax)
+        lowest_LE = holder_mask(placement.phy2log_LR, self.num_experts, self.slots_per_rank).argmax(axis=2)
+        return {key for key in self._hosted(placement) if lowest_LE[key] == self.comm.rank}
 
     # ------------------------------------------------------------------ gradients
 
@@ -49,8 +78,11 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
         """Replica gradient sync; every holder keeps the full summed gradient, averaged over ranks."""
         assert self.placement is not None and np.array_equal(placement.phy2log_LR, self.placement.phy2log_LR), \
             "gradients must come from the placement the optimizer filled the slots for"
-        representative, _ = sync_replica_grads(slot_grads_LSP, placement, self.comm, self.slots_per_rank,
-                                               self.num_experts, accumulate_dtype=self.master_dtype)
+        segments = self._sync_segments.get(placement.phy2log_LR, lambda: replica_sync_segments(
+            placement.phy2log_LR, num_experts=self.num_experts, slots_per_rank=self.slots_per_rank,
+            expert_numel=self.expert_numel))
+        representative = sync_replica_grads(slot_grads_LSP, placement, self.comm, self.slots_per_rank,
+                                            self.num_experts, accumulate_dtype=self.master_dtype, segments=segments)
         self.grad = {key: grad / self.comm.world_size for key, grad in representative.items()}
 
     def _counted_grads(self) -> Iterable[torch.Tensor]:
@@ -92,14 +124,9 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
 
     def _migrate(self, placement: Placement) -> None:
         assert self.placement is not None
-        spr, numel = self.slots_per_rank, self.expert_numel
-        segs = []
-        for layer in range(self.num_layers):
-            old_R, new_R = self.placement.phy2log_LR[layer], placement.phy2log_LR[layer]
-            for expert in range(self.num_experts):
-                old = holder_ranks(old_R, expert, spr)
-                segs += [Segment(old[dst % len(old)], dst, (layer, expert), 0, numel)
-                         for dst in holder_ranks(new_R, expert, spr) if dst not in old]
+        numel = self.expert_numel
+        segs = migration_table(self.placement.phy2log_LR, placement.phy2log_LR, num_experts=self.num_experts,
+                               slots_per_rank=self.slots_per_rank, expert_numel=numel).segments()
         dtype = next(iter(self.weights.values())).dtype
 
         def read_weights(seg: Segment) -> torch.Tensor:

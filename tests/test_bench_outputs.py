@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-WITH_OUT = ("bench_checkpoint", "bench_dispatch", "bench_exec", "bench_plan", "bench_simulate")
+WITH_OUT = ("bench_checkpoint", "bench_dispatch", "bench_exchange", "bench_exec", "bench_plan", "bench_simulate")
 
 
 def _committed() -> dict[str, str]:
