@@ -24,9 +24,6 @@ other jobs inflates far less. Medians over --repeats after --warmup. Writes benc
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Iterator
@@ -36,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from report import add_out_option, out_dir, print_table, write_csv
+from report import add_out_option, out_dir, print_table, write_results
 
 import symi_exec.moe as moe_impl
 from symi_exec.comm import Comm
@@ -212,12 +209,7 @@ def main() -> None:
     row = measure(args)
     print_table([row])
     print(f"layer: {Path(moe_impl.__file__).resolve()}")
-    write_csv(args.out / "bench_dispatch.csv", [row])
-    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "moe_file": str(Path(moe_impl.__file__).resolve()),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    (args.out / "bench_dispatch.json").write_text(json.dumps({"meta": meta, "results": [row]}, indent=1) + "\n")
-    print(f"wrote {args.out / 'bench_dispatch.csv'} and {args.out / 'bench_dispatch.json'}")
+    write_results(args.out, "bench_dispatch", [row], args, moe_file=str(Path(moe_impl.__file__).resolve()))
 
 
 if __name__ == "__main__":

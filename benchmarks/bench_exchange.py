@@ -21,9 +21,6 @@ threads; with 1, the default, every op runs on it). per_layer = (collect + send_
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from report import add_out_option, out_dir, print_table, write_csv
+from report import add_out_option, out_dir, print_table, write_results
 
 import symi_exec.comm as comm_module
 import symi_exec.optim as optim_impl
@@ -139,12 +136,7 @@ def main() -> None:
     row = measure(args)
     print_table([row])
     print(f"optimizer: {Path(optim_impl.__file__).resolve()}")
-    write_csv(args.out / "bench_exchange.csv", [row])
-    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "optim_file": str(Path(optim_impl.__file__).resolve()),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    (args.out / "bench_exchange.json").write_text(json.dumps({"meta": meta, "results": [row]}, indent=1) + "\n")
-    print(f"wrote {args.out / 'bench_exchange.csv'} and {args.out / 'bench_exchange.json'}")
+    write_results(args.out, "bench_exchange", [row], args, optim_file=str(Path(optim_impl.__file__).resolve()))
 
 
 if __name__ == "__main__":

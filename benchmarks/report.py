@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +44,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(c for r in rows for c in r)))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_results(out: Path, name: str, rows: list[dict[str, Any]], args: argparse.Namespace,
+                  **meta: Any) -> None:
+    """<out>/<name>.csv (the rows) and <out>/<name>.json (machine, versions, the arguments, `meta`, the rows)."""
+    import torch
+
+    write_csv(out / f"{name}.csv", rows)
+    header = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+              "torch": torch.__version__, **meta,
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    (out / f"{name}.json").write_text(json.dumps({"meta": header, "results": rows}, indent=1) + "\n")
+    print(f"wrote {out / (name + '.csv')} and {out / (name + '.json')}")  # noqa: T201

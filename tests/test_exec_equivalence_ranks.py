@@ -16,18 +16,17 @@ parameters. The drop rule the loop below re-implements (symi_exec/moe.py):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_exec_train import assert_same_parameters, read_metrics, train_and_compare
+from test_exec_train import assert_same_parameters, read_metrics, train_and_compare, train_single_process
 
 from symi_exec.config import TrainConfig
-from symi_exec.data import get_batch, load_tokens, lr_at
 from symi_exec.launch import launch
-from symi_exec.model import GPT, param_groups
 from symi_sim.placement import Placement
 from symi_sim.routing import route
 
@@ -85,35 +84,22 @@ def keep_mask(expert_NK: torch.Tensor, phy2log_R: np.ndarray, share_R: np.ndarra
     return torch.from_numpy(kept_GA.reshape(num_tokens, top_k))
 
 
-def train_reference_with_drops(config: TrainConfig, num_ranks: int, placements: list[dict]) -> tuple[GPT, list[float]]:
-    """One process on the global batch, every MoE layer dropping what `keep_mask` says under the placement each
-    step ran with (placements.jsonl)."""
-    cfg = config.model_config()
-    torch.manual_seed(config.seed)
-    model = GPT(cfg, seed=config.seed).to(torch.float64)
-    opt = torch.optim.AdamW(param_groups(list(model.named_parameters()), config.weight_decay), lr=config.lr,
-                            betas=(config.beta1, config.beta2), eps=1e-8, foreach=False)
-    tokens = load_tokens(config.data_path())
-    losses = []
-    for step in range(config.steps):
+def placement_keep_rules(config: TrainConfig, num_ranks: int, placements: list[dict]
+                         ) -> Callable[[int], list[Callable[[torch.Tensor], torch.Tensor]]]:
+    """step -> every MoE layer's rule: drop what `keep_mask` says under the placement the step ran with
+    (placements.jsonl)."""
+    def rule(phy2log_R: np.ndarray, share_R: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda expert_NK: keep_mask(expert_NK, phy2log_R, share_R, num_ranks=num_ranks,
+                                           num_experts=config.num_experts, slots_per_rank=config.slots_per_rank,
+                                           capacity_factor=config.capacity_factor,
+                                           capacity_mode=config.capacity_mode)
+
+    def rules(step: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         record = placements[step]
-        for layer, moe in enumerate(model.moe_layers):
-            phy2log_R, share_R = np.array(record["phy2log"][layer]), np.array(record["share"][layer])
-            moe.keep_rule = lambda expert_NK, p=phy2log_R, s=share_R: keep_mask(
-                expert_NK, p, s, num_ranks=num_ranks, num_experts=config.num_experts,
-                slots_per_rank=config.slots_per_rank, capacity_factor=config.capacity_factor,
-                capacity_mode=config.capacity_mode)
-        x, y = get_batch(tokens, step, rank=0, world_size=1, batch_size=num_ranks * config.batch_size,
-                         seq_len=cfg.seq_len, seed=config.seed)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-    return model, losses
+        return [rule(np.array(phy2log_R), np.array(share_R))
+                for phy2log_R, share_R in zip(record["phy2log"], record["share"], strict=True)]
+
+    return rules
 
 
 @pytest.mark.parametrize("num_ranks,policy,mode,factor", [(3, "symi-balanced", "slot", 0.6), (4, "symi", "gpu", 0.7)])
@@ -125,7 +111,8 @@ def test_training_with_drops_matches_a_reference_dropping_the_same_assignments(
     launch(config, num_ranks)
     out = Path(config.out)
     placements = [json.loads(line) for line in (out / "placements.jsonl").read_text().splitlines()]
-    reference, losses = train_reference_with_drops(config, num_ranks, placements)
+    reference, losses, _ = train_single_process(config, num_ranks,
+                                                keep_rules=placement_keep_rules(config, num_ranks, placements))
     assert_same_parameters(out, reference, config.seed)
     rows = read_metrics(out)
     assert [row["loss"] for row in rows] == pytest.approx(losses, rel=1e-12)

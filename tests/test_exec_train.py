@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,14 @@ pytestmark = pytest.mark.slow
 NUM_RANKS = 2
 
 
-def train_single_process(config: TrainConfig, world_size: int) -> tuple[GPT, list[float], np.ndarray]:
+def train_single_process(config: TrainConfig, world_size: int,
+                         keep_rules: Callable[[int], list[Callable[[torch.Tensor], torch.Tensor]]] | None = None
+                         ) -> tuple[GPT, list[float], np.ndarray]:
     """The reference: one process, all experts local, torch's AdamW and clip_grad_norm_ on the global batch.
 
-    Returns the model, the loss per step and the router counts per (step, layer, expert, source rank).
+    keep_rules(step): each MoE layer's rule for which assignments the step serves (model.MoE.keep_rule), applied to
+    the step's training forward (default: every assignment served). Returns the model, the loss per step and the
+    router counts per (step, layer, expert, source rank).
     """
     cfg = config.model_config()
     torch.manual_seed(config.seed)
@@ -46,7 +51,12 @@ def train_single_process(config: TrainConfig, world_size: int) -> tuple[GPT, lis
         counts.append(np.array(per_rank).transpose(1, 2, 0))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
+        rules = keep_rules(step) if keep_rules is not None else [None] * cfg.num_layers
+        for moe, rule in zip(model.moe_layers, rules, strict=True):
+            moe.keep_rule = rule
         _, loss = model(x, y)
+        for moe in model.moe_layers:
+            moe.keep_rule = None
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
