@@ -11,7 +11,9 @@ The executor's loads and placements drive the same cost functions the simulator 
   forward         per layer the fixed forward cost, the dense compute and the expert compute, the all-to-alls and
                   the popularity exchange
   backward        per layer the fixed backward cost, twice the forward's compute, the all-to-alls
-  dense_grad      one all-reduce of every dense gradient (the executor reduces one flat buffer after the backward)
+  dense_grad      one all-reduce of every dense gradient, charged in full after the backward (the executor now
+                  launches it in buckets during the backward and times only the wait after it: on a CPU whose
+                  cores the ranks already fill the overlap gains little, elsewhere this phase over-predicts)
   expert_grad     the gradient collection of the run's optimizer layout (phases.expert_state)
   optimizer       phases.optimizer: the busiest rank's expert optimizer state plus every dense parameter's
   send_out        the weight send-out to the next step's placement
