@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from faked import copy_rows, skew_probs
 from report import add_out_option, out_dir, print_table, write_results
 
 import symi_exec.moe as moe_impl
@@ -42,12 +43,6 @@ from symi_sim.cluster import Cluster
 from symi_sim.policies import get_policy
 
 
-def skew_probs(num_experts: int, skew: float) -> np.ndarray:
-    """[E] the router's bias alone as probabilities: (1 + e)^-skew, normalised."""
-    weights_E = (1.0 + np.arange(num_experts)) ** -skew
-    return weights_E / weights_E.sum()
-
-
 class _FakeAllToAll(torch.autograd.Function):
     """A copy of the rows into a buffer of the size the splits give (the first rows; zeros past the input's end),
     and the same backward: what an all-to-all costs a rank's memory, without the network."""
@@ -55,19 +50,11 @@ class _FakeAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, num_out):  # type: ignore[override]
         ctx.num_in = x_MD.shape[0]
-        return _copy_rows(x_MD, num_out)
+        return copy_rows(x_MD, num_out)
 
     @staticmethod
     def backward(ctx, grad_MD):  # type: ignore[override]
-        return _copy_rows(grad_MD, ctx.num_in), None
-
-
-def _copy_rows(x_MD: torch.Tensor, num_rows: int) -> torch.Tensor:
-    out = x_MD.new_empty(num_rows, *x_MD.shape[1:])
-    num_copied = min(num_rows, x_MD.shape[0])
-    out[:num_copied].copy_(x_MD[:num_copied])
-    out[num_copied:].zero_()
-    return out
+        return copy_rows(grad_MD, ctx.num_in), None
 
 
 def fake_comm(count_GE: np.ndarray) -> tuple[Any, Any]:

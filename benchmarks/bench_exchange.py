@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from faked import copy_rows, skew_probs
 from report import add_out_option, out_dir, print_table, write_results
 
 import symi_exec.comm as comm_module
@@ -42,23 +43,19 @@ def fake_all_to_all_rows(x_MD: torch.Tensor, out_splits: list[int], in_splits: l
                          ) -> torch.Tensor:
     """all_to_all_rows without the network: the bytes counted as the real one counts them, and a buffer of the
     received size holding a copy of the sent rows (zeros past their end)."""
-    out = x_MD.new_empty((sum(out_splits), *x_MD.shape[1:]))
     row_bytes = x_MD[0:1].numel() * x_MD.element_size() if x_MD.dim() > 1 else x_MD.element_size()
     comm.count(kind, (sum(in_splits) - in_splits[comm.rank]) * row_bytes)
-    num_copied = min(out.shape[0], x_MD.shape[0])
-    out[:num_copied].copy_(x_MD[:num_copied])
-    out[num_copied:].zero_()
-    return out
+    return copy_rows(x_MD, sum(out_splits))
 
 
 def placements(args: argparse.Namespace) -> list[Placement]:
     """`symi`'s plans for args.placements skewed popularities ([L, E] each, a random expert order per layer)."""
     rng = np.random.default_rng(args.seed)
     cluster = Cluster(num_nodes=args.ranks, gpus_per_node=1, slots_per_gpu=args.slots)
-    weights_E = (1.0 + np.arange(args.experts)) ** -args.skew
+    probs_E = skew_probs(args.experts, args.skew)
     out = []
     for _ in range(args.placements):
-        count_LE = np.stack([rng.multinomial(args.tokens, rng.permutation(weights_E / weights_E.sum()))
+        count_LE = np.stack([rng.multinomial(args.tokens, rng.permutation(probs_E))
                              for _ in range(args.layers)])
         out.append(get_policy("symi").plan(count_LE, cluster))
     return out

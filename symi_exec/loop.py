@@ -174,9 +174,10 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
             row["val_loss"] = validation_loss(model, data.val, next_placement, config=config, comm=comm)
         history.append(row, record, count_LGE.transpose(0, 2, 1))
         step_times.append(row["step_s"])
-        if step % config.log_interval == 0 or step == config.steps - 1:
+        log_step = step % config.log_interval == 0 or step == config.steps - 1
+        if log_step:
             history.flush()   # a crash keeps every step logged so far
-        if comm.rank == 0 and (step % config.log_interval == 0 or step == config.steps - 1):
+        if comm.rank == 0 and log_step:
             logger.info("step %d/%d | loss %.4f | %.0f tok/s | dropped %.2f%% | imbalance %.2f | moves %d | eta %s",
                         step + 1, config.steps, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"],
                         row["imbalance"], row["replica_moves"],
