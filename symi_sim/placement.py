@@ -10,6 +10,12 @@ plus ours:
   share_LR[l, p]     fraction of its expert's tokens slot p takes (even split = 1 / logcnt)
   shadow_LE[l, e]    FasterMoE-style shadowed experts: weights broadcast to every GPU, their tokens are computed
                      on the GPU they come from (spread evenly over GPUs), outside the slots; None if unused.
+  live_shares        False (planned shares): `share_LR` is the split every step served by this placement uses.
+                     True (a policy's `shares=live`): `share_LR` is only a default; the routing of each step splits
+                     every expert's tokens over its replicas from that step's own counts (symi_sim.live_shares:
+                     the busiest GPU's load minimised, fewest drops first under a capacity), so the shares that
+                     apply are the ones the step's counts give, not these. The replicas (phy2log) are fixed either
+                     way. In JSON: a top-level "shares": "live" (absent: planned).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Placement:
     share_LR: np.ndarray
     num_experts: int
     shadow_LE: np.ndarray | None = None
+    live_shares: bool = False
     logcnt_LE: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +105,12 @@ class Placement:
         out[layer_LR, self.phy2log_LR, self.replica_rank_LR] = np.arange(self.num_slots)[None, :]
         return out
 
+    def take_layers(self, layers: slice | np.ndarray) -> Placement:
+        """The placement of the given layers (a slice or index array), same experts and share mode."""
+        shadow = None if self.shadow_LE is None else self.shadow_LE[layers]
+        return Placement(self.phy2log_LR[layers], self.share_LR[layers], self.num_experts, shadow,
+                         live_shares=self.live_shares)
+
     def gpu_of_slot(self, slots_per_gpu: int) -> np.ndarray:
         """[R] GPU of every slot."""
         return np.arange(self.num_slots) // slots_per_gpu
@@ -135,6 +148,7 @@ class Placement:
             and np.array_equal(self.phy2log_LR, other.phy2log_LR)
             and np.allclose(self.share_LR, other.share_LR, rtol=0, atol=1e-12)
             and shadows_equal
+            and self.live_shares == other.live_shares
         )
 
     def replica_moves(self, previous: Placement | None) -> np.ndarray:
@@ -160,6 +174,7 @@ class Placement:
             "num_experts": self.num_experts,
             "cluster": cluster.to_dict() if cluster is not None else None,
             "policy": policy,
+            **({"shares": "live"} if self.live_shares else {}),
             "layers": layers,
         }
 
@@ -172,6 +187,9 @@ class Placement:
             layers = data["layers"]
             phy2log = np.array([entry["phy2log"] for entry in layers], dtype=np.int64)
             share = np.array([entry["share"] for entry in layers], dtype=np.float64)
+            shares = data.get("shares", "planned")
+            if shares not in ("planned", "live"):
+                raise ValueError(f"shares must be 'planned' or 'live', got {shares!r}")
             shadow = None
             if any("shadow" in entry for entry in layers):
                 shadow = np.zeros((len(layers), num_experts), dtype=bool)
@@ -179,7 +197,7 @@ class Placement:
                     shadow[layer, entry.get("shadow", [])] = True
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"malformed placement JSON: {exc!r}") from None
-        placement = cls(phy2log, share, num_experts, shadow)
+        placement = cls(phy2log, share, num_experts, shadow, live_shares=shares == "live")
         for layer, entry in enumerate(layers):
             if "logcnt" in entry and list(entry["logcnt"]) != placement.logcnt_LE[layer].tolist():
                 raise ValueError(f"placement JSON layer {layer}: logcnt does not match phy2log")

@@ -4,7 +4,9 @@ Legend: L MoE layers, E logical experts, R physical slots, G GPUs.
 
 Splitting: expert e's tokens go to its replicas in proportion to `share`, in whole tokens: each slot gets
 floor(load * share) and the leftover tokens go one each to the replicas with the largest fractional parts
-(ties: lower slot index). Shadowed experts (FasterMoE) are computed where their tokens come from: spread
+(ties: lower slot index). A placement with live shares (`placement.live_shares`) is split from the step's own
+loads instead, by `symi_sim.live_shares.live_split` under the same capacity (busiest GPU least, fewest drops).
+Shadowed experts (FasterMoE) are computed where their tokens come from: spread
 evenly over all GPUs, outside the slots, never dropped.
 
 Capacity (`capacity_mode`), with A = assignments per layer (k x tokens; by default the layer's total load):
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from symi_sim.checks import check_choice, check_number
+from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
 
 CAPACITY_MODES = ("slot", "gpu")
@@ -138,21 +141,22 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
         num_assignments_L = load_LE.sum(axis=1)
     num_assignments_L = np.asarray(num_assignments_L, dtype=np.int64)
 
-    assigned_LR = split_tokens(load_LE, placement)
+    buffers = num_slots if capacity_mode == "slot" else num_gpus
+    cap_L = None if capacity_factor is None else _capacity_L(load_LE, num_assignments_L, capacity_factor, buffers)
+    if placement.live_shares:
+        assigned_LR = live_split(load_LE, placement, slots_per_gpu=slots_per_gpu, capacity_mode=capacity_mode,
+                                 capacity_L=cap_L)
+    else:
+        assigned_LR = split_tokens(load_LE, placement)
     shadow_LG = np.zeros((num_layers, num_gpus), dtype=np.int64)
     if placement.shadow_LE is not None:
         shadow_tokens_L = np.where(placement.shadow_LE, load_LE, 0).sum(axis=1)
         base_L, rest_L = np.divmod(shadow_tokens_L, num_gpus)
         shadow_LG = base_L[:, None] + (np.arange(num_gpus)[None, :] < rest_L[:, None])
 
-    if capacity_factor is None:
+    if cap_L is None:
         served_LR = assigned_LR
     else:
-        # clamped in float before the int64 cast, which would wrap for factors past ~1e18 / tokens per slot
-        limit_L = np.maximum(num_assignments_L, load_LE.sum(axis=1)).astype(np.float64)
-        buffers = num_slots if capacity_mode == "slot" else num_gpus
-        with np.errstate(over="ignore"):
-            cap_L = np.minimum(np.ceil(capacity_factor * (num_assignments_L / buffers)), limit_L).astype(np.int64)
         if capacity_mode == "slot":
             served_LR = np.minimum(assigned_LR, cap_L[:, None])
         else:
@@ -164,6 +168,15 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     gpu_load_LG = assigned_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
     gpu_served_LG = served_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
     return Routing(assigned_LR, served_LR, shadow_LG, dropped_LE, gpu_load_LG, gpu_served_LG, num_assignments_L)
+
+
+def _capacity_L(load_LE: np.ndarray, num_assignments_L: np.ndarray, capacity_factor: float,
+                num_buffers: int) -> np.ndarray:
+    """[L] tokens one buffer (a slot or a GPU) serves: ceil(cf * A / buffers), at most the layer's tokens."""
+    # clamped in float before the int64 cast, which would wrap for factors past ~1e18 / tokens per slot
+    limit_L = np.maximum(num_assignments_L, load_LE.sum(axis=1)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        return np.minimum(np.ceil(capacity_factor * (num_assignments_L / num_buffers)), limit_L).astype(np.int64)
 
 
 def fair_kept_GR(assigned_GR: np.ndarray, served_R: np.ndarray) -> np.ndarray:

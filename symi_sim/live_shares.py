@@ -1,0 +1,260 @@
+"""Live token shares: each step's tokens split over the replicas it finds, from that step's own counts (numpy, scipy).
+
+Legend: L layers, E experts, R slots, G GPUs, S slots per GPU, X flow experts (held on two or more GPUs), Y flow
+holdings (an expert's replicas on one GPU: one arc expert -> GPU each), N network nodes, Z arcs of the network with
+their reverse arcs.
+
+The rule, per layer, from the step's loads w_E and the placement's replicas (its shares are not used): integer
+tokens x_p >= 0 per slot, summing to w_e over expert e's replicas, such that
+  dropless, gpu mode   the busiest GPU's load T = max_g sum_{p on g} x_p is the least any split reaches (T*), and in
+                       gpu mode with a budget B < T* per GPU the tokens served, sum_g min(load_g, B), the most any
+                       split serves (fewest drops) - both at once (see below);
+  slot mode            (every slot serves C) drops sum_p max(0, x_p - C) the fewest any split leaves, which is
+                       sum_e max(0, w_e - n_e C), then the busiest GPU the least among those splits.
+Why a flow network: the loads a split can give the GPUs are exactly the flows of
+    source -> expert e (capacity w_e) -> GPU g holding it (unbounded; slot mode n_eg C) -> sink (T - fixed_g),
+where `fixed` are the loads no split can move: experts held on one GPU only, and in slot mode experts that overflow
+every replica (w_e > n_e C: each replica gets its even share, >= C, the fewest drops). A split with max load <= T
+exists iff the max flow saturates the source. Integer capacities have an integer max flow, so the least integer T
+that saturates is the integer optimum, at most one token above the linear program's (scipy.optimize.linprog,
+HiGHS, in the tests) and never below it.
+Finding T*: Dinkelbach on the min cut. Start at the bound max(fixed_g, ceil(total / G)). When the flow does not
+saturate, the nodes Z reachable from the source in the residual network are a cut whose capacity is
+a + |N| T - fixed(N) (N: the GPUs in Z, a: the capacities of the source arcs and expert arcs it cuts), at any T,
+so every T' below (W - a + fixed(N)) / |N| (W: the tokens to route) is infeasible: T rises to that, rounded up,
+and the flow runs again. T rises strictly; on the shipped traces one to three rounds.
+Gpu mode with B < T*: the max flow with sink capacities B - fixed is the most tokens any split serves; augmenting
+it to the full loads on its residual network with sink capacities T* - fixed (the sink's reverse arcs unused: an
+augmenting path ends at the sink) never lowers a GPU's load, so the result serves as many and peaks at T*.
+Inside a GPU an expert's part splits evenly over its replicas there (whole tokens, the extra ones to the lower
+slots). All layers of a call share one network per round (scipy.sparse.csgraph.maximum_flow, Dinic), so the rule is
+deterministic: the same counts and replicas give the same split on every rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import breadth_first_order, connected_components, maximum_flow
+
+from symi_sim.placement import Placement
+
+INT32_MAX = np.iinfo(np.int32).max
+SOURCE, SINK = 0, 1
+
+
+def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capacity_mode: str = "gpu",
+               capacity_L: np.ndarray | None = None) -> np.ndarray:
+    """Tokens per slot under live shares. load_LE [L, E] int >= 0 -> assigned_LR [L, R] int64.
+
+    capacity_L [L]: tokens a slot (capacity_mode "slot") or a GPU ("gpu") serves; None: dropless. Shadowed experts
+    (FasterMoE) get no slot tokens; their tokens, spread evenly over the GPUs, count as fixed GPU loads.
+    """
+    load_LE = np.asarray(load_LE, dtype=np.int64)
+    phy2log_LR = placement.phy2log_LR
+    num_layers, num_slots = phy2log_LR.shape
+    num_experts = placement.num_experts
+    num_gpus = num_slots // slots_per_gpu
+    if load_LE.shape != (num_layers, num_experts) or num_slots % slots_per_gpu:
+        raise ValueError(f"live split: load shape {load_LE.shape} and {num_slots} slots of {slots_per_gpu} per GPU "
+                         f"do not fit a placement of {num_layers} layers and {num_experts} experts")
+    rows_L1 = np.arange(num_layers)[:, None]
+    fixed_LG = np.zeros((num_layers, num_gpus), dtype=np.int64)
+    if placement.shadow_LE is not None:
+        shadow_L1 = np.where(placement.shadow_LE, load_LE, 0).sum(axis=1, keepdims=True)
+        fixed_LG += shadow_L1 // num_gpus + (np.arange(num_gpus)[None, :] < shadow_L1 % num_gpus)
+        load_LE = np.where(placement.shadow_LE, 0, load_LE)
+    if (load_LE.sum(axis=1) + fixed_LG.sum(axis=1) >= INT32_MAX // 2).any():
+        raise ValueError(f"live split: a layer routes {load_LE.sum(axis=1).max()} tokens, more than the flow "
+                         f"network's int32 capacities hold ({INT32_MAX // 2})")
+
+    # holdings: the replicas of one expert on one GPU; the first of them (in slot order) is the holding's head
+    p2l_LGS = phy2log_LR.reshape(num_layers, num_gpus, slots_per_gpu)
+    same_LGSS = p2l_LGS[..., :, None] == p2l_LGS[..., None, :]
+    head_LGS = np.argmax(same_LGSS, axis=-1)           # slot (within the GPU) of the holding's head
+    rank_LGS = (same_LGSS & np.tri(slots_per_gpu, k=-1, dtype=bool)).sum(axis=-1)
+    size_LGS = same_LGSS.sum(axis=-1)
+    is_head_LR = (rank_LGS == 0).reshape(num_layers, num_slots)
+    num_gpus_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
+    np.add.at(num_gpus_LE, (np.broadcast_to(rows_L1, phy2log_LR.shape)[is_head_LR], phy2log_LR[is_head_LR]), 1)
+    load_LR = np.take_along_axis(load_LE, phy2log_LR, axis=1)
+    gpus_LR = np.take_along_axis(num_gpus_LE, phy2log_LR, axis=1)
+
+    even_LE = np.zeros((num_layers, num_experts), dtype=bool)   # slot mode: experts that overflow every replica
+    if capacity_mode == "slot" and capacity_L is not None:
+        even_LE = load_LE > placement.logcnt_LE * np.asarray(capacity_L, dtype=np.int64)[:, None]
+    even_LR = np.take_along_axis(even_LE, phy2log_LR, axis=1)
+    even_tokens_LR = np.zeros((num_layers, num_slots), dtype=np.int64)
+    if even_LE.any():   # each replica its even share (>= C), the extra tokens to the lower replicas
+        cnt_LR = np.take_along_axis(placement.logcnt_LE, phy2log_LR, axis=1)
+        even_tokens_LR = np.where(even_LR, load_LR // cnt_LR + (placement.replica_rank_LR < load_LR % cnt_LR), 0)
+    fixed_LG += even_tokens_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2)
+
+    holding_LR = np.where(is_head_LR & (gpus_LR == 1) & ~even_LR, load_LR, 0)   # held on one GPU: all of it
+    fixed_LG += holding_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2)
+    flow_LR = is_head_LR & (gpus_LR > 1) & ~even_LR & (load_LR > 0)
+    if flow_LR.any():
+        layer_Y, slot_Y = np.nonzero(flow_LR)
+        holding_LR[layer_Y, slot_Y] = _route_flow_holdings(
+            layer_Y, phy2log_LR[layer_Y, slot_Y], slot_Y // slots_per_gpu, load_LR[layer_Y, slot_Y],
+            size_LGS.reshape(num_layers, num_slots)[layer_Y, slot_Y], fixed_LG, num_experts=num_experts,
+            capacity_mode=capacity_mode, capacity_L=capacity_L)
+
+    # holdings -> slots: even over the holding's replicas, the extra tokens to its lower slots
+    holding_LGS = np.take_along_axis(holding_LR.reshape(p2l_LGS.shape), head_LGS, axis=-1)
+    from_holding_LGS = holding_LGS // size_LGS + (rank_LGS < holding_LGS % size_LGS)
+    return np.where(even_LR, even_tokens_LR, from_holding_LGS.reshape(num_layers, num_slots))
+
+
+def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.ndarray, w_Y: np.ndarray,
+                         num_slots_Y: np.ndarray, fixed_LG: np.ndarray, *, num_experts: int, capacity_mode: str,
+                         capacity_L: np.ndarray | None) -> np.ndarray:
+    """Tokens of every flow holding (one arc expert -> GPU each, Y of them) under the rule of the module docstring."""
+    num_layers, num_gpus = fixed_LG.shape
+    le_Y = layer_Y * num_experts + expert_Y
+    le_X, x_Y = np.unique(le_Y, return_inverse=True)
+    w_X = np.zeros(le_X.size, dtype=np.int64)
+    w_X[x_Y] = w_Y
+    layer_X = le_X // num_experts
+    tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
+    if capacity_mode == "slot" and capacity_L is not None:
+        cap_Y = np.minimum(num_slots_Y * np.asarray(capacity_L, dtype=np.int64)[layer_Y], INT32_MAX)
+    else:
+        cap_Y = np.full(w_Y.size, INT32_MAX, dtype=np.int64)   # never reached: an arc carries at most w <= INT32_MAX/2
+    net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
+
+    # T*: Dinkelbach on the min cut, all layers at once, from the bound of each connected part of the network
+    t_L = np.maximum(fixed_LG.max(axis=1), net.component_bound_L(w_X, fixed_LG))
+    active_L = tokens_L > 0
+    flow_Y = np.zeros(w_Y.size, dtype=np.int64)
+    while True:
+        sink_LG = np.where(active_L[:, None], t_L[:, None] - fixed_LG, 0)
+        got_Y, routed_L, reach = net.max_flow(np.where(active_L[layer_X], w_X, 0), cap_Y, sink_LG, cut=True)
+        done_L = active_L & (routed_L == tokens_L)
+        flow_Y = np.where(done_L[layer_Y], got_Y, flow_Y)
+        short_L = active_L & ~done_L
+        if not short_L.any():
+            break
+        # the cut Z: a = source arcs of unreached experts + arcs from reached experts to unreached GPUs
+        in_x, in_g = reach
+        cut_a_L = np.bincount(layer_X, weights=np.where(in_x, 0, w_X), minlength=num_layers)
+        cut_a_L += np.bincount(layer_Y, weights=np.where(in_x[x_Y] & ~in_g[layer_Y, gpu_Y], cap_Y, 0),
+                               minlength=num_layers)
+        n_L = in_g.sum(axis=1)
+        if (short_L & (n_L == 0)).any():
+            raise AssertionError("live split: a cut without GPUs cannot be short of tokens")
+        need_L = tokens_L - cut_a_L.astype(np.int64) + np.where(in_g, fixed_LG, 0).sum(axis=1)
+        t_L = np.where(short_L, np.maximum(-(-need_L // np.maximum(n_L, 1)), t_L + 1), t_L)
+        active_L = short_L
+
+    if capacity_mode != "gpu" or capacity_L is None:
+        return flow_Y
+    budget_L = np.asarray(capacity_L, dtype=np.int64)
+    tight_L = (tokens_L > 0) & (budget_L < t_L)
+    if not tight_L.any():
+        return flow_Y
+    # the most tokens any split serves: sink capacities B - fixed (>= 0) ...
+    tight_X, tight_Y = tight_L[layer_X], tight_L[layer_Y]
+    serve_LG = np.where(tight_L[:, None], np.maximum(budget_L[:, None] - fixed_LG, 0), 0)
+    first_Y, _, _ = net.max_flow(np.where(tight_X, w_X, 0), np.where(tight_Y, cap_Y, 0), serve_LG)
+    # ... then augmented to the full loads with sink capacities T* - fixed: no GPU's load falls
+    left_X = w_X - np.bincount(x_Y, weights=first_Y, minlength=w_X.size).astype(np.int64)
+    into_LG = np.zeros_like(fixed_LG)
+    np.add.at(into_LG, (layer_Y, gpu_Y), first_Y)
+    room_LG = np.where(tight_L[:, None], t_L[:, None] - fixed_LG - into_LG, 0)
+    more_Y, routed_L, _ = net.max_flow(np.where(tight_X, left_X, 0), np.where(tight_Y, cap_Y - first_Y, 0), room_LG,
+                                       back_Y=np.where(tight_Y, first_Y, 0))
+    left_L = np.bincount(layer_X, weights=left_X, minlength=num_layers).astype(np.int64)
+    if not np.array_equal(routed_L[tight_L], left_L[tight_L]):
+        raise AssertionError("live split: augmenting the served flow to T* left tokens unrouted")
+    return np.where(tight_Y, first_Y + more_Y, flow_Y)
+
+
+class _Network:
+    """The flow network of the module docstring over all layers: node 0 source, 1 sink, then the X experts, then
+    the L x G GPUs; every arc stored with its reverse arc (capacity 0 unless given), so that the flow scipy returns
+    has the graph's own sparsity structure and reads back by position. Built once; capacities change per call."""
+
+    def __init__(self, x_Y: np.ndarray, gpu_Y: np.ndarray, layer_Y: np.ndarray, layer_X: np.ndarray, *,
+                 num_layers: int, num_gpus: int) -> None:
+        num_x, num_y, num_g = layer_X.size, x_Y.size, num_layers * num_gpus
+        self.layer_X, self.layer_Y, self.x_Y = layer_X, layer_Y, x_Y
+        self.num_layers, self.num_gpus, self.num_x = num_layers, num_gpus, num_x
+        self.num_nodes = 2 + num_x + num_g
+        x_node_X = 2 + np.arange(num_x)
+        g_node_G = 2 + num_x + np.arange(num_g)
+        xy_node_Y, gy_node_Y = x_node_X[x_Y], 2 + num_x + layer_Y * num_gpus + gpu_Y
+        by_x = np.argsort(x_Y, kind="stable")           # holdings come in (layer, GPU) order: GPUs ascend per expert
+        by_g = np.argsort(gy_node_Y * num_x + x_Y, kind="stable")
+        # entries in an order where every row's columns ascend; CSR conversion keeps that order inside a row
+        parts = [
+            (np.full(num_x, SOURCE), x_node_X),            # source -> expert
+            (np.full(num_g, SINK), g_node_G),              # sink -> GPU (reverse)
+            (x_node_X, np.full(num_x, SOURCE)),            # expert -> source (reverse)
+            (xy_node_Y[by_x], gy_node_Y[by_x]),            # expert -> GPU
+            (g_node_G, np.full(num_g, SINK)),              # GPU -> sink
+            (gy_node_Y[by_g], xy_node_Y[by_g]),            # GPU -> expert (reverse)
+        ]
+        row = np.concatenate([r for r, _ in parts])
+        col = np.concatenate([c for _, c in parts])
+        order = csr_matrix((np.arange(row.size) + 1, (row, col)), shape=(self.num_nodes, self.num_nodes))
+        self.indptr, self.indices = order.indptr, order.indices
+        if not order.has_sorted_indices:
+            raise AssertionError("live split: the network's rows are not in column order")
+        pos = np.empty(row.size, dtype=np.int64)
+        pos[order.data - 1] = np.arange(row.size)
+        sizes = np.cumsum([0, num_x, num_g, num_x, num_y, num_g, num_y])
+        self.pos_source_X = pos[sizes[0]:sizes[1]]
+        self.pos_forward_Y = np.empty(num_y, dtype=np.int64)
+        self.pos_forward_Y[by_x] = pos[sizes[3]:sizes[4]]
+        self.pos_sink_G = pos[sizes[4]:sizes[5]]
+        self.pos_back_Y = np.empty(num_y, dtype=np.int64)
+        self.pos_back_Y[by_g] = pos[sizes[5]:sizes[6]]
+        self.row_Z = np.repeat(np.arange(self.num_nodes), np.diff(self.indptr))
+        self.x_node_X, self.g_node_LG = x_node_X, g_node_G.reshape(num_layers, num_gpus)
+        self.xy_node_Y, self.gy_node_Y = xy_node_Y, gy_node_Y
+
+    def component_bound_L(self, w_X: np.ndarray, fixed_LG: np.ndarray) -> np.ndarray:
+        """[L] a lower bound on T: the mean load of the GPUs of each connected part of the expert-GPU graph."""
+        first = 2
+        adjacency = csr_matrix((np.ones(self.x_Y.size, dtype=np.int8), (self.xy_node_Y - first,
+                                self.gy_node_Y - first)), shape=(self.num_nodes - first,) * 2)
+        _, label_N = connected_components(adjacency, directed=False)
+        label_X, label_G = label_N[:self.num_x], label_N[self.num_x:]
+        num_labels = int(label_N.max()) + 1
+        load_C = np.bincount(label_X, weights=w_X, minlength=num_labels)
+        load_C += np.bincount(label_G, weights=fixed_LG.reshape(-1), minlength=num_labels)
+        gpus_C = np.bincount(label_G, minlength=num_labels)
+        bound_G = -(-load_C.astype(np.int64) // np.maximum(gpus_C, 1))[label_G]
+        return bound_G.reshape(self.num_layers, self.num_gpus).max(axis=1)
+
+    def max_flow(self, source_X: np.ndarray, cap_Y: np.ndarray, sink_LG: np.ndarray, *,
+                 back_Y: np.ndarray | None = None, cut: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """One max flow. Capacities: source -> expert source_X, expert -> GPU cap_Y (and GPU -> expert back_Y),
+        GPU -> sink sink_LG. Returns the net flow on the expert -> GPU arcs [Y], the flow per layer [L] and, with
+        `cut`, the experts [X] and GPUs [L, G] reachable from the source in the residual network."""
+        cap_Z = np.zeros(self.indices.size, dtype=np.int32)
+        cap_Z[self.pos_source_X] = source_X
+        cap_Z[self.pos_forward_Y] = cap_Y
+        cap_Z[self.pos_sink_G] = sink_LG.reshape(-1)
+        if back_Y is not None:
+            cap_Z[self.pos_back_Y] = back_Y
+        shape = (self.num_nodes, self.num_nodes)
+        flow = maximum_flow(csr_matrix((cap_Z, self.indices, self.indptr), shape=shape), SOURCE, SINK,
+                            method="dinic").flow
+        if not (np.array_equal(flow.indptr, self.indptr) and np.array_equal(flow.indices, self.indices)):
+            raise AssertionError("live split: the flow does not have the network's structure")
+        flow_Z = np.asarray(flow.data, dtype=np.int64)
+        flow_Y = flow_Z[self.pos_forward_Y]
+        routed_L = np.bincount(self.layer_X, weights=flow_Z[self.pos_source_X],
+                               minlength=self.num_layers).astype(np.int64)
+        if not cut:
+            return flow_Y, routed_L, None
+        open_Z = flow_Z < cap_Z   # residual capacity left (a reverse arc's is its partner's flow)
+        residual = csr_matrix((np.ones(int(open_Z.sum()), dtype=np.int8), self.indices[open_Z],
+                               np.concatenate([[0], np.cumsum(np.bincount(self.row_Z[open_Z],
+                                                                          minlength=self.num_nodes))])), shape=shape)
+        reached = np.zeros(self.num_nodes, dtype=bool)
+        reached[breadth_first_order(residual, SOURCE, directed=True, return_predecessors=False)] = True
+        return flow_Y, routed_L, (reached[self.x_node_X], reached[self.g_node_LG])
