@@ -80,36 +80,41 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
     load_LR = np.take_along_axis(load_LE, phy2log_LR, axis=1)
     gpus_LR = np.take_along_axis(num_gpus_LE, phy2log_LR, axis=1)
 
-    even_LE = np.zeros((num_layers, num_experts), dtype=bool)   # slot mode: experts that overflow every replica
+    # slot mode: an expert that overflows every replica (w > n C) gives each its even share's floor (>= C, the
+    # fewest drops); only the w mod n leftover tokens, one per replica at most, are still to place
+    unit_cap_LR = np.full((num_layers, num_slots), INT32_MAX, dtype=np.int64)
+    base_LR = np.zeros((num_layers, num_slots), dtype=np.int64)
     if capacity_mode == "slot" and capacity_L is not None:
-        even_LE = load_LE > placement.logcnt_LE * np.asarray(capacity_L, dtype=np.int64)[:, None]
-    even_LR = np.take_along_axis(even_LE, phy2log_LR, axis=1)
-    even_tokens_LR = np.zeros((num_layers, num_slots), dtype=np.int64)
-    if even_LE.any():   # each replica its even share (>= C), the extra tokens to the lower replicas
+        cap_L1 = np.asarray(capacity_L, dtype=np.int64)[:, None]
         cnt_LR = np.take_along_axis(placement.logcnt_LE, phy2log_LR, axis=1)
-        even_tokens_LR = np.where(even_LR, load_LR // cnt_LR + (placement.replica_rank_LR < load_LR % cnt_LR), 0)
-    fixed_LG += even_tokens_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2)
+        even_LR = load_LR > cnt_LR * cap_L1
+        base_LR = np.where(even_LR, load_LR // cnt_LR, 0)
+        load_LR = np.where(even_LR, load_LR % cnt_LR, load_LR)
+        unit_cap_LR = np.where(even_LR, 1, np.broadcast_to(cap_L1, even_LR.shape))
+    fixed_LG += base_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2)
 
-    holding_LR = np.where(is_head_LR & (gpus_LR == 1) & ~even_LR, load_LR, 0)   # held on one GPU: all of it
+    holding_LR = np.where(is_head_LR & (gpus_LR == 1), load_LR, 0)   # held on one GPU: all of it there
     fixed_LG += holding_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2)
-    flow_LR = is_head_LR & (gpus_LR > 1) & ~even_LR & (load_LR > 0)
+    size_LR = size_LGS.reshape(num_layers, num_slots)
+    flow_LR = is_head_LR & (gpus_LR > 1) & (load_LR > 0)
     if flow_LR.any():
         layer_Y, slot_Y = np.nonzero(flow_LR)
+        cap_Y = np.minimum(size_LR[layer_Y, slot_Y] * unit_cap_LR[layer_Y, slot_Y], INT32_MAX)
         holding_LR[layer_Y, slot_Y] = _route_flow_holdings(
-            layer_Y, phy2log_LR[layer_Y, slot_Y], slot_Y // slots_per_gpu, load_LR[layer_Y, slot_Y],
-            size_LGS.reshape(num_layers, num_slots)[layer_Y, slot_Y], fixed_LG, num_experts=num_experts,
-            capacity_mode=capacity_mode, capacity_L=capacity_L)
+            layer_Y, phy2log_LR[layer_Y, slot_Y], slot_Y // slots_per_gpu, load_LR[layer_Y, slot_Y], cap_Y,
+            fixed_LG, num_experts=num_experts, gpu_budget_L=capacity_L if capacity_mode == "gpu" else None)
 
     # holdings -> slots: even over the holding's replicas, the extra tokens to its lower slots
     holding_LGS = np.take_along_axis(holding_LR.reshape(p2l_LGS.shape), head_LGS, axis=-1)
     from_holding_LGS = holding_LGS // size_LGS + (rank_LGS < holding_LGS % size_LGS)
-    return np.where(even_LR, even_tokens_LR, from_holding_LGS.reshape(num_layers, num_slots))
+    return base_LR + from_holding_LGS.reshape(num_layers, num_slots)
 
 
 def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.ndarray, w_Y: np.ndarray,
-                         num_slots_Y: np.ndarray, fixed_LG: np.ndarray, *, num_experts: int, capacity_mode: str,
-                         capacity_L: np.ndarray | None) -> np.ndarray:
-    """Tokens of every flow holding (one arc expert -> GPU each, Y of them) under the rule of the module docstring."""
+                         cap_Y: np.ndarray, fixed_LG: np.ndarray, *, num_experts: int,
+                         gpu_budget_L: np.ndarray | None) -> np.ndarray:
+    """Tokens of every flow holding (one arc expert -> GPU of capacity cap_Y each, Y of them; w_Y its expert's
+    tokens) under the rule of the module docstring; gpu_budget_L [L]: gpu mode's budget per GPU (None: none)."""
     num_layers, num_gpus = fixed_LG.shape
     le_Y = layer_Y * num_experts + expert_Y
     le_X, x_Y = np.unique(le_Y, return_inverse=True)
@@ -117,26 +122,26 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     w_X[x_Y] = w_Y
     layer_X = le_X // num_experts
     tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
-    if capacity_mode == "slot" and capacity_L is not None:
-        cap_Y = np.minimum(num_slots_Y * np.asarray(capacity_L, dtype=np.int64)[layer_Y], INT32_MAX)
-    else:
-        cap_Y = np.full(w_Y.size, INT32_MAX, dtype=np.int64)   # never reached: an arc carries at most w <= INT32_MAX/2
     net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
 
     # T*: Dinkelbach on the min cut, all layers at once, from the bound of each connected part of the network
-    t_L = np.maximum(fixed_LG.max(axis=1), net.component_bound_L(w_X, fixed_LG))
+    # (and each GPU's fixed load plus what its arcs must carry because the expert's other arcs cannot)
+    must_Y = np.maximum(w_Y - (np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)[x_Y] - cap_Y), 0)
+    must_LG = fixed_LG.copy()
+    np.add.at(must_LG, (layer_Y, gpu_Y), must_Y.astype(np.int64))
+    t_L = np.maximum(must_LG.max(axis=1), net.component_bound_L(w_X, fixed_LG))
     active_L = tokens_L > 0
     flow_Y = np.zeros(w_Y.size, dtype=np.int64)
     while True:
         sink_LG = np.where(active_L[:, None], t_L[:, None] - fixed_LG, 0)
-        got_Y, routed_L, reach = net.max_flow(np.where(active_L[layer_X], w_X, 0), cap_Y, sink_LG, cut=True)
+        got_Y, routed_L = net.max_flow(np.where(active_L[layer_X], w_X, 0), cap_Y, sink_LG)
         done_L = active_L & (routed_L == tokens_L)
         flow_Y = np.where(done_L[layer_Y], got_Y, flow_Y)
         short_L = active_L & ~done_L
         if not short_L.any():
             break
         # the cut Z: a = source arcs of unreached experts + arcs from reached experts to unreached GPUs
-        in_x, in_g = reach
+        in_x, in_g = net.reached_from_source()
         cut_a_L = np.bincount(layer_X, weights=np.where(in_x, 0, w_X), minlength=num_layers)
         cut_a_L += np.bincount(layer_Y, weights=np.where(in_x[x_Y] & ~in_g[layer_Y, gpu_Y], cap_Y, 0),
                                minlength=num_layers)
@@ -147,22 +152,22 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
         t_L = np.where(short_L, np.maximum(-(-need_L // np.maximum(n_L, 1)), t_L + 1), t_L)
         active_L = short_L
 
-    if capacity_mode != "gpu" or capacity_L is None:
+    if gpu_budget_L is None:
         return flow_Y
-    budget_L = np.asarray(capacity_L, dtype=np.int64)
+    budget_L = np.asarray(gpu_budget_L, dtype=np.int64)
     tight_L = (tokens_L > 0) & (budget_L < t_L)
     if not tight_L.any():
         return flow_Y
     # the most tokens any split serves: sink capacities B - fixed (>= 0) ...
     tight_X, tight_Y = tight_L[layer_X], tight_L[layer_Y]
     serve_LG = np.where(tight_L[:, None], np.maximum(budget_L[:, None] - fixed_LG, 0), 0)
-    first_Y, _, _ = net.max_flow(np.where(tight_X, w_X, 0), np.where(tight_Y, cap_Y, 0), serve_LG)
+    first_Y, _ = net.max_flow(np.where(tight_X, w_X, 0), np.where(tight_Y, cap_Y, 0), serve_LG)
     # ... then augmented to the full loads with sink capacities T* - fixed: no GPU's load falls
     left_X = w_X - np.bincount(x_Y, weights=first_Y, minlength=w_X.size).astype(np.int64)
     into_LG = np.zeros_like(fixed_LG)
     np.add.at(into_LG, (layer_Y, gpu_Y), first_Y)
     room_LG = np.where(tight_L[:, None], t_L[:, None] - fixed_LG - into_LG, 0)
-    more_Y, routed_L, _ = net.max_flow(np.where(tight_X, left_X, 0), np.where(tight_Y, cap_Y - first_Y, 0), room_LG,
+    more_Y, routed_L = net.max_flow(np.where(tight_X, left_X, 0), np.where(tight_Y, cap_Y - first_Y, 0), room_LG,
                                        back_Y=np.where(tight_Y, first_Y, 0))
     left_L = np.bincount(layer_X, weights=left_X, minlength=num_layers).astype(np.int64)
     if not np.array_equal(routed_L[tight_L], left_L[tight_L]):
@@ -229,11 +234,9 @@ class _Network:
         return bound_G.reshape(self.num_layers, self.num_gpus).max(axis=1)
 
     def max_flow(self, source_X: np.ndarray, cap_Y: np.ndarray, sink_LG: np.ndarray, *,
-                 back_Y: np.ndarray | None = None, cut: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+                 back_Y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One max flow. Capacities: source -> expert source_X, expert -> GPU cap_Y (and GPU -> expert back_Y),
-        GPU -> sink sink_LG. Returns the net flow on the expert -> GPU arcs [Y], the flow per layer [L] and, with
-        `cut`, the experts [X] and GPUs [L, G] reachable from the source in the residual network."""
+        GPU -> sink sink_LG. Returns the net flow on the expert -> GPU arcs [Y] and the flow per layer [L]."""
         cap_Z = np.zeros(self.indices.size, dtype=np.int32)
         cap_Z[self.pos_source_X] = source_X
         cap_Z[self.pos_forward_Y] = cap_Y
@@ -246,15 +249,17 @@ class _Network:
         if not (np.array_equal(flow.indptr, self.indptr) and np.array_equal(flow.indices, self.indices)):
             raise AssertionError("live split: the flow does not have the network's structure")
         flow_Z = np.asarray(flow.data, dtype=np.int64)
-        flow_Y = flow_Z[self.pos_forward_Y]
+        self.open_Z = flow_Z < cap_Z   # residual capacity left (a reverse arc's is its partner's flow)
         routed_L = np.bincount(self.layer_X, weights=flow_Z[self.pos_source_X],
                                minlength=self.num_layers).astype(np.int64)
-        if not cut:
-            return flow_Y, routed_L, None
-        open_Z = flow_Z < cap_Z   # residual capacity left (a reverse arc's is its partner's flow)
-        residual = csr_matrix((np.ones(int(open_Z.sum()), dtype=np.int8), self.indices[open_Z],
-                               np.concatenate([[0], np.cumsum(np.bincount(self.row_Z[open_Z],
-                                                                          minlength=self.num_nodes))])), shape=shape)
+        return flow_Z[self.pos_forward_Y], routed_L
+
+    def reached_from_source(self) -> tuple[np.ndarray, np.ndarray]:
+        """The experts [X] and GPUs [L, G] reachable from the source in the last max flow's residual network."""
+        open_Z = self.open_Z
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(self.row_Z[open_Z], minlength=self.num_nodes))])
+        residual = csr_matrix((np.ones(int(open_Z.sum()), dtype=np.int8), self.indices[open_Z], indptr),
+                              shape=(self.num_nodes, self.num_nodes))
         reached = np.zeros(self.num_nodes, dtype=bool)
         reached[breadth_first_order(residual, SOURCE, directed=True, return_predecessors=False)] = True
-        return flow_Y, routed_L, (reached[self.x_node_X], reached[self.g_node_LG])
+        return reached[self.x_node_X], reached[self.g_node_LG]

@@ -1,0 +1,1 @@
+"""Live token shares against planned ones: imbalance, drops, simulated time to target and the executor's step time."""

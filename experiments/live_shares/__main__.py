@@ -1,0 +1,3 @@
+from experiments.live_shares.study import main
+
+main()

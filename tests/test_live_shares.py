@@ -1,0 +1,220 @@
+"""The live split rule (symi_sim.live_shares) against hand-computed cases and the linear program (scipy HiGHS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+from symi_sim.live_shares import live_split
+from symi_sim.placement import Placement
+from symi_sim.routing import route
+
+
+def live(phy2log_LR: np.ndarray, num_experts: int) -> Placement:
+    even = Placement.even(np.asarray(phy2log_LR), num_experts)
+    return Placement(even.phy2log_LR, even.share_LR, num_experts, live_shares=True)
+
+
+def lp_min_max(w_E: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int,
+               slot_cap: int | None = None) -> float:
+    """min T over real splits: sum over e's replicas = w_e, every GPU's load <= T (slot caps: x_p <= C for the
+    experts that fit under their replicas' caps; the others floor(w / n) or one more per replica, the fewest
+    drops, as the rule fixes them)."""
+    num_slots = phy2log_R.size
+    num_gpus = num_slots // slots_per_gpu
+    cnt_E = np.bincount(phy2log_R, minlength=w_E.size)
+    c = np.zeros(num_slots + 1)
+    c[-1] = 1.0
+    a_eq = np.zeros((w_E.size, num_slots + 1))
+    a_eq[phy2log_R, np.arange(num_slots)] = 1.0
+    a_ub = np.zeros((num_gpus, num_slots + 1))
+    a_ub[np.arange(num_slots) // slots_per_gpu, np.arange(num_slots)] = 1.0
+    a_ub[:, -1] = -1.0
+    bounds = [(0.0, None)] * (num_slots + 1)
+    if slot_cap is not None:
+        for p, e in enumerate(phy2log_R):
+            fits = w_E[e] <= cnt_E[e] * slot_cap
+            floor = float(w_E[e] // cnt_E[e])
+            bounds[p] = (0.0, float(slot_cap)) if fits else (floor, floor + 1.0)
+    result = linprog(c, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=w_E, bounds=bounds, method="highs")
+    assert result.status == 0
+    return float(result.fun)
+
+
+def lp_max_served(w_E: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int, budget: int) -> float:
+    """max over real splits of sum_g min(load_g, budget)."""
+    num_slots = phy2log_R.size
+    num_gpus = num_slots // slots_per_gpu
+    c = np.concatenate([np.zeros(num_slots), -np.ones(num_gpus)])
+    a_eq = np.zeros((w_E.size, num_slots + num_gpus))
+    a_eq[phy2log_R, np.arange(num_slots)] = 1.0
+    a_ub = np.zeros((num_gpus, num_slots + num_gpus))
+    a_ub[np.arange(num_slots) // slots_per_gpu, np.arange(num_slots)] = -1.0
+    a_ub[np.arange(num_gpus), num_slots + np.arange(num_gpus)] = 1.0
+    bounds = [(0.0, None)] * num_slots + [(0.0, float(budget))] * num_gpus
+    result = linprog(c, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=w_E, bounds=bounds, method="highs")
+    assert result.status == 0
+    return -float(result.fun)
+
+
+def random_instance(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """(w_E, phy2log_R, slots_per_gpu): every expert has a replica, the rest random; skewed loads, some zero."""
+    num_gpus, slots_per_gpu = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+    num_slots = num_gpus * slots_per_gpu
+    num_experts = int(rng.integers(1, num_slots + 1))
+    phy2log_R = np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, num_slots - num_experts)])
+    rng.shuffle(phy2log_R)
+    w_E = (rng.zipf(1.3, num_experts) * rng.integers(0, 60, num_experts)).clip(0, 20_000).astype(np.int64)
+    return w_E, phy2log_R, slots_per_gpu
+
+
+def adversarial_instances() -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Cases a greedy or one-hop rebalancing gets wrong, plus degenerate ones."""
+    return [
+        # a chain: GPU 0 must shed load to GPU 2 through expert 1 on GPUs 1 and 2 (loads 10, 9, 8 -> 9, 9, 9)
+        (np.array([2, 16, 9]), np.array([0, 2, 0, 1, 1, 2]), 2),
+        # everything on one expert with replicas on every GPU
+        (np.array([1001, 0, 0, 0]), np.array([0, 1, 0, 2, 0, 3, 0, 0]), 2),
+        # an expert's replicas all on one GPU (no split possible) beside a splittable one
+        (np.array([50, 7, 7]), np.array([0, 0, 1, 2, 1, 2]), 2),
+        # one GPU
+        (np.array([5, 3]), np.array([0, 1, 0]), 3),
+        # no load at all
+        (np.zeros(3, dtype=np.int64), np.array([0, 1, 2, 0]), 2),
+        # ties everywhere
+        (np.array([6, 6, 6, 6]), np.array([0, 1, 2, 3, 0, 1, 2, 3]), 2),
+    ]
+
+
+def instances(count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    rng = np.random.default_rng(seed)
+    return adversarial_instances() + [random_instance(rng) for _ in range(count)]
+
+
+def gpu_loads(x_R: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+    return x_R.reshape(-1, slots_per_gpu).sum(axis=1)
+
+
+def check_split(x_R: np.ndarray, w_E: np.ndarray, phy2log_R: np.ndarray) -> None:
+    assert x_R.dtype == np.int64 and (x_R >= 0).all()
+    assert np.array_equal(np.bincount(phy2log_R, weights=x_R, minlength=w_E.size).astype(np.int64), w_E)
+
+
+def test_hand_computed_case() -> None:
+    # GPU 0 holds experts 0 and 1 (8 tokens, fixed), GPU 1 experts 0 and 2 (no tokens): expert 0's 10 tokens
+    # split 1 / 9, so both GPUs carry 9
+    x = live_split(np.array([[10, 8, 0]]), live([[0, 1, 0, 2]], 3), slots_per_gpu=2)
+    assert x.tolist() == [[1, 8, 9, 0]]
+
+
+def test_two_replicas_on_one_gpu_share_its_part_evenly() -> None:
+    # expert 0: slots 0, 1 on GPU 0 and slot 2 on GPU 1; expert 1 (9 tokens) on GPU 1. 21 tokens of expert 0:
+    # T* = 15: GPU 0 takes 15 (8 + 7 over its two replicas, the extra token to the lower slot), GPU 1 6 + 9
+    x = live_split(np.array([[21, 9]]), live([[0, 0, 0, 1]], 2), slots_per_gpu=2)
+    assert x.tolist() == [[8, 7, 6, 9]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dropless_max_load_is_the_lp_optimum_rounded_up(seed: int) -> None:
+    for w_E, phy2log_R, slots_per_gpu in instances(60, seed):
+        num_experts = w_E.size
+        x_R = live_split(w_E[None, :], live(phy2log_R[None, :], num_experts), slots_per_gpu=slots_per_gpu)[0]
+        check_split(x_R, w_E, phy2log_R)
+        optimum = lp_min_max(w_E.astype(float), phy2log_R, slots_per_gpu)
+        peak = gpu_loads(x_R, slots_per_gpu).max()
+        assert optimum - 1e-6 <= peak <= np.ceil(optimum - 1e-6), (w_E, phy2log_R, peak, optimum)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_gpu_mode_serves_the_most_and_peaks_at_the_optimum(seed: int) -> None:
+    for w_E, phy2log_R, slots_per_gpu in instances(60, seed):
+        num_gpus = phy2log_R.size // slots_per_gpu
+        placement = live(phy2log_R[None, :], w_E.size)
+        peak = gpu_loads(live_split(w_E[None, :], placement, slots_per_gpu=slots_per_gpu)[0], slots_per_gpu).max()
+        for factor in (0.8, 1.0, 1.2):
+            budget = int(np.ceil(factor * w_E.sum() / num_gpus))
+            x_R = live_split(w_E[None, :], placement, slots_per_gpu=slots_per_gpu, capacity_mode="gpu",
+                             capacity_L=np.array([budget]))[0]
+            check_split(x_R, w_E, phy2log_R)
+            load_G = gpu_loads(x_R, slots_per_gpu)
+            assert load_G.max() == peak
+            served = np.minimum(load_G, budget).sum()
+            # an integer max flow serves the LP's most (its optimum is integral at integer capacities)
+            assert served == pytest.approx(lp_max_served(w_E.astype(float), phy2log_R, slots_per_gpu, budget),
+                                           abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_slot_mode_drops_the_fewest_then_balances(seed: int) -> None:
+    for w_E, phy2log_R, slots_per_gpu in instances(60, seed):
+        num_slots = phy2log_R.size
+        cnt_E = np.bincount(phy2log_R, minlength=w_E.size)
+        for factor in (0.7, 1.0, 1.5):
+            cap = int(np.ceil(factor * w_E.sum() / num_slots))
+            x_R = live_split(w_E[None, :], live(phy2log_R[None, :], w_E.size), slots_per_gpu=slots_per_gpu,
+                             capacity_mode="slot", capacity_L=np.array([cap]))[0]
+            check_split(x_R, w_E, phy2log_R)
+            assert np.maximum(x_R - cap, 0).sum() == np.maximum(w_E - cnt_E * cap, 0).sum()
+            optimum = lp_min_max(w_E.astype(float), phy2log_R, slots_per_gpu, slot_cap=cap)
+            assert gpu_loads(x_R, slots_per_gpu).max() <= np.ceil(optimum - 1e-6)
+
+
+def test_layers_are_independent_and_deterministic() -> None:
+    rng = np.random.default_rng(7)
+    num_layers, num_experts, num_gpus, slots_per_gpu = 30, 6, 4, 3
+    num_slots = num_gpus * slots_per_gpu
+    phy2log_LR = np.stack([rng.permutation(np.concatenate([np.arange(num_experts),
+                                                           rng.integers(0, num_experts, num_slots - num_experts)]))
+                           for _ in range(num_layers)])
+    load_LE = (rng.zipf(1.4, (num_layers, num_experts)) * rng.integers(0, 40, (num_layers, num_experts)))
+    load_LE = load_LE.clip(0, 5000).astype(np.int64)
+    placement = live(phy2log_LR, num_experts)
+    budget_L = load_LE.sum(axis=1) // num_gpus
+    together = live_split(load_LE, placement, slots_per_gpu=slots_per_gpu, capacity_mode="gpu", capacity_L=budget_L)
+    for layer in range(num_layers):
+        alone = live_split(load_LE[layer:layer + 1], placement.take_layers(slice(layer, layer + 1)),
+                           slots_per_gpu=slots_per_gpu, capacity_mode="gpu", capacity_L=budget_L[layer:layer + 1])
+        assert np.array_equal(alone[0], together[layer])
+    again = live_split(load_LE, placement, slots_per_gpu=slots_per_gpu, capacity_mode="gpu", capacity_L=budget_L)
+    assert np.array_equal(again, together)
+
+
+def test_route_applies_the_live_rule_only_to_live_placements() -> None:
+    phy2log_LR = np.array([[0, 1, 0, 2]])
+    load_LE = np.array([[10, 8, 0]])
+    planned = Placement.even(phy2log_LR, 3)
+    live_routing = route(load_LE, live(phy2log_LR, 3), slots_per_gpu=2, capacity_factor=None)
+    planned_routing = route(load_LE, planned, slots_per_gpu=2, capacity_factor=None)
+    assert live_routing.assigned_LR.tolist() == [[1, 8, 9, 0]]
+    assert planned_routing.assigned_LR.tolist() == [[5, 8, 5, 0]]
+    assert live_routing.imbalance_L[0] == pytest.approx(1.0)
+    assert planned_routing.imbalance_L[0] == pytest.approx(13 / 9)
+    # gpu mode at factor 1.0: a budget of 9 per GPU; live drops nothing, planned drops 4 on GPU 0
+    live_gpu = route(load_LE, live(phy2log_LR, 3), slots_per_gpu=2, capacity_factor=1.0, capacity_mode="gpu")
+    planned_gpu = route(load_LE, planned, slots_per_gpu=2, capacity_factor=1.0, capacity_mode="gpu")
+    assert live_gpu.dropped_LE.sum() == 0 and planned_gpu.dropped_LE.sum() == 4
+
+
+def test_shadowed_tokens_count_as_fixed_gpu_load() -> None:
+    # expert 2 shadowed: its 6 tokens spread 3 / 3 over the GPUs outside the slots; expert 0 balances around them
+    placement = Placement(np.array([[0, 1, 0, 2]]), np.array([[0.5, 1, 0.5, 1]]), 3,
+                          shadow_LE=np.array([[False, False, True]]), live_shares=True)
+    x = live_split(np.array([[10, 4, 6]]), placement, slots_per_gpu=2)
+    assert x.tolist() == [[3, 4, 7, 0]]
+
+
+def test_token_counts_past_the_network_capacity_are_refused() -> None:
+    with pytest.raises(ValueError, match="int32"):
+        live_split(np.array([[2 ** 31, 1]]), live([[0, 1, 0, 1]], 2), slots_per_gpu=2)
+
+
+def test_placement_json_keeps_the_share_mode() -> None:
+    placement = live([[0, 1, 0, 2]], 3)
+    data = placement.to_json_dict()
+    assert data["shares"] == "live"
+    again = Placement.from_json_dict(data)
+    assert again.live_shares and again.same_as(placement)
+    assert "shares" not in Placement.even(np.array([[0, 1, 0, 2]]), 3).to_json_dict()
+    with pytest.raises(ValueError, match="shares"):
+        Placement.from_json_dict({**data, "shares": "sometimes"})
