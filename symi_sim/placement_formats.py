@@ -131,8 +131,8 @@ def vllm_ascend_expert_map(placement: Placement, cluster: Cluster) -> dict[str, 
         layer, gpu, slot = np.argwhere(twice_LGS)[0]
         raise ValueError(
             f"--format vllm-ascend: layer {layer} puts expert {sorted_LGS[layer, gpu, slot]} on device {gpu} twice "
-            f"({int(twice_LGS.sum())} such slots); vllm-ascend maps an expert to one slot per device, so plan with "
-            "a policy that spreads replicas over GPUs (e.g. symi-balanced or eplb)")
+            f"({int(twice_LGS.sum())} such slots in all); vllm-ascend maps an expert to one slot per device, so a "
+            "placement for it may hold an expert at most once per GPU")
     return {
         "moe_layer_count": int(placement.num_layers),
         "layer_list": [
@@ -279,7 +279,7 @@ def read_sglang_mapping(path: str | Path, *, first_moe_layer: int = 0,
     return _placement_from_slots(rows_MR[first_moe_layer:], num_experts, str(path))
 
 
-_YAML_LINE = re.compile(r"\s*(\w+):\s*(.*?)\s*")
+_YAML_LINE = re.compile(r"(\w+):\s*(\d*)\s*")
 _YAML_LAYER = re.compile(r"\s+(\d+):\s*\[([\d,\s]*)\]\s*")
 
 
