@@ -224,7 +224,8 @@ def load_hint(fmt: str, path: str | Path, placement: Placement, cluster: Cluster
         return (f"TensorRT-LLM: moe_config.load_balancer: {path} in --extra_llm_api_options, with --ep "
                 f"{cluster.num_gpus}")
     if fmt == "vllm-ascend":
-        return f"vllm-ascend: expert map {path} for {cluster.num_gpus} devices ({redundant} redundant experts)"
+        return (f"vllm-ascend: --additional-config '{{\"eplb_config\": {{\"expert_map_path\": \"{path}\"}}}}' on "
+                f"{cluster.num_gpus} devices ({redundant} redundant experts)")
     if fmt == "eplb":
         return f"EPLB arrays phy2log/log2phy/logcnt for {cluster.num_gpus} GPUs x {cluster.slots_per_gpu} slots"
     return ""
