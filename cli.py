@@ -293,20 +293,30 @@ def trace_synth_cmd(out_path: str, num_experts: int, num_layers: int, num_steps:
 
 # ---------------------------------------------------------------- plan
 
-PLAN_FORMATS = {".json": "json", ".npz": "eplb", ".pt": "eplb"}
+# the format an --out extension means when --format is not given (.json: our own; sglang and vllm-ascend JSON
+# files need --format); every format's own extensions are symi_sim.placement_formats.FORMAT_SUFFIXES
+PLAN_FORMATS = {".json": "json", ".npz": "eplb", ".pt": "eplb", ".yaml": "trtllm", ".yml": "trtllm"}
+PLAN_FORMAT_HELP = (
+    "json: our placement file; eplb: DeepSeek EPLB's phy2log/log2phy/logcnt arrays (.npz or .pt); sglang: "
+    "SGLang's --init-expert-location file (.json or .pt); trtllm: TensorRT-LLM's wide-EP load-balancer YAML; "
+    "vllm-ascend: vllm-ascend's expert-map JSON [default: from --out's extension (.json, .npz, .pt, .yaml), "
+    "else json].")
 
 
 def _plan_format(fmt: str | None, out: str | None) -> str:
-    """--format, or the one --out's extension names; an extension that contradicts --format is refused."""
+    """--format, or the one --out's extension names; an extension that the format is not written to is refused."""
+    from symi_sim.placement_formats import FORMAT_SUFFIXES
+
     if out is not None and os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a folder; a single plan is a file (.json, .npz or .pt)")
+        raise ValueError(f"--out {out!r} is a folder; a single plan is a file (.json, .npz, .pt or .yaml)")
     suffix = os.path.splitext(out)[1].lower() if out else ""
-    if suffix not in PLAN_FORMATS and out is not None:
-        raise ValueError(f"--out {out!r} must end in .json (--format json) or .npz/.pt (--format eplb)")
-    implied = PLAN_FORMATS.get(suffix)
-    if fmt is not None and implied is not None and fmt != implied:
-        raise ValueError(f"--format {fmt} does not match --out {out!r}: its extension means --format {implied}")
-    return fmt or implied or "json"
+    if fmt is not None and out is not None and suffix not in FORMAT_SUFFIXES[fmt]:
+        raise ValueError(f"--format {fmt} does not match --out {out!r}: --format {fmt} is written to a "
+                         f"{' or '.join(FORMAT_SUFFIXES[fmt])} file")
+    if fmt is None and out is not None and suffix not in PLAN_FORMATS:
+        raise ValueError(f"--out {out!r} must end in .json (--format json, sglang, vllm-ascend), .npz/.pt "
+                         "(--format eplb; sglang .pt) or .yaml/.yml (--format trtllm)")
+    return fmt or PLAN_FORMATS.get(suffix, "json")
 
 
 @symi.command()
@@ -317,23 +327,25 @@ def _plan_format(fmt: str | None, out: str | None) -> str:
               help=f"The policy of a single plan. {POLICY_NAMES_HELP}")
 @click.option("--step", type=int, default=None, help="Plan the placement serving this step (from the steps before).")
 @_policy_options_option
-@click.option("--format", "fmt", type=click.Choice(["json", "eplb"]), default=None,
-              help="json: our placement file; eplb: DeepSeek EPLB's phy2log/log2phy/logcnt arrays (.npz or .pt) "
-                   "[default: from --out's extension (.json, .npz, .pt), else json].")
+@click.option("--format", "fmt", type=click.Choice(["json", "eplb", "sglang", "trtllm", "vllm-ascend"]),
+              default=None, help=PLAN_FORMAT_HELP)
+@click.option("--first-moe-layer", type=int, default=0, show_default=True,
+              help="--format sglang/trtllm: the model's layer id of the trace's first MoE layer (their layer ids "
+                   "count dense layers too; DeepSeek-V3: 3).")
 @click.option("--replay", is_flag=True, help="Plan every step from the previous ones and score it on its own loads.")
 @click.option("--policies", default=None,
               help=f"--replay: comma-separated policies (default: all). {POLICY_NAMES_HELP}")
 @_capacity_options
 @click.option("--out", "out", default=None,
-              help="A single plan's file (default runs/plan-<timestamp>.json or .npz), or the --replay run directory "
-                   "(default runs/plan-replay-<timestamp>).")
+              help="A single plan's file (default runs/plan-<timestamp> with the format's extension), or the --replay "
+                   "run directory (default runs/plan-replay-<timestamp>).")
 @_force_option
 def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, policy: str, step: int | None,
-         options: tuple[str, ...], fmt: str | None, replay: bool, policies: str | None,
+         options: tuple[str, ...], fmt: str | None, first_moe_layer: int, replay: bool, policies: str | None,
          capacity_factor: float | None, capacity_mode: str, out: str | None, force: bool) -> None:
     """Emit a placement for one step, or replay a whole trace and compare policies."""
     from symi_sim.cluster import load_cluster
-    from symi_sim.placement import write_eplb_arrays, write_placement_json
+    from symi_sim.placement_formats import FORMAT_SUFFIXES, LAYER_ID_FORMATS, load_hint, write_placement
     from symi_sim.policies import get_policy, parse_options, with_context
     from symi_sim.simulator.replay import plan_step, write_replay
     from symi_sim.simulator.replay import replay as replay_trace
@@ -341,8 +353,8 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, pol
 
     ctx = click.get_current_context()
     if replay:
-        _refuse_given(ctx, ["step", "policy", "fmt"], "is for a single plan; --replay plans every step (name the "
-                      "policies with --policies)")
+        _refuse_given(ctx, ["step", "policy", "fmt", "first_moe_layer"], "is for a single plan; --replay plans "
+                      "every step (name the policies with --policies)")
         names = _split_names(policies, "--policies") if policies is not None else available_policies()
         names = _with_shared_options(names, options, context_keys=("capacity_mode", "capacity_factor"))
         out_dir = out or str(timestamped_dir("plan-replay"))
@@ -352,7 +364,11 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, pol
         if step is None:
             raise ValueError("a single plan needs --step (or use --replay)")
         fmt = _plan_format(fmt, out)
-        out = out or str(timestamped_dir("plan")) + (".npz" if fmt == "eplb" else ".json")
+        if _given(ctx, "first_moe_layer") and fmt not in LAYER_ID_FORMATS:
+            raise ValueError(f"--first-moe-layer is for --format {' or '.join(LAYER_ID_FORMATS)}, not {fmt}")
+        if first_moe_layer < 0:
+            raise ValueError(f"--first-moe-layer must be >= 0, got {first_moe_layer}")
+        out = out or str(timestamped_dir("plan")) + FORMAT_SUFFIXES[fmt][0]
         check_output_path(out, what="--out", force=force)
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
     trace = read_trace(trace_path)
@@ -376,12 +392,11 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, pol
             raise ValueError(f"{_option_name(ctx, name)}: policy {policy!r} does not use it in a single plan")
     chosen = with_context(chosen, **capacity)
     placement = plan_step(trace, cluster, chosen, step=step, window=window)
-    if fmt == "eplb":
-        write_eplb_arrays(out, placement)
-    else:
-        write_placement_json(out, placement, cluster, {**chosen.config(), "step": step, "window": window,
-                                                       "trace": trace_path})
+    write_placement(out, placement, cluster, fmt, first_moe_layer=first_moe_layer,
+                    policy={**chosen.config(), "step": step, "window": window, "trace": trace_path})
     click.echo(f"wrote {out}: {placement.num_layers} layers x {placement.num_slots} slots, policy {policy}")
+    if hint := load_hint(fmt, out, placement, cluster):
+        click.echo(hint)
 
 
 # ---------------------------------------------------------------- simulate

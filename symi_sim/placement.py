@@ -205,8 +205,18 @@ class Placement:
         return placement
 
     def eplb_arrays(self) -> dict[str, np.ndarray]:
-        """DeepSeek EPLB's return values: phy2log [L, R], log2phy [L, E, X] (-1 padded), logcnt [L, E] (int64)."""
-        return {"phy2log": self.phy2log_LR.copy(), "log2phy": self.log2phy_LEX, "logcnt": self.logcnt_LE.copy()}
+        """DeepSeek EPLB's return values as loaders hold them: phy2log [L, R], log2phy [L, E, R - E + 1] (-1
+        padded), logcnt [L, E] (int64).
+
+        log2phy is num_redundant + 1 = R - E + 1 wide, the most replicas any expert can have, as vLLM's port of
+        eplb.py returns it (vllm/distributed/eplb/rebalance_algo.py @ 48dca59e) and its EplbState holds it;
+        DeepSeek's eplb.py (@ 5791971) stops at max(logcnt) columns, so its array is ours without trailing -1s.
+        """
+        log2phy_LEX = self.log2phy_LEX
+        width = self.num_slots - self.num_experts + 1
+        padded_LEX = np.full((self.num_layers, self.num_experts, max(width, log2phy_LEX.shape[2])), -1, dtype=np.int64)
+        padded_LEX[:, :, :log2phy_LEX.shape[2]] = log2phy_LEX
+        return {"phy2log": self.phy2log_LR.copy(), "log2phy": padded_LEX, "logcnt": self.logcnt_LE.copy()}
 
 
 def write_placement_json(path: str | Path, placement: Placement, cluster: Cluster | None = None,

@@ -52,7 +52,9 @@ def test_plan_eplb_arrays(tmp_path, trace_path, cluster_path):
     assert arrays["phy2log"].dtype == np.int64
     assert arrays["phy2log"][1].tolist() == [0, 1, 2, 3, 3, 3, 3, 3]
     assert arrays["logcnt"].tolist() == [[5, 1, 1, 1], [1, 1, 1, 5]]
-    # log2phy: replica slots per expert in rank order, -1 padded to the largest count (5)
+    # log2phy: replica slots per expert in rank order, -1 padded to num_redundant + 1 = 8 - 4 + 1 = 5 (DeepSeek's
+    # width), here also the largest count
+    assert arrays["log2phy"].shape == (2, 4, 5)
     assert arrays["log2phy"][0, 0].tolist() == [0, 1, 2, 3, 4]
     assert arrays["log2phy"][0, 1].tolist() == [5, -1, -1, -1, -1]
 
@@ -101,3 +103,81 @@ def test_plan_impossible_cluster(tmp_path, trace_path):
                                        "--out", str(tmp_path / "p2.json")])
     assert result.exit_code != 0 and "impossible cluster" in result.output
     assert not (tmp_path / "p2.json").exists()
+
+
+def _plan(tmp_path, trace_path, cluster_path, *args):
+    return CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                     "--step", "2", *args])
+
+
+def test_plan_eplb_pads_log2phy_to_num_redundant_plus_one(tmp_path, trace_path, cluster_path):
+    # eplb with 3 slots per GPU (12 slots) on step 0's loads: layer 1 [5,5,5,25]: 25/2..25/5 take 4 extra slots,
+    # then 5 = 25/5 ties all four, lowest id first: counts [2,2,2,6]. No expert has more than 6 slots, yet log2phy
+    # is 12 - 4 + 1 = 9 wide
+    out = tmp_path / "plan.npz"
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                       "--slots", "3", "--step", "1", "--policy", "eplb", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with np.load(out) as arrays:
+        assert arrays["logcnt"].tolist() == [[3, 3, 3, 3], [2, 2, 2, 6]]
+        assert arrays["log2phy"].shape == (2, 4, 9)
+        assert (arrays["log2phy"][:, :, arrays["logcnt"].max():] == -1).all()
+
+
+def test_plan_sglang(tmp_path, trace_path, cluster_path):
+    out = tmp_path / "loc.json"
+    result = _plan(tmp_path, trace_path, cluster_path, "--policy", "eplb", "--format", "sglang",
+                   "--first-moe-layer", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"--init-expert-location {out} --ep-size 4 --ep-num-redundant-experts 4" in result.output
+    rows = json.loads(out.read_text())["physical_to_logical_map"]
+    assert rows[0] == [0, 1, 2, 3, 0, 1, 2, 3]  # the dense layer: SGLang's trivial row
+    eplb = _plan(tmp_path, trace_path, cluster_path, "--policy", "eplb", "--out", str(tmp_path / "p.json"))
+    assert eplb.exit_code == 0, eplb.output
+    assert rows[1:] == read_placement_json(tmp_path / "p.json").phy2log_LR.tolist()
+
+
+def test_plan_trtllm_from_the_extension(tmp_path, trace_path, cluster_path):
+    out = tmp_path / "lb.yaml"
+    result = _plan(tmp_path, trace_path, cluster_path, "--policy", "symi", "--first-moe-layer", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    # symi on step 1: layer 0 [30,10,0,0] -> [5,1,1,1] -> slots [0,0,0,0,0,1,2,3]; layer 1 -> [0,1,2,3,3,3,3,3]
+    assert out.read_text() == ("num_slots: 8\nlayer_updates_per_iter: 0\ninitial_global_assignments:\n"
+                               "  3: [0, 0, 0, 0, 0, 1, 2, 3]\n  4: [0, 1, 2, 3, 3, 3, 3, 3]\n")
+    assert "moe_config.load_balancer" in result.output
+
+
+def test_plan_vllm_ascend(tmp_path, trace_path, cluster_path):
+    out = tmp_path / "map.json"
+    # static: 2 replicas of each expert, slots [0,1,2,3,0,1,2,3], so GPU g holds experts 2g % 4 and 2g % 4 + 1
+    result = _plan(tmp_path, trace_path, cluster_path, "--policy", "static", "--format", "vllm-ascend",
+                   "--out", str(out))
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["moe_layer_count"] == 2
+    assert [d["device_id"] for d in data["layer_list"][1]["device_list"]] == [0, 1, 2, 3]
+    assert [d["device_expert"] for d in data["layer_list"][1]["device_list"]] == [[0, 1], [2, 3], [0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "sglang", "--out", "p.npz"], "--format sglang does not match --out"),
+    (["--format", "trtllm", "--out", "p.json"], "--format trtllm is written to a .yaml or .yml file"),
+    (["--first-moe-layer", "3", "--out", "p.json"], "--first-moe-layer is for --format sglang or trtllm, not json"),
+    (["--format", "sglang", "--first-moe-layer", "-1", "--out", "p.json"], "--first-moe-layer must be >= 0, got -1"),
+    (["--replay", "--first-moe-layer", "3", "--out", "run"], "--first-moe-layer is for a single plan"),
+    # symi puts expert 0 on 5 of 8 slots, so twice on GPU 0: vllm-ascend keeps one slot per expert and device
+    (["--policy", "symi", "--format", "vllm-ascend", "--out", "p.json"],
+     "--format vllm-ascend: layer 0 puts expert 0 on device 0 twice"),
+])
+def test_plan_formats_bad_input(tmp_path, trace_path, cluster_path, args, message):
+    args = [str(tmp_path / a) if a in ("p.npz", "p.json", "run") else a for a in args]
+    if "--replay" in args:
+        args = [a for a in args if a != "--replay"]
+        result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                           "--replay", *args])
+    else:
+        result = _plan(tmp_path, trace_path, cluster_path, *args)
+    assert result.exit_code != 0
+    assert "Error:" in result.output and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.parquet", "toy.toml"]
