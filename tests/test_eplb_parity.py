@@ -162,5 +162,7 @@ def test_against_the_reference_with_torchs_sort():
             # torch orders ties by index in rows of up to 16 items (its CPU sort is an insertion sort there)
             assert reference.longest_row > 16, sizes
         identical += np.array_equal(phy2log, want_phy2log)
-    # the README quotes this count (torch 2.13 CPU; ties between different experts are the rule here, by design)
-    assert identical == 37
+    # the README quotes this count, measured with torch 2.13 on the CPU (ties between different experts are the rule
+    # here, by design); another torch may order ties otherwise, which the checks above already allow
+    if torch.__version__.startswith("2.13."):
+        assert identical == 37
