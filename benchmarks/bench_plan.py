@@ -11,7 +11,8 @@ symi_sim.routing.route (num_assignments = top_k x tokens_per_step, capacity fact
 Reported: GPU imbalance max/mean tokens sent per GPU (mean over steps and layers, and the worst), dropped fraction.
 Robustness sweep: the acceptance bar (symi-balanced imbalance <= eplb's, dropped <= symi's) on the two real traces
 over several cluster shapes (symi_sim.simulator.replay.replay, the policy planning in the mode it is scored in); a
-row per (trace, cluster, mode) with `bar_met`.
+row per (trace, cluster, mode) with `bar_met` and `live_never_worse` (symi-balanced:shares=live's imbalance and
+drops <= symi-balanced's).
 Prints the tables and writes bench_plan.csv (timing), bench_plan_quality.csv, bench_plan_sweep.csv and
 bench_plan.json to --out (default runs/bench_plan; the committed tables: --out benchmarks/results).
 
@@ -62,7 +63,8 @@ from symi_sim.traces.format import LoadTrace, read_trace
 ROOT = Path(__file__).resolve().parent.parent
 # extra configurations of our own policy, beside every registered policy with its defaults
 VARIANTS = {"symi-balanced": [{"capacity_mode": "gpu"}, {"packing": "grouped"},
-                              {"packing": "grouped", "capacity_mode": "gpu"}, {"allocation": "symi"}],
+                              {"packing": "grouped", "capacity_mode": "gpu"}, {"allocation": "symi"},
+                              {"shares": "live"}, {"shares": "live", "capacity_mode": "gpu"}],
             "oracle": [{"packing": "grouped"}]}
 SHAPE_CONFIG = {"deepseek": {"eplb": {"num_groups": 8}}}
 
@@ -162,6 +164,8 @@ def quality(max_steps: int) -> list[dict]:
     return rows
 
 
+LIVE = "symi-balanced:shares=live"
+SWEEP_POLICIES = ("symi", "eplb", "symi-balanced", LIVE)
 SWEEP_SHAPES = {"olmoe-domains": [(16, 1, 4), (16, 1, 8), (8, 8, 5), (4, 4, 5), (2, 4, 10)],
                 "mixtral-domains": [(2, 4, 2), (16, 1, 2), (8, 1, 4), (4, 2, 3), (1, 8, 3), (3, 1, 4)]}
 
@@ -177,14 +181,17 @@ def cluster_sweep() -> list[dict]:
             cluster = load_cluster("paper-a100-16", num_nodes=num_nodes, gpus_per_node=gpus_per_node,
                                    slots_per_gpu=slots_per_gpu)
             for mode in ("slot", "gpu"):
-                _, summary = replay_trace(trace, cluster, ["symi", "eplb", "symi-balanced"], capacity_mode=mode)
+                _, summary = replay_trace(trace, cluster, list(SWEEP_POLICIES), capacity_mode=mode)
                 by = summary.set_index("policy")
                 row = {"trace": trace_name, "cluster": f"{num_nodes}x{gpus_per_node}x{slots_per_gpu}", "mode": mode}
-                for name in ("symi", "eplb", "symi-balanced"):
+                for name in SWEEP_POLICIES:
                     row[f"imbalance_{name}"] = by.loc[name, "imbalance"]
                     row[f"dropped_{name}"] = by.loc[name, "dropped_fraction"]
                 row["bar_met"] = bool(row["imbalance_symi-balanced"] <= row["imbalance_eplb"] + 1e-12
                                       and row["dropped_symi-balanced"] <= row["dropped_symi"] + 1e-12)
+                # live shares split the same replicas from the step's own counts: never worse than planned ones
+                row["live_never_worse"] = bool(row[f"imbalance_{LIVE}"] <= row["imbalance_symi-balanced"] + 1e-12
+                                               and row[f"dropped_{LIVE}"] <= row["dropped_symi-balanced"] + 1e-12)
                 rows.append(row)
     return rows
 
@@ -208,7 +215,8 @@ def main() -> None:
     shown = ["trace", "cluster", "policy", "imbalance_mean", "imbalance_max", "dropped_slot", "dropped_gpu"]
     print(replays[[c for c in shown + ["error"] if c in replays]].round(4).to_string(index=False))
     sweep = pd.DataFrame(cluster_sweep())
-    print(f"\nacceptance bar over cluster shapes (real traces): met in {int(sweep['bar_met'].sum())} of {len(sweep)}")
+    print(f"\nacceptance bar over cluster shapes (real traces): met in {int(sweep['bar_met'].sum())} of {len(sweep)}; "
+          f"live shares never worse than planned in {int(sweep['live_never_worse'].sum())} of {len(sweep)}")
     print(sweep.round(4).to_string(index=False))
 
     args.out.mkdir(parents=True, exist_ok=True)
