@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,11 @@ from cli import symi
 from symi_sim.traces.format import read_trace
 from symi_sim.traces.resolve import SHIPPED_DIR, load_trace, shipped_traces
 from tests.cli_checks import one_error_line
+
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["mixtral-domains", "olmoe-domains", "recorded-tiny-e16-top1", "recorded-tiny-e16-top2", "synthetic-drift"]
