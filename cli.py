@@ -603,6 +603,9 @@ def _train_option(*decls: str, **attrs: object):
                help="Parameter and activation dtype (bfloat16: float32 master weights and AdamW moments).")
 @_train_option("--bucket-mb", type=float, help="MiB of dense gradients per all-reduce bucket (during the backward).")
 @_train_option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
+@_train_option("--trace-format", type=click.Choice(["parquet", "megatron-router-trace"]),
+               help="With --record-trace: megatron-router-trace also writes router_trace/router_trace_rank<r>.jsonl, "
+                    "Megatron-Core's router-trace records (per-token top-k ids per step, layer and rank).")
 @_train_option("--log-interval", type=int, help="Steps between rank-0 log lines.")
 @_train_option("--dist-timeout", "dist_timeout_s", type=float,
                help="Seconds a rank may stay silent (stopped, hung, a dead node) before the job ends naming it.")
@@ -628,7 +631,8 @@ def _train_option(*decls: str, **attrs: object):
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
           options: tuple[str, ...], capacity_factor: float | None, capacity_mode: str, steps: int, batch_size: int,
           lr: float, aux_loss_coef: float, router_skew: float, seed: int, data: str | None, dtype: str,
-          record_trace: bool, log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None,
+          record_trace: bool, trace_format: str, log_interval: int, out: str | None, checkpoint_every: int,
+          checkpoint_dir: str | None,
           resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
           fail_at_step: int | None, overwrite_checkpoints: bool, allow_config_change: str,
           dist_timeout_s: float, grad_accum: int, warmup_steps: int, weight_decay: float, grad_clip: float,
@@ -647,7 +651,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         top_k=top_k, policy=policy, policy_options=parse_options(options),
         capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps,
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, router_skew=router_skew, seed=seed,
-        data=data, record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
+        data=data, record_trace=record_trace, trace_format=trace_format, dtype=dtype, log_interval=log_interval,
+        checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir, resume=resume, sparse_hot_share=sparse_hot_share,
         keep_checkpoints=keep_checkpoints, overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
         overwrite_checkpoints=overwrite_checkpoints,
