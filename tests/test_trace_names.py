@@ -57,6 +57,8 @@ def test_a_name_works_from_any_directory(tmp_path, monkeypatch):
                                        "--policies", "static,symi", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "summary.csv").is_file()
+    info = CliRunner().invoke(symi, ["trace", "info", "mixtral-domains"])
+    assert info.exit_code == 0 and "5 steps x 3 layers x 8 experts" in info.output, info.output
 
 
 def test_a_file_of_the_same_name_wins_over_the_shipped_trace(tmp_path, monkeypatch):
@@ -64,7 +66,7 @@ def test_a_file_of_the_same_name_wins_over_the_shipped_trace(tmp_path, monkeypat
     (tmp_path / "synthetic-drift").mkdir()   # a directory here named like a shipped trace: the user means it
     error = one_error_line(tmp_path, "plan", "--trace", "synthetic-drift", "--cluster", "cpu-4", "--step", "1",
                            "--out", tmp_path / "p.json")
-    assert "is not a .parquet/.csv trace" in error
+    assert "is a directory of no known records" in error
 
 
 def test_an_unknown_name_lists_the_shipped_ones(tmp_path):

@@ -79,8 +79,9 @@ def load_trace(spec: str | Path, **options: Any) -> LoadTrace:
         fmt = detect_format(path)
         if fmt is not None:
             return import_trace(path, fmt=fmt, **options)
-        raise ValueError(f"trace {text!r} is not a .parquet/.csv trace and not a Megatron router trace, SGLang "
-                         "recorder dump or TensorRT-LLM expert statistic; convert other formats first (symi trace "
+        what = "a directory of no known records" if path.is_dir() else f"a file of unknown suffix {path.suffix!r}"
+        raise ValueError(f"trace {text!r} is {what}: expected a .parquet/.csv trace, Megatron router traces, SGLang "
+                         "recorder dumps or a TensorRT-LLM expert statistic; convert other formats first (symi trace "
                          "convert --from FORMAT)")
     raise ValueError(f"trace {text!r} does not exist and is not a shipped trace "
                      f"({', '.join(shipped) or 'none installed'}; see symi trace list)")
