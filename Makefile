@@ -11,7 +11,7 @@ SYMI := $(VENV)/bin/symi
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,train]'
+	$(PY) -m pip install -q -e '.[dev,train,formats]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -207,19 +207,36 @@ def trace_group() -> None:
 @click.option("--top-k", type=int, default=None, help=f"{TOP_K_HELP} Overrides the file; a CSV defaults to 1.")
 @click.option("--tokens-per-step", type=int, default=None, help=f"{TOKENS_PER_STEP_HELP} Overrides the file.")
 def trace_info_cmd(file: str, as_json: bool, top_k: int | None, tokens_per_step: int | None) -> None:
-    """Shape, metadata and per-layer skew/volatility of trace FILE (.parquet or .csv)."""
+    """Shape, metadata and per-layer skew/volatility of trace FILE (.parquet or .csv, a shipped trace's name, or
+    records `--trace` reads directly)."""
     import json
 
-    from symi_sim.traces.format import read_trace
+    from symi_sim.traces.resolve import load_trace
     from symi_sim.traces.stats import format_trace_info, trace_info
 
-    info = trace_info(read_trace(file, top_k=top_k, tokens_per_step=tokens_per_step))
+    info = trace_info(load_trace(file, top_k=top_k, tokens_per_step=tokens_per_step))
     click.echo(json.dumps(info, indent=2) if as_json else format_trace_info(info))
+
+
+@trace_group.command("list")
+def trace_list_cmd() -> None:
+    """The traces shipped with symi, one line each: name, shape, top-k, tokens per step, model. Any command's
+    --trace takes the name."""
+    from symi_sim.traces.resolve import shipped_trace_lines
+
+    lines = shipped_trace_lines()
+    if not lines:
+        raise ValueError("no shipped traces found (the package data symi_sim/data/traces is missing)")
+    click.echo("\n".join(lines))
 
 
 # which --from formats use each convert option (the importers' keyword arguments, symi_sim.traces.importers)
 CONVERT_OPTIONS = {"model": "--model", "selection": "--selection", "domains": "--domains", "top_k": "--top-k",
-                   "tokens_per_step": "--tokens-per-step"}
+                   "tokens_per_step": "--tokens-per-step", "num_experts": "--num-experts", "mtp": "--mtp"}
+CONVERT_FORMATS = ["csv", "olmoe", "per-rank-csv", "counts-jsonl", "megatron-router-trace",
+                   "sglang-expert-distribution", "trtllm-expert-statistic", "vllm-routed-experts"]
+TRACE_HELP = ("Trace: a shipped trace's name (symi trace list), a .parquet/.csv file, or a directory/file of "
+              "Megatron-Core router traces, SGLang recorder dumps or a TensorRT-LLM expert statistic.")
 
 
 def _check_trace_output(out_path: str, force: bool) -> None:
@@ -231,17 +248,26 @@ def _check_trace_output(out_path: str, force: bool) -> None:
 @trace_group.command("convert")
 @click.argument("in_path", metavar="IN")
 @click.argument("out_path", metavar="OUT")
-@click.option("--from", "fmt", required=True, type=click.Choice(["csv", "olmoe", "per-rank-csv", "megatron-jsonl"]),
-              help="Input format (per-rank-csv: IN is a directory of *rank<N>*.csv files).")
+@click.option("--from", "fmt", required=True, type=click.Choice(CONVERT_FORMATS),
+              help="Input format (per-rank-csv, megatron-router-trace, trtllm-expert-statistic, "
+                   "sglang-expert-distribution: IN may be a directory of per-rank files; README 'Formats of other "
+                   "frameworks').")
 @click.option("--model", default=None, help="olmoe: olmoe|olmoe-sft|olmoe-dpo|mistral; others: a model name.")
 @click.option("--selection", default=None, help="olmoe only: topk (all k choices, default) or top1.")
 @click.option("--domains", default=None, help="olmoe only: comma-separated domains, one step each, in order.")
-@click.option("--top-k", type=int, default=None, help=f"{TOP_K_HELP} csv, per-rank-csv, megatron-jsonl only.")
+@click.option("--top-k", type=int, default=None,
+              help=f"{TOP_K_HELP} csv, per-rank-csv, counts-jsonl, sglang-expert-distribution only.")
 @click.option("--tokens-per-step", type=int, default=None,
-              help=f"{TOKENS_PER_STEP_HELP} csv, per-rank-csv, megatron-jsonl only.")
+              help=f"{TOKENS_PER_STEP_HELP} csv, per-rank-csv, counts-jsonl; vllm-routed-experts (required: the "
+                   "tokens cut into steps).")
+@click.option("--num-experts", type=int, default=None,
+              help="megatron-router-trace, vllm-routed-experts only: experts E (default: the largest id seen + 1).")
+@click.option("--mtp", is_flag=True, default=None,
+              help="megatron-router-trace only: also keep the multi-token-prediction layers.")
 @_force_option
 def trace_convert_cmd(in_path: str, out_path: str, fmt: str, model: str | None, selection: str | None,
-                      domains: str | None, top_k: int | None, tokens_per_step: int | None, force: bool) -> None:
+                      domains: str | None, top_k: int | None, tokens_per_step: int | None, num_experts: int | None,
+                      mtp: bool | None, force: bool) -> None:
     """Convert IN (format --from) to the canonical Parquet trace OUT (an existing OUT only with --force)."""
     import inspect
 
@@ -253,7 +279,7 @@ def trace_convert_cmd(in_path: str, out_path: str, fmt: str, model: str | None, 
     _check_trace_output(out_path, force)
     domain_list = None if domains is None else [d.strip() for d in domains.split(",") if d.strip()]
     trace = convert_trace(in_path, out_path, fmt=fmt, model=model, selection=selection, domains=domain_list,
-                          top_k=top_k, tokens_per_step=tokens_per_step)
+                          top_k=top_k, tokens_per_step=tokens_per_step, num_experts=num_experts, mtp=mtp or None)
     click.echo(f"wrote {out_path}: {trace.num_steps} steps x {trace.num_layers} layers x {trace.num_experts} "
                f"experts, top-{trace.top_k}")
 
@@ -320,7 +346,7 @@ def _plan_format(fmt: str | None, out: str | None) -> str:
 
 
 @symi.command()
-@click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
+@click.option("--trace", "trace_path", required=True, help=TRACE_HELP)
 @_cluster_option
 @_slots_window_options
 @click.option("--policy", default="symi", show_default=True,
@@ -349,7 +375,7 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, pol
     from symi_sim.policies import get_policy, parse_options, with_context
     from symi_sim.simulator.replay import plan_step, write_replay
     from symi_sim.simulator.replay import replay as replay_trace
-    from symi_sim.traces.format import read_trace
+    from symi_sim.traces.resolve import load_trace
 
     ctx = click.get_current_context()
     if replay:
@@ -371,7 +397,7 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, pol
         out = out or str(timestamped_dir("plan")) + FORMAT_SUFFIXES[fmt][0]
         check_output_path(out, what="--out", force=force)
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
-    trace = read_trace(trace_path)
+    trace = load_trace(trace_path)
     cluster.check_experts(trace.num_experts)
     if replay:
         steps, summary = replay_trace(trace, cluster, names, capacity_factor=capacity_factor,
@@ -409,7 +435,7 @@ SUMMARY_COLUMNS = ("policy", "mean_time_s", "p99_time_s", "survival", "imbalance
 
 
 @symi.command()
-@click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace (.parquet/.csv).")
+@click.option("--trace", "trace_path", required=True, help=TRACE_HELP)
 @_cluster_option
 @click.option("--model", "model_spec", default="gpt-small", show_default=True, help=MODEL_HELP)
 @click.option("--policies", default=DEFAULT_SIMULATE_POLICIES, show_default=True,
@@ -466,7 +492,7 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     from symi_sim.simulator.driver import SimulationConfig, write_run
     from symi_sim.simulator.driver import simulate as run_simulation
     from symi_sim.traces.fit import fit_trace
-    from symi_sim.traces.format import read_trace
+    from symi_sim.traces.resolve import load_trace
 
     ctx = click.get_current_context()
     if loop and steps is None:
@@ -484,7 +510,7 @@ def simulate(trace_path: str, cluster_spec: str, model_spec: str, policies: str,
     cluster = load_cluster(cluster_spec, slots_per_gpu=slots)
     model = load_model(model_spec)
     names = _with_shared_options(_split_names(policies, "--policies"), options, context_keys=_CONTEXT_KEYS)
-    trace = read_trace(trace_path)
+    trace = load_trace(trace_path)
     cluster.check_experts(trace.num_experts)
     model, trace = fit_trace(model, trace, adopt_trace_shape=fit_model_to_trace)
     convergence = (load_convergence(convergence_path, form=convergence_form) if convergence_path
@@ -592,6 +618,9 @@ def _train_option(*decls: str, **attrs: object):
                help="Parameter and activation dtype (bfloat16: float32 master weights and AdamW moments).")
 @_train_option("--bucket-mb", type=float, help="MiB of dense gradients per all-reduce bucket (during the backward).")
 @_train_option("--record-trace", is_flag=True, help="Also write trace.parquet (per step, layer, expert, rank).")
+@_train_option("--trace-format", type=click.Choice(["parquet", "megatron-router-trace"]),
+               help="With --record-trace: megatron-router-trace also writes router_trace/router_trace_rank<r>.jsonl, "
+                    "Megatron-Core's router-trace records (per-token top-k ids per step, layer and rank).")
 @_train_option("--log-interval", type=int, help="Steps between rank-0 log lines.")
 @_train_option("--dist-timeout", "dist_timeout_s", type=float,
                help="Seconds a rank may stay silent (stopped, hung, a dead node) before the job ends naming it.")
@@ -617,7 +646,8 @@ def _train_option(*decls: str, **attrs: object):
 def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int, top_k: int, policy: str,
           options: tuple[str, ...], capacity_factor: float | None, capacity_mode: str, steps: int, batch_size: int,
           lr: float, aux_loss_coef: float, router_skew: float, seed: int, data: str | None, dtype: str,
-          record_trace: bool, log_interval: int, out: str | None, checkpoint_every: int, checkpoint_dir: str | None,
+          record_trace: bool, trace_format: str, log_interval: int, out: str | None, checkpoint_every: int,
+          checkpoint_dir: str | None,
           resume: str | None, sparse_hot_share: float | None, keep_checkpoints: int, overlap_checkpoints: bool,
           fail_at_step: int | None, overwrite_checkpoints: bool, allow_config_change: str,
           dist_timeout_s: float, grad_accum: int, warmup_steps: int, weight_decay: float, grad_clip: float,
@@ -636,7 +666,8 @@ def train(nproc_per_node: int, model: str, num_experts: int, slots_per_rank: int
         top_k=top_k, policy=policy, policy_options=parse_options(options),
         capacity_factor=capacity_factor, capacity_mode=capacity_mode, steps=steps,
         batch_size=batch_size, lr=lr, min_lr=lr / 10, aux_loss_coef=aux_loss_coef, router_skew=router_skew, seed=seed,
-        data=data, record_trace=record_trace, dtype=dtype, log_interval=log_interval, checkpoint_every=checkpoint_every,
+        data=data, record_trace=record_trace, trace_format=trace_format, dtype=dtype, log_interval=log_interval,
+        checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir, resume=resume, sparse_hot_share=sparse_hot_share,
         keep_checkpoints=keep_checkpoints, overlap_checkpoints=overlap_checkpoints, fail_at_step=fail_at_step,
         overwrite_checkpoints=overwrite_checkpoints,

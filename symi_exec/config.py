@@ -38,6 +38,10 @@ DTYPE_MAX = {"float32": float(np.finfo(np.float32).max), "float64": float(np.fin
 Planner = Callable[[int, np.ndarray, Cluster, Placement | None], Placement]
 
 
+# --record-trace writes trace.parquet; megatron-router-trace also the per-token ids as Megatron's router traces
+TRACE_FORMATS = ("parquet", "megatron-router-trace")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out: str
@@ -67,6 +71,7 @@ class TrainConfig:
     eval_every: int = 0                    # validation loss after every N-th step and the last one; 0: never
     eval_batches: int = 8                  # fixed validation batches (of batch_size sequences per rank) per evaluation
     record_trace: bool = False
+    trace_format: str = "parquet"          # with record_trace: megatron-router-trace also writes router_trace/
     dtype: str = "float32"
     log_interval: int = 10
     bucket_mb: float = 25.0                # MiB of dense gradients per all-reduce bucket (dense.py; DDP's default)
@@ -130,6 +135,13 @@ class TrainConfig:
         check_capacity_factor(self.capacity_factor)
         check_choice(self.capacity_mode, "capacity mode", CAPACITY_MODES)
         check_choice(self.dtype, "dtype", DTYPE_NAMES)
+        check_choice(self.trace_format, "trace format", TRACE_FORMATS)
+        if self.trace_format != "parquet" and not self.record_trace:
+            raise ValueError(f"--trace-format {self.trace_format} goes with --record-trace")
+        if self.trace_format == "megatron-router-trace" and self.resume is not None:
+            # checkpoints keep the per-rank counts, not the per-token ids: a resumed run could not write them whole
+            raise ValueError("--trace-format megatron-router-trace cannot resume a run (checkpoints do not keep the "
+                             "per-token expert ids); record the whole run in one go")
         for name in ("lr", "min_lr", "weight_decay"):
             check_number(getattr(self, name), name, low=0)
         check_number(self.grad_clip, "grad_clip (--clip-grad)", low=0)

@@ -56,6 +56,7 @@ from symi_exec.optim import ExpertOptimizer, ShardedExpertOptimizer
 from symi_exec.optim_group import GroupExpertOptimizer
 from symi_exec.optim_replica import ReplicaExpertOptimizer
 from symi_exec.outputs import History, run_config, step_metrics, step_record, write_run_dir
+from symi_exec.trace_megatron import MegatronRouterTrace
 from symi_sim.checks import check_choice
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
@@ -84,6 +85,8 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
                                 expert_opt=expert_opt)
     tokens_per_step = comm.world_size * config.batch_size * config.grad_accum * cfg.seq_len
     history = History(out_dir, record_trace=config.record_trace)
+    router_trace = (MegatronRouterTrace(out_dir, comm) if config.trace_format == "megatron-router-trace"
+                    else None)
     if config.resume is not None:
         restored = checkpointer.restore(cluster=cluster, planner=planner)
         start_step, placement, load_LE, base = restored.step, restored.placement, restored.load_LE, restored.history
@@ -128,6 +131,8 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
             _, loss = model(x_BT.to(device), y_BT.to(device))
             loss_sum += loss.detach()
             count_LGE = count_LGE + np.stack([moe.count_GE for moe in moe_layers])
+            if router_trace is not None:
+                router_trace.record(step, moe_layers)
             dropped_LE = dropped_LE + np.stack([moe.dropped_E for moe in moe_layers])
             lap, clock = _lap(clock, device)
             times["forward"] += lap
@@ -177,6 +182,8 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         log_step = step % config.log_interval == 0 or step == config.steps - 1
         if log_step:
             history.flush()   # a crash keeps every step logged so far
+            if router_trace is not None:
+                router_trace.flush()
         if comm.rank == 0 and log_step:
             logger.info("step %d/%d | loss %.4f | %.0f tok/s | dropped %.2f%% | imbalance %.2f | moves %d | eta %s",
                         step + 1, config.steps, row["loss"], row["tokens_per_s"], 100 * row["dropped_fraction"],

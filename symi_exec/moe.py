@@ -242,6 +242,7 @@ class ReplicatedMoE(nn.Module):
         self.plan: DispatchPlan | None = None
         self.dropped_E: np.ndarray | None = None   # this rank's dropped assignments per expert
         self.kept_A: torch.Tensor | None = None    # [A] bool on the device: assignment served (route_topk's order)
+        self.expert_NK: torch.Tensor | None = None  # this rank's top-k expert ids (trace_megatron records them)
 
     def compute_mode(self) -> str:
         """The slot compute this forward uses (`slot_compute`, with auto resolved for the weights' device)."""
@@ -257,6 +258,7 @@ class ReplicatedMoE(nn.Module):
         x_ND = x_BTD.reshape(b * t, d)
         comm, num_slots_local, device = self.comm, self.slots_per_rank, x_ND.device
         routed = route_topk(x_ND, self.router, self.top_k, self.router_skew)
+        self.expert_NK = routed.expert_NK
 
         # popularity exchange: every rank learns every rank's counts (the all-reduce's sum and the offsets); the
         # layer's one host sync

@@ -128,7 +128,7 @@ def test_huge_counts_in_jsonl_are_refused_naming_the_limit(count):
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "m.jsonl").write_text(json.dumps({"iteration": 0, "layer": 0, "tokens_per_expert": [1, count]}) + "\n")
-        error = one_error_line(tmp, "trace", "convert", tmp / "m.jsonl", tmp / "m.parquet", "--from", "megatron-jsonl")
+        error = one_error_line(tmp, "trace", "convert", tmp / "m.jsonl", tmp / "m.parquet", "--from", "counts-jsonl")
     assert f"holds {count}, more than the {MAX_TOKEN_COUNT} tokens" in error and "line 1" in error
 
 

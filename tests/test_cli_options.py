@@ -242,10 +242,15 @@ def test_options_a_mode_ignores_are_refused(tmp_path, args, expected):
 
 
 CONVERT_USES = {"csv": {"--top-k", "--tokens-per-step", "--model"},
-                "megatron-jsonl": {"--top-k", "--tokens-per-step", "--model"},
+                "counts-jsonl": {"--top-k", "--tokens-per-step", "--model"},
                 "per-rank-csv": {"--top-k", "--tokens-per-step", "--model"},
-                "olmoe": {"--model", "--selection", "--domains"}}
-CONVERT_VALUES = {"--top-k": "1", "--tokens-per-step": "64", "--model": "m", "--selection": "top1", "--domains": "a"}
+                "olmoe": {"--model", "--selection", "--domains"},
+                "megatron-router-trace": {"--num-experts", "--mtp", "--model"},
+                "sglang-expert-distribution": {"--top-k", "--model"},
+                "trtllm-expert-statistic": {"--model"},
+                "vllm-routed-experts": {"--tokens-per-step", "--num-experts", "--model"}}
+CONVERT_VALUES = {"--top-k": "1", "--tokens-per-step": "64", "--model": "m", "--selection": "top1", "--domains": "a",
+                  "--num-experts": "4"}
 
 
 @SETTINGS

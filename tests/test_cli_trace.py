@@ -70,12 +70,12 @@ def test_convert_olmoe_reproduces_the_shipped_trace(tmp_path):
     assert (trace.top_k, trace.meta["domains"]) == (1, ["c4", "arxiv"])
 
 
-def test_convert_megatron_jsonl(tmp_path):
+def test_convert_counts_jsonl(tmp_path):
     src = tmp_path / "r.jsonl"
     src.write_text('{"iteration": 0, "layer": 0, "tokens_per_expert": [3, 1]}\n'
                    '{"iteration": 1, "layer": 0, "tokens_per_expert": [0, 4]}\n')
     out = tmp_path / "r.parquet"
-    result = _run("trace", "convert", src, out, "--from", "megatron-jsonl", "--top-k", "1", "--tokens-per-step", "4")
+    result = _run("trace", "convert", src, out, "--from", "counts-jsonl", "--top-k", "1", "--tokens-per-step", "4")
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(read_trace(out).counts_SLE, [[[3, 1]], [[0, 4]]])
 

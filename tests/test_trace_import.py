@@ -11,7 +11,7 @@ import pytest
 from symi_sim.traces.format import read_trace
 from symi_sim.traces.importers import (
     convert_trace,
-    import_megatron_jsonl,
+    import_counts_jsonl,
     import_olmoe,
     import_per_rank_csv,
 )
@@ -137,18 +137,18 @@ def _jsonl(path: Path, lines: list) -> Path:
     return path
 
 
-def test_megatron_jsonl_both_line_forms(tmp_path):
+def test_counts_jsonl_both_line_forms(tmp_path):
     path = _jsonl(tmp_path / "r.jsonl", [
         {"iteration": 3, "layer": 1, "tokens_per_expert": [1, 2, 3], "aux_loss": 0.1},
         {"iteration": 3, "layer": 0, "tokens_per_expert": [4, 0, 2]},
         "",
         {"step": 5, "tokens_per_expert": [[0, 5, 1], [2, 2, 2.0]]},
     ])
-    trace = import_megatron_jsonl(path, top_k=2, tokens_per_step=5)
+    trace = import_counts_jsonl(path, top_k=2, tokens_per_step=5)
     np.testing.assert_array_equal(trace.counts_SLE, [[[4, 0, 2], [1, 2, 3]], [[0, 5, 1], [2, 2, 2]]])
     assert trace.meta["step_ids"] == [3, 5]
     out = tmp_path / "r.parquet"
-    convert_trace(path, out, fmt="megatron-jsonl", top_k=2, tokens_per_step=5)
+    convert_trace(path, out, fmt="counts-jsonl", top_k=2, tokens_per_step=5)
     back = read_trace(out)
     np.testing.assert_array_equal(back.counts_SLE, trace.counts_SLE)
     assert back.meta["step_ids"] == [3, 5]
@@ -170,10 +170,10 @@ def test_megatron_jsonl_both_line_forms(tmp_path):
         ([""], "no records"),
     ],
 )
-def test_megatron_jsonl_errors(tmp_path, lines, expected):
+def test_counts_jsonl_errors(tmp_path, lines, expected):
     path = _jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(ValueError) as info:
-        import_megatron_jsonl(path)
+        import_counts_jsonl(path)
     assert expected in str(info.value)
     assert "bad.jsonl" in str(info.value)
 

@@ -3,14 +3,19 @@
 Legend: S steps, L MoE layers, E logical experts, G source ranks.
 
     trace = import_olmoe("traces/source/olmoe-routing/expert_counts.csv", model="mistral")
-    convert_trace("stats.jsonl", "run.parquet", fmt="megatron-jsonl", top_k=2, tokens_per_step=65536)
+    convert_trace("stats.jsonl", "run.parquet", fmt="counts-jsonl", top_k=2, tokens_per_step=65536)
+    convert_trace("router_traces/", "run.parquet", fmt="megatron-router-trace")
 
 Formats (`convert_trace(..., fmt=...)`):
-  csv             the tidy CSV of the trace format (step,layer,expert,tokens[,src_rank])
-  olmoe           the OLMoE routing-analysis aggregate counts CSV
-                  (model,selection,domain,layer,expert,count,layer_total_assignments): one step per domain
-  per-rank-csv    a directory (or list) of `*rank<N>*.csv` tidy CSVs, one per source rank
-  megatron-jsonl  JSON lines of router statistics, one (iteration, layer) or one iteration per line
+  csv                         the tidy CSV of the trace format (step,layer,expert,tokens[,src_rank])
+  olmoe                       the OLMoE routing-analysis aggregate counts CSV
+                              (model,selection,domain,layer,expert,count,layer_total_assignments): one step per domain
+  per-rank-csv                a directory (or list) of `*rank<N>*.csv` tidy CSVs, one per source rank
+  counts-jsonl                JSON lines of per-expert token counts, one (iteration, layer) or one iteration per line
+  megatron-router-trace       Megatron-Core's router_trace_rank{r}.jsonl files (readers_megatron)
+  sglang-expert-distribution  SGLang's expert distribution recorder dumps, stat or per_pass (readers_sglang)
+  trtllm-expert-statistic     TensorRT-LLM's EXPERT_STATISTIC_PATH directory (readers_trtllm)
+  vllm-routed-experts         vLLM's per-token routed expert ids [tokens, layers, top_k] (readers_vllm)
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from symi_sim.traces.format import (
     read_trace_csv,
     write_trace,
 )
+from symi_sim.traces.readers_megatron import import_megatron_router_trace
+from symi_sim.traces.readers_sglang import import_sglang_expert_distribution
+from symi_sim.traces.readers_trtllm import import_trtllm_expert_statistic
+from symi_sim.traces.readers_vllm import import_vllm_routed_experts
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +196,9 @@ def import_per_rank_csv(paths: str | Path | Sequence[str | Path], *, top_k: int 
     )
 
 
-def import_megatron_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: int | None = None,
-                          model: str = "unknown") -> LoadTrace:
-    """Router statistics as JSON lines -> LoadTrace.
+def import_counts_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: int | None = None,
+                        model: str = "unknown") -> LoadTrace:
+    """Per-expert token counts as JSON lines -> LoadTrace (a plain interchange format, no framework's own).
 
     Each non-blank line is one JSON object with
       "iteration" (or "step"): int >= 0, the training step;
@@ -201,7 +210,7 @@ def import_megatron_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: 
       {"iteration": 3, "layer": 1, "tokens_per_expert": [30, 30, 40, 28]}
     """
     path = Path(path)
-    where = f"router-statistics file {str(path)!r}"
+    where = f"counts JSON-lines file {str(path)!r}"
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -266,7 +275,7 @@ def import_megatron_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: 
         meta["step_ids"] = step_ids
     try:
         return LoadTrace(counts_SLE=counts_SLE, top_k=top_k, tokens_per_step=tokens_per_step, model=model,
-                         source=f"megatron-jsonl:{path.name}", meta=meta)
+                         source=f"counts-jsonl:{path.name}", meta=meta)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -281,7 +290,11 @@ IMPORTERS: dict[str, Callable[..., LoadTrace]] = {
     "csv": import_csv,
     "olmoe": import_olmoe,
     "per-rank-csv": import_per_rank_csv,
-    "megatron-jsonl": import_megatron_jsonl,
+    "counts-jsonl": import_counts_jsonl,
+    "megatron-router-trace": import_megatron_router_trace,
+    "sglang-expert-distribution": import_sglang_expert_distribution,
+    "trtllm-expert-statistic": import_trtllm_expert_statistic,
+    "vllm-routed-experts": import_vllm_routed_experts,
 }
 
 
