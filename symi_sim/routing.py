@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from symi_sim.checks import check_choice, check_number
-from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
 
 CAPACITY_MODES = ("slot", "gpu")
@@ -144,6 +143,9 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     buffers = num_slots if capacity_mode == "slot" else num_gpus
     cap_L = None if capacity_factor is None else _capacity_L(load_LE, num_assignments_L, capacity_factor, buffers)
     if placement.live_shares:
+        # scipy's max flow, imported only when a placement asks for live shares: the policies stay numpy-only
+        from symi_sim.live_shares import live_split
+
         assigned_LR = live_split(load_LE, placement, slots_per_gpu=slots_per_gpu, capacity_mode=capacity_mode,
                                  capacity_L=cap_L)
     else:
