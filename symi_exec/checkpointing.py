@@ -130,6 +130,7 @@ class Checkpointer:
             # copies, since the loop updates them in place while an overlapped write may still run
             state.update(dense=dense_state_dict(self.model), dense_optimizer=copy.deepcopy(self.dense_opt.state_dict()),
                          phy2log_LR=placement.phy2log_LR.copy(), share_LR=placement.share_LR.copy(),
+                         live_shares=placement.live_shares,
                          load_LE=np.asarray(load_LE, dtype=np.float64).copy(), **head)
         num_hot = len(head["hot_keys"]) if kind == "sparse" else cfg.num_layers * cfg.num_experts
         record: dict[str, Any] = {"step": step, "kind": kind, "hot_experts": num_hot, "bytes": None,
@@ -225,7 +226,9 @@ class Checkpointer:
         if (meta["world_size"], meta["slots_per_rank"], meta["settings"]["policy"],
                 meta["settings"]["policy_options"]) == (comm.world_size, config.slots_per_rank, config.policy,
                                                         json.loads(json.dumps(config.policy_options))):
-            placement = Placement(head["phy2log_LR"], head["share_LR"], cfg.num_experts)
+            # checkpoints written before live shares existed lack the flag: planned shares
+            placement = Placement(head["phy2log_LR"], head["share_LR"], cfg.num_experts,
+                                  live_shares=bool(head.get("live_shares", False)))
         else:
             # another cluster shape or policy: the policy re-places from the last step's loads (SYMI: at no extra
             # cost)

@@ -36,8 +36,7 @@ def validation_loss(model: GPT, val_tokens: np.ndarray, placement: Placement, *,
     seq_len = model.config.seq_len
     try:
         for layer, moe in enumerate(moe_layers):
-            moe.placement = Placement(placement.phy2log_LR[layer:layer + 1], placement.share_LR[layer:layer + 1],
-                                      placement.num_experts)
+            moe.placement = placement.take_layers(slice(layer, layer + 1))
         total = torch.zeros((), dtype=torch.float64, device=comm.device)
         with torch.no_grad():
             for index in range(config.eval_batches):

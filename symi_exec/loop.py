@@ -118,8 +118,7 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
         step_start = clock = _now(device)
         lr = lr_at(step, config)
         for layer, moe in enumerate(moe_layers):
-            moe.placement = Placement(placement.phy2log_LR[layer:layer + 1], placement.share_LR[layer:layer + 1],
-                                      cfg.num_experts)
+            moe.placement = placement.take_layers(slice(layer, layer + 1))
         dense_opt.sync.zero_grads()
         for p in slot_params:
             p.grad = None

@@ -3,7 +3,8 @@
 Legend: L MoE layers, E experts, G ranks, S steps, P parameters of one expert.
 
 Rank 0 writes the run directory as training goes: config.json at the start; metrics.csv (one row per step),
-placements.jsonl (the placement each step ran with and the assignments it dropped per layer and expert) and
+placements.jsonl (the placement each step ran with, "shares": "live" where its tokens split live, and the
+assignments it dropped per layer and expert) and
 (--record-trace) trace_counts.bin (int32 [S, L, E, G] counts per step, layer, expert and source rank, C order),
 appended every step and written out every log interval (History.flush), whole lines only; at the end checkpoint.pt
 (single-device state dict, loadable by model.GPT; streamed a few experts at a time, export.py), trace.parquet (from
@@ -287,6 +288,7 @@ def step_record(step: int, *, placement: Placement, moe_layers: list[ReplicatedM
         dist.all_reduce(dropped_LE)
     return {"step": step, "phy2log": placement.phy2log_LR.tolist(),
             "share": [[round(float(x), 12) for x in row] for row in placement.share_LR],
+            **({"shares": "live"} if placement.live_shares else {}),
             "dropped": dropped_LE.cpu().tolist()}
 
 

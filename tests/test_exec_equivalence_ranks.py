@@ -59,12 +59,13 @@ def largest_remainder_keep(sent: list[int], served: int, assigned: int) -> list[
 
 
 def keep_mask(expert_NK: torch.Tensor, phy2log_R: np.ndarray, share_R: np.ndarray, *, num_ranks: int,
-              num_experts: int, slots_per_rank: int, capacity_factor: float, capacity_mode: str) -> torch.Tensor:
+              num_experts: int, slots_per_rank: int, capacity_factor: float, capacity_mode: str,
+              live_shares: bool = False) -> torch.Tensor:
     """[N, K] bool: which assignments of the global batch (rank g's tokens are the g-th N/G rows) are served."""
     num_tokens, top_k = expert_NK.shape
     expert_GA = expert_NK.reshape(num_ranks, num_tokens // num_ranks * top_k).numpy()
     count_E = np.bincount(expert_GA.reshape(-1), minlength=num_experts)
-    placement = Placement(phy2log_R[None, :], share_R[None, :], num_experts)
+    placement = Placement(phy2log_R[None, :], share_R[None, :], num_experts, live_shares=live_shares)
     routing = route(count_E[None, :], placement, slots_per_gpu=slots_per_rank, capacity_factor=capacity_factor,
                     capacity_mode=capacity_mode, num_assignments_L=np.array([count_E.sum()]))
     assigned_R, served_R = routing.assigned_LR[0], routing.served_LR[0]
@@ -87,16 +88,17 @@ def keep_mask(expert_NK: torch.Tensor, phy2log_R: np.ndarray, share_R: np.ndarra
 def placement_keep_rules(config: TrainConfig, num_ranks: int, placements: list[dict]
                          ) -> Callable[[int], list[Callable[[torch.Tensor], torch.Tensor]]]:
     """step -> every MoE layer's rule: drop what `keep_mask` says under the placement the step ran with
-    (placements.jsonl)."""
-    def rule(phy2log_R: np.ndarray, share_R: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    (placements.jsonl, live shares where the record says so)."""
+    def rule(phy2log_R: np.ndarray, share_R: np.ndarray, live: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda expert_NK: keep_mask(expert_NK, phy2log_R, share_R, num_ranks=num_ranks,
                                            num_experts=config.num_experts, slots_per_rank=config.slots_per_rank,
                                            capacity_factor=config.capacity_factor,
-                                           capacity_mode=config.capacity_mode)
+                                           capacity_mode=config.capacity_mode, live_shares=live)
 
     def rules(step: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         record = placements[step]
-        return [rule(np.array(phy2log_R), np.array(share_R))
+        live = record.get("shares", "planned") == "live"
+        return [rule(np.array(phy2log_R), np.array(share_R), live)
                 for phy2log_R, share_R in zip(record["phy2log"], record["share"], strict=True)]
 
     return rules

@@ -14,6 +14,11 @@ Class attributes tell a driver (simulator, replay, executor) what a plan costs a
   uses_current_load  plans on the loads of the very step it serves (the oracle), not the previous ones
   needs_popularity   the policy needs the per-iteration popularity all-reduce
   shadows_experts    its placements may shadow experts (FasterMoE: weights broadcast, tokens computed locally)
+
+SYMI's policies (symi, symi-balanced, oracle) take `shares` (SHARE_MODES): "planned" (default), every step served
+by a placement splits its experts' tokens by the placement's shares; "live", the placement (replicas from history,
+as planned) is marked `live_shares` and every step's tokens split over its replicas from that step's own counts
+(symi_sim.live_shares, applied by symi_sim.routing.route wherever the placement is routed).
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from symi_sim.checks import check_choice
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 
 OPTIMIZER_LAYOUTS = ("sharded", "group", "replica")
+SHARE_MODES = ("planned", "live")
 
 
 @dataclass
@@ -62,6 +69,19 @@ class Policy:
     def config(self) -> dict[str, object]:
         """The policy's name and options (what a result table or placement file records)."""
         return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def check_shares(shares: str) -> str:
+    """A policy's `shares` option: one of SHARE_MODES, else one ValueError naming the option and its choices."""
+    return check_choice(shares, "shares", SHARE_MODES)
+
+
+def with_shares(placement: Placement, shares: str) -> Placement:
+    """`placement` as served under `shares`: marked live_shares for "live", unchanged for "planned"."""
+    if shares == "planned":
+        return placement
+    return Placement(placement.phy2log_LR, placement.share_LR, placement.num_experts, placement.shadow_LE,
+                     live_shares=True)
 
 
 def check_load(load_LE: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """oracle: symi-balanced planned on the loads of the very step it serves (the driver hands it those loads).
 
 No real system can do this (the loads are known only after routing); it bounds what any planner that re-places
-replicas every step can reach. Same options as symi-balanced.
+replicas every step can reach. Same options as symi-balanced; with `shares=live` the tokens of the step are also
+split over the replicas by the live rule (symi_sim.live_shares) instead of the planned shares.
 """
 
 from __future__ import annotations

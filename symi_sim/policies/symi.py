@@ -8,6 +8,11 @@ placed contiguously in (GPU, slot) order, tokens split evenly over an expert's r
 
 Ties in argmax/argmin go to the lowest expert id (numpy's first occurrence), which makes it deterministic.
 A layer with no load at all gets the even allocation.
+
+Option `shares` (policies.base.SHARE_MODES): "planned" (default, the paper) serves every step with the even
+shares; "live" keeps the same replicas and marks the placement `live_shares`, so that each step's tokens split
+over them from that step's own counts (symi_sim.live_shares: busiest GPU least, fewest drops first); the even
+shares are then only a default that the live rule overrides.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
-from symi_sim.policies.base import Policy
+from symi_sim.policies.base import Policy, check_shares, with_shares
 
 
 def symi_replica_counts(load_LE: np.ndarray, num_slots: int) -> np.ndarray:
@@ -60,11 +65,17 @@ def contiguous_phy2log(cnt_LE: np.ndarray) -> np.ndarray:
 
 @dataclass
 class SymiPolicy(Policy):
+    """Option: shares "planned" | "live" (module docstring)."""
+
     name: ClassVar[str] = "symi"
+    shares: str = "planned"
+
+    def __post_init__(self) -> None:
+        check_shares(self.shares)
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         cnt_LE = symi_replica_counts(load_LE, cluster.num_slots)
-        return Placement.even(contiguous_phy2log(cnt_LE), load_LE.shape[1])
+        return with_shares(Placement.even(contiguous_phy2log(cnt_LE), load_LE.shape[1]), self.shares)
 
 
 POLICY = SymiPolicy

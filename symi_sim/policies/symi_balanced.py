@@ -50,6 +50,11 @@ Three steps, all vectorised over layers:
      its replicas to even out GPU loads (`num_share_iters` projected-diffusion passes; with spread packing 10 reach
      a max/mean of about 1.001 on the predicted loads of the shipped traces; a GPU of grouped packing that holds
      one expert alone can shed load only to that expert's other GPUs, so balance there stays coarser).
+  4. `shares` (policies.base.SHARE_MODES): "planned" (default) serves every step with the shares of step 3; "live"
+     keeps the same replicas and shares and marks the placement `live_shares`: each step's tokens then split over
+     those replicas from that step's own counts (symi_sim.live_shares: busiest GPU least, fewest drops first), and
+     step 3's shares are only a default the live rule overrides. The executor already all-gathers the counts
+     before its dispatch, so the live split costs no extra collective.
 Deterministic: stable sorts, ties to the lower index. A layer with no load gets the even allocation.
 Measured on next-step replays and dropped (numbers in benchmarks/bench_plan.py): EPLB's min-max counts (more
 slot-mode drops and a worse worst GPU on synthetic-drift), LPT without the distinct-GPU rule (worse on
@@ -67,7 +72,7 @@ import numpy as np
 from symi_sim.checks import check_choice, check_non_negative_int
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
-from symi_sim.policies.base import Policy
+from symi_sim.policies.base import Policy, check_shares
 from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, replica_experts
 from symi_sim.policies.symi import symi_replica_counts
 from symi_sim.routing import CAPACITY_MODES
@@ -139,26 +144,28 @@ def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, all
 @dataclass
 class SymiBalancedPolicy(Policy):
     """Options: allocation "webster" | "symi"; capacity_mode "slot" | "gpu"; num_share_iters (gpu mode); packing
-    "grouped" | "spread"."""
+    "grouped" | "spread"; shares "planned" | "live" (step 4 of the module docstring)."""
 
     name: ClassVar[str] = "symi-balanced"
     allocation: str = "webster"
     capacity_mode: str = "slot"
     num_share_iters: int = 10
     packing: str = "spread"
+    shares: str = "planned"
 
     def __post_init__(self) -> None:
         check_choice(self.allocation, "allocation", ALLOCATIONS)
         check_choice(self.capacity_mode, "capacity_mode", CAPACITY_MODES)
         check_non_negative_int(self.num_share_iters, f"{self.name}: num_share_iters")
         check_choice(self.packing, "packing", PACKINGS)
+        check_shares(self.shares)
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         phy2log_LR, share_LR = balanced_plan(load_LE, cluster.num_gpus, cluster.slots_per_gpu,
                                              allocation=self.allocation, capacity_mode=self.capacity_mode,
                                              num_share_iters=self.num_share_iters, packing=self.packing,
                                              num_nodes=cluster.num_nodes)
-        return Placement(phy2log_LR, share_LR, load_LE.shape[1])
+        return Placement(phy2log_LR, share_LR, load_LE.shape[1], live_shares=self.shares == "live")
 
 
 POLICY = SymiBalancedPolicy

@@ -73,14 +73,22 @@ def per_step(values_row: np.ndarray, num_steps: int) -> np.ndarray:
 
 
 def stack_placements(placements: Sequence[Placement]) -> Placement:
-    """One placement whose rows are the given placements' layers, step after step."""
+    """One placement whose rows are the given placements' layers, step after step, in their one share mode (live or
+    planned: routing applies one to all rows); ValueError for a mix."""
+    modes = {p.live_shares for p in placements}
+    if len(modes) > 1:
+        first_live = next(i for i, p in enumerate(placements) if p.live_shares)
+        first_planned = next(i for i, p in enumerate(placements) if not p.live_shares)
+        raise ValueError(f"placements to stack mix live shares (placement {first_live}) and planned shares "
+                         f"(placement {first_planned}); one policy's placements share one mode")
     shadows = [p.shadow_LE for p in placements]
     shadow = None
     if any(s is not None for s in shadows):
         shadow = np.concatenate([s if s is not None else np.zeros(p.logcnt_LE.shape, dtype=bool)
                                  for s, p in zip(shadows, placements, strict=True)])
     return Placement(np.concatenate([p.phy2log_LR for p in placements]),
-                     np.concatenate([p.share_LR for p in placements]), placements[0].num_experts, shadow)
+                     np.concatenate([p.share_LR for p in placements]), placements[0].num_experts, shadow,
+                     live_shares=placements[0].live_shares)
 
 
 @dataclass(frozen=True)

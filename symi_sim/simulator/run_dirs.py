@@ -4,7 +4,8 @@ Legend: L MoE layers, E experts, G ranks, S slots per rank, R slots (G x S), row
 
 A run directory (symi_exec/outputs.py) holds config.json (the TrainConfig under "train", the model under "model",
 "world_size", "tokens_per_step", "expert_optimizer"), metrics.csv (one row per step: time_<phase>_s, bytes_<kind>),
-placements.jsonl (per step: phy2log [L][R], share [L][R], dropped [L][E]) and, after --record-trace, trace.parquet.
+placements.jsonl (per step: phy2log [L][R], share [L][R], dropped [L][E], and "shares": "live" where the policy split
+each step's tokens live, symi_sim.placement) and, after --record-trace, trace.parquet.
 
 Times are medians over the steps after a warm-up (the first steps pay for allocation and caches); a phase is the
 longest over the ranks (a late rank's wait included). Runs of this version also time parts of the phases
@@ -156,7 +157,10 @@ def _read_placements(path: Path, *, num_steps: int, num_layers: int, num_experts
                                  f"{(num_layers, num_slots)} / {(num_layers, num_experts)}")
             if (dropped_LE < 0).any():
                 raise ValueError("negative dropped counts")
-            out.append((Placement(phy2log_LR, share_LR, num_experts), dropped_LE))
+            shares = record.get("shares", "planned")
+            if shares not in ("planned", "live"):
+                raise ValueError(f"shares must be 'planned' or 'live', got {shares!r}")
+            out.append((Placement(phy2log_LR, share_LR, num_experts, live_shares=shares == "live"), dropped_LE))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} line {i}: {str(exc).removeprefix(f'{where} line {i}: ')}") from None
     return out
