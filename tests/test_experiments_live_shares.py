@@ -59,7 +59,7 @@ def test_a_replay_row_is_the_routing_of_its_placements(run: Path) -> None:
         routing = route(trace.counts_SLE[step], placement, slots_per_gpu=cluster.slots_per_gpu, capacity_factor=None,
                         capacity_mode="gpu")
         imbalances.extend(routing.imbalance_L)
-    got = table.loc[("recorded-tiny-e16-top1", "1x16x4", "dropless", LIVE), "imbalance"]
+    got = table.loc[("recorded-tiny-e16-top1", "16x1x4", "dropless", LIVE), "imbalance"]
     assert got == pytest.approx(sum(imbalances) / len(imbalances), rel=1e-9)
 
 
