@@ -1,7 +1,8 @@
 """Live token shares against planned ones: GPU imbalance and drops on every shipped trace, the simulated time to
 target, and the executor's step time and drops on a skewed training run.
 
-    .venv/bin/python -m experiments.live_shares [--quick] [--max-steps N] [--train-steps N] [--no-train] [--out DIR]
+    .venv/bin/python -m experiments.live_shares [--quick] [--max-steps N] [--train-steps N] [--train-repeats N]
+        [--no-train] [--out DIR]
 
 1. Replay (symi_sim.simulator.replay.replay: each policy plans on step s - 1, the oracle on step s, and step s's
    loads are routed): every shipped trace on paper-a100-16 (16 GPUs x 4 slots), mixtral-domains also on the
@@ -15,8 +16,9 @@ target, and the executor's step time and drops on a skewed training run.
    and the five policies above.
 3. Executor (`symi train`, 4 gloo ranks on CPU): the `tiny` model with 16 experts, 8 slots per rank, top-1,
    aux-loss coefficient 1e-5 (skewed routing), capacity factor 1.0 in gpu mode, symi-balanced planned and
-   shares=live on the same seed and data; median step time after 5 warm-up steps, dropped fraction, imbalance, and
-   the bytes per step of every kind (equal: live shares add no collective).
+   shares=live on the same seed and data, --train-repeats runs each (alternating); median step time after 5 warm-up
+   steps (median over the runs), dropped fraction, imbalance, and the bytes per step of every kind (the counts'
+   exchange and the dense all-reduce are equal: live shares add no collective).
 Writes replay.csv, simulate.csv, train.csv, summary.json and live_shares.png (imbalance and drops per trace).
 """
 
@@ -108,32 +110,44 @@ def simulate_rows(steps: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def train_rows(steps: int, quick: bool, root: Path) -> pd.DataFrame:
+def train_rows(steps: int, repeats: int, quick: bool, root: Path) -> pd.DataFrame:
+    """Both policies `repeats` times, alternating (a drift in the machine's load hits both); per policy the median
+    over repeats of each run's median step time, the other columns from the first run (the runs are identical but
+    for timing: same seed, data and routing)."""
     from symi_exec.config import TrainConfig
     from symi_exec.launch import launch  # torch: imported only where training happens
 
     spec = QUICK_TRAIN if quick else TRAIN
+    policies = ("symi-balanced:capacity_mode=gpu", f"{LIVE}:capacity_mode=gpu")
+    runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
+    for repeat in range(repeats):
+        for policy in policies:
+            out = root / f"{policy.replace(':', '_').replace('=', '-')}-{repeat}"
+            config = TrainConfig(out=str(out), model="tiny", num_experts=spec["experts"],
+                                 slots_per_rank=spec["slots"], top_k=1, policy=policy, capacity_factor=1.0,
+                                 capacity_mode="gpu", steps=steps, batch_size=4, aux_loss_coef=spec["aux_loss_coef"],
+                                 seed=0, log_interval=10**6)
+            start = time.perf_counter()
+            launch(config, spec["nproc"], log_level=logging.WARNING)
+            wall_s = time.perf_counter() - start
+            with open(out / "metrics.csv") as f:
+                metrics = [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
+            timed = metrics[spec["warmup"]:] or metrics
+            row: dict[str, Any] = {
+                "policy": policy, "ranks": spec["nproc"], "experts": spec["experts"], "steps": steps,
+                "step_ms_median": round(1e3 * statistics.median(m["step_s"] for m in timed), 2),
+                "dropped_fraction": round(statistics.fmean(m["dropped_fraction"] for m in metrics), 5),
+                "imbalance": round(statistics.fmean(m["imbalance"] for m in metrics), 3),
+                "final_loss": round(metrics[-1]["loss"], 4), "wall_s": round(wall_s, 1)}
+            row.update({k: round(statistics.fmean(m[k] for m in metrics), 1) for k in metrics[0]
+                        if k.startswith("bytes_")})
+            runs[policy].append(row)
+            say(f"trained {policy} ({repeat + 1}/{repeats}): {row['step_ms_median']} ms/step, dropped "
+                f"{100 * row['dropped_fraction']:.2f}%")
     rows = []
-    for policy in ("symi-balanced:capacity_mode=gpu", f"{LIVE}:capacity_mode=gpu"):
-        out = root / policy.replace(":", "_").replace("=", "-")
-        config = TrainConfig(out=str(out), model="tiny", num_experts=spec["experts"], slots_per_rank=spec["slots"],
-                             top_k=1, policy=policy, capacity_factor=1.0, capacity_mode="gpu", steps=steps,
-                             batch_size=4, aux_loss_coef=spec["aux_loss_coef"], seed=0, log_interval=10**6)
-        start = time.perf_counter()
-        launch(config, spec["nproc"], log_level=logging.WARNING)
-        wall_s = time.perf_counter() - start
-        with open(out / "metrics.csv") as f:
-            metrics = [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
-        timed = metrics[spec["warmup"]:] or metrics
-        row: dict[str, Any] = {
-            "policy": policy, "ranks": spec["nproc"], "experts": spec["experts"], "steps": steps,
-            "step_ms_median": round(1e3 * statistics.median(m["step_s"] for m in timed), 2),
-            "dropped_fraction": round(statistics.fmean(m["dropped_fraction"] for m in metrics), 5),
-            "imbalance": round(statistics.fmean(m["imbalance"] for m in metrics), 3),
-            "final_loss": round(metrics[-1]["loss"], 4), "wall_s": round(wall_s, 1)}
-        row.update({k: round(statistics.fmean(m[k] for m in metrics), 1) for k in metrics[0] if k.startswith("bytes_")})
-        rows.append(row)
-        say(f"trained {policy}: {row['step_ms_median']} ms/step, dropped {100 * row['dropped_fraction']:.2f}%")
+    for done in runs.values():
+        rows.append({**done[0], "step_ms_median": round(statistics.median(r["step_ms_median"] for r in done), 2),
+                     "step_ms_runs": " ".join(str(r["step_ms_median"]) for r in done), "repeats": repeats})
     return pd.DataFrame(rows)
 
 
@@ -164,15 +178,18 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 traces, 20 steps, a short 2-rank training")
     parser.add_argument("--max-steps", type=int, default=None, help="replay and simulate at most N steps per trace")
     parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 60; --quick 8)")
+    parser.add_argument("--train-repeats", type=int, default=None, help="runs of each policy (default 3; --quick 1)")
     parser.add_argument("--no-train", action="store_true", help="skip the executor runs")
     add_out_option(parser, STUDY)
     args = parser.parse_args(argv)
     max_steps = args.max_steps if args.max_steps is not None else (20 if args.quick else None)
     train_steps = args.train_steps if args.train_steps is not None else (8 if args.quick else 60)
-    if (max_steps is not None and max_steps < 1) or train_steps < 1:
-        parser.error("--max-steps and --train-steps must be positive")
+    train_repeats = args.train_repeats if args.train_repeats is not None else (1 if args.quick else 3)
+    if (max_steps is not None and max_steps < 1) or train_steps < 1 or train_repeats < 1:
+        parser.error("--max-steps, --train-steps and --train-repeats must be positive")
     out = run_path(STUDY, args.out)
-    resolved = {"quick": args.quick, "max_steps": max_steps, "train_steps": train_steps, "train": not args.no_train,
+    resolved = {"quick": args.quick, "max_steps": max_steps, "train_steps": train_steps,
+                "train_repeats": train_repeats, "train": not args.no_train,
                 "out": out}
     t0 = time.perf_counter()
     with run_dir(out, study=STUDY, args=resolved, argv=argv) as tmp:
@@ -182,7 +199,7 @@ def main(argv: list[str] | None = None) -> Path:
         write_table(tmp / "simulate.csv", simulated)
         trained = pd.DataFrame()
         if not args.no_train:
-            trained = train_rows(train_steps, args.quick, tmp / "train")
+            trained = train_rows(train_steps, train_repeats, args.quick, tmp / "train")
             write_table(tmp / "train.csv", trained)
         write_png(figure(table), tmp / "live_shares.png")
         live = table[table["policy"] == LIVE]
@@ -194,7 +211,8 @@ def main(argv: list[str] | None = None) -> Path:
     say_table(table, REPLAY_COLUMNS[:-1], ".4f")
     say_table(simulated, list(simulated.columns), ".4f")
     if not trained.empty:
-        say_table(trained, ["policy", "step_ms_median", "dropped_fraction", "imbalance", "final_loss"], ".4f")
+        say_table(trained, ["policy", "step_ms_median", "step_ms_runs", "dropped_fraction", "imbalance", "final_loss"],
+                  ".4f")
     say(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return out
 
