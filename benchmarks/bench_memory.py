@@ -19,8 +19,9 @@ symi, 1 sequence of 128 tokens per rank, float32, seed 0.
 The ranks run with glibc's allocator pinned (MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=131072, set here unless
 already set; why: in main) so that RSS tracks the bytes a rank holds: every tensor of 128 KiB or more is a mapping of
 its own, returned when freed. The peak is then what the program holds at its fullest moment: the own state plus the
-largest transient (the float64 squared norm of a layer's gradient shards, 2 E P / G x 8 B = 64 MiB; the exchanges'
-buffers, at most about U P (2 - 1/G) for the U <= L S experts a rank hosts, come close), each independent of E.
+largest transient, independent of E: the float64 squared norm of a layer's gradient shards (2 E P / G x 8 B = 64
+MiB) and, at G > 1, the gradient collection's buffers (at most 2 U P x 4 B = 64 MiB for the U <= L S experts a rank
+hosts: its partial sums, its packed send buffer and its own shard of them, for a moment) tie.
 
 Jobs: `train` (build, 4 steps, full checkpoints after steps 2 and 4, the final export) and `resume` (resume from
 step 4 on the same ranks, 2 more steps, a checkpoint, the export). Inside every rank: VmHWM (the peak RSS) at the

@@ -536,7 +536,7 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         pack_shard_blocks_(send[:num_before], partial_UP, num_ranks, 0, me)
         pack_shard_blocks_(send[num_before:], partial_UP, num_ranks, me + 1, num_ranks)
         # only this rank's shard of the partial sums is needed after packing: the rest goes before the exchange
-        # allocates its receive buffer (the transient stays ~ U P (2 - 1/G), not U P (3 - 2/G))
+        # allocates its receive buffer (the transient stays at most 2 U P, not U P (3 - 2/G))
         own_Up = partial_UP[:, self.start:self.stop].clone() if num_ranks > 1 else partial_UP
         del partial_UP
         recv = exchange_buffer(send, side.collect, comm, "grad_collection", dtype)
