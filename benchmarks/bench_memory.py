@@ -16,6 +16,13 @@ with a minimal one (--min-d-ff, default 1: P = 512); expert part = peak(real) - 
 --repeats runs of each. Predicted: own x (1 - P_min / P). Model: preset `small` with 2 layers, d_model 256, top-1,
 symi, 1 sequence of 128 tokens per rank, float32, seed 0.
 
+The ranks run with glibc's allocator pinned (MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=131072, set here unless
+already set; why: in main) so that RSS tracks the bytes a rank holds: every tensor of 128 KiB or more is a mapping of
+its own, returned when freed. The peak is then what the program holds at its fullest moment: the own state plus the
+largest transient, independent of E: the float64 squared norm of a layer's gradient shards (2 E P / G x 8 B = 64
+MiB) and, at G > 1, the gradient collection's buffers (at most 2 U P x 4 B = 64 MiB for the U <= L S experts a rank
+hosts: its partial sums, its packed send buffer and its own shard of them, for a moment) tie.
+
 Jobs: `train` (build, 4 steps, full checkpoints after steps 2 and 4, the final export) and `resume` (resume from
 step 4 on the same ranks, 2 more steps, a checkpoint, the export). Inside every rank: VmHWM (the peak RSS) at the
 end, and VmRSS before the job builds anything (torch imported, process group up), gathered per rank. Reported per E
@@ -131,11 +138,17 @@ def main() -> None:
             parser.error(f"--experts {num_experts} is not a multiple of --slots {slots}")
     if args.repeats < 1 or args.min_d_ff < 1:
         parser.error("--repeats and --min-d-ff must be positive")
-    # One malloc arena per rank process: glibc otherwise gives each of gloo's and torch's threads an arena of its
-    # own as they race, so a rank's peak RSS varied by 100+ MiB from run to run for the same work (measured: the
-    # expert part spread 39% over 16 -> 256 experts with the default, 2-10% with one arena). The spawned ranks
-    # inherit it; glibc reads it when a process starts.
+    # glibc's allocator, so that a rank's RSS tracks what it holds (the spawned ranks inherit these; glibc reads
+    # them when a process starts). One malloc arena: glibc otherwise gives each of gloo's and torch's threads an
+    # arena of its own as they race, so a rank's peak RSS varied by 100+ MiB from run to run for the same work
+    # (measured: the expert part spread 39% over 16 -> 256 experts with the default, 2-10% with one arena).
     os.environ.setdefault("MALLOC_ARENA_MAX", "1")
+    # A fixed mmap threshold (glibc's initial 128 KiB; setting it turns off the dynamic one): by default the first
+    # free of a large mmapped block raises the threshold to its size (up to 32 MiB), after which the 1-32 MiB tensors
+    # come from the heap, whose freed space the process keeps while anything above it lives - so the peak depended on
+    # the order of allocations, not on what was held (measured, one run of 64 experts, 4 ranks doing the same work:
+    # peaks 744-822 MiB with the default, 696-699 MiB with the fixed threshold).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     start = time.monotonic()
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
@@ -185,6 +198,7 @@ def main() -> None:
     write_csv(target / "bench_memory.csv", rows)
     meta = {"slots": slots, "experts": experts, "repeats": args.repeats, "jobs": args.jobs,
             "min_d_ff": args.min_d_ff, "elapsed_s": round(elapsed_s, 1),
+            "malloc": {k: os.environ[k] for k in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")},
             "config": {k: v for k, v in asdict(real).items() if k in COMMON or k in ("steps", "checkpoint_every")},
             "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__}
     (target / "bench_memory.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": raw}, indent=1) + "\n")

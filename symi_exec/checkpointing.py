@@ -95,8 +95,10 @@ class Checkpointer:
     def save_full(self, step: int, *, placement: Placement, load_LE: np.ndarray, history: History) -> None:
         """Every rank writes its file of full checkpoint `step` (the state after `step` steps); once complete,
         rank 0 drops the sparse snapshots it supersedes."""
-        self._write(checkpoint.step_dir(self.root, step), step, "full", self.expert_opt.state_dict(), placement,
-                    load_LE, history=history)
+        # a blocking write saves the live tensors (nothing changes them until it returns); an overlapped one copies
+        expert_state = self.expert_opt.state_dict(clone=self.writer.overlapped)
+        self._write(checkpoint.step_dir(self.root, step), step, "full", expert_state, placement, load_LE,
+                    history=history)
 
     def save_sparse(self, step: int, *, placement: Placement, load_LE: np.ndarray, history: History) -> None:
         """Every rank writes its file of sparse snapshot `step`: the hot experts the tracker picks (snapshots.py)."""

@@ -75,6 +75,14 @@ def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def cpu_tensor(x: torch.Tensor, *, clone: bool) -> torch.Tensor:
+    """`x` detached on the CPU: a copy of its own (clone), or else `x` itself when it is on the CPU already."""
+    x = x.detach()
+    if not x.is_cpu:
+        return x.cpu()   # a copy already
+    return x.clone() if clone else x
+
+
 def holder_ranks(phy2log_R: np.ndarray, expert: int, slots_per_rank: int) -> list[int]:
     """Sorted ranks with at least one slot holding `expert`."""
     return sorted(set((np.flatnonzero(phy2log_R == expert) // slots_per_rank).tolist()))
@@ -318,8 +326,10 @@ class ExpertOptimizer(ABC):
         """Fill this rank's slots with the current weights of the experts `placement` gives them."""
 
     @abstractmethod
-    def state_dict(self) -> dict[str, object]:
-        """This rank's part of every expert's state (checkpoint.ExpertStateReader reads the parts back)."""
+    def state_dict(self, *, clone: bool = True) -> dict[str, object]:
+        """This rank's part of every expert's state (checkpoint.ExpertStateReader reads the parts back): copies
+        (clone, for a write that overlaps training), or else the live tensors themselves on the CPU (a blocking
+        write: the copy would be a transient the size of the whole state)."""
 
     @abstractmethod
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
@@ -525,13 +535,21 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         num_before = num_hosted * self.start   # the shards of the ranks before this one
         pack_shard_blocks_(send[:num_before], partial_UP, num_ranks, 0, me)
         pack_shard_blocks_(send[num_before:], partial_UP, num_ranks, me + 1, num_ranks)
+        # only this rank's shard of the partial sums is needed after packing: the rest goes before the exchange
+        # allocates its receive buffer (the transient stays at most 2 U P, not U P (3 - 2/G))
+        own_Up = partial_UP[:, self.start:self.stop].clone() if num_ranks > 1 else partial_UP
+        del partial_UP
         recv = exchange_buffer(send, side.collect, comm, "grad_collection", dtype)
-        parts_NP = torch.cat([partial_UP[:, self.start:self.stop],
-                              recv.view(len(side.collect_recv_keys), shard).to(self.master_dtype)]) / num_ranks
+        del send
         grad_Kp = self._grad_LEp.view(self.num_layers * self.num_experts, shard).zero_()
-        # accumulate=True adds repeated rows in order on the CPU and, sort-based, on CUDA too (index_add_ there is
-        # atomic: a run would not reproduce itself)
-        grad_Kp.index_put_((torch.cat([side.keys_U, side.collect_recv_keys]),), parts_NP, accumulate=True)
+        # this rank's partial first, then the other holders' in receive order: the two index_put_ calls add in the
+        # order one call over both would (accumulate=True adds repeated rows in order on the CPU and, sort-based, on
+        # CUDA too; index_add_ there is atomic: a run would not reproduce itself); divided in place, not copied
+        grad_Kp.index_put_((side.keys_U,), own_Up.div_(num_ranks), accumulate=True)
+        del own_Up
+        recv_Np = recv.view(len(side.collect_recv_keys), shard).to(self.master_dtype)
+        del recv
+        grad_Kp.index_put_((side.collect_recv_keys,), recv_Np.div_(num_ranks), accumulate=True)
 
     def _counted_grads(self) -> Iterable[torch.Tensor]:
         return self.grad_LEp   # shards: every element lives on one rank
@@ -551,28 +569,33 @@ class ShardedExpertOptimizer(ExpertOptimizer):
         master_Kp = self._master_LEp.view(self.num_layers * self.num_experts, shard)
         send = master_Kp.index_select(0, side.sendout_send_keys).to(dtype).view(-1)
         recv = exchange_buffer(send, side.sendout, comm, "weight_sendout", dtype)
+        del send   # freed before the assembled experts are allocated
         full_UP = torch.empty(num_hosted, self.expert_numel, dtype=dtype, device=comm.device)
         num_before = num_hosted * self.start
         unpack_shard_blocks_(full_UP, recv[:num_before], num_ranks, 0, me)
-        full_UP[:, self.start:self.stop] = master_Kp.index_select(0, side.keys_U)
         unpack_shard_blocks_(full_UP, recv[num_before:], num_ranks, me + 1, num_ranks)
+        del recv
+        if num_ranks == 1 and dtype == self.master_dtype:   # the shard is the whole expert: no temporary copy
+            torch.index_select(master_Kp, 0, side.keys_U, out=full_UP)
+        else:
+            full_UP[:, self.start:self.stop] = master_Kp.index_select(0, side.keys_U)
         with torch.no_grad():
             for weights_SP, slot_rows_S in zip(slot_weights_LSP, side.slot_rows_LS, strict=True):
-                weights_SP.copy_(full_UP.index_select(0, slot_rows_S))
+                torch.index_select(full_UP, 0, slot_rows_S, out=weights_SP)
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self, *, clone: bool = True) -> dict[str, object]:
         """This rank's shard of every expert: master weights and AdamW moments (master dtype)."""
         return {"layout": self.layout, "num_steps": self.num_steps, "start": self.start, "stop": self.stop,
-                "weights": [w.detach().cpu().clone() for w in self.master_LEp],
-                "exp_avg": [m.detach().cpu().clone() for m in self.exp_avg_LEp],
-                "exp_avg_sq": [v.detach().cpu().clone() for v in self.exp_avg_sq_LEp]}
+                **{name: [cpu_tensor(x, clone=clone) for x in table]
+                   for name, table in (("weights", self.master_LEp), ("exp_avg", self.exp_avg_LEp),
+                                       ("exp_avg_sq", self.exp_avg_sq_LEp))}}
 
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
         """This rank's shard of the experts in `mask_LE` ([L, E] bool) only (checkpoint.ExpertStateReader reads
         them back)."""
         keys = [(int(layer), int(expert)) for layer, expert in zip(*np.nonzero(mask_LE), strict=True)]
         return {"layout": self.layout, "keys": keys,
-                **{name: torch.stack([table[layer][expert] for layer, expert in keys]).cpu().clone()
+                **{name: torch.stack([table[layer][expert] for layer, expert in keys]).cpu()   # stack: a copy
                    if keys else torch.zeros(0, self.stop - self.start, dtype=self.master_dtype)
                    for name, table in (("weights", self.master_LEp), ("exp_avg", self.exp_avg_LEp),
                                        ("exp_avg_sq", self.exp_avg_sq_LEp))}}

@@ -29,6 +29,7 @@ from symi_exec.optim import (
     ExpertOptimizer,
     ExpertStateSource,
     Key,
+    cpu_tensor,
     group_shards,
     group_tables,
     holder_ranks,
@@ -136,17 +137,17 @@ class GroupExpertOptimizer(ExpertOptimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self, *, clone: bool = True) -> dict[str, object]:
         """This rank's shards of the experts it holds (checkpoint.ExpertStateReader reads them back)."""
-        return {"num_steps": self.num_steps, **self._shard_state(sorted(self.bounds))}
+        return {"num_steps": self.num_steps, **self._shard_state(sorted(self.bounds), clone=clone)}
 
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
         """This rank's shards of the experts in `mask_LE` ([L, E] bool) it holds."""
         return self._shard_state(sorted(key for key in self.bounds if mask_LE[key]))
 
-    def _shard_state(self, keys: list[Key]) -> dict[str, object]:
+    def _shard_state(self, keys: list[Key], *, clone: bool = True) -> dict[str, object]:
         return {"layout": self.layout, "numel": self.expert_numel, "bounds": {key: self.bounds[key] for key in keys},
-                **{name: {key: self.state[name][key].detach().cpu().clone() for key in keys}
+                **{name: {key: cpu_tensor(self.state[name][key], clone=clone) for key in keys}
                    for name in STATE_NAMES}}
 
     def load_state(self, source: ExpertStateSource, placement: Placement) -> None:

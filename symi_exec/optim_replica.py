@@ -17,6 +17,7 @@ from symi_exec.optim import (
     ExpertOptimizer,
     ExpertStateSource,
     PlacementCache,
+    cpu_tensor,
     holder_mask,
     holder_ranks,
     replica_sync_segments,
@@ -146,19 +147,19 @@ class ReplicaExpertOptimizer(ExpertOptimizer):
         moment_segs = [Segment(seg.src, seg.dst, seg.key, 0, 2 * numel) for seg in segs]
         exchange(moment_segs, self.comm, "optimizer_state", dtype, read_moments, write_moments)
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self, *, clone: bool = True) -> dict[str, object]:
         """Full weights and AdamW moments of the experts whose lowest holder this rank is (each expert once)."""
         assert self.placement is not None
-        return {"num_steps": self.num_steps, **self._lead_state(sorted(self._lead(self.placement)))}
+        return {"num_steps": self.num_steps, **self._lead_state(sorted(self._lead(self.placement)), clone=clone)}
 
     def hot_state_dict(self, mask_LE: np.ndarray) -> dict[str, object]:
         """Full state of the experts in `mask_LE` ([L, E] bool) whose lowest holder this rank is."""
         assert self.placement is not None
         return self._lead_state(sorted(key for key in self._lead(self.placement) if mask_LE[key]))
 
-    def _lead_state(self, keys: list[tuple[int, int]]) -> dict[str, object]:
+    def _lead_state(self, keys: list[tuple[int, int]], *, clone: bool = True) -> dict[str, object]:
         return {"layout": self.layout,
-                **{name: {key: table[key].detach().cpu().clone() for key in keys}
+                **{name: {key: cpu_tensor(table[key], clone=clone) for key in keys}
                    for name, table in (("weights", self.weights), ("exp_avg", self.exp_avg),
                                        ("exp_avg_sq", self.exp_avg_sq))}}
 

@@ -4,8 +4,9 @@ The completion protocol needs no collective, so a background thread can run it w
 every rank writes its file (atomically: temporary name, fsync, rename), then a `.done-RRRRR` note holding its
 file's size, expert bytes and sha256; rank 0, once all G notes are there, writes meta.json and COMPLETE (finish()).
 At most one write per rank is in flight: a new one waits for the previous one, so snapshots complete in step order (a
-sparse chain never has a later snapshot complete before an earlier one). The state handed over must be a copy the
-training loop does not touch again (checkpointing.py clones tensors and copies lists before handing them over).
+sparse chain never has a later snapshot complete before an earlier one). The state handed to an overlapped write must
+be a copy the training loop does not touch again (checkpointing.py clones tensors and copies lists before handing them
+over); a blocking write may take the live tensors, since the loop waits for it.
 """
 
 from __future__ import annotations
