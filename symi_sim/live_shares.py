@@ -13,19 +13,23 @@ tokens x_p >= 0 per slot, summing to w_e over expert e's replicas, such that
                        sum_e max(0, w_e - n_e C), then the busiest GPU the least among those splits.
 Why a flow network: the loads a split can give the GPUs are exactly the flows of
     source -> expert e (capacity w_e) -> GPU g holding it (unbounded; slot mode n_eg C) -> sink (T - fixed_g),
-where `fixed` are the loads no split can move: experts held on one GPU only, and in slot mode experts that overflow
-every replica (w_e > n_e C: each replica gets its even share, >= C, the fewest drops). A split with max load <= T
+where `fixed` are the loads no split can move: experts held on one GPU only, and in slot mode the floor(w_e / n_e)
+>= C tokens of each replica of an expert that overflows them all (w_e > n_e C: the fewest drops), whose w_e mod n_e
+leftover tokens go through the network at most one per replica. A split with max load <= T
 exists iff the max flow saturates the source. Integer capacities have an integer max flow, so the least integer T
 that saturates is the integer optimum, at most one token above the linear program's (scipy.optimize.linprog,
 HiGHS, in the tests) and never below it.
-Finding T*: Dinkelbach on the min cut. Start at the bound max(fixed_g, ceil(total / G)). When the flow does not
+Finding T*: Dinkelbach on the min cut. Start at a lower bound: the mean load of the GPUs of each connected part of
+the expert-GPU graph, and each GPU's fixed load plus what its arcs must carry. When the flow does not
 saturate, the nodes Z reachable from the source in the residual network are a cut whose capacity is
 a + |N| T - fixed(N) (N: the GPUs in Z, a: the capacities of the source arcs and expert arcs it cuts), at any T,
 so every T' below (W - a + fixed(N)) / |N| (W: the tokens to route) is infeasible: T rises to that, rounded up,
 and the flow runs again. T rises strictly; on the shipped traces one to three rounds.
-Gpu mode with B < T*: the max flow with sink capacities B - fixed is the most tokens any split serves; augmenting
-it to the full loads on its residual network with sink capacities T* - fixed (the sink's reverse arcs unused: an
-augmenting path ends at the sink) never lowers a GPU's load, so the result serves as many and peaks at T*.
+Gpu mode: first the max flow with sink capacities B - fixed, the most tokens any split serves. Where T* may exceed B
+(not every token served, or a fixed load above B) the search for T* only augments that flow, on its residual network
+without the sink's reverse arcs (an augmenting path ends at the sink): no GPU's load falls, so the result serves as
+many tokens and peaks at T*, and its reached nodes are still a min cut of the whole network. Elsewhere T* <= B and
+no split drops a token.
 Inside a GPU an expert's part splits evenly over its replicas there (whole tokens, the extra ones to the lower
 slots). All layers of a call share one network per round (scipy.sparse.csgraph.maximum_flow, Dinic), so the rule is
 deterministic: the same counts and replicas give the same split on every rank.
@@ -131,16 +135,36 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     np.add.at(must_LG, (layer_Y, gpu_Y), must_Y.astype(np.int64))
     t_L = np.maximum(must_LG.max(axis=1), net.component_bound_L(w_X, fixed_LG))
     active_L = tokens_L > 0
+    # gpu mode: first the most tokens any split serves (sink capacities B - fixed, >= 0); where T* may exceed B the
+    # search below only augments this flow (`base`), which never lowers a GPU's load; elsewhere T* <= B drops nothing
+    base_Y = np.zeros(w_Y.size, dtype=np.int64)
+    if gpu_budget_L is not None:
+        budget_L = np.asarray(gpu_budget_L, dtype=np.int64)
+        serve_LG = np.where(active_L[:, None], np.maximum(budget_L[:, None] - fixed_LG, 0), 0)
+        first_Y, served_L = net.max_flow(np.where(active_L[layer_X], w_X, 0), cap_Y, serve_LG)
+        # a layer that may peak above B (not all served, or a fixed load above it) keeps the served flow
+        over_L = active_L & ((served_L < tokens_L) | (t_L > budget_L))
+        base_Y = np.where(over_L[layer_Y], first_Y, 0)
+        t_L = np.where(active_L & (served_L < tokens_L), np.maximum(t_L, budget_L + 1), t_L)
+    base_out_X = np.bincount(x_Y, weights=base_Y, minlength=w_X.size).astype(np.int64)
+    base_in_LG = np.zeros_like(fixed_LG)
+    np.add.at(base_in_LG, (layer_Y, gpu_Y), base_Y)
+    left_L = tokens_L - np.bincount(layer_X, weights=base_out_X, minlength=num_layers).astype(np.int64)
+
+    # T*: Dinkelbach on the min cut, all layers at once, each round a max flow on the base flow's residual network
+    # (the sink's reverse arcs unused: an augmenting path ends at the sink)
     flow_Y = np.zeros(w_Y.size, dtype=np.int64)
     while True:
-        sink_LG = np.where(active_L[:, None], t_L[:, None] - fixed_LG, 0)
-        got_Y, routed_L = net.max_flow(np.where(active_L[layer_X], w_X, 0), cap_Y, sink_LG)
-        done_L = active_L & (routed_L == tokens_L)
-        flow_Y = np.where(done_L[layer_Y], got_Y, flow_Y)
+        sink_LG = np.where(active_L[:, None], t_L[:, None] - fixed_LG - base_in_LG, 0)
+        got_Y, routed_L = net.max_flow(np.where(active_L[layer_X], w_X - base_out_X, 0), cap_Y - base_Y, sink_LG,
+                                       back_Y=base_Y)
+        done_L = active_L & (routed_L == left_L)
+        flow_Y = np.where(done_L[layer_Y], base_Y + got_Y, flow_Y)
         short_L = active_L & ~done_L
         if not short_L.any():
-            break
-        # the cut Z: a = source arcs of unreached experts + arcs from reached experts to unreached GPUs
+            return flow_Y
+        # the reached nodes Z are a min cut of the whole network at T, of capacity a + |N| T - fixed(N) with
+        # a = source arcs of unreached experts + arcs from reached experts to unreached GPUs (N: reached GPUs)
         in_x, in_g = net.reached_from_source()
         cut_a_L = np.bincount(layer_X, weights=np.where(in_x, 0, w_X), minlength=num_layers)
         cut_a_L += np.bincount(layer_Y, weights=np.where(in_x[x_Y] & ~in_g[layer_Y, gpu_Y], cap_Y, 0),
@@ -151,28 +175,6 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
         need_L = tokens_L - cut_a_L.astype(np.int64) + np.where(in_g, fixed_LG, 0).sum(axis=1)
         t_L = np.where(short_L, np.maximum(-(-need_L // np.maximum(n_L, 1)), t_L + 1), t_L)
         active_L = short_L
-
-    if gpu_budget_L is None:
-        return flow_Y
-    budget_L = np.asarray(gpu_budget_L, dtype=np.int64)
-    tight_L = (tokens_L > 0) & (budget_L < t_L)
-    if not tight_L.any():
-        return flow_Y
-    # the most tokens any split serves: sink capacities B - fixed (>= 0) ...
-    tight_X, tight_Y = tight_L[layer_X], tight_L[layer_Y]
-    serve_LG = np.where(tight_L[:, None], np.maximum(budget_L[:, None] - fixed_LG, 0), 0)
-    first_Y, _ = net.max_flow(np.where(tight_X, w_X, 0), np.where(tight_Y, cap_Y, 0), serve_LG)
-    # ... then augmented to the full loads with sink capacities T* - fixed: no GPU's load falls
-    left_X = w_X - np.bincount(x_Y, weights=first_Y, minlength=w_X.size).astype(np.int64)
-    into_LG = np.zeros_like(fixed_LG)
-    np.add.at(into_LG, (layer_Y, gpu_Y), first_Y)
-    room_LG = np.where(tight_L[:, None], t_L[:, None] - fixed_LG - into_LG, 0)
-    more_Y, routed_L = net.max_flow(np.where(tight_X, left_X, 0), np.where(tight_Y, cap_Y - first_Y, 0), room_LG,
-                                       back_Y=np.where(tight_Y, first_Y, 0))
-    left_L = np.bincount(layer_X, weights=left_X, minlength=num_layers).astype(np.int64)
-    if not np.array_equal(routed_L[tight_L], left_L[tight_L]):
-        raise AssertionError("live split: augmenting the served flow to T* left tokens unrouted")
-    return np.where(tight_Y, first_Y + more_Y, flow_Y)
 
 
 class _Network:
