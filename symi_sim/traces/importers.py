@@ -21,7 +21,6 @@ Formats (`convert_trace(..., fmt=...)`):
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from symi_sim.traces.format import (
     read_trace_csv,
     write_trace,
 )
+from symi_sim.traces.readers_common import json_object
 from symi_sim.traces.readers_megatron import import_megatron_router_trace
 from symi_sim.traces.readers_sglang import import_sglang_expert_distribution
 from symi_sim.traces.readers_trtllm import import_trtllm_expert_statistic
@@ -221,12 +221,7 @@ def import_counts_jsonl(path: str | Path, *, top_k: int = 1, tokens_per_step: in
         if not line.strip():
             continue
         at = f"{where}, line {number}"
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{at}: not valid JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{at}: expected a JSON object, got {type(record).__name__}")
+        record = json_object(line, at)
         step = record.get("iteration", record.get("step"))
         if not _is_token_count(step):
             raise ValueError(f"{at}: 'iteration' (or 'step') must be a non-negative integer, got {step!r}")

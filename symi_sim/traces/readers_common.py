@@ -6,6 +6,7 @@ Legend: S steps, L MoE layers, E logical experts, G source ranks.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -43,6 +44,17 @@ def rank_files(path: str | Path, pattern: str, what: str) -> dict[int, Path]:
     if path.is_dir():
         check_ranks(sorted(by_rank), f"{what} directory {str(path)!r}")
     return by_rank
+
+
+def json_object(line: str, at: str) -> dict[str, Any]:
+    """One JSON-lines record, which must be an object; a ValueError naming `at` (file and line) otherwise."""
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{at}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{at}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def check_ranks(ranks: list[int], where: str) -> None:

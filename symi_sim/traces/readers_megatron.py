@@ -19,7 +19,6 @@ would share ids: such traces are read as one stage each.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,14 @@ import numpy as np
 
 from symi_sim.checks import check_int, is_int
 from symi_sim.traces.format import LoadTrace
-from symi_sim.traces.readers_common import build_trace, check_dense_size, check_ranks, integer_array, rank_files
+from symi_sim.traces.readers_common import (
+    build_trace,
+    check_dense_size,
+    check_ranks,
+    integer_array,
+    json_object,
+    rank_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +147,7 @@ def import_megatron_router_trace(path: str | Path, *, num_experts: int | None = 
 
 
 def _parse_record(line: str, at: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except ValueError as exc:
-        raise ValueError(f"{at}: not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{at}: expected a JSON object, got {type(record).__name__}")
+    record = json_object(line, at)
     missing = [key for key in REQUIRED_KEYS if key not in record]
     if missing:
         raise ValueError(f"{at}: missing key(s) {missing} (a router-trace record has {list(REQUIRED_KEYS)})")
