@@ -68,20 +68,57 @@ def plan_dispatch(count_GE: np.ndarray, placement: Placement, *, slots_per_rank:
     assigned_R = routing.assigned_LR[0]
     served_R = routing.served_LR[0]
     phy2log_R = placement.phy2log_LR[0]
-    num_slots = phy2log_R.size
-    # Slots sorted by (expert, slot id) tile the global key space (experts in id order) with their runs.
-    order = np.lexsort((np.arange(num_slots), phy2log_R))
-    slot_begin_R = np.empty(num_slots, dtype=np.int64)
-    slot_begin_R[order] = np.cumsum(assigned_R[order]) - assigned_R[order]
-    # where rank g's assignments of expert e start in the global key space
-    src_begin_GE = (np.cumsum(global_E) - global_E) + (np.cumsum(count_GE, axis=0) - count_GE)
-    src_begin_GR = src_begin_GE[:, phy2log_R]
-    src_end_GR = src_begin_GR + count_GE[:, phy2log_R]
-    lo_GR = np.maximum(src_begin_GR, slot_begin_R)
-    hi_GR = np.minimum(src_end_GR, slot_begin_R + assigned_R)
-    assigned_GR = np.maximum(hi_GR - lo_GR, 0)
+    assigned_GR = locality_transport_GR(count_GE, phy2log_R, assigned_R, slots_per_rank=slots_per_rank)
+    # Slots sorted by (expert, slot id): the order in which a rank's expert-sorted assignments are cut into pieces.
+    order = np.lexsort((np.arange(phy2log_R.size), phy2log_R))
     send_GR = fair_kept_GR(assigned_GR, served_R)
     return DispatchPlan(routing, phy2log_R, order, assigned_GR, send_GR, served_R)
+
+
+def locality_transport_GR(count_GE: np.ndarray, phy2log_R: np.ndarray, assigned_R: np.ndarray, *,
+                          slots_per_rank: int) -> np.ndarray:
+    """How many of rank g's assignments of its expert slot p takes: assigned_GR [G, R] int64, locality first.
+
+    count_GE [G, E]: every rank's router counts; phy2log_R [R]: the expert of slot p (on rank p // slots_per_rank);
+    assigned_R [R]: the tokens slot p takes (per expert they add up to the expert's global count).
+      1. local first: each slot takes min(its room, its rank's tokens of its expert that are left), the slots of one
+         expert on one rank in ascending slot order;
+      2. the rest: per expert, the tokens still left (by source rank) fill the rooms still left (by slot id) in that
+         order, the north-west corner of the remaining counts.
+    Row sums are count_GE[:, phy2log_R] per expert, column sums assigned_R. Step 1 keeps sum over (rank, expert) of
+    min(count, that rank's slots' rooms) on the sending rank, the most any split with these sums can: afterwards a
+    rank's tokens of an expert are used up or its slots of the expert are full, so step 2 moves only across ranks.
+    """
+    num_ranks, num_experts = count_GE.shape
+    num_slots = phy2log_R.size
+    slot_R = np.arange(num_slots)
+    rank_R = slot_R // slots_per_rank
+    home_R = rank_R * num_experts + phy2log_R   # (rank, expert) of each slot, flat
+    # 1. the slots grouped by (rank, expert), ascending ids; the room of a group's earlier slots comes first
+    by_home = np.lexsort((slot_R, home_R))
+    room_H = assigned_R[by_home]
+    before_H = np.cumsum(room_H) - room_H
+    first_H = np.r_[True, home_R[by_home][1:] != home_R[by_home][:-1]]
+    # before_H never decreases, so the running maximum of its values at group starts is each group's own start
+    before_H -= np.maximum.accumulate(np.where(first_H, before_H, 0))
+    local_R = np.empty(num_slots, dtype=np.int64)
+    local_R[by_home] = np.clip(count_GE.reshape(-1)[home_R[by_home]] - before_H, 0, room_H)
+    rest_GE = count_GE - np.bincount(home_R, weights=local_R, minlength=num_ranks * num_experts).astype(
+        np.int64).reshape(num_ranks, num_experts)
+    room_R = assigned_R - local_R
+    # 2. per expert, the rest in (source rank) order against the rooms in slot order: interval overlaps in one key
+    # space that holds the experts in id order
+    by_expert = np.lexsort((slot_R, phy2log_R))
+    room_begin_R = np.empty(num_slots, dtype=np.int64)
+    room_begin_R[by_expert] = np.cumsum(room_R[by_expert]) - room_R[by_expert]
+    rest_E = rest_GE.sum(axis=0)
+    assert (np.bincount(phy2log_R, weights=room_R, minlength=num_experts) == rest_E).all(), "slots miss tokens"
+    src_begin_GR = ((np.cumsum(rest_E) - rest_E) + (np.cumsum(rest_GE, axis=0) - rest_GE))[:, phy2log_R]
+    lo_GR = np.maximum(src_begin_GR, room_begin_R)
+    hi_GR = np.minimum(src_begin_GR + rest_GE[:, phy2log_R], room_begin_R + room_R)
+    assigned_GR = np.maximum(hi_GR - lo_GR, 0)
+    assigned_GR[rank_R, slot_R] += local_R
+    return assigned_GR
 
 
 @dataclass(frozen=True)
