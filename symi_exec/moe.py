@@ -8,14 +8,20 @@ B blocks of a receive buffer (G*S: one per source rank and local slot), C blocks
 per local slot, one per source rank and its padding).
 
 Which replica serves which token (identical on every rank, computed from the all-gathered counts):
-  1. All assignments of expert e are put in one global order: by source rank, then by local assignment index.
-  2. The expert's replicas, in ascending slot order, take consecutive runs of that order whose lengths are
-     `symi_sim.routing.split_tokens` of the GLOBAL counts (so per-slot counts are exactly the simulator's).
-  3. Capacity: a slot computes `served` of its run's tokens, `served` being `symi_sim.routing.route(...).served_LR`
-     (slot or gpu mode). Fair drops: each source rank keeps a share of ITS part of the run in proportion to that
-     part (`symi_sim.routing.fair_kept_GR`, largest remainders), the first ones in the global order; the rest is
-     dropped. A dropped assignment's expert output is zero, so the token only keeps its residual (and its other
-     top-k choices).
+  1. How many per slot: `symi_sim.routing.split_tokens` of the GLOBAL counts, assigned_R (so per-slot counts are
+     exactly the simulator's).
+  2. How many from each source rank, locality first (`locality_transport_GR`): every slot takes min(its assigned
+     count, the tokens of its expert that its own rank has left), the slots of one expert on one rank in ascending
+     slot order; then, per expert, the tokens still left (by source rank) fill the slots' remaining counts in
+     ascending slot order. That keeps on their own rank as many assignments as any split of these counts can.
+  3. Which ones: rank g's assignments of expert e, by local assignment index, are cut into consecutive pieces of
+     assigned_GR[g, p] tokens, e's slots in ascending slot order (`rank_dispatch`: the rank's assignments sorted
+     by expert, stably).
+  4. Capacity: a slot computes `served` of its tokens, `served` being `symi_sim.routing.route(...).served_LR` (slot
+     or gpu mode). Fair drops: each source rank keeps a share of ITS piece in proportion to that piece
+     (`symi_sim.routing.fair_kept_GR`, largest remainders), the first ones of the piece (lowest local indices); the
+     rest of the piece is dropped. Drops per expert depend on served_LR only, so they equal the simulator's. A
+     dropped assignment's expert output is zero, so the token only keeps its residual (and its other top-k choices).
 
 Per layer and step everything is array arithmetic: numpy on the [G, R] plan after the one host sync (the counts'
 all-gather), then device ops that need no sync (sizes come from the plan); one host-to-device copy of the plan's
@@ -50,9 +56,9 @@ class DispatchPlan:
 
     routing: Routing              # the simulator's routing of the global counts (1 layer)
     phy2log_R: np.ndarray         # expert held by slot p
-    slot_order_R: np.ndarray      # slots sorted by (expert, slot id): their runs tile each expert's global order
-    assigned_GR: np.ndarray       # tokens of rank g in slot p's run (before capacity)
-    send_GR: np.ndarray           # tokens rank g sends slot p: its fair share of the run's served tokens
+    slot_order_R: np.ndarray      # slots sorted by (expert, slot id): the order of a rank's pieces
+    assigned_GR: np.ndarray       # rank g's tokens in slot p, before capacity (locality first)
+    send_GR: np.ndarray           # tokens rank g sends slot p: its fair share of the slot's served tokens
     served_R: np.ndarray          # tokens slot p computes (= send_GR.sum(0))
 
 
@@ -125,13 +131,14 @@ def locality_transport_GR(count_GE: np.ndarray, phy2log_R: np.ndarray, assigned_
 class RankDispatch:
     """One rank's share of a DispatchPlan as index arithmetic (numpy, sizes J, B and S; no per-token arrays).
 
-    Send side: sorting the rank's assignments by expert (stable) puts each slot's run in one piece, pieces in the
-    plan's slot order; piece j splits into its kept head and dropped tail (sub-runs 2j, 2j + 1). Sorted position i
-    of sub-run J goes to send-buffer row i + sort_delta_J[J] (kept ones: by slot id, then key; dropped ones after
-    the num_kept kept rows).
-    Receive side: row i of the receive buffer (by source rank, then local slot, then key) in block B goes to row
-    i + recv_delta_B[B] of the compute buffer: slot-major rows (grouped / loop), or S blocks of max_rows (padded);
-    the other way round, compute-buffer row j of block C is receive row j + fill_delta_C[C] (padding: below 0).
+    Send side: sorting the rank's assignments by expert (stable) and cutting them into pieces of assigned_GR[rank]
+    in the plan's slot order gives each slot its piece; piece j splits into its kept head and dropped tail (sub-runs
+    2j, 2j + 1). Sorted position i of sub-run J goes to send-buffer row i + sort_delta_J[J] (kept ones: by slot id,
+    then local index; dropped ones after the num_kept kept rows).
+    Receive side: row i of the receive buffer (by source rank, then local slot, then the source's local index) in
+    block B goes to row i + recv_delta_B[B] of the compute buffer: slot-major rows (grouped / loop), or S blocks of
+    max_rows (padded); the other way round, compute-buffer row j of block C is receive row j + fill_delta_C[C]
+    (padding: below 0).
     """
 
     num_kept: int
@@ -192,7 +199,7 @@ def rank_dispatch(plan: DispatchPlan, rank: int, *, slots_per_rank: int, padded:
 
 def send_order(expert_A: torch.Tensor, dispatch: RankDispatch, sort_len_J: torch.Tensor,
                sort_delta_J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The send buffer's assignments send_assign_M [num_kept] (by slot, then global key) and each assignment's
+    """The send buffer's assignments send_assign_M [num_kept] (by slot, then local index) and each assignment's
     send-buffer row row_A [A] (num_kept where dropped; kept_A is row_A < num_kept).
 
     sort_len_J / sort_delta_J: the dispatch's arrays on expert_A's device. No host sync.
@@ -315,7 +322,7 @@ class ReplicatedMoE(nn.Module):
                         dispatch.fill_len_C, dispatch.fill_delta_C, np.cumsum(dispatch.rows_S), global_E], device))
         self.aux_loss = load_balance_loss(routed.probs_NE, global_count_E, int(global_E.sum()))
 
-        # send side: kept assignments ordered by slot (so by destination rank), then by global key
+        # send side: kept assignments ordered by slot (so by destination rank), then by local index
         expert_A = routed.expert_NK.reshape(-1)
         send_assign_M, row_A = send_order(expert_A, dispatch, sort_len_J, sort_delta_J)
         self.kept_A = row_A < dispatch.num_kept

@@ -66,12 +66,13 @@ def pieces(expert_GA: Sequence[np.ndarray], phy2log_R: Sequence[int], split: lis
     """Step 3: pieces[p][g] = the local indices of rank g's assignments that slot p takes, in index order."""
     out: list[dict[int, list[int]]] = [{} for _ in phy2log_R]
     for g, experts in enumerate(expert_GA):
-        position = {}
+        mine: dict[int, list[int]] = {}
+        for a, e in enumerate(experts):
+            mine.setdefault(int(e), []).append(a)
+        position: dict[int, int] = {}
         for p, e in enumerate(phy2log_R):
-            mine = [a for a in range(len(experts)) if int(experts[a]) == int(e)]
             start = position.get(int(e), 0)
-            out[p][g] = mine[start:start + split[g][p]]
+            out[p][g] = mine.get(int(e), [])[start:start + split[g][p]]
             position[int(e)] = start + split[g][p]
-        for e, used in position.items():
-            assert used == sum(1 for x in experts if int(x) == e), "a rank's assignments were not all cut"
+        assert all(position.get(e, 0) == len(items) for e, items in mine.items()), "assignments were not all cut"
     return out
