@@ -8,14 +8,20 @@ B blocks of a receive buffer (G*S: one per source rank and local slot), C blocks
 per local slot, one per source rank and its padding).
 
 Which replica serves which token (identical on every rank, computed from the all-gathered counts):
-  1. All assignments of expert e are put in one global order: by source rank, then by local assignment index.
-  2. The expert's replicas, in ascending slot order, take consecutive runs of that order whose lengths are
-     `symi_sim.routing.split_tokens` of the GLOBAL counts (so per-slot counts are exactly the simulator's).
-  3. Capacity: a slot computes `served` of its run's tokens, `served` being `symi_sim.routing.route(...).served_LR`
-     (slot or gpu mode). Fair drops: each source rank keeps a share of ITS part of the run in proportion to that
-     part (`symi_sim.routing.fair_kept_GR`, largest remainders), the first ones in the global order; the rest is
-     dropped. A dropped assignment's expert output is zero, so the token only keeps its residual (and its other
-     top-k choices).
+  1. How many per slot: `symi_sim.routing.split_tokens` of the GLOBAL counts, assigned_R (so per-slot counts are
+     exactly the simulator's).
+  2. How many from each source rank, locality first (`locality_transport_GR`): every slot takes min(its assigned
+     count, the tokens of its expert that its own rank has left), the slots of one expert on one rank in ascending
+     slot order; then, per expert, the tokens still left (by source rank) fill the slots' remaining counts in
+     ascending slot order. That keeps on their own rank as many assignments as any split of these counts can.
+  3. Which ones: rank g's assignments of expert e, by local assignment index, are cut into consecutive pieces of
+     assigned_GR[g, p] tokens, e's slots in ascending slot order (`rank_dispatch`: the rank's assignments sorted
+     by expert, stably).
+  4. Capacity: a slot computes `served` of its tokens, `served` being `symi_sim.routing.route(...).served_LR` (slot
+     or gpu mode). Fair drops: each source rank keeps a share of ITS piece in proportion to that piece
+     (`symi_sim.routing.fair_kept_GR`, largest remainders), the first ones of the piece (lowest local indices); the
+     rest of the piece is dropped. Drops per expert depend on served_LR only, so they equal the simulator's. A
+     dropped assignment's expert output is zero, so the token only keeps its residual (and its other top-k choices).
 
 Per layer and step everything is array arithmetic: numpy on the [G, R] plan after the one host sync (the counts'
 all-gather), then device ops that need no sync (sizes come from the plan); one host-to-device copy of the plan's
@@ -50,9 +56,9 @@ class DispatchPlan:
 
     routing: Routing              # the simulator's routing of the global counts (1 layer)
     phy2log_R: np.ndarray         # expert held by slot p
-    slot_order_R: np.ndarray      # slots sorted by (expert, slot id): their runs tile each expert's global order
-    assigned_GR: np.ndarray       # tokens of rank g in slot p's run (before capacity)
-    send_GR: np.ndarray           # tokens rank g sends slot p: its fair share of the run's served tokens
+    slot_order_R: np.ndarray      # slots sorted by (expert, slot id): the order of a rank's pieces
+    assigned_GR: np.ndarray       # rank g's tokens in slot p, before capacity (locality first)
+    send_GR: np.ndarray           # tokens rank g sends slot p: its fair share of the slot's served tokens
     served_R: np.ndarray          # tokens slot p computes (= send_GR.sum(0))
 
 
@@ -68,33 +74,71 @@ def plan_dispatch(count_GE: np.ndarray, placement: Placement, *, slots_per_rank:
     assigned_R = routing.assigned_LR[0]
     served_R = routing.served_LR[0]
     phy2log_R = placement.phy2log_LR[0]
-    num_slots = phy2log_R.size
-    # Slots sorted by (expert, slot id) tile the global key space (experts in id order) with their runs.
-    order = np.lexsort((np.arange(num_slots), phy2log_R))
-    slot_begin_R = np.empty(num_slots, dtype=np.int64)
-    slot_begin_R[order] = np.cumsum(assigned_R[order]) - assigned_R[order]
-    # where rank g's assignments of expert e start in the global key space
-    src_begin_GE = (np.cumsum(global_E) - global_E) + (np.cumsum(count_GE, axis=0) - count_GE)
-    src_begin_GR = src_begin_GE[:, phy2log_R]
-    src_end_GR = src_begin_GR + count_GE[:, phy2log_R]
-    lo_GR = np.maximum(src_begin_GR, slot_begin_R)
-    hi_GR = np.minimum(src_end_GR, slot_begin_R + assigned_R)
-    assigned_GR = np.maximum(hi_GR - lo_GR, 0)
+    assigned_GR = locality_transport_GR(count_GE, phy2log_R, assigned_R, slots_per_rank=slots_per_rank)
+    # Slots sorted by (expert, slot id): the order in which a rank's expert-sorted assignments are cut into pieces.
+    order = np.lexsort((np.arange(phy2log_R.size), phy2log_R))
     send_GR = fair_kept_GR(assigned_GR, served_R)
     return DispatchPlan(routing, phy2log_R, order, assigned_GR, send_GR, served_R)
+
+
+def locality_transport_GR(count_GE: np.ndarray, phy2log_R: np.ndarray, assigned_R: np.ndarray, *,
+                          slots_per_rank: int) -> np.ndarray:
+    """How many of rank g's assignments of its expert slot p takes: assigned_GR [G, R] int64, locality first.
+
+    count_GE [G, E]: every rank's router counts; phy2log_R [R]: the expert of slot p (on rank p // slots_per_rank);
+    assigned_R [R]: the tokens slot p takes (per expert they add up to the expert's global count).
+      1. local first: each slot takes min(its room, its rank's tokens of its expert that are left), the slots of one
+         expert on one rank in ascending slot order;
+      2. the rest: per expert, the tokens still left (by source rank) fill the rooms still left (by slot id) in that
+         order, the north-west corner of the remaining counts.
+    Row sums are count_GE[:, phy2log_R] per expert, column sums assigned_R. Step 1 keeps sum over (rank, expert) of
+    min(count, that rank's slots' rooms) on the sending rank, the most any split with these sums can: afterwards a
+    rank's tokens of an expert are used up or its slots of the expert are full, so step 2 moves only across ranks.
+    """
+    num_ranks, num_experts = count_GE.shape
+    num_slots = phy2log_R.size
+    slot_R = np.arange(num_slots)
+    rank_R = slot_R // slots_per_rank
+    home_R = rank_R * num_experts + phy2log_R   # (rank, expert) of each slot, flat
+    # 1. the slots grouped by (rank, expert), ascending ids; the room of a group's earlier slots comes first
+    by_home = np.lexsort((slot_R, home_R))
+    room_H = assigned_R[by_home]
+    before_H = np.cumsum(room_H) - room_H
+    first_H = np.r_[True, home_R[by_home][1:] != home_R[by_home][:-1]]
+    # before_H never decreases, so the running maximum of its values at group starts is each group's own start
+    before_H -= np.maximum.accumulate(np.where(first_H, before_H, 0))
+    local_R = np.empty(num_slots, dtype=np.int64)
+    local_R[by_home] = np.clip(count_GE.reshape(-1)[home_R[by_home]] - before_H, 0, room_H)
+    rest_GE = count_GE - np.bincount(home_R, weights=local_R, minlength=num_ranks * num_experts).astype(
+        np.int64).reshape(num_ranks, num_experts)
+    room_R = assigned_R - local_R
+    # 2. per expert, the rest in (source rank) order against the rooms in slot order: interval overlaps in one key
+    # space that holds the experts in id order
+    by_expert = np.lexsort((slot_R, phy2log_R))
+    room_begin_R = np.empty(num_slots, dtype=np.int64)
+    room_begin_R[by_expert] = np.cumsum(room_R[by_expert]) - room_R[by_expert]
+    rest_E = rest_GE.sum(axis=0)
+    assert (np.bincount(phy2log_R, weights=room_R, minlength=num_experts) == rest_E).all(), "slots miss tokens"
+    src_begin_GR = ((np.cumsum(rest_E) - rest_E) + (np.cumsum(rest_GE, axis=0) - rest_GE))[:, phy2log_R]
+    lo_GR = np.maximum(src_begin_GR, room_begin_R)
+    hi_GR = np.minimum(src_begin_GR + rest_GE[:, phy2log_R], room_begin_R + room_R)
+    assigned_GR = np.maximum(hi_GR - lo_GR, 0)
+    assigned_GR[rank_R, slot_R] += local_R
+    return assigned_GR
 
 
 @dataclass(frozen=True)
 class RankDispatch:
     """One rank's share of a DispatchPlan as index arithmetic (numpy, sizes J, B and S; no per-token arrays).
 
-    Send side: sorting the rank's assignments by expert (stable) puts each slot's run in one piece, pieces in the
-    plan's slot order; piece j splits into its kept head and dropped tail (sub-runs 2j, 2j + 1). Sorted position i
-    of sub-run J goes to send-buffer row i + sort_delta_J[J] (kept ones: by slot id, then key; dropped ones after
-    the num_kept kept rows).
-    Receive side: row i of the receive buffer (by source rank, then local slot, then key) in block B goes to row
-    i + recv_delta_B[B] of the compute buffer: slot-major rows (grouped / loop), or S blocks of max_rows (padded);
-    the other way round, compute-buffer row j of block C is receive row j + fill_delta_C[C] (padding: below 0).
+    Send side: sorting the rank's assignments by expert (stable) and cutting them into pieces of assigned_GR[rank]
+    in the plan's slot order gives each slot its piece; piece j splits into its kept head and dropped tail (sub-runs
+    2j, 2j + 1). Sorted position i of sub-run J goes to send-buffer row i + sort_delta_J[J] (kept ones: by slot id,
+    then local index; dropped ones after the num_kept kept rows).
+    Receive side: row i of the receive buffer (by source rank, then local slot, then the source's local index) in
+    block B goes to row i + recv_delta_B[B] of the compute buffer: slot-major rows (grouped / loop), or S blocks of
+    max_rows (padded); the other way round, compute-buffer row j of block C is receive row j + fill_delta_C[C]
+    (padding: below 0).
     """
 
     num_kept: int
@@ -155,7 +199,7 @@ def rank_dispatch(plan: DispatchPlan, rank: int, *, slots_per_rank: int, padded:
 
 def send_order(expert_A: torch.Tensor, dispatch: RankDispatch, sort_len_J: torch.Tensor,
                sort_delta_J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The send buffer's assignments send_assign_M [num_kept] (by slot, then global key) and each assignment's
+    """The send buffer's assignments send_assign_M [num_kept] (by slot, then local index) and each assignment's
     send-buffer row row_A [A] (num_kept where dropped; kept_A is row_A < num_kept).
 
     sort_len_J / sort_delta_J: the dispatch's arrays on expert_A's device. No host sync.
@@ -278,7 +322,7 @@ class ReplicatedMoE(nn.Module):
                         dispatch.fill_len_C, dispatch.fill_delta_C, np.cumsum(dispatch.rows_S), global_E], device))
         self.aux_loss = load_balance_loss(routed.probs_NE, global_count_E, int(global_E.sum()))
 
-        # send side: kept assignments ordered by slot (so by destination rank), then by global key
+        # send side: kept assignments ordered by slot (so by destination rank), then by local index
         expert_A = routed.expert_NK.reshape(-1)
         send_assign_M, row_A = send_order(expert_A, dispatch, sort_len_J, sort_delta_J)
         self.kept_A = row_A < dispatch.num_kept

@@ -82,7 +82,7 @@ def test_g_rank_exchange_puts_every_row_where_the_rule_says(padded: bool, mode: 
         plan = plan_dispatch(count_GE, placement, slots_per_rank=slots, capacity_factor=factor, capacity_mode=mode)
         sim = route(count_GE.sum(0)[None], placement, slots_per_gpu=slots, capacity_factor=factor,
                     capacity_mode=mode)
-        slot_GA, kept_GA = loop_dispatch(expert_GA, placement, sim.served_LR[0], sim.assigned_LR[0])
+        slot_GA, kept_GA = loop_dispatch(expert_GA, placement, sim.served_LR[0], sim.assigned_LR[0], slots)
         dispatches = [rank_dispatch(plan, g, slots_per_rank=slots, padded=padded) for g in range(num_ranks)]
         sends = []
         for g, d in enumerate(dispatches):

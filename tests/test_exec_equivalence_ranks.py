@@ -4,13 +4,14 @@ single-process reference that drops the same assignments, chosen here by an inde
 
 Two ranks hide mistakes that three expose: with two ranks an expert has at most one holder other than any given
 rank, so a missing phase of a replica gradient sync, or a shard bound off by one rank, can still give the right
-parameters. The drop rule the loop below re-implements (symi_exec/moe.py):
-  1. expert e's assignments in one global order: by source rank, then by local assignment index;
-  2. its replicas, in ascending slot order, take consecutive runs of that order, as long as the simulator's
-     `route(...).assigned_LR` says;
+parameters. The drop rule the loop below re-implements (symi_exec/moe.py; the split by tests/dispatch_rule.py):
+  1. how many of rank g's assignments of expert e each replica of e takes: locality first (each replica takes what
+     it can of its own rank's, several on one rank in ascending slot order), then per expert the rest by source
+     rank over the replicas' remaining room in ascending slot order, replica p taking `route(...).assigned_LR[p]`;
+  2. rank g's assignments of e, by local index, cut into consecutive pieces of those sizes, slots ascending;
   3. a slot short of capacity (`served_LR` < assigned) keeps from each source rank a share of what that rank sent
      it in proportion to the slot's served / assigned (largest remainder, ties to the lower rank), the first ones
-     of that rank's run.
+     of that rank's piece.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dispatch_rule import locality_counts, pieces
 from test_exec_train import assert_same_parameters, read_metrics, train_and_compare, train_single_process
 
 from symi_exec.config import TrainConfig
@@ -69,19 +71,16 @@ def keep_mask(expert_NK: torch.Tensor, phy2log_R: np.ndarray, share_R: np.ndarra
     routing = route(count_E[None, :], placement, slots_per_gpu=slots_per_rank, capacity_factor=capacity_factor,
                     capacity_mode=capacity_mode, num_assignments_L=np.array([count_E.sum()]))
     assigned_R, served_R = routing.assigned_LR[0], routing.served_LR[0]
+    count_GE = [[int((row == e).sum()) for e in range(num_experts)] for row in expert_GA]
+    split = locality_counts(count_GE, phy2log_R.tolist(), assigned_R.tolist(), slots_per_rank)
     kept_GA = np.zeros(expert_GA.shape, dtype=bool)
-    for expert in range(num_experts):
-        order = [(g, a) for g in range(num_ranks) for a in np.flatnonzero(expert_GA[g] == expert)]
-        position = 0
-        for slot in np.flatnonzero(phy2log_R == expert):
-            run = order[position:position + assigned_R[slot]]
-            position += assigned_R[slot]
-            sent = [sum(1 for g, _ in run if g == src) for src in range(num_ranks)]
-            keep = largest_remainder_keep(sent, int(served_R[slot]), int(assigned_R[slot])) if run else sent
-            for src in range(num_ranks):
-                for g, a in [entry for entry in run if entry[0] == src][:keep[src]]:
-                    kept_GA[g, a] = True
-        assert position == len(order)
+    for slot, parts in enumerate(pieces(list(expert_GA), phy2log_R.tolist(), split)):
+        sent = [len(parts[src]) for src in range(num_ranks)]
+        assert sum(sent) == assigned_R[slot]
+        keep = largest_remainder_keep(sent, int(served_R[slot]), int(assigned_R[slot])) if sum(sent) else sent
+        for src in range(num_ranks):
+            for a in parts[src][:keep[src]]:
+                kept_GA[src, a] = True
     return torch.from_numpy(kept_GA.reshape(num_tokens, top_k))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dispatch_rule import locality_counts
 from test_exec_equivalence_ranks import placement_keep_rules
 from test_exec_train import assert_same_parameters, read_metrics, train_and_compare, train_single_process
 from train_jobs import read_rows
@@ -49,18 +50,10 @@ def _placement(record: dict, num_experts: int, live: bool) -> Placement:
 
 
 def remote_rows(count_GE: np.ndarray, phy2log_R: np.ndarray, assigned_R: np.ndarray, slots_per_rank: int) -> int:
-    """Assignments a dropless layer sends to another rank: expert e's assignments in the global order (by source
-    rank), its replicas in ascending slot order taking consecutive runs of assigned_R tokens (plain loops)."""
-    total = 0
-    for expert in range(count_GE.shape[1]):
-        sources = [g for g in range(count_GE.shape[0]) for _ in range(int(count_GE[g, expert]))]
-        position = 0
-        for slot in np.flatnonzero(phy2log_R == expert):
-            run = sources[position:position + int(assigned_R[slot])]
-            position += int(assigned_R[slot])
-            total += sum(1 for g in run if g != slot // slots_per_rank)
-        assert position == len(sources)
-    return total
+    """Assignments a dropless layer sends to another rank: the locality-first split of tests/dispatch_rule.py (plain
+    loops), the rows of split[g][p] whose source g is not slot p's rank."""
+    split = locality_counts(count_GE.tolist(), phy2log_R.tolist(), assigned_R.tolist(), slots_per_rank)
+    return sum(n for g, row in enumerate(split) for p, n in enumerate(row) if g != p // slots_per_rank)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])

@@ -7,6 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from dispatch_rule import locality_counts, pieces
 
 from symi_exec.comm import Comm
 from symi_exec.model import GPT, MoE, expert_mlp, model_config, route_topk
@@ -26,33 +27,34 @@ def random_placement(rng: np.random.Generator, num_experts: int, num_slots: int)
     return Placement(phy2log, share[None, :], num_experts)
 
 
-def loop_dispatch(expert_GA: list[np.ndarray], placement: Placement, served_R: np.ndarray, assigned_R: np.ndarray
-                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The documented rule, by explicit loops: per expert, order (rank, assignment index); replicas in slot order
-    take consecutive runs of `assigned` tokens; of its part of a run, each rank keeps the first
-    floor(part * served / assigned) + (1 for the largest remainders, ties to the lower rank), exact fractions."""
+def loop_dispatch(expert_GA: list[np.ndarray], placement: Placement, served_R: np.ndarray, assigned_R: np.ndarray,
+                  slots_per_rank: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The documented rule, by explicit loops (tests/dispatch_rule.py: locality first, then per expert the rest by
+    source rank over the replicas in slot order; each rank's assignments cut into pieces in slot order); of its piece,
+    each rank keeps the first floor(piece * served / assigned) + (1 for the largest remainders, ties to the lower
+    rank), exact fractions."""
     phy2log = placement.phy2log_LR[0]
+    count_GE = [[int((a == e).sum()) for e in range(placement.num_experts)] for a in expert_GA]
+    split = locality_counts(count_GE, phy2log.tolist(), assigned_R.tolist(), slots_per_rank)
     slot_GA = [np.full(a.size, -1) for a in expert_GA]
     kept_GA = [np.zeros(a.size, dtype=bool) for a in expert_GA]
-    for e in range(placement.num_experts):
-        queue = [(g, a) for g, experts in enumerate(expert_GA) for a in range(experts.size) if experts[a] == e]
-        pos = 0
-        for p in sorted(np.flatnonzero(phy2log == e)):
-            run = queue[pos:pos + assigned_R[p]]
-            pos += assigned_R[p]
-            parts: dict[int, list[int]] = {}
-            for g, a in run:
+    for p, parts in enumerate(pieces(expert_GA, phy2log.tolist(), split)):
+        total = sum(len(items) for items in parts.values())
+        assert total == assigned_R[p]
+        for g, items in parts.items():
+            for a in items:
                 slot_GA[g][a] = p
-                parts.setdefault(g, []).append(a)
-            exact = {g: Fraction(len(items) * int(served_R[p]), len(run)) for g, items in parts.items()}
-            quota = {g: int(x) for g, x in exact.items()}   # floor (x >= 0)
-            leftover = int(served_R[p]) - sum(quota.values())
-            for g in sorted(parts, key=lambda g: (-(exact[g] - quota[g]), g))[:leftover]:
-                quota[g] += 1
-            for g, items in parts.items():
-                for a in items[:quota[g]]:
-                    kept_GA[g][a] = True
-        assert pos == len(queue)
+        if total == 0:
+            continue
+        exact = {g: Fraction(len(items) * int(served_R[p]), total) for g, items in parts.items()}
+        quota = {g: int(x) for g, x in exact.items()}   # floor (x >= 0)
+        leftover = int(served_R[p]) - sum(quota.values())
+        for g in sorted(parts, key=lambda g: (-(exact[g] - quota[g]), g))[:leftover]:
+            quota[g] += 1
+        for g, items in parts.items():
+            for a in items[:quota[g]]:
+                kept_GA[g][a] = True
+    assert all((s >= 0).all() for s in slot_GA)
     return slot_GA, kept_GA
 
 
@@ -146,7 +148,8 @@ def test_dispatch_matches_loop_and_simulator(mode: str, factor: float | None) ->
         sim = route(count_GE.sum(0)[None], placement, slots_per_gpu=slots_per_rank, capacity_factor=factor,
                     capacity_mode=mode)
         np.testing.assert_array_equal(plan.served_R, sim.served_LR[0])
-        slot_GA, kept_GA = loop_dispatch(expert_GA, placement, sim.served_LR[0], sim.assigned_LR[0])
+        slot_GA, kept_GA = loop_dispatch(expert_GA, placement, sim.served_LR[0], sim.assigned_LR[0],
+                                         slots_per_rank)
         dropped_E = np.zeros(num_experts, dtype=np.int64)
         for g in range(num_ranks):
             dispatch = rank_dispatch(plan, g, slots_per_rank=slots_per_rank, padded=False)
@@ -193,7 +196,8 @@ def test_replicated_moe_one_rank_drops_to_residual_and_backprops(slot_compute: s
     count_E = np.bincount(expert_NK.reshape(-1).numpy(), minlength=4)
     sim = route(count_E[None], placement, slots_per_gpu=num_slots, capacity_factor=0.6)
     assert sim.dropped_LE.sum() > 0
-    _, kept_GA = loop_dispatch([expert_NK.reshape(-1).numpy()], placement, sim.served_LR[0], sim.assigned_LR[0])
+    _, kept_GA = loop_dispatch([expert_NK.reshape(-1).numpy()], placement, sim.served_LR[0], sim.assigned_LR[0],
+                                num_slots)
     np.testing.assert_array_equal(layer.kept_A.numpy(), kept_GA[0])
     np.testing.assert_array_equal(layer.dropped_E, sim.dropped_LE[0])
     w_in = ref.experts.w_in_EDF.detach().clone().requires_grad_(True)
