@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import breadth_first_order, connected_components, maximum_flow
+from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
 from symi_sim.placement import Placement
 
@@ -204,12 +204,12 @@ class _Network:
         ]
         row = np.concatenate([r for r, _ in parts])
         col = np.concatenate([c for _, c in parts])
-        order = csr_matrix((np.arange(row.size) + 1, (row, col)), shape=(self.num_nodes, self.num_nodes))
-        self.indptr, self.indices = order.indptr, order.indices
-        if not order.has_sorted_indices:
-            raise AssertionError("live split: the network's rows are not in column order")
+        # CSR by (row, column): the order every row's columns ascend in, and each entry's position in it
+        by_entry = np.lexsort((col, row))
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=self.num_nodes))]).astype(np.int32)
+        self.indices = col[by_entry].astype(np.int32)
         pos = np.empty(row.size, dtype=np.int64)
-        pos[order.data - 1] = np.arange(row.size)
+        pos[by_entry] = np.arange(row.size)
         sizes = np.cumsum([0, num_x, num_g, num_x, num_y, num_g, num_y])
         self.pos_source_X = pos[sizes[0]:sizes[1]]
         self.pos_forward_Y = np.empty(num_y, dtype=np.int64)
@@ -223,16 +223,24 @@ class _Network:
 
     def component_bound_L(self, w_X: np.ndarray, fixed_LG: np.ndarray) -> np.ndarray:
         """[L] a lower bound on T: the mean load of the GPUs of each connected part of the expert-GPU graph."""
-        first = 2
-        adjacency = csr_matrix((np.ones(self.x_Y.size, dtype=np.int8), (self.xy_node_Y - first,
-                                self.gy_node_Y - first)), shape=(self.num_nodes - first,) * 2)
-        _, label_N = connected_components(adjacency, directed=False)
-        label_X, label_G = label_N[:self.num_x], label_N[self.num_x:]
-        num_labels = int(label_N.max()) + 1
-        load_C = np.bincount(label_X, weights=w_X, minlength=num_labels)
-        load_C += np.bincount(label_G, weights=fixed_LG.reshape(-1), minlength=num_labels)
-        gpus_C = np.bincount(label_G, minlength=num_labels)
-        bound_G = -(-load_C.astype(np.int64) // np.maximum(gpus_C, 1))[label_G]
+        # connected parts by min-label propagation over the arcs, with pointer jumping (a GPU's label is a GPU of
+        # its part, so label_G[label_G] is too): a few rounds of array operations, no graph object
+        num_g = self.num_layers * self.num_gpus
+        g_Y = self.gy_node_Y - (2 + self.num_x)
+        label_G = np.arange(num_g)
+        while True:
+            label_X = np.full(self.num_x, num_g)
+            np.minimum.at(label_X, self.x_Y, label_G[g_Y])
+            new_G = label_G.copy()
+            np.minimum.at(new_G, g_Y, label_X[self.x_Y])
+            new_G = new_G[new_G]
+            if np.array_equal(new_G, label_G):
+                break
+            label_G = new_G
+        load_G = np.bincount(label_X, weights=w_X, minlength=num_g) + np.bincount(
+            label_G, weights=fixed_LG.reshape(-1), minlength=num_g)
+        gpus_G = np.bincount(label_G, minlength=num_g)
+        bound_G = -(-load_G.astype(np.int64) // np.maximum(gpus_G, 1))[label_G]
         return bound_G.reshape(self.num_layers, self.num_gpus).max(axis=1)
 
     def max_flow(self, source_X: np.ndarray, cap_Y: np.ndarray, sink_LG: np.ndarray, *,
