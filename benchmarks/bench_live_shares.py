@@ -30,7 +30,7 @@ from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
 from symi_sim.policies import get_policy
-from symi_sim.routing import route
+from symi_sim.routing import buffer_capacity_L, route
 from symi_sim.traces.format import read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def bench_shape(shape: str, cluster: Cluster, loads: list[np.ndarray], *, repeat
         for i in range(repeats):
             load_LE, _, live = steps[i % len(steps)]
             buffers = cluster.num_slots if capacity_mode == "slot" else cluster.num_gpus
-            capacity_L = None if factor is None else np.ceil(factor * load_LE.sum(axis=1) / buffers).astype(np.int64)
+            capacity_L = None if factor is None else buffer_capacity_L(load_LE, load_LE.sum(axis=1), factor, buffers)
             start = time.perf_counter()
             live_split(load_LE, live, slots_per_gpu=slots, capacity_mode=capacity_mode, capacity_L=capacity_L)
             times_s.append(time.perf_counter() - start)

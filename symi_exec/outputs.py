@@ -40,7 +40,7 @@ from symi_exec.model import GPT, TORCH_DTYPES, ModelConfig
 from symi_exec.moe import ReplicatedMoE
 from symi_exec.waits import hold_for_test
 from symi_sim.outputs import RUN_COMPLETE, write_json
-from symi_sim.placement import Placement
+from symi_sim.placement import Placement, shares_json
 
 METRICS, PLACEMENTS, TRACE_COUNTS = "metrics.csv", "placements.jsonl", "trace_counts.bin"
 STREAMED = (METRICS, PLACEMENTS, TRACE_COUNTS)   # the files History appends to, in the run and checkpoint dirs
@@ -288,7 +288,7 @@ def step_record(step: int, *, placement: Placement, moe_layers: list[ReplicatedM
         dist.all_reduce(dropped_LE)
     return {"step": step, "phy2log": placement.phy2log_LR.tolist(),
             "share": [[round(float(x), 12) for x in row] for row in placement.share_LR],
-            **({"shares": "live"} if placement.live_shares else {}),
+            **shares_json(placement.live_shares),
             "dropped": dropped_LE.cpu().tolist()}
 
 

@@ -42,6 +42,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
 from symi_sim.placement import Placement
+from symi_sim.routing import shadow_spread_LG
 
 INT32_MAX = np.iinfo(np.int32).max
 SOURCE, SINK = 0, 1
@@ -63,10 +64,8 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
         raise ValueError(f"live split: load shape {load_LE.shape} and {num_slots} slots of {slots_per_gpu} per GPU "
                          f"do not fit a placement of {num_layers} layers and {num_experts} experts")
     rows_L1 = np.arange(num_layers)[:, None]
-    fixed_LG = np.zeros((num_layers, num_gpus), dtype=np.int64)
+    fixed_LG = shadow_spread_LG(load_LE, placement.shadow_LE, num_gpus)
     if placement.shadow_LE is not None:
-        shadow_L1 = np.where(placement.shadow_LE, load_LE, 0).sum(axis=1, keepdims=True)
-        fixed_LG += shadow_L1 // num_gpus + (np.arange(num_gpus)[None, :] < shadow_L1 % num_gpus)
         load_LE = np.where(placement.shadow_LE, 0, load_LE)
     if (load_LE.sum(axis=1) + fixed_LG.sum(axis=1) >= INT32_MAX // 2).any():
         raise ValueError(f"live split: a layer routes {load_LE.sum(axis=1).max()} tokens, more than the flow "
@@ -128,8 +127,8 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
     net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
 
-    # T*: Dinkelbach on the min cut, all layers at once, from the bound of each connected part of the network
-    # (and each GPU's fixed load plus what its arcs must carry because the expert's other arcs cannot)
+    # a lower bound on T*: the mean load of each connected part of the network, and each GPU's fixed load plus what
+    # its arcs must carry because the expert's other arcs cannot
     must_Y = np.maximum(w_Y - (np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)[x_Y] - cap_Y), 0)
     must_LG = fixed_LG.copy()
     np.add.at(must_LG, (layer_Y, gpu_Y), must_Y.astype(np.int64))
@@ -142,10 +141,10 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
         budget_L = np.asarray(gpu_budget_L, dtype=np.int64)
         serve_LG = np.where(active_L[:, None], np.maximum(budget_L[:, None] - fixed_LG, 0), 0)
         first_Y, served_L = net.max_flow(np.where(active_L[layer_X], w_X, 0), cap_Y, serve_LG)
+        unserved_L = active_L & (served_L < tokens_L)
         # a layer that may peak above B (not all served, or a fixed load above it) keeps the served flow
-        over_L = active_L & ((served_L < tokens_L) | (t_L > budget_L))
-        base_Y = np.where(over_L[layer_Y], first_Y, 0)
-        t_L = np.where(active_L & (served_L < tokens_L), np.maximum(t_L, budget_L + 1), t_L)
+        base_Y = np.where((unserved_L | (active_L & (t_L > budget_L)))[layer_Y], first_Y, 0)
+        t_L = np.where(unserved_L, np.maximum(t_L, budget_L + 1), t_L)
     base_out_X = np.bincount(x_Y, weights=base_Y, minlength=w_X.size).astype(np.int64)
     base_in_LG = np.zeros_like(fixed_LG)
     np.add.at(base_in_LG, (layer_Y, gpu_Y), base_Y)
@@ -190,7 +189,7 @@ class _Network:
         self.num_nodes = 2 + num_x + num_g
         x_node_X = 2 + np.arange(num_x)
         g_node_G = 2 + num_x + np.arange(num_g)
-        xy_node_Y, gy_node_Y = x_node_X[x_Y], 2 + num_x + layer_Y * num_gpus + gpu_Y
+        xy_node_Y, gy_node_Y = x_node_X[x_Y], g_node_G[layer_Y * num_gpus + gpu_Y]
         by_x = np.argsort(x_Y, kind="stable")           # holdings come in (layer, GPU) order: GPUs ascend per expert
         by_g = np.argsort(gy_node_Y * num_x + x_Y, kind="stable")
         # entries in an order where every row's columns ascend; CSR conversion keeps that order inside a row
@@ -219,14 +218,14 @@ class _Network:
         self.pos_back_Y[by_g] = pos[sizes[5]:sizes[6]]
         self.row_Z = np.repeat(np.arange(self.num_nodes), np.diff(self.indptr))
         self.x_node_X, self.g_node_LG = x_node_X, g_node_G.reshape(num_layers, num_gpus)
-        self.xy_node_Y, self.gy_node_Y = xy_node_Y, gy_node_Y
+        self.g_Y = layer_Y * num_gpus + gpu_Y   # the GPU of each arc, flat over layers
 
     def component_bound_L(self, w_X: np.ndarray, fixed_LG: np.ndarray) -> np.ndarray:
         """[L] a lower bound on T: the mean load of the GPUs of each connected part of the expert-GPU graph."""
         # connected parts by min-label propagation over the arcs, with pointer jumping (a GPU's label is a GPU of
         # its part, so label_G[label_G] is too): a few rounds of array operations, no graph object
         num_g = self.num_layers * self.num_gpus
-        g_Y = self.gy_node_Y - (2 + self.num_x)
+        g_Y = self.g_Y
         label_G = np.arange(num_g)
         while True:
             label_X = np.full(self.num_x, num_g)

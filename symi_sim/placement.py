@@ -32,6 +32,7 @@ from symi_sim.outputs import atomic_file, write_json
 
 SCHEMA_VERSION = 1
 SHARE_TOL = 1e-6
+SHARE_MODES = ("planned", "live")
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,7 +175,7 @@ class Placement:
             "num_experts": self.num_experts,
             "cluster": cluster.to_dict() if cluster is not None else None,
             "policy": policy,
-            **({"shares": "live"} if self.live_shares else {}),
+            **shares_json(self.live_shares),
             "layers": layers,
         }
 
@@ -187,9 +188,7 @@ class Placement:
             layers = data["layers"]
             phy2log = np.array([entry["phy2log"] for entry in layers], dtype=np.int64)
             share = np.array([entry["share"] for entry in layers], dtype=np.float64)
-            shares = data.get("shares", "planned")
-            if shares not in ("planned", "live"):
-                raise ValueError(f"shares must be 'planned' or 'live', got {shares!r}")
+            live_shares = read_shares(data)
             shadow = None
             if any("shadow" in entry for entry in layers):
                 shadow = np.zeros((len(layers), num_experts), dtype=bool)
@@ -197,7 +196,7 @@ class Placement:
                     shadow[layer, entry.get("shadow", [])] = True
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"malformed placement JSON: {exc!r}") from None
-        placement = cls(phy2log, share, num_experts, shadow, live_shares=shares == "live")
+        placement = cls(phy2log, share, num_experts, shadow, live_shares=live_shares)
         for layer, entry in enumerate(layers):
             if "logcnt" in entry and list(entry["logcnt"]) != placement.logcnt_LE[layer].tolist():
                 raise ValueError(f"placement JSON layer {layer}: logcnt does not match phy2log")
@@ -217,6 +216,19 @@ class Placement:
         padded_LEX = np.full((self.num_layers, self.num_experts, max(width, log2phy_LEX.shape[2])), -1, dtype=np.int64)
         padded_LEX[:, :, :log2phy_LEX.shape[2]] = log2phy_LEX
         return {"phy2log": self.phy2log_LR.copy(), "log2phy": padded_LEX, "logcnt": self.logcnt_LE.copy()}
+
+
+def shares_json(live_shares: bool) -> dict[str, str]:
+    """The share mode as a placement record carries it: {"shares": "live"}, or nothing for planned shares."""
+    return {"shares": "live"} if live_shares else {}
+
+
+def read_shares(record: dict[str, Any]) -> bool:
+    """Whether a placement record (JSON object) splits live: its "shares" (absent: planned); ValueError otherwise."""
+    shares = record.get("shares", "planned")
+    if shares not in SHARE_MODES:
+        raise ValueError(f"shares must be 'planned' or 'live', got {shares!r}")
+    return shares == "live"
 
 
 def write_placement_json(path: str | Path, placement: Placement, cluster: Cluster | None = None,

@@ -141,7 +141,8 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     num_assignments_L = np.asarray(num_assignments_L, dtype=np.int64)
 
     buffers = num_slots if capacity_mode == "slot" else num_gpus
-    cap_L = None if capacity_factor is None else _capacity_L(load_LE, num_assignments_L, capacity_factor, buffers)
+    cap_L = None if capacity_factor is None else buffer_capacity_L(load_LE, num_assignments_L, capacity_factor,
+                                                                    buffers)
     if placement.live_shares:
         # scipy's max flow, imported only when a placement asks for live shares: the policies stay numpy-only
         from symi_sim.live_shares import live_split
@@ -150,11 +151,7 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
                                  capacity_L=cap_L)
     else:
         assigned_LR = split_tokens(load_LE, placement)
-    shadow_LG = np.zeros((num_layers, num_gpus), dtype=np.int64)
-    if placement.shadow_LE is not None:
-        shadow_tokens_L = np.where(placement.shadow_LE, load_LE, 0).sum(axis=1)
-        base_L, rest_L = np.divmod(shadow_tokens_L, num_gpus)
-        shadow_LG = base_L[:, None] + (np.arange(num_gpus)[None, :] < rest_L[:, None])
+    shadow_LG = shadow_spread_LG(load_LE, placement.shadow_LE, num_gpus)
 
     if cap_L is None:
         served_LR = assigned_LR
@@ -172,8 +169,17 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     return Routing(assigned_LR, served_LR, shadow_LG, dropped_LE, gpu_load_LG, gpu_served_LG, num_assignments_L)
 
 
-def _capacity_L(load_LE: np.ndarray, num_assignments_L: np.ndarray, capacity_factor: float,
-                num_buffers: int) -> np.ndarray:
+def shadow_spread_LG(load_LE: np.ndarray, shadow_LE: np.ndarray | None, num_gpus: int) -> np.ndarray:
+    """[L, G] int64 shadowed experts' tokens per GPU: each layer's spread evenly, the extra ones to the lower GPUs
+    (zeros without shadows)."""
+    if shadow_LE is None:
+        return np.zeros((load_LE.shape[0], num_gpus), dtype=np.int64)
+    base_L, rest_L = np.divmod(np.where(shadow_LE, load_LE, 0).sum(axis=1), num_gpus)
+    return base_L[:, None] + (np.arange(num_gpus)[None, :] < rest_L[:, None])
+
+
+def buffer_capacity_L(load_LE: np.ndarray, num_assignments_L: np.ndarray, capacity_factor: float,
+                      num_buffers: int) -> np.ndarray:
     """[L] tokens one buffer (a slot or a GPU) serves: ceil(cf * A / buffers), at most the layer's tokens."""
     # clamped in float before the int64 cast, which would wrap for factors past ~1e18 / tokens per slot
     limit_L = np.maximum(num_assignments_L, load_LE.sum(axis=1)).astype(np.float64)

@@ -31,10 +31,9 @@ import numpy as np
 
 from symi_sim.checks import check_choice
 from symi_sim.cluster import Cluster
-from symi_sim.placement import Placement
+from symi_sim.placement import SHARE_MODES, Placement
 
 OPTIMIZER_LAYOUTS = ("sharded", "group", "replica")
-SHARE_MODES = ("planned", "live")
 
 
 @dataclass

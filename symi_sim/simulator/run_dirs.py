@@ -34,7 +34,7 @@ from symi_sim.checks import check_choice
 from symi_sim.cluster import Cluster
 from symi_sim.models import ModelConfig
 from symi_sim.outputs import check_complete_run
-from symi_sim.placement import Placement
+from symi_sim.placement import Placement, read_shares
 from symi_sim.policies.base import OPTIMIZER_LAYOUTS
 from symi_sim.routing import CAPACITY_MODES, route
 from symi_sim.simulator.costs import alltoall_bytes, optimizer_params_per_gpu
@@ -157,10 +157,7 @@ def _read_placements(path: Path, *, num_steps: int, num_layers: int, num_experts
                                  f"{(num_layers, num_slots)} / {(num_layers, num_experts)}")
             if (dropped_LE < 0).any():
                 raise ValueError("negative dropped counts")
-            shares = record.get("shares", "planned")
-            if shares not in ("planned", "live"):
-                raise ValueError(f"shares must be 'planned' or 'live', got {shares!r}")
-            out.append((Placement(phy2log_LR, share_LR, num_experts, live_shares=shares == "live"), dropped_LE))
+            out.append((Placement(phy2log_LR, share_LR, num_experts, live_shares=read_shares(record)), dropped_LE))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} line {i}: {str(exc).removeprefix(f'{where} line {i}: ')}") from None
     return out
