@@ -254,22 +254,3 @@ def _count_per_expert(phy2log_LR: np.ndarray, num_experts: int) -> np.ndarray:
     offsets = (np.arange(num_layers, dtype=np.int64) * num_experts)[:, None]
     flat = np.bincount((phy2log_LR + offsets).ravel(), minlength=num_layers * num_experts)
     return flat.reshape(num_layers, num_experts).astype(np.int64)
-
-
-def write_eplb_arrays(path: str | Path, placement: Placement) -> None:
-    """Write DeepSeek EPLB's (phy2log, log2phy, logcnt) int64 arrays to `.npz` (numpy) or `.pt` (torch)."""
-    path = Path(path)
-    arrays = placement.eplb_arrays()
-    suffix = path.suffix.lower()
-    if suffix not in (".npz", ".pt"):
-        raise ValueError(f"EPLB arrays go to a .npz or .pt file, got {str(path)!r}")
-    with atomic_file(path) as tmp:
-        if suffix == ".npz":
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        else:
-            try:
-                import torch  # only for users who asked for a .pt file
-            except ImportError:
-                raise ValueError("writing a .pt file needs torch; install symi[train] or write .npz") from None
-            torch.save({name: torch.from_numpy(a) for name, a in arrays.items()}, tmp)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from symi_sim.cluster import Cluster
-from symi_sim.placement import Placement, read_placement_json, write_eplb_arrays, write_placement_json
+from symi_sim.placement import Placement, read_placement_json, write_placement_json
+from symi_sim.placement_formats import write_placement
 
 # 2 layers, 3 experts, 6 slots
 PHY2LOG_LR = np.array([[2, 0, 0, 1, 2, 0], [1, 1, 1, 1, 0, 2]])
@@ -154,10 +155,10 @@ def test_json_errors(tmp_path) -> None:
 
 def test_eplb_npz_round_trip(tmp_path) -> None:
     p = Placement.even(PHY2LOG_LR, 3)
-    write_eplb_arrays(tmp_path / "p.npz", p)
+    write_placement(tmp_path / "p.npz", p, CLUSTER, fmt="eplb")
     with np.load(tmp_path / "p.npz") as data:
         assert data["phy2log"].tolist() == PHY2LOG_LR.tolist()
         assert data["logcnt"].tolist() == [[3, 1, 2], [1, 4, 1]]
         assert data["log2phy"].tolist() == p.log2phy_LEX.tolist()
     with pytest.raises(ValueError, match=r"\.npz or \.pt"):
-        write_eplb_arrays(tmp_path / "p.csv", p)
+        write_placement(tmp_path / "p.csv", p, CLUSTER, fmt="eplb")
