@@ -19,9 +19,13 @@ leftover tokens go through the network at most one per replica. A split with max
 exists iff the max flow saturates the source. Integer capacities have an integer max flow, so the least integer T
 that saturates is the integer optimum, at most one token above the linear program's (scipy.optimize.linprog,
 HiGHS, in the tests) and never below it.
-Finding T*: Dinkelbach on the min cut. Start at a lower bound: the mean load of the GPUs of each connected part of
-the expert-GPU graph, and each GPU's fixed load plus what its arcs must carry. When the flow does not
-saturate, the nodes Z reachable from the source in the residual network are a cut whose capacity is
+Finding T*: Dinkelbach on the min cut. Start at a lower bound: for a set N of GPUs, fixed(N) plus the tokens that
+must land in N (each expert's w less what its arcs out of N carry, if positive), over |N|, rounded up (this is T*
+when N is the min cut's), for N each GPU, the GPUs of each flow expert and each connected part of the expert-GPU
+graph. Scipy's max flow costs ~0.2 ms per call whatever the size, so rounds are what the time counts: the bound
+is T* in most layers (dropless and gpu mode: one search round on the paper's shape; slot mode's caps make larger
+cuts, two to three). When the flow does not saturate, the nodes Z reachable from the source in the residual
+network are a cut whose capacity is
 a + |N| T - fixed(N) (N: the GPUs in Z, a: the capacities of the source arcs and expert arcs it cuts), at any T,
 so every T' below (W - a + fixed(N)) / |N| (W: the tokens to route) is infeasible: T rises to that, rounded up,
 and the flow runs again. T rises strictly; on the shipped traces one to three rounds.
@@ -116,8 +120,9 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
 def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.ndarray, w_Y: np.ndarray,
                          cap_Y: np.ndarray, fixed_LG: np.ndarray, *, num_experts: int,
                          gpu_budget_L: np.ndarray | None) -> np.ndarray:
-    """Tokens of every flow holding (one arc expert -> GPU of capacity cap_Y each, Y of them; w_Y its expert's
-    tokens) under the rule of the module docstring; gpu_budget_L [L]: gpu mode's budget per GPU (None: none)."""
+    """Tokens of every flow holding (one arc expert -> GPU of capacity cap_Y each, Y of them, in (layer, GPU)
+    order; w_Y its expert's tokens) under the rule of the module docstring; gpu_budget_L [L]: gpu mode's budget per
+    GPU (None: none)."""
     num_layers, num_gpus = fixed_LG.shape
     le_Y = layer_Y * num_experts + expert_Y
     le_X, x_Y = np.unique(le_Y, return_inverse=True)
@@ -126,23 +131,18 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     layer_X = le_X // num_experts
     tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
     net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
-
-    # a lower bound on T*: the mean load of each connected part of the network, and each GPU's fixed load plus what
-    # its arcs must carry because the expert's other arcs cannot
-    must_Y = np.maximum(w_Y - (np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)[x_Y] - cap_Y), 0)
-    must_LG = fixed_LG.copy()
-    np.add.at(must_LG, (layer_Y, gpu_Y), must_Y.astype(np.int64))
-    t_L = np.maximum(must_LG.max(axis=1), net.component_bound_L(w_X, fixed_LG))
+    t_L = np.maximum(net.component_bound_L(w_X, fixed_LG), _closure_bound_L(net, w_X, cap_Y, fixed_LG))
     active_L = tokens_L > 0
-    # gpu mode: first the most tokens any split serves (sink capacities B - fixed, >= 0); where T* may exceed B the
-    # search below only augments this flow (`base`), which never lowers a GPU's load; elsewhere T* <= B drops nothing
+    flow_Y = np.zeros(w_Y.size, dtype=np.int64)
     base_Y = np.zeros(w_Y.size, dtype=np.int64)
     if gpu_budget_L is not None:
+        # gpu mode: first the most tokens any split serves (sink capacities B - fixed, >= 0). Where T* may exceed B
+        # (not every token served, or t > B) the search below only augments this flow (`base`), which never lowers
+        # a GPU's load, so the result serves as many tokens and still peaks at T*; elsewhere T* <= B drops nothing
         budget_L = np.asarray(gpu_budget_L, dtype=np.int64)
         serve_LG = np.where(active_L[:, None], np.maximum(budget_L[:, None] - fixed_LG, 0), 0)
         first_Y, served_L = net.max_flow(np.where(active_L[layer_X], w_X, 0), cap_Y, serve_LG)
         unserved_L = active_L & (served_L < tokens_L)
-        # a layer that may peak above B (not all served, or a fixed load above it) keeps the served flow
         base_Y = np.where((unserved_L | (active_L & (t_L > budget_L)))[layer_Y], first_Y, 0)
         t_L = np.where(unserved_L, np.maximum(t_L, budget_L + 1), t_L)
     base_out_X = np.bincount(x_Y, weights=base_Y, minlength=w_X.size).astype(np.int64)
@@ -152,83 +152,121 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
 
     # T*: Dinkelbach on the min cut, all layers at once, each round a max flow on the base flow's residual network
     # (the sink's reverse arcs unused: an augmenting path ends at the sink)
-    flow_Y = np.zeros(w_Y.size, dtype=np.int64)
-    while True:
+    while active_L.any():
         sink_LG = np.where(active_L[:, None], t_L[:, None] - fixed_LG - base_in_LG, 0)
         got_Y, routed_L = net.max_flow(np.where(active_L[layer_X], w_X - base_out_X, 0), cap_Y - base_Y, sink_LG,
                                        back_Y=base_Y)
         done_L = active_L & (routed_L == left_L)
         flow_Y = np.where(done_L[layer_Y], base_Y + got_Y, flow_Y)
-        short_L = active_L & ~done_L
-        if not short_L.any():
-            return flow_Y
-        # the reached nodes Z are a min cut of the whole network at T, of capacity a + |N| T - fixed(N) with
-        # a = source arcs of unreached experts + arcs from reached experts to unreached GPUs (N: reached GPUs)
-        in_x, in_g = net.reached_from_source()
-        cut_a_L = np.bincount(layer_X, weights=np.where(in_x, 0, w_X), minlength=num_layers)
-        cut_a_L += np.bincount(layer_Y, weights=np.where(in_x[x_Y] & ~in_g[layer_Y, gpu_Y], cap_Y, 0),
-                               minlength=num_layers)
-        n_L = in_g.sum(axis=1)
-        if (short_L & (n_L == 0)).any():
-            raise AssertionError("live split: a cut without GPUs cannot be short of tokens")
-        need_L = tokens_L - cut_a_L.astype(np.int64) + np.where(in_g, fixed_LG, 0).sum(axis=1)
-        t_L = np.where(short_L, np.maximum(-(-need_L // np.maximum(n_L, 1)), t_L + 1), t_L)
-        active_L = short_L
+        active_L &= ~done_L
+        if active_L.any():
+            t_L = np.where(active_L, _dinkelbach_step_L(net, w_X, cap_Y, fixed_LG, tokens_L, t_L), t_L)
+    return flow_Y
+
+
+def _dinkelbach_step_L(net: _Network, w_X: np.ndarray, cap_Y: np.ndarray, fixed_LG: np.ndarray,
+                       tokens_L: np.ndarray, t_L: np.ndarray) -> np.ndarray:
+    """[L] the next T of a layer whose last max flow did not saturate the source at t_L.
+
+    The nodes Z reached from the source in the residual network are a min cut of the whole network at T, of
+    capacity a + |N| T - fixed(N) (N: the GPUs in Z; a: the source arcs of unreached experts and the arcs from
+    reached experts to unreached GPUs), so no T' below (W - a + fixed(N)) / |N| saturates.
+    """
+    in_x, in_g = net.reached_from_source()
+    layer_X, layer_Y, x_Y = net.layer_X, net.layer_Y, net.x_Y
+    cut_a_L = np.bincount(layer_X, weights=np.where(in_x, 0, w_X), minlength=t_L.size)
+    cut_a_L += np.bincount(layer_Y, weights=np.where(in_x[x_Y] & ~in_g[layer_Y, net.gpu_Y], cap_Y, 0),
+                           minlength=t_L.size)
+    n_L = in_g.sum(axis=1)
+    need_L = tokens_L - cut_a_L.astype(np.int64) + np.where(in_g, fixed_LG, 0).sum(axis=1)
+    # a layer short of tokens has a GPU in its cut (else the cut's capacity, a, would be at least W)
+    return np.maximum(-(-need_L // np.maximum(n_L, 1)), t_L + 1)
+
+
+def _closure_bound_L(net: _Network, w_X: np.ndarray, cap_Y: np.ndarray, fixed_LG: np.ndarray) -> np.ndarray:
+    """[L] a lower bound on T*: for a set N of GPUs, fixed(N) plus the tokens that must land inside it (each
+    expert's w less what its arcs out of N carry, if positive), over |N|, rounded up. The sets tried: each GPU
+    alone and the GPUs of each flow expert (on the shipped traces the cut at T* is one of these, or a connected
+    part, in most layers, so the first max flow usually saturates). Every expert's arcs can carry all its tokens,
+    so only an expert b that shares a GPU with N(a) can have tokens that must land in N(a)."""
+    num_layers, num_gpus = fixed_LG.shape
+    x_Y, layer_X = net.x_Y, net.layer_X
+    g_Y = net.layer_Y * num_gpus + net.gpu_Y
+    cap_Y = np.minimum(cap_Y, w_X[x_Y])                    # more than w is never used
+    capsum_X = np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)
+    fixed_G = fixed_LG.reshape(-1)
+    # each GPU alone: its fixed load and what each arc there must carry because the expert's other arcs cannot
+    must_Y = np.maximum(w_X[x_Y] - (capsum_X[x_Y] - cap_Y), 0)
+    alone_L = (fixed_G + np.bincount(g_Y, weights=must_Y, minlength=fixed_G.size)).reshape(num_layers, -1).max(axis=1)
+    # the GPUs of expert a: b's capacity inside N(a), summed over the pairs (arc of a, arc of b) at one GPU (arcs
+    # come in GPU order), into a dense [L, A, B] table over the experts' places within their layer
+    start_Y = np.searchsorted(g_Y, g_Y, side="left")
+    degree_Y = np.searchsorted(g_Y, g_Y, side="right") - start_Y
+    first_P = np.repeat(np.arange(x_Y.size), degree_Y)
+    second_P = np.arange(first_P.size) - np.repeat(np.cumsum(degree_Y) - degree_Y - start_Y, degree_Y)
+    local_X = np.arange(layer_X.size) - np.searchsorted(layer_X, layer_X, side="left")
+    width = int(local_X.max()) + 1
+    cell_P = (net.layer_Y[first_P] * width + local_X[x_Y[first_P]]) * width + local_X[x_Y[second_P]]
+    inside_LAB = np.bincount(cell_P, weights=cap_Y[second_P], minlength=num_layers * width * width)
+    rest_LB = np.zeros((num_layers, width))
+    rest_LB[layer_X, local_X] = w_X - capsum_X             # <= 0: every expert's arcs carry all its tokens
+    must_LA = np.maximum(inside_LAB.reshape(num_layers, width, width) + rest_LB[:, None, :], 0).sum(axis=2)
+    must_X = must_LA[layer_X, local_X] + np.bincount(x_Y, weights=fixed_G[g_Y], minlength=w_X.size)
+    # sums of integers below 2^53: exact in float64, so the ceiling in integers is exact too
+    bound_X = -(-must_X.astype(np.int64) // np.bincount(x_Y, minlength=w_X.size))
+    best_L = alone_L.astype(np.int64)
+    np.maximum.at(best_L, layer_X, bound_X)
+    return best_L
 
 
 class _Network:
     """The flow network of the module docstring over all layers: node 0 source, 1 sink, then the X experts, then
     the L x G GPUs; every arc stored with its reverse arc (capacity 0 unless given), so that the flow scipy returns
-    has the graph's own sparsity structure and reads back by position. Built once; capacities change per call."""
+    has the graph's own sparsity structure and reads back by position. Built once; capacities change per call.
+
+    CSR rows: the source's (its X arcs), the sink's (G reverse arcs), then each expert's (the reverse of its source
+    arc, then its arcs to GPUs), then each GPU's (its arc to the sink, then the reverses of the arcs into it); the
+    columns of every row ascend because experts come before GPUs and arcs come in (layer, GPU) order."""
 
     def __init__(self, x_Y: np.ndarray, gpu_Y: np.ndarray, layer_Y: np.ndarray, layer_X: np.ndarray, *,
                  num_layers: int, num_gpus: int) -> None:
+        self.layer_X, self.layer_Y, self.x_Y, self.gpu_Y = layer_X, layer_Y, x_Y, gpu_Y
+        self.num_layers, self.num_gpus = num_layers, num_gpus
         num_x, num_y, num_g = layer_X.size, x_Y.size, num_layers * num_gpus
-        self.layer_X, self.layer_Y, self.x_Y = layer_X, layer_Y, x_Y
-        self.num_layers, self.num_gpus, self.num_x = num_layers, num_gpus, num_x
         self.num_nodes = 2 + num_x + num_g
-        x_node_X = 2 + np.arange(num_x)
-        g_node_G = 2 + num_x + np.arange(num_g)
-        xy_node_Y, gy_node_Y = x_node_X[x_Y], g_node_G[layer_Y * num_gpus + gpu_Y]
-        by_x = np.argsort(x_Y, kind="stable")           # holdings come in (layer, GPU) order: GPUs ascend per expert
-        by_g = np.argsort(gy_node_Y * num_x + x_Y, kind="stable")
-        # entries in an order where every row's columns ascend; CSR conversion keeps that order inside a row
-        parts = [
-            (np.full(num_x, SOURCE), x_node_X),            # source -> expert
-            (np.full(num_g, SINK), g_node_G),              # sink -> GPU (reverse)
-            (x_node_X, np.full(num_x, SOURCE)),            # expert -> source (reverse)
-            (xy_node_Y[by_x], gy_node_Y[by_x]),            # expert -> GPU
-            (g_node_G, np.full(num_g, SINK)),              # GPU -> sink
-            (gy_node_Y[by_g], xy_node_Y[by_g]),            # GPU -> expert (reverse)
-        ]
-        row = np.concatenate([r for r, _ in parts])
-        col = np.concatenate([c for _, c in parts])
-        # CSR by (row, column): the order every row's columns ascend in, and each entry's position in it
-        by_entry = np.lexsort((col, row))
-        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=self.num_nodes))]).astype(np.int32)
-        self.indices = col[by_entry].astype(np.int32)
-        pos = np.empty(row.size, dtype=np.int64)
-        pos[by_entry] = np.arange(row.size)
-        sizes = np.cumsum([0, num_x, num_g, num_x, num_y, num_g, num_y])
-        self.pos_source_X = pos[sizes[0]:sizes[1]]
+        g_Y = layer_Y * num_gpus + gpu_Y
+        by_x = np.argsort(x_Y, kind="stable")             # per expert, its arcs in GPU order
+        by_g = np.argsort(g_Y * num_x + x_Y)              # per GPU, its arcs in expert order
+        row_sizes = np.concatenate([[num_x, num_g], 1 + np.bincount(x_Y, minlength=num_x),
+                                    1 + np.bincount(g_Y, minlength=num_g)])
+        self.indptr = np.concatenate([[0], np.cumsum(row_sizes)]).astype(np.int32)
+        x_start_X, g_start_G = self.indptr[2:2 + num_x], self.indptr[2 + num_x:-1]
+        self.pos_source_X = np.arange(num_x)
+        self.pos_sink_G = g_start_G
         self.pos_forward_Y = np.empty(num_y, dtype=np.int64)
-        self.pos_forward_Y[by_x] = pos[sizes[3]:sizes[4]]
-        self.pos_sink_G = pos[sizes[4]:sizes[5]]
+        self.pos_forward_Y[by_x] = x_start_X[x_Y[by_x]] + 1 + (np.arange(num_y) - np.searchsorted(x_Y[by_x], x_Y[by_x]))
+        sorted_g_Y = g_Y[by_g]
         self.pos_back_Y = np.empty(num_y, dtype=np.int64)
-        self.pos_back_Y[by_g] = pos[sizes[5]:sizes[6]]
-        self.row_Z = np.repeat(np.arange(self.num_nodes), np.diff(self.indptr))
-        self.x_node_X, self.g_node_LG = x_node_X, g_node_G.reshape(num_layers, num_gpus)
-        self.g_Y = layer_Y * num_gpus + gpu_Y   # the GPU of each arc, flat over layers
+        self.pos_back_Y[by_g] = g_start_G[sorted_g_Y] + 1 + (np.arange(num_y) - np.searchsorted(sorted_g_Y, sorted_g_Y))
+        indices = np.empty(self.indptr[-1], dtype=np.int32)
+        indices[:num_x] = 2 + np.arange(num_x)
+        indices[num_x:num_x + num_g] = 2 + num_x + np.arange(num_g)
+        indices[x_start_X] = SOURCE
+        indices[g_start_G] = SINK
+        indices[self.pos_forward_Y] = 2 + num_x + g_Y
+        indices[self.pos_back_Y] = 2 + x_Y
+        self.indices = indices
+        self.shape = (self.num_nodes, self.num_nodes)
 
     def component_bound_L(self, w_X: np.ndarray, fixed_LG: np.ndarray) -> np.ndarray:
         """[L] a lower bound on T: the mean load of the GPUs of each connected part of the expert-GPU graph."""
         # connected parts by min-label propagation over the arcs, with pointer jumping (a GPU's label is a GPU of
         # its part, so label_G[label_G] is too): a few rounds of array operations, no graph object
         num_g = self.num_layers * self.num_gpus
-        g_Y = self.g_Y
+        g_Y = self.layer_Y * self.num_gpus + self.gpu_Y
         label_G = np.arange(num_g)
         while True:
-            label_X = np.full(self.num_x, num_g)
+            label_X = np.full(self.layer_X.size, num_g)
             np.minimum.at(label_X, self.x_Y, label_G[g_Y])
             new_G = label_G.copy()
             np.minimum.at(new_G, g_Y, label_X[self.x_Y])
@@ -252,23 +290,23 @@ class _Network:
         cap_Z[self.pos_sink_G] = sink_LG.reshape(-1)
         if back_Y is not None:
             cap_Z[self.pos_back_Y] = back_Y
-        shape = (self.num_nodes, self.num_nodes)
-        flow = maximum_flow(csr_matrix((cap_Z, self.indices, self.indptr), shape=shape), SOURCE, SINK,
+        flow = maximum_flow(csr_matrix((cap_Z, self.indices, self.indptr), shape=self.shape), SOURCE, SINK,
                             method="dinic").flow
         if not (np.array_equal(flow.indptr, self.indptr) and np.array_equal(flow.indices, self.indices)):
             raise AssertionError("live split: the flow does not have the network's structure")
         flow_Z = np.asarray(flow.data, dtype=np.int64)
         self.open_Z = flow_Z < cap_Z   # residual capacity left (a reverse arc's is its partner's flow)
-        routed_L = np.bincount(self.layer_X, weights=flow_Z[self.pos_source_X],
-                               minlength=self.num_layers).astype(np.int64)
-        return flow_Z[self.pos_forward_Y], routed_L
+        routed_L = np.bincount(self.layer_X, weights=flow_Z[:self.layer_X.size], minlength=self.num_layers)
+        return flow_Z[self.pos_forward_Y], routed_L.astype(np.int64)
 
     def reached_from_source(self) -> tuple[np.ndarray, np.ndarray]:
         """The experts [X] and GPUs [L, G] reachable from the source in the last max flow's residual network."""
         open_Z = self.open_Z
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(self.row_Z[open_Z], minlength=self.num_nodes))])
+        row_Z = np.repeat(np.arange(self.num_nodes), np.diff(self.indptr))
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(row_Z[open_Z], minlength=self.num_nodes))])
         residual = csr_matrix((np.ones(int(open_Z.sum()), dtype=np.int8), self.indices[open_Z], indptr),
-                              shape=(self.num_nodes, self.num_nodes))
+                              shape=self.shape)
         reached = np.zeros(self.num_nodes, dtype=bool)
         reached[breadth_first_order(residual, SOURCE, directed=True, return_predecessors=False)] = True
-        return reached[self.x_node_X], reached[self.g_node_LG]
+        num_x = self.layer_X.size
+        return reached[2:2 + num_x], reached[2 + num_x:].reshape(self.num_layers, self.num_gpus)

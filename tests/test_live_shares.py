@@ -180,6 +180,28 @@ def test_layers_are_independent_and_deterministic() -> None:
     assert np.array_equal(again, together)
 
 
+@pytest.mark.parametrize("capacity_mode", ["dropless", "slot"])
+def test_many_layers_in_one_call_each_reach_their_lp_optimum(capacity_mode: str) -> None:
+    # the lower bounds that start the search index experts by their place within a layer: layers of different
+    # sizes in one call must each still end at their own optimum (a bound above it would show as a higher peak)
+    rng = np.random.default_rng(11)
+    num_layers, num_experts, num_gpus, slots_per_gpu = 40, 8, 5, 3
+    num_slots = num_gpus * slots_per_gpu
+    phy2log_LR = np.stack([rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(
+        0, rng.integers(1, num_experts + 1), num_slots - num_experts)])) for _ in range(num_layers)])
+    load_LE = (rng.zipf(1.3, (num_layers, num_experts)) * rng.integers(0, 50, (num_layers, num_experts)))
+    load_LE = load_LE.clip(0, 20_000).astype(np.int64)
+    cap_L = -(-load_LE.sum(axis=1) // num_slots)
+    slot = capacity_mode == "slot"
+    x_LR = live_split(load_LE, live(phy2log_LR, num_experts), slots_per_gpu=slots_per_gpu,
+                      capacity_mode="slot" if slot else "gpu", capacity_L=cap_L if slot else None)
+    for layer in range(num_layers):
+        check_split(x_LR[layer], load_LE[layer], phy2log_LR[layer])
+        optimum = lp_min_max(load_LE[layer].astype(float), phy2log_LR[layer], slots_per_gpu,
+                             slot_cap=int(cap_L[layer]) if slot else None)
+        assert gpu_loads(x_LR[layer], slots_per_gpu).max() == np.ceil(optimum - 1e-6), layer
+
+
 def test_route_applies_the_live_rule_only_to_live_placements() -> None:
     phy2log_LR = np.array([[0, 1, 0, 2]])
     load_LE = np.array([[10, 8, 0]])
