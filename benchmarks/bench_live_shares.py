@@ -1,6 +1,6 @@
 """Live-split benchmark: time per `symi_sim.live_shares.live_split` call, beside the linear program's, and how close.
 
-    .venv/bin/python benchmarks/bench_live_shares.py [--repeats 30] [--draws 5] [--lp-draws 2] [--out DIR]
+    .venv/bin/python benchmarks/bench_live_shares.py [--repeats 200] [--draws 5] [--lp-draws 2] [--out DIR]
 
 Shapes (one call splits all layers of one step):
   paper     12 layers x 16 experts on 16 GPUs x 4 slots; loads: steps of the shipped synthetic-drift trace
@@ -13,7 +13,9 @@ Reported per shape and mode: the median and p90 time of one live_split call over
 the same instances solved as the linear program (scipy.optimize.linprog, HiGHS, one LP per layer: min T over real
 splits; the time is the sum over the layers); the busiest GPU's load over the LP optimum, max over layers and draws
 (1.000 = the optimum; integer splits can sit one token above it); the mean imbalance (max / mean tokens per GPU) of
-planned shares and of the live split. Prints the table and writes bench_live_shares.csv / .json to --out.
+planned shares and of the live split. Also the median time of scipy's max flow on a 3-node graph (the fixed cost of
+every flow of the split: the machine's speed at the time). Prints the table and writes bench_live_shares.csv / .json
+(the floor in its meta) to --out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from report import add_out_option, out_dir, print_table, write_results
 from scipy.optimize import linprog
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_flow
 
 from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.live_shares import live_split
@@ -34,6 +38,7 @@ from symi_sim.routing import buffer_capacity_L, route
 from symi_sim.traces.format import read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
+WARMUP_CALLS = 20
 MODES = (("dropless", None, "gpu"), ("gpu", 1.0, "gpu"), ("slot", 1.0, "slot"))
 
 
@@ -70,6 +75,19 @@ def lp_min_max_L(load_LE: np.ndarray, phy2log_LR: np.ndarray, slots_per_gpu: int
     return best_L, spent_s
 
 
+def scipy_floor_ms(repeats: int) -> float:
+    """Median ms of one scipy max flow on a 3-node graph: the fixed cost every max flow of the split pays (validation
+    and conversions in scipy's wrapper), a measure of this machine's speed at the time of the run."""
+    graph = csr_matrix((np.array([5, 3], dtype=np.int32), np.array([1, 2], dtype=np.int32),
+                        np.array([0, 1, 2, 2], dtype=np.int32)), shape=(3, 3))
+    times_s = []
+    for _ in range(WARMUP_CALLS + repeats):
+        start = time.perf_counter()
+        maximum_flow(graph, 0, 2, method="dinic")
+        times_s.append(time.perf_counter() - start)
+    return round(1e3 * float(np.median(times_s[WARMUP_CALLS:])), 3)
+
+
 def bench_shape(shape: str, cluster: Cluster, loads: list[np.ndarray], *, repeats: int,
                 lp_draws: int) -> list[dict]:
     policy = get_policy("symi-balanced")
@@ -83,13 +101,14 @@ def bench_shape(shape: str, cluster: Cluster, loads: list[np.ndarray], *, repeat
     rows = []
     for mode, factor, capacity_mode in MODES:
         times_s = []
-        for i in range(repeats):
+        for i in range(WARMUP_CALLS + repeats):   # untimed first calls: imports, caches, the CPU's clock
             load_LE, _, live = steps[i % len(steps)]
             buffers = cluster.num_slots if capacity_mode == "slot" else cluster.num_gpus
             capacity_L = None if factor is None else buffer_capacity_L(load_LE, load_LE.sum(axis=1), factor, buffers)
             start = time.perf_counter()
             live_split(load_LE, live, slots_per_gpu=slots, capacity_mode=capacity_mode, capacity_L=capacity_L)
             times_s.append(time.perf_counter() - start)
+        times_s = times_s[WARMUP_CALLS:]
         planned_imb, live_imb, gap = [], [], []
         for i, (load_LE, planned, live) in enumerate(steps):
             kwargs = {"slots_per_gpu": slots, "capacity_factor": factor, "capacity_mode": capacity_mode}
@@ -112,7 +131,7 @@ def bench_shape(shape: str, cluster: Cluster, loads: list[np.ndarray], *, repeat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per shape and mode")
+    parser.add_argument("--repeats", type=int, default=200, help="timed calls per shape and mode")
     parser.add_argument("--draws", type=int, default=5, help="steps (draws) per shape")
     parser.add_argument("--lp-draws", type=int, default=2, help="steps solved as linear programs too")
     add_out_option(parser, "bench_live_shares")
@@ -125,11 +144,13 @@ def main() -> None:
     rows = []
     for shape, (cluster, loads) in shapes.items():
         rows.extend(bench_shape(shape, cluster, loads, repeats=args.repeats, lp_draws=args.lp_draws))
+    floor_ms = scipy_floor_ms(args.repeats)
     print()  # noqa: T201
     print_table(rows)
+    print(f"scipy max flow on a 3-node graph (the fixed cost of each flow): {floor_ms} ms")  # noqa: T201
     target = out_dir(args.out, "bench_live_shares")
     target.mkdir(parents=True, exist_ok=True)
-    write_results(target, "bench_live_shares", rows, args)
+    write_results(target, "bench_live_shares", rows, args, scipy_floor_ms=floor_ms)
 
 
 if __name__ == "__main__":
