@@ -187,8 +187,7 @@ def _closure_bound_L(net: _Network, w_X: np.ndarray, cap_Y: np.ndarray, fixed_LG
     """[L] a lower bound on T*: for a set N of GPUs, fixed(N) plus the tokens that must land inside it (each
     expert's w less what its arcs out of N carry, if positive), over |N|, rounded up. The sets tried: each GPU
     alone and the GPUs of each flow expert (on the shipped traces the cut at T* is one of these, or a connected
-    part, in most layers, so the first max flow usually saturates). Every expert's arcs can carry all its tokens,
-    so only an expert b that shares a GPU with N(a) can have tokens that must land in N(a)."""
+    part, in most layers, so the first max flow usually saturates)."""
     num_layers, num_gpus = fixed_LG.shape
     x_Y, layer_X = net.x_Y, net.layer_X
     g_Y = net.layer_Y * num_gpus + net.gpu_Y
@@ -209,7 +208,7 @@ def _closure_bound_L(net: _Network, w_X: np.ndarray, cap_Y: np.ndarray, fixed_LG
     cell_P = (net.layer_Y[first_P] * width + local_X[x_Y[first_P]]) * width + local_X[x_Y[second_P]]
     inside_LAB = np.bincount(cell_P, weights=cap_Y[second_P], minlength=num_layers * width * width)
     rest_LB = np.zeros((num_layers, width))
-    rest_LB[layer_X, local_X] = w_X - capsum_X             # <= 0: every expert's arcs carry all its tokens
+    rest_LB[layer_X, local_X] = w_X - capsum_X             # what must land in N(a) is w - capsum + inside
     must_LA = np.maximum(inside_LAB.reshape(num_layers, width, width) + rest_LB[:, None, :], 0).sum(axis=2)
     must_X = must_LA[layer_X, local_X] + np.bincount(x_Y, weights=fixed_G[g_Y], minlength=w_X.size)
     # sums of integers below 2^53: exact in float64, so the ceiling in integers is exact too
