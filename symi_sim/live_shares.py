@@ -19,16 +19,13 @@ leftover tokens go through the network at most one per replica. A split with max
 exists iff the max flow saturates the source. Integer capacities have an integer max flow, so the least integer T
 that saturates is the integer optimum, at most one token above the linear program's (scipy.optimize.linprog,
 HiGHS, in the tests) and never below it.
-Finding T*: Dinkelbach on the min cut. Start at a lower bound: for a set N of GPUs, fixed(N) plus the tokens that
-must land in N (each expert's w less what its arcs out of N carry, if positive), over |N|, rounded up (this is T*
-when N is the min cut's), for N each GPU, the GPUs of each flow expert and each connected part of the expert-GPU
-graph. Scipy's max flow costs ~0.2 ms per call whatever the size, so rounds are what the time counts: the bound
-is T* in most layers (dropless and gpu mode: one search round on the paper's shape; slot mode's caps make larger
-cuts, two to three). When the flow does not saturate, the nodes Z reachable from the source in the residual
-network are a cut whose capacity is
-a + |N| T - fixed(N) (N: the GPUs in Z, a: the capacities of the source arcs and expert arcs it cuts), at any T,
-so every T' below (W - a + fixed(N)) / |N| (W: the tokens to route) is infeasible: T rises to that, rounded up,
-and the flow runs again. T rises strictly; on the shipped traces one to three rounds.
+Finding T*: Dinkelbach on the min cut. Start at a lower bound (symi_sim.live_bounds: for sets N of GPUs, fixed(N)
+plus the tokens that must land in N, over |N|, rounded up; T* when N is the min cut's): scipy's max flow costs
+~0.1-0.2 ms per call whatever the size, so rounds are what the time counts, and the bound is T* in nearly every
+layer of the shipped traces (one round). When the flow does not saturate, the nodes Z reachable from the source
+in the residual network are a cut whose capacity is a + |N| T - fixed(N) (N: the GPUs in Z, a: the capacities of
+the source arcs and expert arcs it cuts), at any T, so every T' below (W - a + fixed(N)) / |N| (W: the tokens to
+route) is infeasible: T rises to that, rounded up, and the flow runs again. T rises strictly.
 Gpu mode: first the max flow with sink capacities B - fixed, the most tokens any split serves. Where T* may exceed B
 (not every token served, or a fixed load above B) the search for T* only augments that flow, on its residual network
 without the sink's reverse arcs (an augmenting path ends at the sink): no GPU's load falls, so the result serves as
@@ -45,6 +42,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
+from symi_sim.live_bounds import lower_bound_L
 from symi_sim.placement import Placement
 from symi_sim.routing import shadow_spread_LG
 
@@ -131,7 +129,7 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     layer_X = le_X // num_experts
     tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
     net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
-    t_L = np.maximum(net.component_bound_L(w_X, fixed_LG), _closure_bound_L(net, w_X, cap_Y, fixed_LG))
+    t_L = lower_bound_L(x_Y, layer_Y * num_gpus + gpu_Y, cap_Y, w_X, layer_X, fixed_LG)
     active_L = tokens_L > 0
     flow_Y = np.zeros(w_Y.size, dtype=np.int64)
     base_Y = np.zeros(w_Y.size, dtype=np.int64)
@@ -183,41 +181,6 @@ def _dinkelbach_step_L(net: _Network, w_X: np.ndarray, cap_Y: np.ndarray, fixed_
     return np.maximum(-(-need_L // np.maximum(n_L, 1)), t_L + 1)
 
 
-def _closure_bound_L(net: _Network, w_X: np.ndarray, cap_Y: np.ndarray, fixed_LG: np.ndarray) -> np.ndarray:
-    """[L] a lower bound on T*: for a set N of GPUs, fixed(N) plus the tokens that must land inside it (each
-    expert's w less what its arcs out of N carry, if positive), over |N|, rounded up. The sets tried: each GPU
-    alone and the GPUs of each flow expert (on the shipped traces the cut at T* is one of these, or a connected
-    part, in most layers, so the first max flow usually saturates)."""
-    num_layers, num_gpus = fixed_LG.shape
-    x_Y, layer_X = net.x_Y, net.layer_X
-    g_Y = net.layer_Y * num_gpus + net.gpu_Y
-    cap_Y = np.minimum(cap_Y, w_X[x_Y])                    # more than w is never used
-    capsum_X = np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)
-    fixed_G = fixed_LG.reshape(-1)
-    # each GPU alone: its fixed load and what each arc there must carry because the expert's other arcs cannot
-    must_Y = np.maximum(w_X[x_Y] - (capsum_X[x_Y] - cap_Y), 0)
-    alone_L = (fixed_G + np.bincount(g_Y, weights=must_Y, minlength=fixed_G.size)).reshape(num_layers, -1).max(axis=1)
-    # the GPUs of expert a: b's capacity inside N(a), summed over the pairs (arc of a, arc of b) at one GPU (arcs
-    # come in GPU order), into a dense [L, A, B] table over the experts' places within their layer
-    start_Y = np.searchsorted(g_Y, g_Y, side="left")
-    degree_Y = np.searchsorted(g_Y, g_Y, side="right") - start_Y
-    first_P = np.repeat(np.arange(x_Y.size), degree_Y)
-    second_P = np.arange(first_P.size) - np.repeat(np.cumsum(degree_Y) - degree_Y - start_Y, degree_Y)
-    local_X = np.arange(layer_X.size) - np.searchsorted(layer_X, layer_X, side="left")
-    width = int(local_X.max()) + 1
-    cell_P = (net.layer_Y[first_P] * width + local_X[x_Y[first_P]]) * width + local_X[x_Y[second_P]]
-    inside_LAB = np.bincount(cell_P, weights=cap_Y[second_P], minlength=num_layers * width * width)
-    rest_LB = np.zeros((num_layers, width))
-    rest_LB[layer_X, local_X] = w_X - capsum_X             # what must land in N(a) is w - capsum + inside
-    must_LA = np.maximum(inside_LAB.reshape(num_layers, width, width) + rest_LB[:, None, :], 0).sum(axis=2)
-    must_X = must_LA[layer_X, local_X] + np.bincount(x_Y, weights=fixed_G[g_Y], minlength=w_X.size)
-    # sums of integers below 2^53: exact in float64, so the ceiling in integers is exact too
-    bound_X = -(-must_X.astype(np.int64) // np.bincount(x_Y, minlength=w_X.size))
-    best_L = alone_L.astype(np.int64)
-    np.maximum.at(best_L, layer_X, bound_X)
-    return best_L
-
-
 class _Network:
     """The flow network of the module docstring over all layers: node 0 source, 1 sink, then the X experts, then
     the L x G GPUs; every arc stored with its reverse arc (capacity 0 unless given), so that the flow scipy returns
@@ -256,28 +219,6 @@ class _Network:
         indices[self.pos_back_Y] = 2 + x_Y
         self.indices = indices
         self.shape = (self.num_nodes, self.num_nodes)
-
-    def component_bound_L(self, w_X: np.ndarray, fixed_LG: np.ndarray) -> np.ndarray:
-        """[L] a lower bound on T: the mean load of the GPUs of each connected part of the expert-GPU graph."""
-        # connected parts by min-label propagation over the arcs, with pointer jumping (a GPU's label is a GPU of
-        # its part, so label_G[label_G] is too): a few rounds of array operations, no graph object
-        num_g = self.num_layers * self.num_gpus
-        g_Y = self.layer_Y * self.num_gpus + self.gpu_Y
-        label_G = np.arange(num_g)
-        while True:
-            label_X = np.full(self.layer_X.size, num_g)
-            np.minimum.at(label_X, self.x_Y, label_G[g_Y])
-            new_G = label_G.copy()
-            np.minimum.at(new_G, g_Y, label_X[self.x_Y])
-            new_G = new_G[new_G]
-            if np.array_equal(new_G, label_G):
-                break
-            label_G = new_G
-        load_G = np.bincount(label_X, weights=w_X, minlength=num_g) + np.bincount(
-            label_G, weights=fixed_LG.reshape(-1), minlength=num_g)
-        gpus_G = np.bincount(label_G, minlength=num_g)
-        bound_G = -(-load_G.astype(np.int64) // np.maximum(gpus_G, 1))[label_G]
-        return bound_G.reshape(self.num_layers, self.num_gpus).max(axis=1)
 
     def max_flow(self, source_X: np.ndarray, cap_Y: np.ndarray, sink_LG: np.ndarray, *,
                  back_Y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

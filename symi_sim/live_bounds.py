@@ -1,0 +1,137 @@
+"""Lower bounds on T*, the least busiest-GPU load of a live split (symi_sim.live_shares), per layer (numpy).
+
+Legend: L layers, G GPUs per layer (flat over layers: L x G), X flow experts (held on two or more GPUs), Y flow
+holdings (one arc expert -> GPU each, in (layer, GPU) order), P pairs of arcs at one GPU, Q pairs of experts.
+
+For a set N of a layer's GPUs, no split peaks below
+    bound(N) = ceil((fixed(N) + sum_e max(0, w_e - out_e(N))) / |N|)
+(fixed: the loads no split moves; out_e(N): what expert e's arcs to the GPUs outside N carry at most), and the
+largest bound(N) over all sets is T* itself (max-flow min-cut: the GPUs on the source side of the min cut at T*).
+The live split pays one max flow per round of its search for T* (scipy's fixed cost per call dominates these
+sizes), so a bound that is already T* saves rounds. The sets tried, all layers at once:
+  - each GPU alone;
+  - the GPUs of each flow expert;
+  - the GPUs in order of what can land on them (fixed + the capacity of their arcs): every prefix of that order,
+    then from the best prefix up to `local_steps` steps that add or remove the one GPU that raises the bound most;
+  - each connected part of the expert-GPU graph.
+On the shipped traces they reach T* in nearly every layer of the paper's shape (tests/test_live_shares.py holds the
+whole split to the linear program's optimum: a bound above T* would show there as a higher peak).
+Every sum runs over arcs (an expert's term changes only at the GPUs it is held on): O(Y log Y) work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np.ndarray, layer_X: np.ndarray,
+                  fixed_LG: np.ndarray, *, local_steps: int = 3) -> np.ndarray:
+    """[L] int64 max of bound(N) over the sets of the module docstring.
+
+    x_Y, gpu_Y: each arc's expert and GPU (flat over layers: layer * G + GPU; ascending); cap_Y its capacity (>= 1);
+    w_X, layer_X: each flow expert's tokens and layer (ascending); fixed_LG [L, G]: the loads no split moves.
+    """
+    num_layers, num_gpus = fixed_LG.shape
+    cap_Y = np.minimum(cap_Y, w_X[x_Y]).astype(np.float64)         # more than w is never used
+    rest_X = w_X - np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)
+    # what must land in N is sum_e max(0, rest_e + inside_e(N)): a base per layer plus each expert's change at the
+    # GPUs of N that hold it
+    base_L = np.bincount(layer_X, weights=np.maximum(rest_X, 0), minlength=num_layers)
+    fixed_G = fixed_LG.reshape(-1).astype(np.float64)
+    layer_G = np.repeat(np.arange(num_layers), num_gpus)
+
+    def gain(inside_Y: np.ndarray, step_Y: np.ndarray) -> np.ndarray:
+        """[Y] the change of an arc's expert's term when its inside grows from inside_Y by step_Y."""
+        rest_Y = rest_X[x_Y]
+        return np.maximum(rest_Y + inside_Y + step_Y, 0) - np.maximum(rest_Y + inside_Y, 0)
+
+    # each GPU alone
+    must_G = base_L[layer_G] + fixed_G + np.bincount(gpu_Y, weights=gain(0.0, cap_Y), minlength=fixed_G.size)
+    best_L = _ceil_div(must_G, 1).reshape(num_layers, num_gpus).max(axis=1)
+    best_L = np.maximum(best_L, _expert_sets_bound_L(x_Y, gpu_Y, cap_Y, rest_X, layer_X, base_L, fixed_G))
+
+    # prefixes by what can land on each GPU: an expert's term changes at each GPU of it, in the GPUs' order
+    score_G = fixed_G + np.bincount(gpu_Y, weights=cap_Y, minlength=fixed_G.size)
+    order_G = np.lexsort((-score_G, layer_G))                      # per layer, the GPUs by descending score
+    rank_G = np.empty(fixed_G.size, dtype=np.int64)
+    rank_G[order_G] = np.arange(fixed_G.size)                      # position over all layers: layer * G + rank
+    by_rank = np.lexsort((rank_G[gpu_Y], x_Y))                     # per expert, its arcs in the GPUs' order
+    cap_sorted = cap_Y[by_rank]
+    x_sorted = x_Y[by_rank]
+    cum = np.cumsum(cap_sorted)
+    first = np.searchsorted(x_sorted, x_sorted)
+    inside_sorted = cum - cap_sorted - (cum[first] - cap_sorted[first])   # the expert's capacity at GPUs ranked above
+    change_R = np.bincount(rank_G[gpu_Y[by_rank]], minlength=fixed_G.size,
+                           weights=np.maximum(rest_X[x_sorted] + inside_sorted + cap_sorted, 0)
+                           - np.maximum(rest_X[x_sorted] + inside_sorted, 0))
+    prefix_must_LK = np.cumsum((change_R + fixed_G[order_G]).reshape(num_layers, num_gpus), axis=1) + base_L[:, None]
+    value_LK = prefix_must_LK / np.arange(1, num_gpus + 1)
+    rows_L = np.arange(num_layers)
+    size_L = value_LK.argmax(axis=1) + 1
+    must_L = prefix_must_LK[rows_L, size_L - 1]
+    in_G = rank_G - layer_G * num_gpus < size_L[layer_G]
+
+    # single-GPU steps from the best prefix: adding or removing GPU g changes the terms of the experts held there
+    for _ in range(local_steps):
+        inside_Y = np.bincount(x_Y, weights=np.where(in_G[gpu_Y], cap_Y, 0), minlength=w_X.size)[x_Y]
+        sign_G = np.where(in_G, -1.0, 1.0)
+        step_must_G = must_L[layer_G] + sign_G * fixed_G + np.bincount(
+            gpu_Y, weights=gain(inside_Y, sign_G[gpu_Y] * cap_Y), minlength=fixed_G.size)
+        step_size_G = size_L[layer_G] + sign_G
+        step_LG = np.where(step_size_G > 0, step_must_G / np.maximum(step_size_G, 1), -np.inf).reshape(num_layers, -1)
+        gpu_L = rows_L * num_gpus + step_LG.argmax(axis=1)
+        better_L = (step_size_G[gpu_L] > 0) & (step_must_G[gpu_L] / np.maximum(step_size_G[gpu_L], 1) > must_L / size_L)
+        if not better_L.any():
+            break
+        in_G[gpu_L[better_L]] ^= True
+        must_L = np.where(better_L, step_must_G[gpu_L], must_L)
+        size_L = np.where(better_L, step_size_G[gpu_L], size_L)
+    best_L = np.maximum(best_L, _ceil_div(must_L, size_L))      # must and size: sums of integers, exact
+    return np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
+
+
+def _ceil_div(num: np.ndarray, den: np.ndarray | int) -> np.ndarray:
+    """int64 ceil(num / den) of exact integer floats; 0 where den is 0 (an empty set bounds nothing)."""
+    den = np.asarray(den)
+    return np.where(den > 0, -(-num.astype(np.int64) // np.maximum(den, 1).astype(np.int64)), 0)
+
+
+def _expert_sets_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, rest_X: np.ndarray,
+                         layer_X: np.ndarray, base_L: np.ndarray, fixed_G: np.ndarray) -> np.ndarray:
+    """[L] the bound of N(a), the GPUs of expert a, for every flow expert a: over the pairs (arc of a, arc of b) at one
+    GPU, b's capacity inside N(a) (arcs come in GPU order, so an arc's partners are a run of neighbours)."""
+    start_Y = np.searchsorted(gpu_Y, gpu_Y, side="left")
+    degree_Y = np.searchsorted(gpu_Y, gpu_Y, side="right") - start_Y
+    first_P = np.repeat(np.arange(x_Y.size), degree_Y)
+    second_P = np.arange(first_P.size) - np.repeat(np.cumsum(degree_Y) - degree_Y - start_Y, degree_Y)
+    pair_Q, q_P = np.unique(x_Y[first_P] * rest_X.size + x_Y[second_P], return_inverse=True)
+    inside_Q = np.bincount(q_P, weights=cap_Y[second_P], minlength=pair_Q.size)
+    rest_Q = rest_X[pair_Q % rest_X.size]
+    gain_Q = np.maximum(rest_Q + inside_Q, 0) - np.maximum(rest_Q, 0)
+    must_X = base_L[layer_X] + np.bincount(pair_Q // rest_X.size, weights=gain_Q, minlength=rest_X.size)
+    must_X += np.bincount(x_Y, weights=fixed_G[gpu_Y], minlength=rest_X.size)
+    bound_X = _ceil_div(must_X, np.bincount(x_Y, minlength=rest_X.size))
+    best_L = np.zeros(base_L.size, dtype=np.int64)
+    np.maximum.at(best_L, layer_X, bound_X)
+    return best_L
+
+
+def _component_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, w_X: np.ndarray, fixed_G: np.ndarray,
+                       num_layers: int) -> np.ndarray:
+    """[L] the mean load of the GPUs of each connected part of the expert-GPU graph (all of a part's experts land in
+    it). Parts by min-label propagation over the arcs with pointer jumping (a GPU's label is a GPU of its part, so
+    label_G[label_G] is too): a few rounds of array operations, no graph object."""
+    label_G = np.arange(fixed_G.size)
+    while True:
+        label_X = np.full(w_X.size, fixed_G.size)
+        np.minimum.at(label_X, x_Y, label_G[gpu_Y])
+        new_G = label_G.copy()
+        np.minimum.at(new_G, gpu_Y, label_X[x_Y])
+        new_G = new_G[new_G]
+        if np.array_equal(new_G, label_G):
+            break
+        label_G = new_G
+    load_G = np.bincount(label_X, weights=w_X, minlength=fixed_G.size) + np.bincount(label_G, weights=fixed_G,
+                                                                                      minlength=fixed_G.size)
+    bound_G = _ceil_div(load_G, np.bincount(label_G, minlength=fixed_G.size))
+    return bound_G.reshape(num_layers, -1).max(axis=1)
