@@ -278,3 +278,37 @@ def _place_singles(bins_LGS: np.ndarray, single_LE: np.ndarray, weight_LE: np.nd
         bins_LGS[layer_X, gpu_X, free_slot_LGS[layer_X, gpu_X, round_]] = expert_LG[layer_X, rank_X]
         load_LG[layer_X, gpu_X] += weight_LE[layer_X, expert_LG[layer_X, rank_X]]
         next_L1 += use_LG.sum(axis=1, keepdims=True)
+
+
+def spread_duplicates(phy2log_LR: np.ndarray, load_LE: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+    """Every slot that repeats an expert already held on its GPU (in a lower slot) re-pointed to the expert, among
+    those its GPU does not hold, with the most predicted tokens per GPU holding it (ties to the lower id; one slot
+    per layer at a time, so each choice sees the holdings the earlier ones made). [L, R] int, [L, E] -> [L, R].
+
+    The result holds every (expert, GPU) pair the input held, and more: under live shares with one budget per GPU
+    (gpu capacity mode, dropless) a split can route an expert's tokens to any GPU holding it whatever its slots
+    there, so a repeated slot adds nothing, and a new holding can only lower the busiest GPU and the drops.
+    """
+    num_layers, num_slots = phy2log_LR.shape
+    num_gpus = num_slots // slots_per_gpu
+    expert_LGS = phy2log_LR.reshape(num_layers, num_gpus, slots_per_gpu).copy()
+    repeat_LGS = ((expert_LGS[..., :, None] == expert_LGS[..., None, :])
+                  & np.tri(slots_per_gpu, k=-1, dtype=bool)).any(axis=-1)
+    if not repeat_LGS.any():
+        return phy2log_LR
+    held_LGE = np.zeros((num_layers, num_gpus, load_LE.shape[1]), dtype=bool)
+    rows_L11 = np.arange(num_layers)[:, None, None]
+    held_LGE[rows_L11, np.arange(num_gpus)[None, :, None], expert_LGS] = True
+    num_gpus_LE = held_LGE.sum(axis=1)
+    layer_D, gpu_D, slot_D = np.nonzero(repeat_LGS)
+    turn_D = np.arange(layer_D.size) - np.searchsorted(layer_D, layer_D)
+    for turn in range(int(turn_D.max()) + 1):
+        layer_T, gpu_T, slot_T = layer_D[turn_D == turn], gpu_D[turn_D == turn], slot_D[turn_D == turn]
+        per_gpu_TE = np.where(held_LGE[layer_T, gpu_T], -np.inf, load_LE[layer_T] / num_gpus_LE[layer_T])
+        expert_T = np.argmax(per_gpu_TE, axis=1)
+        new_T = np.isfinite(per_gpu_TE[np.arange(layer_T.size), expert_T])   # a GPU holding every expert keeps it
+        layer_T, gpu_T, slot_T, expert_T = layer_T[new_T], gpu_T[new_T], slot_T[new_T], expert_T[new_T]
+        expert_LGS[layer_T, gpu_T, slot_T] = expert_T
+        held_LGE[layer_T, gpu_T, expert_T] = True
+        num_gpus_LE[layer_T, expert_T] += 1
+    return expert_LGS.reshape(num_layers, num_slots)

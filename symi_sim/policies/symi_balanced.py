@@ -51,10 +51,17 @@ Three steps, all vectorised over layers:
      a max/mean of about 1.001 on the predicted loads of the shipped traces; a GPU of grouped packing that holds
      one expert alone can shed load only to that expert's other GPUs, so balance there stays coarser).
   4. `shares` (policies.base.SHARE_MODES): "planned" (default) serves every step with the shares of step 3; "live"
-     keeps the same replicas and shares and marks the placement `live_shares`: each step's tokens then split over
-     those replicas from that step's own counts (symi_sim.live_shares: busiest GPU least, fewest drops first), and
-     step 3's shares are only a default the live rule overrides. The executor already all-gathers the counts
-     before its dispatch, so the live split costs no extra collective.
+     marks the placement `live_shares`: each step's tokens then split over its replicas from that step's own
+     counts (symi_sim.live_shares: busiest GPU least, fewest drops first), and step 3's shares are only a default
+     the live rule overrides. The executor already all-gathers the counts before its dispatch, so the live split
+     costs no extra collective. The replicas are steps 1-2's, except in gpu capacity mode (and dropless) with
+     spread packing: there a GPU's slots share one budget, so a second slot of an expert on one GPU (spread
+     packing makes them only for experts with more replicas than there are GPUs) gives a live split nothing, and
+     it goes to the expert its GPU lacks with the most predicted tokens per GPU holding it
+     (packing.spread_duplicates). Every (expert, GPU) holding of steps 1-2 stays, so the live split of any step can
+     only be better than on steps 1-2's replicas: never worse than planned shares either. Slot capacity keeps the
+     counts (each replica's buffer is what its drops depend on); grouped packing keeps its repeated slots (they
+     are what saves its traffic).
 Deterministic: stable sorts, ties to the lower index. A layer with no load gets the even allocation.
 Measured on next-step replays and dropped (numbers in benchmarks/bench_plan.py): EPLB's min-max counts (more
 slot-mode drops and a worse worst GPU on synthetic-drift), LPT without the distinct-GPU rule (worse on
@@ -73,7 +80,13 @@ from symi_sim.checks import check_choice, check_non_negative_int
 from symi_sim.cluster import Cluster
 from symi_sim.placement import Placement
 from symi_sim.policies.base import Policy, check_shares
-from symi_sim.policies.packing import balance_shares, pack_grouped, pack_rounds, replica_experts
+from symi_sim.policies.packing import (
+    balance_shares,
+    pack_grouped,
+    pack_rounds,
+    replica_experts,
+    spread_duplicates,
+)
 from symi_sim.policies.symi import symi_replica_counts
 from symi_sim.routing import CAPACITY_MODES
 
@@ -165,7 +178,14 @@ class SymiBalancedPolicy(Policy):
                                              allocation=self.allocation, capacity_mode=self.capacity_mode,
                                              num_share_iters=self.num_share_iters, packing=self.packing,
                                              num_nodes=cluster.num_nodes)
-        return Placement(phy2log_LR, share_LR, load_LE.shape[1], live_shares=self.shares == "live")
+        live = self.shares == "live"
+        if live and self.capacity_mode == "gpu" and self.packing == "spread":
+            # step 4: a GPU's second slot of one expert adds nothing a live split can use; a new holding can
+            spread_LR = spread_duplicates(phy2log_LR, load_LE, cluster.slots_per_gpu)
+            if spread_LR is not phy2log_LR:
+                phy2log_LR = spread_LR
+                share_LR = balance_shares(phy2log_LR, load_LE, cluster.slots_per_gpu, self.num_share_iters)
+        return Placement(phy2log_LR, share_LR, load_LE.shape[1], live_shares=live)
 
 
 POLICY = SymiBalancedPolicy
