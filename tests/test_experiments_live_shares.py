@@ -17,10 +17,11 @@ from symi_sim.policies import get_policy
 from symi_sim.routing import route
 from symi_sim.traces.format import read_trace
 
-pytestmark = pytest.mark.slow   # trains 2 gloo ranks twice
+pytestmark = pytest.mark.slow   # trains 2 gloo ranks three times
 
 ROOT = Path(__file__).resolve().parents[1]
 LIVE = "symi-balanced:shares=live"
+SPREAD = f"{LIVE}:repeats=spread"
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_replay_rows_and_never_worse(run: Path) -> None:
     table = pd.read_csv(run / "replay.csv")
-    # mixtral on two clusters, the recorded trace on one; three settings; five policies
-    assert len(table) == 3 * 3 * 5
-    assert set(table["policy"]) == {"symi", "symi-balanced", LIVE, "eplb", "oracle"}
+    # mixtral on two clusters, the recorded trace on one; three settings; six policies
+    assert len(table) == 3 * 3 * 6
+    assert set(table["policy"]) == {"symi", "symi-balanced", LIVE, SPREAD, "eplb", "oracle"}
     keyed = table.set_index(["trace", "cluster", "setting", "policy"])
     for (trace, cluster, setting), _ in table.groupby(["trace", "cluster", "setting"]):
-        base, live = keyed.loc[(trace, cluster, setting, "symi-balanced")], keyed.loc[(trace, cluster, setting, LIVE)]
-        assert live["imbalance"] <= base["imbalance"] + 1e-9
-        assert live["dropped_fraction"] <= base["dropped_fraction"] + 1e-12
+        base, live, spread = (keyed.loc[(trace, cluster, setting, p)] for p in ("symi-balanced", LIVE, SPREAD))
+        for better, worse in ((live, base), (spread, live)):
+            assert better["imbalance"] <= worse["imbalance"] + 1e-9
+            assert better["dropped_fraction"] <= worse["dropped_fraction"] + 1e-12
+        if setting == "slot":   # slot capacity keeps the plan's replicas
+            assert spread["imbalance"] == live["imbalance"]
     assert json.loads((run / "summary.json").read_text())["never_worse"] is True
     assert (run / "live_shares.png").read_bytes().startswith(b"\x89PNG")
 
@@ -68,10 +72,10 @@ def test_simulated_and_trained_rows(run: Path) -> None:
     assert set(simulated["capacity_mode"]) == {"slot", "gpu"}
     assert (simulated["time_to_target_s"] > 0).all()
     trained = pd.read_csv(run / "train.csv")
-    assert len(trained) == 2
+    assert len(trained) == 3
     # live shares add no collective: the counts' exchange and the dense gradients' all-reduce move the same bytes
     # (the other kinds follow the two runs' own placements and drops; tests/test_exec_live_shares.py compares them
     # on one trajectory)
     fixed = ["bytes_popularity", "bytes_dense_grad"]
     assert (trained[fixed] > 0).all().all()
-    assert trained.iloc[0][fixed].tolist() == trained.iloc[1][fixed].tolist()
+    assert trained.iloc[0][fixed].tolist() == trained.iloc[1][fixed].tolist() == trained.iloc[2][fixed].tolist()

@@ -4,6 +4,7 @@ spread_duplicates), and a live split over more holdings is never worse (symi_sim
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from symi_sim.cluster import load_cluster
 from symi_sim.live_shares import live_split
@@ -67,17 +68,22 @@ def test_more_holdings_never_make_the_live_split_worse() -> None:
                 assert np.minimum(after, budget[0]).sum() >= np.minimum(before, budget[0]).sum()
 
 
-def test_policy_spreads_only_live_gpu_spread_plans() -> None:
+def test_policy_spreads_repeats_only_when_asked_in_gpu_mode() -> None:
     cluster = load_cluster("paper-a100-16")
     rng = np.random.default_rng(2)
     load = rng.zipf(1.2, (3, 16)).astype(float) * 100   # a few experts with more replicas than GPUs
-    planned = with_context(get_policy("symi-balanced"), capacity_mode="gpu").plan(load, cluster)
-    live = with_context(get_policy("symi-balanced:shares=live"), capacity_mode="gpu").plan(load, cluster)
-    assert live.live_shares
-    assert holdings(live.phy2log_LR, 4) > holdings(planned.phy2log_LR, 4)
-    np.testing.assert_allclose(np.bincount(live.phy2log_LR[0], weights=live.share_LR[0], minlength=16), 1.0)
-    for options, mode in (("shares=live", "slot"), ("shares=live:packing=grouped", "gpu")):
-        kept = with_context(get_policy(f"symi-balanced:{options}"), capacity_mode=mode).plan(load, cluster)
-        base = with_context(get_policy(f"symi-balanced:{options.replace('shares=live', 'shares=planned')}"),
-                            capacity_mode=mode).plan(load, cluster)
-        np.testing.assert_array_equal(kept.phy2log_LR, base.phy2log_LR)
+
+    def plan(options: str, mode: str) -> Placement:
+        return with_context(get_policy(f"symi-balanced{options}"), capacity_mode=mode).plan(load, cluster)
+
+    planned, spread = plan("", "gpu"), plan(":shares=live:repeats=spread", "gpu")
+    assert spread.live_shares
+    assert holdings(spread.phy2log_LR, 4) > holdings(planned.phy2log_LR, 4)
+    np.testing.assert_allclose(np.bincount(spread.phy2log_LR[0], weights=spread.share_LR[0], minlength=16), 1.0)
+    # the default keeps the plan's replicas (byte counts as planned shares'); so does slot capacity
+    np.testing.assert_array_equal(plan(":shares=live", "gpu").phy2log_LR, planned.phy2log_LR)
+    np.testing.assert_array_equal(plan(":shares=live:repeats=spread", "slot").phy2log_LR,
+                                  plan("", "slot").phy2log_LR)
+    for options in (":repeats=spread", ":shares=live:repeats=spread:packing=grouped", ":shares=live:repeats=some"):
+        with pytest.raises(ValueError, match="repeats"):
+            get_policy(f"symi-balanced{options}")

@@ -54,14 +54,14 @@ Three steps, all vectorised over layers:
      marks the placement `live_shares`: each step's tokens then split over its replicas from that step's own
      counts (symi_sim.live_shares: busiest GPU least, fewest drops first), and step 3's shares are only a default
      the live rule overrides. The executor already all-gathers the counts before its dispatch, so the live split
-     costs no extra collective. The replicas are steps 1-2's, except in gpu capacity mode (and dropless) with
-     spread packing: there a GPU's slots share one budget, so a second slot of an expert on one GPU (spread
-     packing makes them only for experts with more replicas than there are GPUs) gives a live split nothing, and
-     it goes to the expert its GPU lacks with the most predicted tokens per GPU holding it
+     costs no extra collective. The replicas are steps 1-2's. With `repeats="spread"` (live shares and spread
+     packing only) in gpu capacity mode, where a GPU's slots share one budget, a second slot of an expert on one GPU
+     (spread packing makes them only for experts with more replicas than there are GPUs) gives a live split
+     nothing, and it goes to the expert its GPU lacks with the most predicted tokens per GPU holding it
      (packing.spread_duplicates). Every (expert, GPU) holding of steps 1-2 stays, so the live split of any step can
-     only be better than on steps 1-2's replicas: never worse than planned shares either. Slot capacity keeps the
-     counts (each replica's buffer is what its drops depend on); grouped packing keeps its repeated slots (they
-     are what saves its traffic).
+     only be better than on steps 1-2's replicas; the price is one more expert shard in the gradient collection and
+     the send-out per re-pointed slot, which is why it is an option. Slot capacity keeps the counts (each replica's
+     buffer is what its drops depend on).
 Deterministic: stable sorts, ties to the lower index. A layer with no load gets the even allocation.
 Measured on next-step replays and dropped (numbers in benchmarks/bench_plan.py): EPLB's min-max counts (more
 slot-mode drops and a worse worst GPU on synthetic-drift), LPT without the distinct-GPU rule (worse on
@@ -92,6 +92,7 @@ from symi_sim.routing import CAPACITY_MODES
 
 ALLOCATIONS = ("webster", "symi")
 PACKINGS = ("grouped", "spread")
+REPEATS = ("keep", "spread")
 
 
 def webster_replica_counts(load_LE: np.ndarray, num_slots: int) -> np.ndarray:
@@ -157,7 +158,8 @@ def balanced_plan(load_LE: np.ndarray, num_gpus: int, slots_per_gpu: int, *, all
 @dataclass
 class SymiBalancedPolicy(Policy):
     """Options: allocation "webster" | "symi"; capacity_mode "slot" | "gpu"; num_share_iters (gpu mode); packing
-    "grouped" | "spread"; shares "planned" | "live" (step 4 of the module docstring)."""
+    "grouped" | "spread"; shares "planned" | "live" and repeats "keep" | "spread" (step 4 of the module
+    docstring)."""
 
     name: ClassVar[str] = "symi-balanced"
     allocation: str = "webster"
@@ -165,6 +167,7 @@ class SymiBalancedPolicy(Policy):
     num_share_iters: int = 10
     packing: str = "spread"
     shares: str = "planned"
+    repeats: str = "keep"
 
     def __post_init__(self) -> None:
         check_choice(self.allocation, "allocation", ALLOCATIONS)
@@ -172,6 +175,10 @@ class SymiBalancedPolicy(Policy):
         check_non_negative_int(self.num_share_iters, f"{self.name}: num_share_iters")
         check_choice(self.packing, "packing", PACKINGS)
         check_shares(self.shares)
+        check_choice(self.repeats, "repeats", REPEATS)
+        if self.repeats == "spread" and (self.shares != "live" or self.packing != "spread"):
+            raise ValueError(f"{self.name}: repeats=spread needs shares=live and packing=spread (a live split is what "
+                             "can use the new holdings; grouped packing repeats slots on purpose)")
 
     def _plan(self, load_LE: np.ndarray, cluster: Cluster, previous: Placement | None) -> Placement:
         phy2log_LR, share_LR = balanced_plan(load_LE, cluster.num_gpus, cluster.slots_per_gpu,
@@ -179,7 +186,7 @@ class SymiBalancedPolicy(Policy):
                                              num_share_iters=self.num_share_iters, packing=self.packing,
                                              num_nodes=cluster.num_nodes)
         live = self.shares == "live"
-        if live and self.capacity_mode == "gpu" and self.packing == "spread":
+        if self.repeats == "spread" and self.capacity_mode == "gpu":
             # step 4: a GPU's second slot of one expert adds nothing a live split can use; a new holding can
             spread_LR = spread_duplicates(phy2log_LR, load_LE, cluster.slots_per_gpu)
             if spread_LR is not phy2log_LR:
