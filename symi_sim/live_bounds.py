@@ -11,11 +11,15 @@ The live split pays one max flow per round of its search for T* (scipy's fixed c
 sizes), so a bound that is already T* saves rounds. The sets tried, all layers at once:
   - each GPU alone;
   - the GPUs of each flow expert;
-  - the GPUs in order of what can land on them (fixed + the capacity of their arcs): every prefix of that order,
-    then from the best prefix up to `local_steps` steps that add or remove the one GPU that raises the bound most;
-  - each connected part of the expert-GPU graph.
-On the shipped traces they reach T* in nearly every layer of the paper's shape (tests/test_live_shares.py holds the
-whole split to the linear program's optimum: a bound above T* would show there as a higher peak).
+  - each connected part of the expert-GPU graph;
+  - with `prefixes` (the live split asks for them in slot mode): the GPUs in order of what can land on them (fixed
+    + the capacity of their arcs), every prefix of that order, then from the best prefix up to `local_steps` steps
+    that add or remove the one GPU that raises the bound most.
+The first three reach T* in all but about one layer in sixty of the paper's shape in dropless and gpu mode. Slot
+mode's capped arcs make the min cut a set no expert spans in about one layer in four (a hot expert capped on every
+GPU puts tokens into any large set), which the prefixes find in all but one in thirty; elsewhere they cost more
+time than the rounds they save (measured with benchmarks/bench_live_shares.py). tests/test_live_shares.py holds the
+whole split to the linear program's optimum: a bound above T* would show there as a higher peak.
 Every sum runs over arcs (an expert's term changes only at the GPUs it is held on): O(Y log Y) work.
 """
 
@@ -25,8 +29,9 @@ import numpy as np
 
 
 def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np.ndarray, layer_X: np.ndarray,
-                  fixed_LG: np.ndarray, *, local_steps: int = 3) -> np.ndarray:
-    """[L] int64 max of bound(N) over the sets of the module docstring.
+                  fixed_LG: np.ndarray, *, prefixes: bool = False, local_steps: int = 3) -> np.ndarray:
+    """[L] int64 max of bound(N) over the sets of the module docstring (the prefixes and the steps from them only
+    with `prefixes`).
 
     x_Y, gpu_Y: each arc's expert and GPU (flat over layers: layer * G + GPU; ascending); cap_Y its capacity (>= 1);
     w_X, layer_X: each flow expert's tokens and layer (ascending); fixed_LG [L, G]: the loads no split moves.
@@ -49,6 +54,9 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     must_G = base_L[layer_G] + fixed_G + np.bincount(gpu_Y, weights=gain(0.0, cap_Y), minlength=fixed_G.size)
     best_L = _ceil_div(must_G, 1).reshape(num_layers, num_gpus).max(axis=1)
     best_L = np.maximum(best_L, _expert_sets_bound_L(x_Y, gpu_Y, cap_Y, rest_X, layer_X, base_L, fixed_G))
+    best_L = np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
+    if not prefixes:
+        return best_L
 
     # prefixes by what can land on each GPU: an expert's term changes at each GPU of it, in the GPUs' order
     score_G = fixed_G + np.bincount(gpu_Y, weights=cap_Y, minlength=fixed_G.size)
@@ -86,8 +94,7 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
         in_G[gpu_L[better_L]] ^= True
         must_L = np.where(better_L, step_must_G[gpu_L], must_L)
         size_L = np.where(better_L, step_size_G[gpu_L], size_L)
-    best_L = np.maximum(best_L, _ceil_div(must_L, size_L))      # must and size: sums of integers, exact
-    return np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
+    return np.maximum(best_L, _ceil_div(must_L, size_L))        # must and size: sums of integers, exact
 
 
 def _ceil_div(num: np.ndarray, den: np.ndarray | int) -> np.ndarray:

@@ -107,7 +107,8 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
         cap_Y = np.minimum(size_LR[layer_Y, slot_Y] * unit_cap_LR[layer_Y, slot_Y], INT32_MAX)
         holding_LR[layer_Y, slot_Y] = _route_flow_holdings(
             layer_Y, phy2log_LR[layer_Y, slot_Y], slot_Y // slots_per_gpu, load_LR[layer_Y, slot_Y], cap_Y,
-            fixed_LG, num_experts=num_experts, gpu_budget_L=capacity_L if capacity_mode == "gpu" else None)
+            fixed_LG, num_experts=num_experts, gpu_budget_L=capacity_L if capacity_mode == "gpu" else None,
+            slot_caps=capacity_mode == "slot" and capacity_L is not None)
 
     # holdings -> slots: even over the holding's replicas, the extra tokens to its lower slots
     holding_LGS = np.take_along_axis(holding_LR.reshape(p2l_LGS.shape), head_LGS, axis=-1)
@@ -117,10 +118,10 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
 
 def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.ndarray, w_Y: np.ndarray,
                          cap_Y: np.ndarray, fixed_LG: np.ndarray, *, num_experts: int,
-                         gpu_budget_L: np.ndarray | None) -> np.ndarray:
+                         gpu_budget_L: np.ndarray | None, slot_caps: bool) -> np.ndarray:
     """Tokens of every flow holding (one arc expert -> GPU of capacity cap_Y each, Y of them, in (layer, GPU)
     order; w_Y its expert's tokens) under the rule of the module docstring; gpu_budget_L [L]: gpu mode's budget per
-    GPU (None: none)."""
+    GPU (None: none); slot_caps: the arcs carry slot mode's caps."""
     num_layers, num_gpus = fixed_LG.shape
     le_Y = layer_Y * num_experts + expert_Y
     le_X, x_Y = np.unique(le_Y, return_inverse=True)
@@ -129,7 +130,7 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     layer_X = le_X // num_experts
     tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
     net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
-    t_L = lower_bound_L(x_Y, layer_Y * num_gpus + gpu_Y, cap_Y, w_X, layer_X, fixed_LG)
+    t_L = lower_bound_L(x_Y, layer_Y * num_gpus + gpu_Y, cap_Y, w_X, layer_X, fixed_LG, prefixes=slot_caps)
     active_L = tokens_L > 0
     flow_Y = np.zeros(w_Y.size, dtype=np.int64)
     base_Y = np.zeros(w_Y.size, dtype=np.int64)

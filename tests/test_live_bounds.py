@@ -29,7 +29,8 @@ def brute_force_L(arcs: list[list[tuple[int, int, int]]], w: list[list[int]], fi
     return best
 
 
-def call(arcs: list[list[tuple[int, int, int]]], w: list[list[int]], fixed_LG: np.ndarray) -> np.ndarray:
+def call(arcs: list[list[tuple[int, int, int]]], w: list[list[int]], fixed_LG: np.ndarray, *,
+         prefixes: bool = True) -> np.ndarray:
     """lower_bound_L on the arcs laid out as the live split lays them out (flat GPUs, (layer, GPU) order)."""
     num_gpus = fixed_LG.shape[1]
     offsets = np.cumsum([0] + [len(layer_w) for layer_w in w])
@@ -38,7 +39,7 @@ def call(arcs: list[list[tuple[int, int, int]]], w: list[list[int]], fixed_LG: n
     gpu_Y, x_Y, cap_Y = (np.array(column, dtype=np.int64) for column in zip(*rows, strict=True))
     w_X = np.concatenate([np.asarray(layer_w, dtype=np.int64) for layer_w in w])
     layer_X = np.repeat(np.arange(len(w)), [len(layer_w) for layer_w in w])
-    return lower_bound_L(x_Y, gpu_Y, cap_Y, w_X, layer_X, np.asarray(fixed_LG, dtype=np.int64))
+    return lower_bound_L(x_Y, gpu_Y, cap_Y, w_X, layer_X, np.asarray(fixed_LG, dtype=np.int64), prefixes=prefixes)
 
 
 def random_layer(rng: np.random.Generator, num_gpus: int) -> tuple[list[tuple[int, int, int]], list[int]]:
@@ -58,19 +59,21 @@ def random_layer(rng: np.random.Generator, num_gpus: int) -> tuple[list[tuple[in
 
 def test_never_above_the_best_set_and_often_equal() -> None:
     rng = np.random.default_rng(3)
-    equal = total = 0
+    equal = cheap_equal = total = 0
     for _ in range(60):
         num_layers, num_gpus = int(rng.integers(1, 4)), int(rng.integers(2, 7))
         layers = [random_layer(rng, num_gpus) for _ in range(num_layers)]
         arcs, w = [a for a, _ in layers], [t for _, t in layers]
         fixed_LG = rng.integers(0, 300, (num_layers, num_gpus))
-        got = call(arcs, w, fixed_LG)
+        got, cheap = call(arcs, w, fixed_LG), call(arcs, w, fixed_LG, prefixes=False)
         want = brute_force_L(arcs, w, fixed_LG)
-        assert (got <= want).all(), (arcs, w, fixed_LG, got, want)   # a bound above T* would break the split
+        assert (cheap <= got).all() and (got <= want).all(), (arcs, w, fixed_LG, got, want)   # never above T*
         equal += int((got == want).sum())
+        cheap_equal += int((cheap == want).sum())
         total += num_layers
-    # the sets tried find the best set in most random layers too (all 118 on this seed)
-    assert equal >= 0.9 * total, (equal, total)
+    # the sets tried find the best set in most random layers too: all 118 on this seed with the prefixes, 108
+    # without
+    assert equal >= 0.95 * total and cheap_equal >= 0.85 * total, (equal, cheap_equal, total)
 
 
 def test_each_kind_of_set_is_found() -> None:
@@ -84,6 +87,7 @@ def test_each_kind_of_set_is_found() -> None:
     arcs = [[(0, 0, 100), (0, 1, 100), (0, 2, 100), (0, 3, 20), (1, 2, BIG), (1, 3, BIG)]]
     assert brute_force_L(arcs, [[300, 10]], fixed) == [94]
     assert call(arcs, [[300, 10]], fixed)[0] == 94
+    assert call(arcs, [[300, 10]], fixed, prefixes=False)[0] < 94
     # a connected part: two experts chained over GPUs 0-2 with 30 tokens each -> 20
     arcs = [[(0, 0, BIG), (0, 1, BIG), (1, 1, BIG), (1, 2, BIG)]]
     assert call(arcs, [[30, 30]], fixed)[0] == 20
