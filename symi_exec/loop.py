@@ -93,8 +93,8 @@ def train(config: TrainConfig, comm: Comm, out_dir: Path | None, planner: Planne
     else:
         start_step, load_LE, base = 0, np.ones((cfg.num_layers, cfg.num_experts)), None
         placement = planner(-1, load_LE, cluster, None)
-    history.start(run_config(config, cfg, comm, tokens_per_step=tokens_per_step, expert_layout=expert_opt.layout),
-                  base)
+    history.start(run_config(config, cfg, comm, tokens_per_step=tokens_per_step, expert_layout=expert_opt.layout,
+                             slot_compute=moe_layers[0].compute_mode()), base)
     placement.validate(cluster, num_layers=cfg.num_layers)
     expert_opt.send_out(placement, [p.data for p in slot_params])
     comm.take_bytes()   # the initial fill is not part of any step

@@ -293,13 +293,14 @@ def step_record(step: int, *, placement: Placement, moe_layers: list[ReplicatedM
 
 
 def run_config(config: TrainConfig, cfg: ModelConfig, comm: Comm, *, tokens_per_step: int,
-               expert_layout: str) -> dict[str, Any]:
-    """config.json: the job's options, its model and where it ran."""
+               expert_layout: str, slot_compute: str) -> dict[str, Any]:
+    """config.json: the job's options, its model and where it ran (slot_compute: how its MoE layers compute their
+    slots, moe.SLOT_COMPUTES resolved; "padded" computes every slot of a rank at that rank's largest slot's rows)."""
     return {"train": asdict(config), "model": cfg.to_dict(), "world_size": comm.world_size,
             "backend": dist.get_backend(), "device": str(comm.device), "data": str(config.data_path()),
             "tokens_per_step": tokens_per_step, "torch": torch.__version__, "expert_optimizer": expert_layout,
             "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "threads_per_rank": torch.get_num_threads()}
+            "threads_per_rank": torch.get_num_threads(), "slot_compute": slot_compute}
 
 
 def write_run_dir(out_dir: Path, *, config: TrainConfig, cfg: ModelConfig, comm: Comm, model: GPT,

@@ -66,6 +66,7 @@ def test_train_one_rank_writes_the_run_directory(tmp_path: Path) -> None:
         assert parts["a2a_backward"] < parts["backward"]
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["cpu_cores"] >= 1 and resolved["threads_per_rank"] == 1
+    assert resolved["slot_compute"] == "padded"   # no grouped GEMM kernel on a CPU: what run_predict must charge
 
 
 def test_version() -> None:

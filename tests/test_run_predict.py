@@ -26,7 +26,7 @@ SLOW_LINK = Cluster(name="executor", num_nodes=1, gpus_per_node=2, slots_per_gpu
 def write_run(directory: Path, *, layout: str, counts_SLE: np.ndarray, phy2log_LR: np.ndarray, world_size: int = 2,
               slots: int = 2, d_model: int = 8, d_ff: int = 16, batch_size: int = 2, seq_len: int = 4,
               capacity_factor: float = 1.0, times: dict[str, np.ndarray] | None = None,
-              cpu: tuple[int, int] | None = None) -> Path:
+              cpu: tuple[int, int] | None = None, slot_compute: str | None = None) -> Path:
     """A run directory as `symi train --record-trace` writes it (top-1, one placement for every step); its times
     are 1 s unless `times` (metrics column -> [steps]) gives them; `cpu` = (cores, threads per rank)."""
     directory.mkdir(parents=True)
@@ -39,6 +39,8 @@ def write_run(directory: Path, *, layout: str, counts_SLE: np.ndarray, phy2log_L
               "expert_optimizer": layout}
     if cpu is not None:
         config.update(device="cpu", cpu_cores=cpu[0], threads_per_rank=cpu[1])
+    if slot_compute is not None:
+        config.update(slot_compute=slot_compute)
     (directory / "config.json").write_text(json.dumps(config))
     (directory / "COMPLETE").write_text("done\n")   # the marker a finished `symi train` writes last
     placement = Placement.even(phy2log_LR, num_experts)
@@ -106,6 +108,27 @@ def test_prediction_by_hand(tmp_path, layout):
     assert set(got) == set(PREDICTED_PHASES)
     for phase, value in expected.items():
         np.testing.assert_allclose(got[phase], np.full(3, value), rtol=1e-9, err_msg=phase)
+
+
+def test_padded_slot_compute_costs_the_ranks_largest_slot_per_slot(tmp_path):
+    # test_prediction_by_hand's run: rank 0 serves 4, 4 and rank 1 4, 2. Padded (config.json slot_compute), rank
+    # 1's slots compute 4 rows each: both ranks 2 x (4 tokens + one GEMM); the all-to-all still moves served tokens
+    counts_SLE = np.tile([[[6, 4, 4, 2]]], (2, 1, 1))
+    runs = {mode: read_run(write_run(tmp_path / str(mode), layout="group", counts_SLE=counts_SLE,
+                                     phy2log_LR=np.array([[0, 1, 2, 3]]), slot_compute=mode),
+                           warmup_steps=0, cluster=SLOW_LINK)
+            for mode in (None, "grouped", "padded")}
+    np.testing.assert_array_equal(runs["padded"].tokens_row_GS, [[[4, 4], [4, 4]]] * 2)
+    np.testing.assert_array_equal(runs["grouped"].tokens_row_GS, [[[4, 4], [4, 2]]] * 2)
+    np.testing.assert_array_equal(runs[None].tokens_row_GS, runs["grouped"].tokens_row_GS)   # runs before the field
+    np.testing.assert_array_equal(runs["padded"].link_s_row, runs["grouped"].link_s_row)
+    calibration = flop_calibration(cluster=SLOW_LINK, model=runs["padded"].model).with_(**HAND)
+    got = predict_steps(run=runs["padded"], calibration=calibration)
+    np.testing.assert_allclose(got["expert_forward"], 2 * (4 * 512 / 1e6 + 1e-3), rtol=1e-12)
+    with pytest.raises(ValueError, match="slot_compute"):
+        read_run(write_run(tmp_path / "bad", layout="group", counts_SLE=counts_SLE,
+                           phy2log_LR=np.array([[0, 1, 2, 3]]), slot_compute="sideways"),
+                 warmup_steps=0, cluster=SLOW_LINK)
 
 
 def test_ranks_that_share_cores_compute_slower(tmp_path):

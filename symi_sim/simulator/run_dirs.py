@@ -52,6 +52,9 @@ INNER_COLUMNS = {"expert_forward": "time_expert_forward_s", "a2a_forward": "time
 DTYPE_BYTES = {"float32": 4, "float64": 8}
 
 
+SLOT_COMPUTES = ("grouped", "padded", "loop")   # symi_exec.moe.SLOT_COMPUTES as config.json records them
+
+
 @dataclass(frozen=True)
 class RunData:
     """What calibration needs of one run, over its steps after the warm-up."""
@@ -59,7 +62,7 @@ class RunData:
     path: Path
     model: ModelConfig            # the executor's model in the simulator's terms (FLOPs, parameters, bytes)
     cluster: Cluster
-    tokens_row_GS: np.ndarray     # [rows, G, S] tokens each slot computed
+    tokens_row_GS: np.ndarray     # [rows, G, S] rows each slot's GEMMs computed (padded: the rank's largest slot's)
     link_s_row: np.ndarray        # [rows] one all-to-all's busiest link at the cluster's full bandwidth
     dense_flops_layer: float      # dense FLOPs of one rank in one layer
     state_bytes_S: np.ndarray     # [steps] optimizer state bytes of the busiest rank
@@ -90,7 +93,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     out.update({name: _field(model, name, f"{where} [model]") for name in
                 ("num_layers", "d_model", "d_ff", "seq_len", "num_experts", "top_k", "vocab_size")})
     out.update({name: _field(data, name, where) for name in ("world_size", "tokens_per_step", "expert_optimizer")})
-    out.update({name: data.get(name) for name in ("device", "cpu_cores", "threads_per_rank")})
+    out.update({name: data.get(name) for name in ("device", "cpu_cores", "threads_per_rank", "slot_compute")})
+    if out["slot_compute"] is not None:   # runs before the executor recorded it computed each slot's own rows
+        check_choice(out["slot_compute"], f"{where}: slot_compute", SLOT_COMPUTES)
     check_choice(out["dtype"], f"{where}: dtype", DTYPE_BYTES)
     check_choice(out["capacity_mode"], f"{where}: capacity_mode", CAPACITY_MODES)
     check_choice(out["expert_optimizer"], f"{where}: expert_optimizer", OPTIMIZER_LAYOUTS)
@@ -221,9 +226,13 @@ def read_run(path: str | Path, *, warmup_steps: int = DEFAULT_WARMUP_STEPS, clus
         expert_params = optimizer_params_per_gpu(placement.phy2log_LR, cluster, num_experts,
                                                  config["expert_optimizer"], model.expert_params).sum()
         state_bytes.append((expert_params + model.dense_params) * model.optimizer_bytes)
-    tokens_row_GS = np.concatenate(served).astype(np.float64).reshape(-1, cluster.num_gpus, slots)
-    link_s_row = alltoall_bytes(tokens_row_GS.sum(axis=2), cluster, model.d_model * model.activation_bytes
+    served_row_GS = np.concatenate(served).astype(np.float64).reshape(-1, cluster.num_gpus, slots)
+    link_s_row = alltoall_bytes(served_row_GS.sum(axis=2), cluster, model.d_model * model.activation_bytes
                                 ).network_time_L(cluster.with_(link_latency_s=0.0))
+    # "padded" (the executor's slot compute where no grouped GEMM kernel exists, e.g. every CPU run): one batched
+    # matmul over S blocks of the rank's largest slot's rows
+    tokens_row_GS = (np.broadcast_to(served_row_GS.max(axis=2, keepdims=True), served_row_GS.shape).copy()
+                     if config["slot_compute"] == "padded" else served_row_GS)
     after = frame.iloc[warmup_steps:]
     measured = {phase: float(after[column].median()) if column in after.columns else math.nan
                 for phase, column in {**PHASE_COLUMNS, **INNER_COLUMNS}.items()}

@@ -4,8 +4,9 @@ Calibration, composed as the executor runs them.
 Legend: L MoE layers, G ranks, S slots per rank, rows = (step, layer) pairs, steps after the run's warm-up.
 
 The executor's loads and placements drive the same cost functions the simulator charges:
-  expert_forward  the expert GEMMs of the tokens each slot served (calibration.expert_time_per_gpu_s; the executor
-                  computes no padding)
+  expert_forward  the expert GEMMs of the rows each slot computed (calibration.expert_time_per_gpu_s): the tokens
+                  it served, or where the run's slot compute is "padded" (config.json; every CPU run) the rank's
+                  largest slot's rows for each of its slots
   a2a_forward     the two all-to-alls (dispatch, combine) of every layer (costs.alltoall_bytes, a2a terms)
   a2a_backward    the same two in the backward
   forward         per layer the fixed forward cost, the dense compute and the expert compute, the all-to-alls and
