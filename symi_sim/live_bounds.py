@@ -45,13 +45,9 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     fixed_G = fixed_LG.reshape(-1).astype(np.float64)
     layer_G = np.repeat(np.arange(num_layers), num_gpus)
 
-    def gain(inside_Y: np.ndarray, step_Y: np.ndarray) -> np.ndarray:
-        """[Y] the change of an arc's expert's term when its inside grows from inside_Y by step_Y."""
-        rest_Y = rest_X[x_Y]
-        return np.maximum(rest_Y + inside_Y + step_Y, 0) - np.maximum(rest_Y + inside_Y, 0)
-
+    rest_Y = rest_X[x_Y]
     # each GPU alone
-    must_G = base_L[layer_G] + fixed_G + np.bincount(gpu_Y, weights=gain(0.0, cap_Y), minlength=fixed_G.size)
+    must_G = base_L[layer_G] + fixed_G + np.bincount(gpu_Y, weights=_gain(rest_Y, 0.0, cap_Y), minlength=fixed_G.size)
     best_L = _ceil_div(must_G, 1).reshape(num_layers, num_gpus).max(axis=1)
     best_L = np.maximum(best_L, _expert_sets_bound_L(x_Y, gpu_Y, cap_Y, rest_X, layer_X, base_L, fixed_G))
     best_L = np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
@@ -69,9 +65,8 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     cum = np.cumsum(cap_sorted)
     first = np.searchsorted(x_sorted, x_sorted)
     inside_sorted = cum - cap_sorted - (cum[first] - cap_sorted[first])   # the expert's capacity at GPUs ranked above
-    change_R = np.bincount(rank_G[gpu_Y[by_rank]], minlength=fixed_G.size,
-                           weights=np.maximum(rest_X[x_sorted] + inside_sorted + cap_sorted, 0)
-                           - np.maximum(rest_X[x_sorted] + inside_sorted, 0))
+    change_R = np.bincount(rank_G[gpu_Y[by_rank]], weights=_gain(rest_Y[by_rank], inside_sorted, cap_sorted),
+                           minlength=fixed_G.size)
     prefix_must_LK = np.cumsum((change_R + fixed_G[order_G]).reshape(num_layers, num_gpus), axis=1) + base_L[:, None]
     value_LK = prefix_must_LK / np.arange(1, num_gpus + 1)
     rows_L = np.arange(num_layers)
@@ -84,17 +79,22 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
         inside_Y = np.bincount(x_Y, weights=np.where(in_G[gpu_Y], cap_Y, 0), minlength=w_X.size)[x_Y]
         sign_G = np.where(in_G, -1.0, 1.0)
         step_must_G = must_L[layer_G] + sign_G * fixed_G + np.bincount(
-            gpu_Y, weights=gain(inside_Y, sign_G[gpu_Y] * cap_Y), minlength=fixed_G.size)
+            gpu_Y, weights=_gain(rest_Y, inside_Y, sign_G[gpu_Y] * cap_Y), minlength=fixed_G.size)
         step_size_G = size_L[layer_G] + sign_G
         step_LG = np.where(step_size_G > 0, step_must_G / np.maximum(step_size_G, 1), -np.inf).reshape(num_layers, -1)
         gpu_L = rows_L * num_gpus + step_LG.argmax(axis=1)
-        better_L = (step_size_G[gpu_L] > 0) & (step_must_G[gpu_L] / np.maximum(step_size_G[gpu_L], 1) > must_L / size_L)
+        better_L = step_LG.max(axis=1) > must_L / size_L            # an empty set's -inf is never better
         if not better_L.any():
             break
         in_G[gpu_L[better_L]] ^= True
         must_L = np.where(better_L, step_must_G[gpu_L], must_L)
         size_L = np.where(better_L, step_size_G[gpu_L], size_L)
     return np.maximum(best_L, _ceil_div(must_L, size_L))        # must and size: sums of integers, exact
+
+
+def _gain(rest: np.ndarray, inside: np.ndarray | float, step: np.ndarray) -> np.ndarray:
+    """The change of an expert's term max(0, rest + inside) when its capacity inside the set grows by `step`."""
+    return np.maximum(rest + inside + step, 0) - np.maximum(rest + inside, 0)
 
 
 def _ceil_div(num: np.ndarray, den: np.ndarray | int) -> np.ndarray:
@@ -113,8 +113,7 @@ def _expert_sets_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, 
     second_P = np.arange(first_P.size) - np.repeat(np.cumsum(degree_Y) - degree_Y - start_Y, degree_Y)
     pair_Q, q_P = np.unique(x_Y[first_P] * rest_X.size + x_Y[second_P], return_inverse=True)
     inside_Q = np.bincount(q_P, weights=cap_Y[second_P], minlength=pair_Q.size)
-    rest_Q = rest_X[pair_Q % rest_X.size]
-    gain_Q = np.maximum(rest_Q + inside_Q, 0) - np.maximum(rest_Q, 0)
+    gain_Q = _gain(rest_X[pair_Q % rest_X.size], 0.0, inside_Q)
     must_X = base_L[layer_X] + np.bincount(pair_Q // rest_X.size, weights=gain_Q, minlength=rest_X.size)
     must_X += np.bincount(x_Y, weights=fixed_G[gpu_Y], minlength=rest_X.size)
     bound_X = _ceil_div(must_X, np.bincount(x_Y, minlength=rest_X.size))

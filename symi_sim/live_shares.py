@@ -43,7 +43,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
 from symi_sim.live_bounds import lower_bound_L
-from symi_sim.placement import Placement
+from symi_sim.placement import Placement, slot_holdings
 from symi_sim.routing import shadow_spread_LG
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -74,11 +74,7 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
                          f"network's int32 capacities hold ({INT32_MAX // 2})")
 
     # holdings: the replicas of one expert on one GPU; the first of them (in slot order) is the holding's head
-    p2l_LGS = phy2log_LR.reshape(num_layers, num_gpus, slots_per_gpu)
-    same_LGSS = p2l_LGS[..., :, None] == p2l_LGS[..., None, :]
-    head_LGS = np.argmax(same_LGSS, axis=-1)           # slot (within the GPU) of the holding's head
-    rank_LGS = (same_LGSS & np.tri(slots_per_gpu, k=-1, dtype=bool)).sum(axis=-1)
-    size_LGS = same_LGSS.sum(axis=-1)
+    head_LGS, rank_LGS, size_LGS = slot_holdings(phy2log_LR, slots_per_gpu)
     is_head_LR = (rank_LGS == 0).reshape(num_layers, num_slots)
     num_gpus_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
     np.add.at(num_gpus_LE, (np.broadcast_to(rows_L1, phy2log_LR.shape)[is_head_LR], phy2log_LR[is_head_LR]), 1)
@@ -111,7 +107,7 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
             slot_caps=capacity_mode == "slot" and capacity_L is not None)
 
     # holdings -> slots: even over the holding's replicas, the extra tokens to its lower slots
-    holding_LGS = np.take_along_axis(holding_LR.reshape(p2l_LGS.shape), head_LGS, axis=-1)
+    holding_LGS = np.take_along_axis(holding_LR.reshape(head_LGS.shape), head_LGS, axis=-1)
     from_holding_LGS = holding_LGS // size_LGS + (rank_LGS < holding_LGS % size_LGS)
     return base_LR + from_holding_LGS.reshape(num_layers, num_slots)
 
@@ -130,7 +126,7 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     layer_X = le_X // num_experts
     tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
     net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
-    t_L = lower_bound_L(x_Y, layer_Y * num_gpus + gpu_Y, cap_Y, w_X, layer_X, fixed_LG, prefixes=slot_caps)
+    t_L = lower_bound_L(x_Y, net.g_Y, cap_Y, w_X, layer_X, fixed_LG, prefixes=slot_caps)
     active_L = tokens_L > 0
     flow_Y = np.zeros(w_Y.size, dtype=np.int64)
     base_Y = np.zeros(w_Y.size, dtype=np.int64)
@@ -197,7 +193,7 @@ class _Network:
         self.num_layers, self.num_gpus = num_layers, num_gpus
         num_x, num_y, num_g = layer_X.size, x_Y.size, num_layers * num_gpus
         self.num_nodes = 2 + num_x + num_g
-        g_Y = layer_Y * num_gpus + gpu_Y
+        self.g_Y = g_Y = layer_Y * num_gpus + gpu_Y       # each arc's GPU, flat over layers
         by_x = np.argsort(x_Y, kind="stable")             # per expert, its arcs in GPU order
         by_g = np.argsort(g_Y * num_x + x_Y)              # per GPU, its arcs in expert order
         row_sizes = np.concatenate([[num_x, num_g], 1 + np.bincount(x_Y, minlength=num_x),

@@ -218,6 +218,17 @@ class Placement:
         return {"phy2log": self.phy2log_LR.copy(), "log2phy": padded_LEX, "logcnt": self.logcnt_LE.copy()}
 
 
+def slot_holdings(phy2log_LR: np.ndarray, slots_per_gpu: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The holdings (an expert's slots on one GPU) slot by slot. [L, R] -> (head_LGS, rank_LGS, size_LGS), each
+    [L, G, S]: the slot within its GPU of its holding's head (the lowest slot of that expert there), how many lower
+    slots of its GPU hold its expert (0: it is the head), and how many slots its holding has."""
+    num_layers, num_slots = phy2log_LR.shape
+    p2l_LGS = phy2log_LR.reshape(num_layers, num_slots // slots_per_gpu, slots_per_gpu)
+    same_LGSS = p2l_LGS[..., :, None] == p2l_LGS[..., None, :]
+    return (np.argmax(same_LGSS, axis=-1), (same_LGSS & np.tri(slots_per_gpu, k=-1, dtype=bool)).sum(axis=-1),
+            same_LGSS.sum(axis=-1))
+
+
 def shares_json(live_shares: bool) -> dict[str, str]:
     """The share mode as a placement record carries it: {"shares": "live"}, or nothing for planned shares."""
     return {"shares": "live"} if live_shares else {}

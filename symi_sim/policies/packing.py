@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from symi_sim.placement import slot_holdings
+
 
 def replica_experts(cnt_LE: np.ndarray) -> np.ndarray:
     """[L, E] replica counts (rows with equal sums R) -> [L, R] expert of every replica, expert-major order."""
@@ -288,12 +290,12 @@ def spread_duplicates(phy2log_LR: np.ndarray, load_LE: np.ndarray, slots_per_gpu
     The result holds every (expert, GPU) pair the input held, and more: under live shares with one budget per GPU
     (gpu capacity mode, dropless) a split can route an expert's tokens to any GPU holding it whatever its slots
     there, so a repeated slot adds nothing, and a new holding can only lower the busiest GPU and the drops.
+    Without a repeated slot the input itself comes back (so a caller can tell that nothing changed).
     """
     num_layers, num_slots = phy2log_LR.shape
     num_gpus = num_slots // slots_per_gpu
     expert_LGS = phy2log_LR.reshape(num_layers, num_gpus, slots_per_gpu).copy()
-    repeat_LGS = ((expert_LGS[..., :, None] == expert_LGS[..., None, :])
-                  & np.tri(slots_per_gpu, k=-1, dtype=bool)).any(axis=-1)
+    repeat_LGS = slot_holdings(phy2log_LR, slots_per_gpu)[1] > 0
     if not repeat_LGS.any():
         return phy2log_LR
     held_LGE = np.zeros((num_layers, num_gpus, load_LE.shape[1]), dtype=bool)

@@ -187,7 +187,7 @@ class SymiBalancedPolicy(Policy):
                                              num_nodes=cluster.num_nodes)
         live = self.shares == "live"
         if self.repeats == "spread" and self.capacity_mode == "gpu":
-            # step 4: a GPU's second slot of one expert adds nothing a live split can use; a new holding can
+            # step 4: a GPU's second slot of one expert gives a live split nothing; a new holding gives it an arc
             spread_LR = spread_duplicates(phy2log_LR, load_LE, cluster.slots_per_gpu)
             if spread_LR is not phy2log_LR:
                 phy2log_LR = spread_LR
