@@ -1,6 +1,7 @@
 """Live-split benchmark: time per `symi_sim.live_shares.live_split` call, beside the linear program's, and how close.
 
-    .venv/bin/python benchmarks/bench_live_shares.py [--repeats 200] [--draws 5] [--lp-draws 2] [--out DIR]
+    .venv/bin/python benchmarks/bench_live_shares.py [--repeats 200] [--draws 5] [--lp-draws 2] [--traffic-every 2]
+        [--out DIR]
 
 Shapes (one call splits all layers of one step):
   paper     12 layers x 16 experts on 16 GPUs x 4 slots; loads: steps of the shipped synthetic-drift trace
@@ -14,8 +15,13 @@ the same instances solved as the linear program (scipy.optimize.linprog, HiGHS, 
 splits; the time is the sum over the layers); the busiest GPU's load over the LP optimum, max over layers and draws
 (1.000 = the optimum; integer splits can sit one token above it); the mean imbalance (max / mean tokens per GPU) of
 planned shares and of the live split. Also the median time of scipy's max flow on a 3-node graph (the fixed cost of
-every flow of the split: the machine's speed at the time). Prints the table and writes bench_live_shares.csv / .json
-(the floor in its meta) to --out.
+every flow of the split: the machine's speed at the time).
+Traffic (the executor's shape: one call per layer; recorded-tiny-e16-top1, 16 experts, on 4 ranks x 8 slots, every
+--traffic-every-th step, each rank's recorded counts as the sources), dropless and gpu mode at factor 1.0: the share of
+the tokens sent off the rank that routed them under planned shares, the live split without and with the sources
+(`live_split(source_LEG=...)`), and the linear program's least at the live peak (dropless); the median time of one
+call without and with the sources. Prints the tables and writes bench_live_shares.csv / .json (the floor in its
+meta) and bench_live_shares_traffic.csv / .json to --out.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
 from symi_sim.policies import get_policy
-from symi_sim.routing import buffer_capacity_L, route
+from symi_sim.routing import buffer_capacity_L, remote_tokens_L, route
 from symi_sim.traces.format import read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,28 +135,102 @@ def bench_shape(shape: str, cluster: Cluster, loads: list[np.ndarray], *, repeat
     return rows
 
 
+def lp_least_remote(load_E: np.ndarray, source_EG: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int,
+                    peak: int) -> float:
+    """The fewest tokens any real split with every GPU <= peak sends off their GPU (holding h = (e, g) carries x_h,
+    l_h <= min(x_h, source[e, g]) of it local; max sum l_h)."""
+    num_gpus = phy2log_R.size // slots_per_gpu
+    hold = sorted({(int(e), p // slots_per_gpu) for p, e in enumerate(phy2log_R)})
+    num_h = len(hold)
+    a_ub = np.zeros((num_gpus + num_h, 2 * num_h))
+    a_eq = np.zeros((load_E.size, 2 * num_h))
+    for h, (e, g) in enumerate(hold):
+        a_ub[g, h] = 1.0
+        a_ub[num_gpus + h, [h, num_h + h]] = [-1.0, 1.0]
+        a_eq[e, h] = 1.0
+    result = linprog(np.r_[np.zeros(num_h), -np.ones(num_h)], A_ub=a_ub,
+                     b_ub=np.r_[np.full(num_gpus, float(peak)), np.zeros(num_h)], A_eq=a_eq, b_eq=load_E,
+                     bounds=[(0.0, None)] * num_h + [(0.0, float(source_EG[e, g])) for e, g in hold], method="highs")
+    return float(load_E.sum() + result.fun)
+
+
+def bench_traffic(trace_name: str, cluster: Cluster, *, every: int) -> list[dict]:
+    """The executor's shape: one call per layer, every rank's counts known (the trace's recorded per-rank counts).
+    Per mode, the share of the tokens sent off their rank (planned shares; the live split without and with the
+    sources; the LP's least at the live peak, dropless only) and the time of one live split without and with them."""
+    trace = read_trace(ROOT / "traces" / f"{trace_name}.parquet")
+    if trace.src_counts_SLEG is None or trace.src_counts_SLEG.shape[-1] != cluster.num_gpus:
+        raise ValueError(f"{trace_name} has no per-rank counts for {cluster.num_gpus} ranks")
+    policy = get_policy("symi-balanced")
+    slots = cluster.slots_per_gpu
+    rows = []
+    for mode, factor, capacity_mode in MODES[:2]:
+        remote = {"planned": 0, "live": 0, "sources": 0, "least": 0.0}
+        times_s: dict[str, list[float]] = {"live": [], "sources": []}
+        tokens = 0
+        for step in range(1, trace.num_steps, every):
+            planned = policy.plan(trace.counts_SLE[step - 1].astype(np.float64), cluster)
+            for layer in range(trace.num_layers):
+                one = planned.take_layers(slice(layer, layer + 1))
+                live = Placement(one.phy2log_LR, one.share_LR, one.num_experts, live_shares=True)
+                load_1E = trace.counts_SLE[step, layer][None, :].astype(np.int64)
+                source_1EG = trace.src_counts_SLEG[step, layer][None].astype(np.int64)
+                capacity_1 = None if factor is None else buffer_capacity_L(load_1E, load_1E.sum(axis=1), factor,
+                                                                          cluster.num_gpus)
+                split = {"planned": route(load_1E, one, slots_per_gpu=slots, capacity_factor=factor,
+                                          capacity_mode=capacity_mode).assigned_LR[0]}
+                for name, sources in (("live", None), ("sources", source_1EG)):
+                    start = time.perf_counter()
+                    split[name] = live_split(load_1E, live, slots_per_gpu=slots, capacity_mode=capacity_mode,
+                                             capacity_L=capacity_1, source_LEG=sources)[0]
+                    times_s[name].append(time.perf_counter() - start)
+                for name, assigned_R in split.items():
+                    remote[name] += int(remote_tokens_L(assigned_R[None], source_1EG, one.phy2log_LR, slots)[0])
+                if factor is None:
+                    peak = int(split["sources"].reshape(-1, slots).sum(axis=1).max())
+                    remote["least"] += lp_least_remote(load_1E[0].astype(np.float64), source_1EG[0],
+                                                       one.phy2log_LR[0], slots, peak)
+                tokens += int(load_1E.sum())
+        rows.append({"shape": f"executor: {trace_name}, 1 layer x {trace.num_experts} experts, "
+                              f"{cluster.num_gpus} ranks x {slots} slots", "mode": mode,
+                     "remote_planned": round(remote["planned"] / tokens, 4),
+                     "remote_live": round(remote["live"] / tokens, 4),
+                     "remote_live_sources": round(remote["sources"] / tokens, 4),
+                     "remote_lp_least": round(remote["least"] / tokens, 4) if factor is None else None,
+                     "live_median_ms": round(1e3 * float(np.median(times_s["live"][WARMUP_CALLS:])), 3),
+                     "live_sources_median_ms": round(1e3 * float(np.median(times_s["sources"][WARMUP_CALLS:])), 3)})
+        print_table(rows[-1:])   # progress
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per shape and mode")
     parser.add_argument("--draws", type=int, default=5, help="steps (draws) per shape")
     parser.add_argument("--lp-draws", type=int, default=2, help="steps solved as linear programs too")
+    parser.add_argument("--traffic-every", type=int, default=2,
+                        help="traffic rows: every N-th step of the recorded trace (each layer one call)")
     add_out_option(parser, "bench_live_shares")
     args = parser.parse_args()
-    if args.repeats < 1 or args.draws < 1 or not 0 <= args.lp_draws <= args.draws:
-        parser.error("--repeats and --draws must be positive, --lp-draws between 0 and --draws")
+    if args.repeats < 1 or args.draws < 1 or args.traffic_every < 1 or not 0 <= args.lp_draws <= args.draws:
+        parser.error("--repeats, --draws and --traffic-every must be positive, --lp-draws between 0 and --draws")
     drift = read_trace(ROOT / "traces" / "synthetic-drift.parquet")
     shapes = {"paper": (load_cluster("paper-a100-16"), [drift.counts_SLE[s] for s in range(args.draws + 1)]),
               "deepseek": (load_cluster("h100-8x8"), deepseek_steps(args.draws + 1))}
     rows = []
     for shape, (cluster, loads) in shapes.items():
         rows.extend(bench_shape(shape, cluster, loads, repeats=args.repeats, lp_draws=args.lp_draws))
+    traffic = bench_traffic("recorded-tiny-e16-top1", Cluster(name="1x4x8", num_nodes=1, gpus_per_node=4,
+                                                              slots_per_gpu=8), every=args.traffic_every)
     floor_ms = scipy_floor_ms(args.repeats)
     print()  # noqa: T201
     print_table(rows)
+    print_table(traffic)
     print(f"scipy max flow on a 3-node graph (the fixed cost of each flow): {floor_ms} ms")  # noqa: T201
     target = out_dir(args.out, "bench_live_shares")
     target.mkdir(parents=True, exist_ok=True)
     write_results(target, "bench_live_shares", rows, args, scipy_floor_ms=floor_ms)
+    write_results(target, "bench_live_shares_traffic", traffic, args, scipy_floor_ms=floor_ms)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ B blocks of a receive buffer (G*S: one per source rank and local slot), C blocks
 per local slot, one per source rank and its padding).
 
 Which replica serves which token (identical on every rank, computed from the all-gathered counts):
-  1. How many per slot: `symi_sim.routing.split_tokens` of the GLOBAL counts, assigned_R (so per-slot counts are
-     exactly the simulator's).
+  1. How many per slot: `symi_sim.routing.route` of the GLOBAL counts, assigned_R (so per-slot counts are exactly
+     the simulator's): the planned shares, or with live shares the live split, which is also given every rank's
+     counts and, among its optimal splits, prefers one that keeps tokens on the rank that routed them.
   2. How many from each source rank, locality first (`locality_transport_GR`): every slot takes min(its assigned
      count, the tokens of its expert that its own rank has left), the slots of one expert on one rank in ascending
      slot order; then, per expert, the tokens still left (by source rank) fill the slots' remaining counts in
@@ -69,8 +70,10 @@ def plan_dispatch(count_GE: np.ndarray, placement: Placement, *, slots_per_rank:
         raise ValueError("the executor does not run shadowed (FasterMoE) experts yet")
     count_GE = np.asarray(count_GE, dtype=np.int64)
     global_E = count_GE.sum(axis=0)
+    # live shares prefer, among the optimal splits, one that keeps tokens on the rank that routed them
     routing = route(global_E[None, :], placement, slots_per_gpu=slots_per_rank, capacity_factor=capacity_factor,
-                    capacity_mode=capacity_mode, num_assignments_L=np.array([global_E.sum()]))
+                    capacity_mode=capacity_mode, num_assignments_L=np.array([global_E.sum()]),
+                    source_LEG=count_GE.T[None])
     assigned_R = routing.assigned_LR[0]
     served_R = routing.served_LR[0]
     phy2log_R = placement.phy2log_LR[0]

@@ -112,11 +112,15 @@ def split_tokens(load_LE: np.ndarray, placement: Placement) -> np.ndarray:
 
 
 def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capacity_factor: float | None = 1.0,
-          capacity_mode: str = "slot", num_assignments_L: np.ndarray | None = None) -> Routing:
+          capacity_mode: str = "slot", num_assignments_L: np.ndarray | None = None,
+          source_LEG: np.ndarray | None = None) -> Routing:
     """Route one step's expert loads through a placement.
 
     load_LE: [L, E] tokens routed to each expert (integers >= 0); capacity_factor None means dropless.
     num_assignments_L: [L] k x tokens, the capacity reference (default: load_LE.sum(1)).
+    source_LEG: [L, E, G] the tokens of each expert that each GPU sends (optional): a placement with live shares
+    then prefers, among its optimal splits, one that keeps tokens on their sender (symi_sim.live_shares); the
+    busiest GPU and the tokens served are the same either way. Planned shares ignore it.
     """
     check_choice(capacity_mode, "capacity mode", CAPACITY_MODES)
     check_number(capacity_factor, "capacity factor", low=0, low_open=True, optional=True)
@@ -148,7 +152,7 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
         from symi_sim.live_shares import live_split
 
         assigned_LR = live_split(load_LE, placement, slots_per_gpu=slots_per_gpu, capacity_mode=capacity_mode,
-                                 capacity_L=cap_L)
+                                 capacity_L=cap_L, source_LEG=source_LEG)
     else:
         assigned_LR = split_tokens(load_LE, placement)
     shadow_LG = shadow_spread_LG(load_LE, placement.shadow_LE, num_gpus)
@@ -167,6 +171,22 @@ def route(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int, capa
     gpu_load_LG = assigned_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
     gpu_served_LG = served_LR.reshape(num_layers, num_gpus, slots_per_gpu).sum(axis=2) + shadow_LG
     return Routing(assigned_LR, served_LR, shadow_LG, dropped_LE, gpu_load_LG, gpu_served_LG, num_assignments_L)
+
+
+def remote_tokens_L(assigned_LR: np.ndarray, source_LEG: np.ndarray, phy2log_LR: np.ndarray,
+                    slots_per_gpu: int) -> np.ndarray:
+    """[L] int64 tokens a split sends off the GPU that routed them, per layer.
+
+    assigned_LR [L, R]: tokens per slot; source_LEG [L, E, G]: each expert's tokens by the GPU that routed them. An
+    (expert, GPU) holding keeps min(its tokens, what that GPU routed to the expert) on the GPU, the most any dispatch
+    can (the executor's locality-first dispatch keeps exactly that); every other token travels.
+    """
+    num_layers, num_experts, num_gpus = source_LEG.shape
+    held_LEG = np.zeros(source_LEG.shape, dtype=np.int64)
+    layer_LR = np.broadcast_to(np.arange(num_layers)[:, None], phy2log_LR.shape)
+    gpu_LR = np.broadcast_to(np.arange(phy2log_LR.shape[1])[None, :] // slots_per_gpu, phy2log_LR.shape)
+    np.add.at(held_LEG, (layer_LR, phy2log_LR, gpu_LR), assigned_LR)
+    return source_LEG.sum(axis=(1, 2)) - np.minimum(held_LEG, source_LEG).sum(axis=(1, 2))
 
 
 def shadow_spread_LG(load_LE: np.ndarray, shadow_LE: np.ndarray | None, num_gpus: int) -> np.ndarray:

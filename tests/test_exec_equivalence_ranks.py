@@ -68,10 +68,12 @@ def keep_mask(expert_NK: torch.Tensor, phy2log_R: np.ndarray, share_R: np.ndarra
     expert_GA = expert_NK.reshape(num_ranks, num_tokens // num_ranks * top_k).numpy()
     count_E = np.bincount(expert_GA.reshape(-1), minlength=num_experts)
     placement = Placement(phy2log_R[None, :], share_R[None, :], num_experts, live_shares=live_shares)
-    routing = route(count_E[None, :], placement, slots_per_gpu=slots_per_rank, capacity_factor=capacity_factor,
-                    capacity_mode=capacity_mode, num_assignments_L=np.array([count_E.sum()]))
-    assigned_R, served_R = routing.assigned_LR[0], routing.served_LR[0]
     count_GE = [[int((row == e).sum()) for e in range(num_experts)] for row in expert_GA]
+    # a live split knows every rank's counts (it keeps tokens on their rank where the optimum allows)
+    routing = route(count_E[None, :], placement, slots_per_gpu=slots_per_rank, capacity_factor=capacity_factor,
+                    capacity_mode=capacity_mode, num_assignments_L=np.array([count_E.sum()]),
+                    source_LEG=np.array(count_GE).T[None])
+    assigned_R, served_R = routing.assigned_LR[0], routing.served_LR[0]
     split = locality_counts(count_GE, phy2log_R.tolist(), assigned_R.tolist(), slots_per_rank)
     kept_GA = np.zeros(expert_GA.shape, dtype=bool)
     for slot, parts in enumerate(pieces(list(expert_GA), phy2log_R.tolist(), split)):

@@ -1,9 +1,10 @@
 """`symi train` with live shares (symi-balanced:shares=live): every MoE layer splits its tokens from the all-gathered
 counts by the live rule. On 2 and 4 gloo ranks (float64): dropless training equals the single-process model; with
-drops, the dropped assignments equal the simulator's route() of the recorded counts through the live placement, per
-step, layer and expert, and training equals a single-process reference that drops the same assignments; the bytes
-of every step are those of planned shares except the tokens' own all-to-alls, which move exactly the rows the live
-split sends to other ranks (no extra collective); checkpoints resume with live shares, bit-identical."""
+drops, the dropped assignments equal the simulator's route() of the recorded counts (per rank: the split prefers
+keeping tokens on their rank) through the live placement, per step, layer and expert, and training equals a
+single-process reference that drops the same assignments; the bytes of every step are those of planned shares
+except the tokens' own all-to-alls, which move exactly the rows the live split sends to other ranks (no extra
+collective); checkpoints resume with live shares, bit-identical."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def test_dropless_live_training_matches_single_process_and_adds_no_collective(tm
     assert [r["phy2log"] for r in _records(Path(planned_config.out))] == [r["phy2log"] for r in records]
     row_bytes = config.model_config().d_model * 8   # float64 activations
     differs = 0
+    remote_by_split = {"sources": 0, "no sources": 0}
     for step, record in enumerate(records):
         # no extra collective: the counts' all-gather and all the weight and gradient traffic are unchanged
         for kind in OTHER_KINDS:
@@ -84,16 +86,27 @@ def test_dropless_live_training_matches_single_process_and_adds_no_collective(tm
         # the tokens' all-to-alls move what each split sends to other ranks, counted here by hand
         for live, step_rows in ((True, rows[step]), (False, planned_rows[step])):
             placement = _placement(record, config.num_experts, live)
-            routing = route(trace.counts_SLE[step], placement, slots_per_gpu=slots, capacity_factor=None)
+            # the executor's split knows each rank's counts (the same all-gather), and prefers keeping tokens local
+            routing = route(trace.counts_SLE[step], placement, slots_per_gpu=slots, capacity_factor=None,
+                            source_LEG=trace.src_counts_SLEG[step])
             remote = sum(remote_rows(trace.src_counts_SLEG[step, layer].T, placement.phy2log_LR[layer],
                                      routing.assigned_LR[layer], slots) for layer in range(trace.num_layers))
             for kind in TOKEN_KINDS:
                 assert step_rows[f"bytes_{kind}"] == remote * row_bytes, (step, live, kind)
             if live:
                 live_assigned = routing.assigned_LR
+                blind = route(trace.counts_SLE[step], placement, slots_per_gpu=slots, capacity_factor=None)
+                np.testing.assert_array_equal(blind.gpu_load_LG.max(axis=1), routing.gpu_load_LG.max(axis=1))
+                remote_by_split["sources"] += remote
+                remote_by_split["no sources"] += sum(
+                    remote_rows(trace.src_counts_SLEG[step, layer].T, placement.phy2log_LR[layer],
+                                blind.assigned_LR[layer], slots) for layer in range(trace.num_layers))
             else:
                 differs += int((live_assigned != routing.assigned_LR).any())
     assert differs > 0   # the live split really differed from the planned shares
+    # as balanced as the split that ignores the sources, sending no more tokens to other ranks here (the strict gain
+    # and its distance from the least-traffic optimum: tests/test_live_shares.py)
+    assert remote_by_split["sources"] <= remote_by_split["no sources"], remote_by_split
 
 
 # slot mode: an expert that overflows all its replicas splits evenly either way, so a milder skew leaves some to
@@ -113,7 +126,7 @@ def test_live_drops_equal_the_simulators_and_training_matches_the_dropping_refer
         assert record["shares"] == "live"
         predicted = route(trace.counts_SLE[step], _placement(record, config.num_experts, True),
                           slots_per_gpu=config.slots_per_rank, capacity_factor=factor, capacity_mode=mode,
-                          num_assignments_L=assignments_L)
+                          num_assignments_L=assignments_L, source_LEG=trace.src_counts_SLEG[step])
         np.testing.assert_array_equal(np.array(record["dropped"]), predicted.dropped_LE)
         assert rows[step]["dropped_fraction"] == pytest.approx(predicted.dropped_fraction, abs=1e-12)
         total_dropped += predicted.dropped_LE.sum()

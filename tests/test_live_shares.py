@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.optimize import linprog
 
 from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
-from symi_sim.routing import route
+from symi_sim.routing import remote_tokens_L, route
 
 
 def live(phy2log_LR: np.ndarray, num_experts: int) -> Placement:
@@ -240,3 +246,106 @@ def test_placement_json_keeps_the_share_mode() -> None:
     assert "shares" not in Placement.even(np.array([[0, 1, 0, 2]]), 3).to_json_dict()
     with pytest.raises(ValueError, match="shares"):
         Placement.from_json_dict({**data, "shares": "sometimes"})
+
+
+def lp_least_remote(w_E: np.ndarray, source_EG: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int,
+                    peak: int) -> float:
+    """The fewest tokens any real split with every GPU <= peak sends off their GPU: holdings h = (e, g) carry x_h,
+    of which l_h <= min(x_h, source[e, g]) stay local; max sum l_h."""
+    num_gpus = phy2log_R.size // slots_per_gpu
+    hold = sorted({(int(e), p // slots_per_gpu) for p, e in enumerate(phy2log_R)})
+    num_h = len(hold)
+    c = np.concatenate([np.zeros(num_h), -np.ones(num_h)])
+    a_ub = np.zeros((num_gpus + num_h, 2 * num_h))
+    for h, (_, g) in enumerate(hold):
+        a_ub[g, h] = 1.0
+        a_ub[num_gpus + h, [h, num_h + h]] = [-1.0, 1.0]
+    a_eq = np.zeros((w_E.size, 2 * num_h))
+    for h, (e, _) in enumerate(hold):
+        a_eq[e, h] = 1.0
+    bounds = [(0.0, None)] * num_h + [(0.0, float(source_EG[e, g])) for e, g in hold]
+    result = linprog(c, A_ub=a_ub, b_ub=np.r_[np.full(num_gpus, float(peak)), np.zeros(num_h)], A_eq=a_eq,
+                     b_eq=w_E, bounds=bounds, method="highs")
+    assert result.status == 0
+    return float(w_E.sum() + result.fun)
+
+
+def random_sources(w_E: np.ndarray, num_gpus: int, rng: np.random.Generator) -> np.ndarray:
+    """[E, G] each expert's tokens over the GPUs that routed them, skewed per expert."""
+    return np.stack([rng.multinomial(w, rng.dirichlet(np.full(num_gpus, 0.7))) for w in w_E]).astype(np.int64)
+
+
+def test_sources_keep_tokens_local_where_the_optimum_leaves_room() -> None:
+    # GPU 0 holds expert 0 alone (10 tokens: T* = 10); expert 1 (8 tokens) on GPUs 1 and 2, routed 6 by GPU 1 and
+    # 2 by GPU 2: any split of expert 1 is optimal, and 6 / 2 keeps all of them where they were routed
+    phy2log_LR, load_LE = np.array([[0, 1, 1]]), np.array([[10, 8]])
+    source_LEG = np.array([[[10, 0, 0], [0, 6, 2]]])
+    x = live_split(load_LE, live(phy2log_LR, 2), slots_per_gpu=1, source_LEG=source_LEG)
+    assert x.tolist() == [[10, 6, 2]]
+    # where the optimum needs remote tokens: GPUs 0 | 1 | 2 hold experts 0, 3 | 1, 2 | 1, 3; experts 0 (10 tokens)
+    # and 2 (5) are held once, so T* = 10 and expert 3 (4, all routed by GPU 0) must go to GPU 2; expert 1 (8, all
+    # routed by GPU 1) keeps 5 there, as many as GPU 1's room, and sends 3 to GPU 2
+    x = live_split(np.array([[10, 8, 5, 4]]), live([[0, 3, 1, 2, 1, 3]], 4), slots_per_gpu=2,
+                   source_LEG=np.array([[[10, 0, 0], [0, 8, 0], [0, 5, 0], [4, 0, 0]]]))
+    assert x.tolist() == [[10, 0, 5, 5, 3, 4]]
+
+
+@pytest.mark.parametrize("capacity_mode,factor", [("dropless", None), ("gpu", 0.9), ("gpu", 1.1), ("slot", 1.0)])
+def test_sources_change_no_optimum_and_cut_traffic_to_near_the_least(capacity_mode: str, factor: float | None
+                                                                     ) -> None:
+    rng = np.random.default_rng(21)
+    remote = {"sources": 0, "blind": 0, "least": 0.0}
+    for w_E, phy2log_R, slots_per_gpu in instances(80, 13):
+        num_gpus = phy2log_R.size // slots_per_gpu
+        source_EG = random_sources(w_E, num_gpus, rng)
+        buffers = phy2log_R.size if capacity_mode == "slot" else num_gpus
+        kwargs = {"slots_per_gpu": slots_per_gpu, "capacity_factor": factor,
+                  "capacity_mode": "slot" if capacity_mode == "slot" else "gpu"}
+        placement = live(phy2log_R[None, :], w_E.size)
+        blind = route(w_E[None, :], placement, **kwargs)
+        local = route(w_E[None, :], placement, source_LEG=source_EG[None], **kwargs)
+        check_split(local.assigned_LR[0], w_E, phy2log_R)
+        # the same busiest GPU and the same tokens served: sources only choose among optimal splits
+        assert local.gpu_load_LG.max() == blind.gpu_load_LG.max(), (w_E, phy2log_R, buffers)
+        assert local.dropped_LE.sum() == blind.dropped_LE.sum()
+        remote["sources"] += remote_tokens_L(local.assigned_LR, source_EG[None], phy2log_R[None], slots_per_gpu)[0]
+        remote["blind"] += remote_tokens_L(blind.assigned_LR, source_EG[None], phy2log_R[None], slots_per_gpu)[0]
+        if capacity_mode == "dropless":
+            remote["least"] += lp_least_remote(w_E.astype(float), source_EG, phy2log_R, slots_per_gpu,
+                                               int(local.gpu_load_LG.max()))
+    assert remote["sources"] < remote["blind"], remote
+    if capacity_mode == "dropless":
+        assert remote["least"] - 1e-6 <= remote["sources"] <= 1.01 * remote["least"], remote
+
+
+def test_remote_tokens_count_what_leaves_the_routing_gpu() -> None:
+    # GPUs 0 | 1 hold experts 0, 1 | 0, 1. Expert 0 takes 4 / 6, routed 7 by GPU 0 and 3 by GPU 1: 4 + 3 stay, 3
+    # travel; expert 1 takes 0 / 2, both routed by GPU 0: both travel
+    assigned_LR, phy2log_LR = np.array([[4, 0, 6, 2]]), np.array([[0, 1, 0, 1]])
+    source_LEG = np.array([[[7, 3], [2, 0]]])
+    assert remote_tokens_L(assigned_LR, source_LEG, phy2log_LR, 2).tolist() == [5]
+    # two slots of expert 0 on GPU 0 (slots 0, 1) hold 4 together
+    assert remote_tokens_L(np.array([[1, 3, 6, 0]]), np.array([[[4, 6], [0, 0]]]), np.array([[0, 0, 0, 1]]),
+                           2).tolist() == [0]
+
+
+def test_sources_must_match_the_loads() -> None:
+    with pytest.raises(ValueError, match="source counts"):
+        live_split(np.array([[4, 2]]), live([[0, 1, 0, 1]], 2), slots_per_gpu=2,
+                   source_LEG=np.array([[[2, 1], [1, 1]]]))
+
+
+def test_bench_live_shares_quick_run_writes_time_and_traffic_tables(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_live_shares.py"), "--repeats", "2", "--draws", "1",
+                    "--lp-draws", "1", "--traffic-every", "50", "--out", str(tmp_path)], cwd=tmp_path, check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    timing = json.loads((tmp_path / "bench_live_shares.json").read_text())
+    assert [(r["shape"], r["mode"]) for r in timing["results"]] == [
+        (shape, mode) for shape in ("paper", "deepseek") for mode in ("dropless", "gpu", "slot")]
+    assert timing["meta"]["scipy_floor_ms"] > 0
+    traffic = json.loads((tmp_path / "bench_live_shares_traffic.json").read_text())["results"]
+    assert [r["mode"] for r in traffic] == ["dropless", "gpu"]
+    for row in traffic:
+        assert 0 < row["remote_live_sources"] < row["remote_live"] <= 1
+    assert traffic[0]["remote_lp_least"] <= traffic[0]["remote_live_sources"] + 1e-9

@@ -17,7 +17,8 @@ target, and the executor's step time and drops on a skewed training run.
    and the six policies above.
 3. Executor (`symi train`, 4 gloo ranks on CPU): the `tiny` model with 16 experts, 8 slots per rank, top-1,
    aux-loss coefficient 1e-5 (skewed routing), capacity factor 1.0 in gpu mode, symi-balanced planned,
-   shares=live and shares=live:repeats=spread on the same seed and data, --train-repeats runs each
+   shares=live and shares=live:repeats=spread (whose split is given every rank's counts, and keeps tokens on their
+   rank where the optimum allows) on the same seed and data, --train-repeats runs each
    (alternating); median step time after 5 warm-up steps (median over the runs), dropped fraction, imbalance, and
    the bytes per step of every kind (the counts' exchange and the dense all-reduce are equal: live shares add no
    collective; spread repeats add expert-state traffic).
