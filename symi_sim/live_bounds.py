@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# expert pairs held in one dense table up to this many (the paper's shape: about 130 flow experts, 17,000 pairs);
+# beyond, only the pairs that share a GPU (sorted)
+DENSE_PAIRS = 2 ** 18
+
 
 def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np.ndarray, layer_X: np.ndarray,
                   fixed_LG: np.ndarray, *, prefixes: bool = False, local_steps: int = 3) -> np.ndarray:
@@ -48,7 +52,7 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     rest_Y = rest_X[x_Y]
     # each GPU alone
     must_G = base_L[layer_G] + fixed_G + np.bincount(gpu_Y, weights=_gain(rest_Y, 0.0, cap_Y), minlength=fixed_G.size)
-    best_L = _ceil_div(must_G, 1).reshape(num_layers, num_gpus).max(axis=1)
+    best_L = must_G.reshape(num_layers, num_gpus).max(axis=1).astype(np.int64)   # sums of integers: exact
     best_L = np.maximum(best_L, _expert_sets_bound_L(x_Y, gpu_Y, cap_Y, rest_X, layer_X, base_L, fixed_G))
     best_L = np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
     if not prefixes:
@@ -56,14 +60,16 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
 
     # prefixes by what can land on each GPU: an expert's term changes at each GPU of it, in the GPUs' order
     score_G = fixed_G + np.bincount(gpu_Y, weights=cap_Y, minlength=fixed_G.size)
-    order_G = np.lexsort((-score_G, layer_G))                      # per layer, the GPUs by descending score
+    # per layer, the GPUs by descending score (integers below 2^32: one int64 key, ties to the lower GPU)
+    order_G = np.argsort(layer_G * 2 ** 32 - score_G.astype(np.int64), kind="stable")
     rank_G = np.empty(fixed_G.size, dtype=np.int64)
     rank_G[order_G] = np.arange(fixed_G.size)                      # position over all layers: layer * G + rank
-    by_rank = np.lexsort((rank_G[gpu_Y], x_Y))                     # per expert, its arcs in the GPUs' order
+    by_rank = np.argsort(x_Y * fixed_G.size + rank_G[gpu_Y], kind="stable")   # per expert, its arcs in that order
     cap_sorted = cap_Y[by_rank]
     x_sorted = x_Y[by_rank]
     cum = np.cumsum(cap_sorted)
-    first = np.searchsorted(x_sorted, x_sorted)
+    count_X = np.bincount(x_Y, minlength=w_X.size)
+    first = (np.cumsum(count_X) - count_X)[x_sorted]
     inside_sorted = cum - cap_sorted - (cum[first] - cap_sorted[first])   # the expert's capacity at GPUs ranked above
     change_R = np.bincount(rank_G[gpu_Y[by_rank]], weights=_gain(rest_Y[by_rank], inside_sorted, cap_sorted),
                            minlength=fixed_G.size)
@@ -107,14 +113,22 @@ def _expert_sets_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, 
                          layer_X: np.ndarray, base_L: np.ndarray, fixed_G: np.ndarray) -> np.ndarray:
     """[L] the bound of N(a), the GPUs of expert a, for every flow expert a: over the pairs (arc of a, arc of b) at one
     GPU, b's capacity inside N(a) (arcs come in GPU order, so an arc's partners are a run of neighbours)."""
-    start_Y = np.searchsorted(gpu_Y, gpu_Y, side="left")
-    degree_Y = np.searchsorted(gpu_Y, gpu_Y, side="right") - start_Y
+    count_G = np.bincount(gpu_Y, minlength=fixed_G.size)
+    start_Y = (np.cumsum(count_G) - count_G)[gpu_Y]
+    degree_Y = count_G[gpu_Y]
     first_P = np.repeat(np.arange(x_Y.size), degree_Y)
     second_P = np.arange(first_P.size) - np.repeat(np.cumsum(degree_Y) - degree_Y - start_Y, degree_Y)
-    pair_Q, q_P = np.unique(x_Y[first_P] * rest_X.size + x_Y[second_P], return_inverse=True)
-    inside_Q = np.bincount(q_P, weights=cap_Y[second_P], minlength=pair_Q.size)
-    gain_Q = _gain(rest_X[pair_Q % rest_X.size], 0.0, inside_Q)
-    must_X = base_L[layer_X] + np.bincount(pair_Q // rest_X.size, weights=gain_Q, minlength=rest_X.size)
+    num_x = rest_X.size
+    pair_P = x_Y[first_P] * num_x + x_Y[second_P]
+    if num_x * num_x <= DENSE_PAIRS:
+        # few experts: every pair in one [X, X] table (a pair that shares no GPU has nothing inside, no gain)
+        inside_XX = np.bincount(pair_P, weights=cap_Y[second_P], minlength=num_x * num_x).reshape(num_x, num_x)
+        gain_X = _gain(rest_X[None, :], 0.0, inside_XX).sum(axis=1)
+    else:
+        pair_Q, q_P = np.unique(pair_P, return_inverse=True)
+        inside_Q = np.bincount(q_P, weights=cap_Y[second_P], minlength=pair_Q.size)
+        gain_X = np.bincount(pair_Q // num_x, weights=_gain(rest_X[pair_Q % num_x], 0.0, inside_Q), minlength=num_x)
+    must_X = base_L[layer_X] + gain_X
     must_X += np.bincount(x_Y, weights=fixed_G[gpu_Y], minlength=rest_X.size)
     bound_X = _ceil_div(must_X, np.bincount(x_Y, minlength=rest_X.size))
     best_L = np.zeros(base_L.size, dtype=np.int64)

@@ -93,8 +93,8 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
     # holdings: the replicas of one expert on one GPU; the first of them (in slot order) is the holding's head
     head_LGS, rank_LGS, size_LGS = slot_holdings(phy2log_LR, slots_per_gpu)
     is_head_LR = (rank_LGS == 0).reshape(num_layers, num_slots)
-    num_gpus_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
-    np.add.at(num_gpus_LE, (np.broadcast_to(rows_L1, phy2log_LR.shape)[is_head_LR], phy2log_LR[is_head_LR]), 1)
+    num_gpus_LE = np.bincount((rows_L1 * num_experts + phy2log_LR)[is_head_LR],
+                              minlength=num_layers * num_experts).reshape(num_layers, num_experts)
     load_LR = np.take_along_axis(load_LE, phy2log_LR, axis=1)
     gpus_LR = np.take_along_axis(num_gpus_LE, phy2log_LR, axis=1)
 
@@ -140,13 +140,20 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     GPU (None: none); slot_caps: the arcs carry slot mode's caps; local_Y: the tokens of the arc's expert that its
     GPU sent (None: no preference)."""
     num_layers, num_gpus = fixed_LG.shape
+    # flow experts in (layer, expert) order; by_x: the arcs by expert, each expert's in GPU order
     le_Y = layer_Y * num_experts + expert_Y
-    le_X, x_Y = np.unique(le_Y, return_inverse=True)
+    by_x = np.argsort(le_Y, kind="stable")
+    sorted_Y = le_Y[by_x]
+    new_Y = np.ones(le_Y.size, dtype=bool)   # where a new expert starts in that order
+    np.not_equal(sorted_Y[1:], sorted_Y[:-1], out=new_Y[1:])
+    x_Y = np.empty(le_Y.size, dtype=np.int64)
+    x_Y[by_x] = np.cumsum(new_Y) - 1
+    le_X = sorted_Y[new_Y]
     w_X = np.zeros(le_X.size, dtype=np.int64)
     w_X[x_Y] = w_Y
     layer_X = le_X // num_experts
     tokens_L = np.bincount(layer_X, weights=w_X, minlength=num_layers).astype(np.int64)
-    net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus)
+    net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus, by_x=by_x)
     t_L = lower_bound_L(x_Y, net.g_Y, cap_Y, w_X, layer_X, fixed_LG, prefixes=slot_caps)
     active_L = tokens_L > 0
     flow_Y = np.zeros(w_Y.size, dtype=np.int64)
@@ -225,13 +232,14 @@ class _Network:
     columns of every row ascend because experts come before GPUs and arcs come in (layer, GPU) order."""
 
     def __init__(self, x_Y: np.ndarray, gpu_Y: np.ndarray, layer_Y: np.ndarray, layer_X: np.ndarray, *,
-                 num_layers: int, num_gpus: int) -> None:
+                 num_layers: int, num_gpus: int, by_x: np.ndarray | None = None) -> None:
         self.layer_X, self.layer_Y, self.x_Y, self.gpu_Y = layer_X, layer_Y, x_Y, gpu_Y
         self.num_layers, self.num_gpus = num_layers, num_gpus
         num_x, num_y, num_g = layer_X.size, x_Y.size, num_layers * num_gpus
         self.num_nodes = 2 + num_x + num_g
         self.g_Y = g_Y = layer_Y * num_gpus + gpu_Y       # each arc's GPU, flat over layers
-        by_x = np.argsort(x_Y, kind="stable")             # per expert, its arcs in GPU order
+        if by_x is None:
+            by_x = np.argsort(x_Y, kind="stable")         # per expert, its arcs in GPU order
         by_g = np.argsort(g_Y * num_x + x_Y)              # per GPU, its arcs in expert order
         row_sizes = np.concatenate([[num_x, num_g], 1 + np.bincount(x_Y, minlength=num_x),
                                     1 + np.bincount(g_Y, minlength=num_g)])
@@ -239,11 +247,13 @@ class _Network:
         x_start_X, g_start_G = self.indptr[2:2 + num_x], self.indptr[2 + num_x:-1]
         self.pos_source_X = np.arange(num_x)
         self.pos_sink_G = g_start_G
+        # the i-th arc in expert order sits after the X + G arcs of the first two rows, the x + 1 reverse source
+        # arcs of its own and earlier experts' rows, and the i arcs before it; likewise in GPU order after the rows
+        # of the source, the sink and all experts (2X + G + Y) and g + 1 sink arcs
         self.pos_forward_Y = np.empty(num_y, dtype=np.int64)
-        self.pos_forward_Y[by_x] = x_start_X[x_Y[by_x]] + 1 + (np.arange(num_y) - np.searchsorted(x_Y[by_x], x_Y[by_x]))
-        sorted_g_Y = g_Y[by_g]
+        self.pos_forward_Y[by_x] = num_x + num_g + 1 + x_Y[by_x] + np.arange(num_y)
         self.pos_back_Y = np.empty(num_y, dtype=np.int64)
-        self.pos_back_Y[by_g] = g_start_G[sorted_g_Y] + 1 + (np.arange(num_y) - np.searchsorted(sorted_g_Y, sorted_g_Y))
+        self.pos_back_Y[by_g] = 2 * num_x + num_g + num_y + 1 + g_Y[by_g] + np.arange(num_y)
         indices = np.empty(self.indptr[-1], dtype=np.int32)
         indices[:num_x] = 2 + np.arange(num_x)
         indices[num_x:num_x + num_g] = 2 + num_x + np.arange(num_g)
@@ -253,6 +263,7 @@ class _Network:
         indices[self.pos_back_Y] = 2 + x_Y
         self.indices = indices
         self.shape = (self.num_nodes, self.num_nodes)
+        self.graph = csr_matrix((np.zeros(indices.size, dtype=np.int32), indices, self.indptr), shape=self.shape)
 
     def max_flow(self, source_X: np.ndarray, cap_Y: np.ndarray, sink_LG: np.ndarray, *,
                  back_Y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -264,8 +275,8 @@ class _Network:
         cap_Z[self.pos_sink_G] = sink_LG.reshape(-1)
         if back_Y is not None:
             cap_Z[self.pos_back_Y] = back_Y
-        flow = maximum_flow(csr_matrix((cap_Z, self.indices, self.indptr), shape=self.shape), SOURCE, SINK,
-                            method="dinic").flow
+        self.graph.data = cap_Z   # the structure was checked once; only the capacities change
+        flow = maximum_flow(self.graph, SOURCE, SINK, method="dinic").flow
         if not (np.array_equal(flow.indptr, self.indptr) and np.array_equal(flow.indices, self.indices)):
             raise AssertionError("live split: the flow does not have the network's structure")
         flow_Z = np.asarray(flow.data, dtype=np.int64)

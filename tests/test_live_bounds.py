@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 
+from symi_sim import live_bounds
 from symi_sim.live_bounds import lower_bound_L
 
 BIG = 2 ** 31 - 1   # an uncapped arc, as the live split passes it
@@ -91,3 +93,18 @@ def test_each_kind_of_set_is_found() -> None:
     # a connected part: two experts chained over GPUs 0-2 with 30 tokens each -> 20
     arcs = [[(0, 0, BIG), (0, 1, BIG), (1, 1, BIG), (1, 2, BIG)]]
     assert call(arcs, [[30, 30]], fixed)[0] == 20
+
+
+def test_dense_and_sorted_expert_pairs_give_the_same_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # few flow experts take the pairs from one dense table, many from the sorted pairs that share a GPU: the same sums
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        num_layers, num_gpus = int(rng.integers(1, 6)), int(rng.integers(2, 9))
+        layers = [random_layer(rng, num_gpus) for _ in range(num_layers)]
+        arcs, w = [a for a, _ in layers], [t for _, t in layers]
+        fixed_LG = rng.integers(0, 300, (num_layers, num_gpus))
+        dense = [call(arcs, w, fixed_LG, prefixes=prefixes) for prefixes in (False, True)]
+        with monkeypatch.context() as patch:
+            patch.setattr(live_bounds, "DENSE_PAIRS", 0)
+            for prefixes, want in zip((False, True), dense, strict=True):
+                assert np.array_equal(call(arcs, w, fixed_LG, prefixes=prefixes), want)
