@@ -78,10 +78,11 @@ def live_split(load_LE: np.ndarray, placement: Placement, *, slots_per_gpu: int,
                          f"do not fit a placement of {num_layers} layers and {num_experts} experts")
     if source_LEG is not None:
         source_LEG = np.asarray(source_LEG, dtype=np.int64)
-        if source_LEG.shape != (num_layers, num_experts, num_gpus) or not np.array_equal(source_LEG.sum(axis=2),
-                                                                                           load_LE):
+        if (source_LEG.shape != (num_layers, num_experts, num_gpus) or (source_LEG < 0).any()
+                or not np.array_equal(source_LEG.sum(axis=2), load_LE)):
             raise ValueError(f"live split: source counts of shape {source_LEG.shape} must be [layers, experts, GPUs] "
-                             f"= {(num_layers, num_experts, num_gpus)} and sum to the loads over the GPUs")
+                             f"= {(num_layers, num_experts, num_gpus)}, non-negative, and sum to the loads over the "
+                             "GPUs")
     rows_L1 = np.arange(num_layers)[:, None]
     fixed_LG = shadow_spread_LG(load_LE, placement.shadow_LE, num_gpus)
     if placement.shadow_LE is not None:

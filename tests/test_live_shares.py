@@ -329,10 +329,11 @@ def test_remote_tokens_count_what_leaves_the_routing_gpu() -> None:
                            2).tolist() == [0]
 
 
-def test_sources_must_match_the_loads() -> None:
+@pytest.mark.parametrize("source_LEG", [[[[2, 1], [1, 1]]], [[[5, -1], [1, 1]]], [[[4], [2]]]])
+def test_sources_must_match_the_loads(source_LEG: list) -> None:
+    # sums off, a negative count, one GPU too few
     with pytest.raises(ValueError, match="source counts"):
-        live_split(np.array([[4, 2]]), live([[0, 1, 0, 1]], 2), slots_per_gpu=2,
-                   source_LEG=np.array([[[2, 1], [1, 1]]]))
+        live_split(np.array([[4, 2]]), live([[0, 1, 0, 1]], 2), slots_per_gpu=2, source_LEG=np.array(source_LEG))
 
 
 def test_bench_live_shares_quick_run_writes_time_and_traffic_tables(tmp_path: Path) -> None:
