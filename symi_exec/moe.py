@@ -44,11 +44,11 @@ from torch import nn
 from symi_exec.comm import Comm, all_to_all
 from symi_exec.model import ModelConfig, expert_mlp, load_balance_loss, route_topk
 from symi_sim.placement import Placement
-from symi_sim.routing import Routing, fair_kept_GR, route
+from symi_sim.routing import SLOT_COMPUTE_MODES, Routing, fair_kept_GR, route
 
 # how a rank's slots are computed: grouped (torch._grouped_mm), padded (one batched matmul over [S, rows, D] with
 # zero rows), loop (one matmul pair per slot); auto: grouped where the device has the kernel, padded otherwise
-SLOT_COMPUTES = ("auto", "grouped", "padded", "loop")
+SLOT_COMPUTES = ("auto", *SLOT_COMPUTE_MODES)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ from symi_sim.checks import check_choice, check_number
 from symi_sim.placement import Placement
 
 CAPACITY_MODES = ("slot", "gpu")
+# how an executor rank computes its slots (symi_exec.moe adds "auto", resolved per device); "padded" computes every
+# slot of a rank at that rank's largest slot's rows, which the simulator's run reader charges
+SLOT_COMPUTE_MODES = ("grouped", "padded", "loop")
 MAX_CAPACITY_FACTOR = 1e6   # a buffer a million times the mean load per slot: far past any real setting
 
 

@@ -36,7 +36,7 @@ from symi_sim.models import ModelConfig
 from symi_sim.outputs import check_complete_run
 from symi_sim.placement import Placement, read_shares
 from symi_sim.policies.base import OPTIMIZER_LAYOUTS
-from symi_sim.routing import CAPACITY_MODES, route
+from symi_sim.routing import CAPACITY_MODES, SLOT_COMPUTE_MODES, route
 from symi_sim.simulator.costs import alltoall_bytes, optimizer_params_per_gpu
 from symi_sim.traces.format import read_trace
 
@@ -50,9 +50,6 @@ INNER_COLUMNS = {"expert_forward": "time_expert_forward_s", "a2a_forward": "time
                  "step": "step_s", "dense_grad_least": "time_dense_grad_least_s",
                  "expert_grad_least": "time_expert_grad_least_s", "send_out_least": "time_send_out_least_s"}
 DTYPE_BYTES = {"float32": 4, "float64": 8}
-
-
-SLOT_COMPUTES = ("grouped", "padded", "loop")   # symi_exec.moe.SLOT_COMPUTES as config.json records them
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     out.update({name: _field(data, name, where) for name in ("world_size", "tokens_per_step", "expert_optimizer")})
     out.update({name: data.get(name) for name in ("device", "cpu_cores", "threads_per_rank", "slot_compute")})
     if out["slot_compute"] is not None:   # runs before the executor recorded it computed each slot's own rows
-        check_choice(out["slot_compute"], f"{where}: slot_compute", SLOT_COMPUTES)
+        check_choice(out["slot_compute"], f"{where}: slot_compute", SLOT_COMPUTE_MODES)
     check_choice(out["dtype"], f"{where}: dtype", DTYPE_BYTES)
     check_choice(out["capacity_mode"], f"{where}: capacity_mode", CAPACITY_MODES)
     check_choice(out["expert_optimizer"], f"{where}: expert_optimizer", OPTIMIZER_LAYOUTS)
