@@ -1,16 +1,18 @@
 """Live-split benchmark: time per `symi_sim.live_shares.live_split` call, beside the linear program's, and how close.
 
-    .venv/bin/python benchmarks/bench_live_shares.py [--repeats 200] [--draws 5] [--lp-draws 2] [--traffic-every 2]
+    .venv/bin/python benchmarks/bench_live_shares.py [--repeats 200] [--draws 20] [--lp-draws 2] [--traffic-every 2]
         [--out DIR]
 
 Shapes (one call splits all layers of one step):
-  paper     12 layers x 16 experts on 16 GPUs x 4 slots; loads: steps of the shipped synthetic-drift trace
+  paper     12 layers x 16 experts on 16 GPUs x 4 slots; loads: --draws steps of the shipped synthetic-drift trace,
+            evenly spaced over its 1,000 (the split's work grows as the drift spreads the load over more experts)
   deepseek  58 layers x 256 experts on 64 GPUs x 5 slots (h100-8x8); loads: 4096 tokens x top-8 per layer and
             step, multinomial over a seeded Zipf-like popularity (exponent 1, experts shuffled per layer) that every
             step perturbs by a log-normal factor (sigma 0.3), so the step before predicts the step imperfectly
 The placement is symi-balanced's, planned on the step (draw) before, as in a next-step replay. Modes: dropless,
 gpu (capacity factor 1.0: every GPU serves ceil(A / G)), slot (factor 1.0: every slot ceil(A / R)).
-Reported per shape and mode: the median and p90 time of one live_split call over --repeats calls on --draws steps;
+Reported per shape and mode: the median and p90 time of one live_split call over --repeats calls on --draws steps,
+and the max flows per call (what the time counts: scipy's wrapper costs ~0.1 ms per flow whatever the size);
 the same instances solved as the linear program (scipy.optimize.linprog, HiGHS, one LP per layer: min T over real
 splits; the time is the sum over the layers); the busiest GPU's load over the LP optimum, max over layers and draws
 (1.000 = the optimum; integer splits can sit one token above it); the mean imbalance (max / mean tokens per GPU) of
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,7 @@ from scipy.optimize import linprog
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
+from symi_sim import live_shares
 from symi_sim.cluster import Cluster, load_cluster
 from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
@@ -94,27 +99,49 @@ def scipy_floor_ms(repeats: int) -> float:
     return round(1e3 * float(np.median(times_s[WARMUP_CALLS:])), 3)
 
 
-def bench_shape(shape: str, cluster: Cluster, loads: list[np.ndarray], *, repeats: int,
+def count_max_flows(split: Callable[[], object]) -> int:
+    """How many max flows one call of `split` runs (the live split's network, counted around its one flow method)."""
+    count = 0
+    max_flow = live_shares._Network.max_flow
+
+    def counted(net: object, *args: object, **kwargs: object) -> object:
+        nonlocal count
+        count += 1
+        return max_flow(net, *args, **kwargs)
+
+    live_shares._Network.max_flow = counted
+    try:
+        split()
+    finally:
+        live_shares._Network.max_flow = max_flow
+    return count
+
+
+def bench_shape(shape: str, cluster: Cluster, pairs: list[tuple[np.ndarray, np.ndarray]], *, repeats: int,
                 lp_draws: int) -> list[dict]:
+    """pairs: (the loads a placement is planned on, the next step's loads it serves), one per draw."""
     policy = get_policy("symi-balanced")
     slots = cluster.slots_per_gpu
     steps = []   # (load served, planned placement, live placement)
-    for previous_LE, load_LE in zip(loads[:-1], loads[1:], strict=True):
+    for previous_LE, load_LE in pairs:
         planned = policy.plan(previous_LE, cluster)
         live = Placement(planned.phy2log_LR, planned.share_LR, planned.num_experts, live_shares=True)
         steps.append((load_LE.astype(np.int64), planned, live))
     lp = [lp_min_max_L(load_LE, live.phy2log_LR, slots) for load_LE, _, live in steps[:lp_draws]]
     rows = []
     for mode, factor, capacity_mode in MODES:
+        buffers = cluster.num_slots if capacity_mode == "slot" else cluster.num_gpus
+        calls = [partial(live_split, load_LE, live, slots_per_gpu=slots, capacity_mode=capacity_mode,
+                         capacity_L=None if factor is None else buffer_capacity_L(load_LE, load_LE.sum(axis=1), factor,
+                                                                                   buffers))
+                 for load_LE, _, live in steps]
         times_s = []
         for i in range(WARMUP_CALLS + repeats):   # untimed first calls: imports, caches, the CPU's clock
-            load_LE, _, live = steps[i % len(steps)]
-            buffers = cluster.num_slots if capacity_mode == "slot" else cluster.num_gpus
-            capacity_L = None if factor is None else buffer_capacity_L(load_LE, load_LE.sum(axis=1), factor, buffers)
             start = time.perf_counter()
-            live_split(load_LE, live, slots_per_gpu=slots, capacity_mode=capacity_mode, capacity_L=capacity_L)
+            calls[i % len(calls)]()
             times_s.append(time.perf_counter() - start)
         times_s = times_s[WARMUP_CALLS:]
+        flows = [count_max_flows(call) for call in calls]
         planned_imb, live_imb, gap = [], [], []
         for i, (load_LE, planned, live) in enumerate(steps):
             kwargs = {"slots_per_gpu": slots, "capacity_factor": factor, "capacity_mode": capacity_mode}
@@ -123,10 +150,11 @@ def bench_shape(shape: str, cluster: Cluster, loads: list[np.ndarray], *, repeat
             live_imb.append(live_routing.imbalance_L.mean())
             if mode == "dropless" and i < lp_draws:
                 gap.append((live_routing.gpu_load_LG.max(axis=1) / np.maximum(lp[i][0], 1e-9)).max())
-        rows.append({"shape": shape, "layers": loads[0].shape[0], "experts": loads[0].shape[1],
+        rows.append({"shape": shape, "layers": steps[0][0].shape[0], "experts": steps[0][0].shape[1],
                      "slots": cluster.num_slots, "mode": mode,
                      "live_median_ms": round(1e3 * float(np.median(times_s)), 2),
                      "live_p90_ms": round(1e3 * float(np.percentile(times_s, 90)), 2),
+                     "max_flows_per_call": round(float(np.mean(flows)), 2),
                      "lp_ms": round(1e3 * float(np.median([s for _, s in lp])), 1) if mode == "dropless" else None,
                      "max_over_lp": round(float(max(gap)), 4) if gap else None,
                      "imbalance_planned": round(float(np.mean(planned_imb)), 3),
@@ -206,7 +234,7 @@ def bench_traffic(trace_name: str, cluster: Cluster, *, every: int) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per shape and mode")
-    parser.add_argument("--draws", type=int, default=5, help="steps (draws) per shape")
+    parser.add_argument("--draws", type=int, default=20, help="steps (draws) per shape")
     parser.add_argument("--lp-draws", type=int, default=2, help="steps solved as linear programs too")
     parser.add_argument("--traffic-every", type=int, default=2,
                         help="traffic rows: every N-th step of the recorded trace (each layer one call)")
@@ -215,11 +243,14 @@ def main() -> None:
     if args.repeats < 1 or args.draws < 1 or args.traffic_every < 1 or not 0 <= args.lp_draws <= args.draws:
         parser.error("--repeats, --draws and --traffic-every must be positive, --lp-draws between 0 and --draws")
     drift = read_trace(ROOT / "traces" / "synthetic-drift.parquet")
-    shapes = {"paper": (load_cluster("paper-a100-16"), [drift.counts_SLE[s] for s in range(args.draws + 1)]),
-              "deepseek": (load_cluster("h100-8x8"), deepseek_steps(args.draws + 1))}
+    spread = np.linspace(0, drift.num_steps - 2, args.draws).round().astype(int)
+    deepseek = deepseek_steps(args.draws + 1)
+    shapes = {"paper": (load_cluster("paper-a100-16"), [(drift.counts_SLE[s], drift.counts_SLE[s + 1])
+                                                        for s in spread]),
+              "deepseek": (load_cluster("h100-8x8"), list(zip(deepseek[:-1], deepseek[1:], strict=True)))}
     rows = []
-    for shape, (cluster, loads) in shapes.items():
-        rows.extend(bench_shape(shape, cluster, loads, repeats=args.repeats, lp_draws=args.lp_draws))
+    for shape, (cluster, pairs) in shapes.items():
+        rows.extend(bench_shape(shape, cluster, pairs, repeats=args.repeats, lp_draws=args.lp_draws))
     traffic = bench_traffic("recorded-tiny-e16-top1", Cluster(name="1x4x8", num_nodes=1, gpus_per_node=4,
                                                               slots_per_gpu=8), every=args.traffic_every)
     floor_ms = scipy_floor_ms(args.repeats)

@@ -11,15 +11,17 @@ The live split pays one max flow per round of its search for T* (scipy's fixed c
 sizes), so a bound that is already T* saves rounds. The sets tried, all layers at once:
   - each GPU alone;
   - the GPUs of each flow expert;
-  - each connected part of the expert-GPU graph;
-  - with `prefixes` (the live split asks for them in slot mode): the GPUs in order of what can land on them (fixed
-    + the capacity of their arcs), every prefix of that order, then from the best prefix up to `local_steps` steps
-    that add or remove the one GPU that raises the bound most.
-The first three reach T* in all but about one layer in sixty of the paper's shape in dropless and gpu mode. Slot
-mode's capped arcs make the min cut a set no expert spans in about one layer in four (a hot expert capped on every
-GPU puts tokens into any large set), which the prefixes find in all but one in thirty; elsewhere they cost more
-time than the rounds they save (measured with benchmarks/bench_live_shares.py). tests/test_live_shares.py holds the
-whole split to the linear program's optimum: a bound above T* would show there as a higher peak.
+  - each connected part of the expert-GPU graph (without `prefixes`);
+  - with `prefixes` (the live split asks for them in slot mode): the GPUs in order of an estimate of their loads in
+    the optimum (fixed + each expert's tokens over its arcs in proportion to their capacity), every prefix of that
+    order, then from the best prefix up to `local_steps` steps that add or remove the one GPU that raises the bound
+    most.
+The first three reach T* in every layer of 100 steps spread over the synthetic-drift trace at the paper's shape in
+dropless and gpu mode (benchmarks/bench_live_shares.py). Slot mode's capped arcs make the min cut a set no expert
+spans (a hot expert capped on every GPU puts tokens into any large set): there the first three leave one layer in
+two below T*, with the prefixes one in twelve (one in six when ordered by what can land on each GPU, fixed + its
+arcs' capacity, as before). tests/test_live_shares.py holds the whole split to the linear program's optimum: a
+bound above T* would show there as a higher peak.
 Every sum runs over arcs (an expert's term changes only at the GPUs it is held on): O(Y log Y) work.
 """
 
@@ -54,13 +56,17 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     must_G = base_L[layer_G] + fixed_G + np.bincount(gpu_Y, weights=_gain(rest_Y, 0.0, cap_Y), minlength=fixed_G.size)
     best_L = must_G.reshape(num_layers, num_gpus).max(axis=1).astype(np.int64)   # sums of integers: exact
     best_L = np.maximum(best_L, _expert_sets_bound_L(x_Y, gpu_Y, cap_Y, rest_X, layer_X, base_L, fixed_G))
-    best_L = np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
     if not prefixes:
-        return best_L
+        return np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
+    # (the connected parts only with no prefixes: in slot mode the prefixes below reached every bound a part gave,
+    # on every draw of the benchmark's shapes)
 
-    # prefixes by what can land on each GPU: an expert's term changes at each GPU of it, in the GPUs' order
-    score_G = fixed_G + np.bincount(gpu_Y, weights=cap_Y, minlength=fixed_G.size)
-    # per layer, the GPUs by descending score (integers below 2^32: one int64 key, ties to the lower GPU)
+    # prefixes of the GPUs by an estimate of their loads in the optimum: fixed + each expert's tokens over its arcs in
+    # proportion to their capacity (the min cut's GPUs are the busiest there); an expert's term changes at each GPU of
+    # it, in the GPUs' order
+    share_Y = cap_Y / np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)[x_Y]
+    score_G = fixed_G + np.bincount(gpu_Y, weights=w_X[x_Y] * share_Y, minlength=fixed_G.size)
+    # per layer, the GPUs by descending score (whole tokens below 2^32: one int64 key, ties to the lower GPU)
     order_G = np.argsort(layer_G * 2 ** 32 - score_G.astype(np.int64), kind="stable")
     rank_G = np.empty(fixed_G.size, dtype=np.int64)
     rank_G[order_G] = np.arange(fixed_G.size)                      # position over all layers: layer * G + rank

@@ -25,12 +25,15 @@ plus the tokens that must land in N, over |N|, rounded up; T* when N is the min 
 layer of the shipped traces (one round). When the flow does not saturate, the nodes Z reachable from the source
 in the residual network are a cut whose capacity is a + |N| T - fixed(N) (N: the GPUs in Z, a: the capacities of
 the source arcs and expert arcs it cuts), at any T, so every T' below (W - a + fixed(N)) / |N| (W: the tokens to
-route) is infeasible: T rises to that, rounded up, and the flow runs again. T rises strictly.
-Gpu mode: first the max flow with sink capacities B - fixed, the most tokens any split serves. Where T* may exceed B
-(not every token served, or a fixed load above B) the search for T* only augments that flow, on its residual network
-without the sink's reverse arcs (an augmenting path ends at the sink): no GPU's load falls, so the result serves as
-many tokens and peaks at T*, and its reached nodes are still a min cut of the whole network. Elsewhere T* <= B and
-no split drops a token.
+route) is infeasible: T rises to that, rounded up, and the next round augments the flow so far (T only rises, so the
+sinks only grow) on its residual network without the sink's reverse arcs (an augmenting path ends at the sink), so
+no GPU's load ever falls. T rises strictly. Before a round's max flow, the tokens the flow so far leaves (a layer's
+one or two experts, typically) are tried straight onto their GPUs' room below T, moving no routed token: where they
+fit, T is reached without the round (`_direct_fill`; scipy's fixed cost is most of a round).
+Gpu mode: a layer whose T* is known to exceed its budget B (its bound, or the next T, passes B: every split drops
+tokens) runs one round at sink capacities B - fixed first: a max flow there serves the most tokens any split serves,
+and the rounds after it only add tokens above B. So the result serves the most and peaks at T*; a layer whose T*
+is at most B drops nothing.
 Sources (`source_LEG`, the tokens of each expert each GPU routed: the executor has them from the same all-gather):
 among the optimal splits, prefer one that leaves tokens on the GPU that routed them (a holding (e, g) keeps
 min(its tokens, what g routed to e) there). Before everything else, one more max flow puts the most tokens on their
@@ -48,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+from scipy.sparse.csgraph import maximum_flow
 
 from symi_sim.live_bounds import lower_bound_L
 from symi_sim.placement import Placement, slot_holdings
@@ -157,44 +160,71 @@ def _route_flow_holdings(layer_Y: np.ndarray, expert_Y: np.ndarray, gpu_Y: np.nd
     net = _Network(x_Y, gpu_Y, layer_Y, layer_X, num_layers=num_layers, num_gpus=num_gpus, by_x=by_x)
     t_L = lower_bound_L(x_Y, net.g_Y, cap_Y, w_X, layer_X, fixed_LG, prefixes=slot_caps)
     active_L = tokens_L > 0
-    flow_Y = np.zeros(w_Y.size, dtype=np.int64)
     budget_L = None if gpu_budget_L is None else np.asarray(gpu_budget_L, dtype=np.int64)
-    local_base_Y = np.zeros(w_Y.size, dtype=np.int64)
+    top_L = t_L if budget_L is None else np.minimum(t_L, budget_L)
+    base_Y = np.zeros(w_Y.size, dtype=np.int64)
     if local_Y is not None:
         # sources: first the most tokens that stay on their sender at the bound's peak (in gpu mode at most B), a
         # flow every later round only augments (its sinks never shrink); an augmenting path can still re-route a
         # local token where the optimum needs it, so the split stays optimal, it only starts local
-        top_L = t_L if budget_L is None else np.minimum(t_L, budget_L)
-        local_base_Y, _ = net.max_flow(np.where(active_L[layer_X], w_X, 0), np.minimum(cap_Y, local_Y),
-                                       np.where(active_L[:, None], np.maximum(top_L[:, None] - fixed_LG, 0), 0))
-    base_Y = local_base_Y
-    if budget_L is not None:
-        # gpu mode: first the most tokens any split serves (sink capacities B - fixed, >= 0). Where T* may exceed B
-        # (not every token served, or t > B) the search below only augments this flow (`base`), which never lowers
-        # a GPU's load, so the result serves as many tokens and still peaks at T*; elsewhere T* <= B drops nothing
-        serve_LG = np.where(active_L[:, None], np.maximum(budget_L[:, None] - fixed_LG, 0), 0)
-        out_X, in_LG = _flow_ends(base_Y, net, fixed_LG.shape, w_X.size)
-        got_Y, got_L = net.max_flow(np.where(active_L[layer_X], w_X - out_X, 0), cap_Y - base_Y, serve_LG - in_LG,
-                                    back_Y=base_Y)
-        served_L = got_L + np.bincount(layer_X, weights=out_X, minlength=num_layers).astype(np.int64)
-        unserved_L = active_L & (served_L < tokens_L)
-        base_Y = np.where((unserved_L | (active_L & (t_L > budget_L)))[layer_Y], base_Y + got_Y, base_Y)
-        t_L = np.where(unserved_L, np.maximum(t_L, budget_L + 1), t_L)
-    base_out_X, base_in_LG = _flow_ends(base_Y, net, fixed_LG.shape, w_X.size)
-    left_L = tokens_L - np.bincount(layer_X, weights=base_out_X, minlength=num_layers).astype(np.int64)
+        base_Y, _ = net.max_flow(np.where(active_L[layer_X], w_X, 0), np.minimum(cap_Y, local_Y),
+                                 np.where(active_L[:, None], np.maximum(top_L[:, None] - fixed_LG, 0), 0))
 
-    # T*: Dinkelbach on the min cut, all layers at once, each round a max flow on the base flow's residual network
-    # (the sink's reverse arcs unused: an augmenting path ends at the sink)
+    # T*: Dinkelbach on the min cut, all layers at once, each round a max flow that augments the flow so far on its
+    # residual network (the sink's reverse arcs unused: an augmenting path ends at the sink, so no GPU's load ever
+    # falls, and T only rises). Gpu mode: a layer whose T* is known to exceed B (its T passed B) runs one round at
+    # sinks B - fixed first, the most tokens any split serves; the rounds after it, above B, keep them served
+    at_budget_L = np.zeros(num_layers, dtype=bool) if budget_L is None else active_L & (t_L > budget_L)
     while active_L.any():
-        sink_LG = np.where(active_L[:, None], t_L[:, None] - fixed_LG - base_in_LG, 0)
-        got_Y, routed_L = net.max_flow(np.where(active_L[layer_X], w_X - base_out_X, 0), cap_Y - base_Y, sink_LG,
+        top_L = t_L if budget_L is None else np.where(at_budget_L, budget_L, t_L)
+        out_X, in_LG = _flow_ends(base_Y, net, fixed_LG.shape, w_X.size)
+        left_L = tokens_L - np.bincount(layer_X, weights=out_X, minlength=num_layers).astype(np.int64)
+        sink_LG = np.where(active_L[:, None], np.maximum(top_L[:, None] - fixed_LG, 0) - in_LG, 0)
+        got_Y, routed_L = net.max_flow(np.where(active_L[layer_X], w_X - out_X, 0), cap_Y - base_Y, sink_LG,
                                        back_Y=base_Y)
-        done_L = active_L & (routed_L == left_L)
-        flow_Y = np.where(done_L[layer_Y], base_Y + got_Y, flow_Y)
-        active_L &= ~done_L
-        if active_L.any():
-            t_L = np.where(active_L, _dinkelbach_step_L(net, w_X, cap_Y, fixed_LG, tokens_L, t_L), t_L)
-    return flow_Y
+        base_Y = np.where(active_L[layer_Y], base_Y + got_Y, base_Y)
+        step_L = active_L & ~at_budget_L & (routed_L < left_L)
+        active_L &= at_budget_L | step_L
+        crossed_L = np.zeros(num_layers, dtype=bool)
+        if step_L.any():
+            next_L = np.where(step_L, _dinkelbach_step_L(net, w_X, cap_Y, fixed_LG, tokens_L, t_L), t_L)
+            if budget_L is not None:
+                crossed_L = step_L & (t_L <= budget_L) & (next_L > budget_L)
+            t_L = next_L
+        # after the round at the budget, the tokens left (one or two experts of a layer, typically) need only room
+        # above B: before the next max flow, at T, try them straight onto their GPUs' room below T; where that fits,
+        # T (a lower bound) is reached without the flow. (After a round below T*, the next T usually needs tokens
+        # re-routed, which a direct fill cannot do.)
+        fill_L = active_L & at_budget_L
+        at_budget_L = crossed_L
+        if fill_L.any():
+            add_Y, fits_L = _direct_fill(net, base_Y, w_X, cap_Y, fixed_LG, t_L, fill_L)
+            base_Y = np.where(fits_L[layer_Y], base_Y + add_Y, base_Y)
+            active_L &= ~fits_L
+    return base_Y
+
+
+def _direct_fill(net: _Network, base_Y: np.ndarray, w_X: np.ndarray, cap_Y: np.ndarray, fixed_LG: np.ndarray,
+                 t_L: np.ndarray, fill_L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens the flow base_Y leaves unrouted, in the layers fill_L, each expert's over its arcs in GPU order up to
+    their residual capacity and their GPU's room below t_L, without moving any routed token. Returns (the tokens
+    added per arc [Y], [L] the layers where that routes every token with no GPU above t_L)."""
+    out_X, in_LG = _flow_ends(base_Y, net, fixed_LG.shape, w_X.size)
+    left_X = np.where(fill_L[net.layer_X], w_X - out_X, 0)
+    room_G = np.maximum(t_L[:, None] - fixed_LG - in_LG, 0).reshape(-1)
+    avail_Y = np.where(left_X[net.x_Y] > 0, np.minimum(cap_Y - base_Y, room_G[net.g_Y]), 0)
+    # per expert, the room of its arcs before each one (its arcs are a run in by_x order)
+    avail_sorted = avail_Y[net.by_x]
+    before_sorted = np.cumsum(avail_sorted) - avail_sorted
+    before_sorted -= before_sorted[net.first_sorted]
+    add_Y = np.empty_like(avail_Y)
+    add_Y[net.by_x] = np.clip(left_X[net.x_Y[net.by_x]] - before_sorted, 0, avail_sorted)
+    short_X = np.bincount(net.x_Y, weights=add_Y, minlength=w_X.size) < left_X
+    over_G = np.bincount(net.g_Y, weights=add_Y, minlength=room_G.size) > room_G
+    num_layers = t_L.size
+    fails_L = (np.bincount(net.layer_X, weights=short_X, minlength=num_layers) > 0) | over_G.reshape(num_layers,
+                                                                                                       -1).any(axis=1)
+    return add_Y, fill_L & ~fails_L
 
 
 def _flow_ends(flow_Y: np.ndarray, net: _Network, shape_LG: tuple[int, int], num_x: int) -> tuple[np.ndarray,
@@ -241,6 +271,9 @@ class _Network:
         self.g_Y = g_Y = layer_Y * num_gpus + gpu_Y       # each arc's GPU, flat over layers
         if by_x is None:
             by_x = np.argsort(x_Y, kind="stable")         # per expert, its arcs in GPU order
+        self.by_x = by_x
+        count_X = np.bincount(x_Y, minlength=layer_X.size)
+        self.first_sorted = (np.cumsum(count_X) - count_X)[x_Y[by_x]]   # in by_x order: where its expert's run starts
         by_g = np.argsort(g_Y * num_x + x_Y)              # per GPU, its arcs in expert order
         row_sizes = np.concatenate([[num_x, num_g], 1 + np.bincount(x_Y, minlength=num_x),
                                     1 + np.bincount(g_Y, minlength=num_g)])
@@ -286,13 +319,20 @@ class _Network:
         return flow_Z[self.pos_forward_Y], routed_L.astype(np.int64)
 
     def reached_from_source(self) -> tuple[np.ndarray, np.ndarray]:
-        """The experts [X] and GPUs [L, G] reachable from the source in the last max flow's residual network."""
+        """The experts [X] and GPUs [L, G] reachable from the source in the last max flow's residual network.
+
+        Breadth first, a frontier of arrays per step: open source arcs reach experts, open expert -> GPU arcs reach
+        GPUs, reverse arcs that carry flow reach experts back (the sink, never reachable after a max flow, and the
+        arcs into the source do not matter). A few steps on these networks, cheaper than building a graph for
+        scipy's search."""
         open_Z = self.open_Z
-        row_Z = np.repeat(np.arange(self.num_nodes), np.diff(self.indptr))
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(row_Z[open_Z], minlength=self.num_nodes))])
-        residual = csr_matrix((np.ones(int(open_Z.sum()), dtype=np.int8), self.indices[open_Z], indptr),
-                              shape=self.shape)
-        reached = np.zeros(self.num_nodes, dtype=bool)
-        reached[breadth_first_order(residual, SOURCE, directed=True, return_predecessors=False)] = True
-        num_x = self.layer_X.size
-        return reached[2:2 + num_x], reached[2 + num_x:].reshape(self.num_layers, self.num_gpus)
+        forward_Y, back_Y = open_Z[self.pos_forward_Y], open_Z[self.pos_back_Y]
+        in_x = open_Z[self.pos_source_X].copy()
+        in_g = np.zeros(self.num_layers * self.num_gpus, dtype=bool)
+        while True:
+            in_g[self.g_Y[forward_Y & in_x[self.x_Y]]] = True
+            more_x = in_x.copy()
+            more_x[self.x_Y[back_Y & in_g[self.g_Y]]] = True
+            if np.array_equal(more_x, in_x):
+                return in_x, in_g.reshape(self.num_layers, self.num_gpus)
+            in_x = more_x

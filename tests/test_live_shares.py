@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
+import symi_sim.live_shares as live_shares
 from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
 from symi_sim.routing import remote_tokens_L, route
@@ -119,6 +120,61 @@ def test_two_replicas_on_one_gpu_share_its_part_evenly() -> None:
     # T* = 15: GPU 0 takes 15 (8 + 7 over its two replicas, the extra token to the lower slot), GPU 1 6 + 9
     x = live_split(np.array([[21, 9]]), live([[0, 0, 0, 1]], 2), slots_per_gpu=2)
     assert x.tolist() == [[8, 7, 6, 9]]
+
+
+def test_residual_search_matches_scipy_breadth_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every min cut the search for T* steps from (the nodes reachable in the residual network) equals scipy's breadth
+    # first search over the same residual arcs, on random instances in every mode
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    reached = live_shares._Network.reached_from_source
+    checked = []
+
+    def compared(net: live_shares._Network) -> tuple[np.ndarray, np.ndarray]:
+        in_x, in_g = reached(net)
+        row_Z = np.repeat(np.arange(net.num_nodes), np.diff(net.indptr))
+        residual = csr_matrix((np.ones(int(net.open_Z.sum())), (row_Z[net.open_Z], net.indices[net.open_Z])),
+                              shape=net.shape)
+        expect = np.zeros(net.num_nodes, dtype=bool)
+        expect[breadth_first_order(residual, 0, directed=True, return_predecessors=False)] = True
+        assert np.array_equal(in_x, expect[2:2 + in_x.size])
+        assert np.array_equal(in_g.reshape(-1), expect[2 + in_x.size:])
+        checked.append(1)
+        return in_x, in_g
+
+    monkeypatch.setattr(live_shares._Network, "reached_from_source", compared)
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        num_experts, slots_per_gpu = int(rng.integers(4, 12)), int(rng.integers(2, 5))
+        num_gpus = int(rng.integers(3, 9))
+        if num_gpus * slots_per_gpu < num_experts:
+            continue
+        phy2log_LR = np.stack([np.r_[rng.permutation(num_experts),
+                                     rng.integers(0, num_experts, num_gpus * slots_per_gpu - num_experts)]
+                               for _ in range(8)])
+        load_LE = rng.integers(0, 60, (8, num_experts)) * (rng.random((8, num_experts)) < 0.8)
+        mode, factor = [("gpu", None), ("gpu", 0.9), ("slot", 1.0)][int(rng.integers(3))]
+        buffers = phy2log_LR.shape[1] if mode == "slot" else num_gpus
+        capacity_L = None if factor is None else np.ceil(factor * load_LE.sum(axis=1) / buffers).astype(np.int64)
+        live_split(load_LE, live(phy2log_LR, num_experts), slots_per_gpu=slots_per_gpu, capacity_mode=mode,
+                   capacity_L=capacity_L)
+    assert len(checked) >= 10
+
+
+def test_gpu_mode_over_budget_serves_the_most_then_fills_to_the_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPU 0 holds experts 0 and 1 (6 tokens, fixed), GPU 1 experts 0 and 2 (2 tokens); budget 5 per GPU. T* = 9
+    # (18 tokens on 2 GPUs) > 5: first the max flow at the budget, which serves GPU 1's 3 free tokens from expert 0
+    # (GPU 0 is over budget already); expert 0's 7 left then fit straight onto the room below 9 (3 on GPU 0, 4 more
+    # on GPU 1), so that one flow is all it takes
+    flows = []
+    max_flow = live_shares._Network.max_flow
+    monkeypatch.setattr(live_shares._Network, "max_flow",
+                        lambda net, *a, **k: flows.append(1) or max_flow(net, *a, **k))
+    x = live_split(np.array([[10, 6, 2]]), live([[0, 1, 0, 2]], 3), slots_per_gpu=2, capacity_mode="gpu",
+                   capacity_L=np.array([5]))
+    assert x.tolist() == [[3, 6, 7, 2]]
+    assert len(flows) == 1
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -345,6 +401,7 @@ def test_bench_live_shares_quick_run_writes_time_and_traffic_tables(tmp_path: Pa
     assert [(r["shape"], r["mode"]) for r in timing["results"]] == [
         (shape, mode) for shape in ("paper", "deepseek") for mode in ("dropless", "gpu", "slot")]
     assert timing["meta"]["scipy_floor_ms"] > 0
+    assert all(row["max_flows_per_call"] >= 1 for row in timing["results"])
     traffic = json.loads((tmp_path / "bench_live_shares_traffic.json").read_text())["results"]
     assert [r["mode"] for r in traffic] == ["dropless", "gpu"]
     for row in traffic:
