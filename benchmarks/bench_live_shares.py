@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 from report import add_out_option, out_dir, print_table, write_results
-from scipy.optimize import linprog
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
 from symi_sim import live_shares
 from symi_sim.cluster import Cluster, load_cluster
+from symi_sim.live_reference import lp_least_remote, lp_min_max
 from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
 from symi_sim.policies import get_policy
@@ -66,24 +66,11 @@ def deepseek_steps(num_steps: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def lp_min_max_L(load_LE: np.ndarray, phy2log_LR: np.ndarray, slots_per_gpu: int) -> tuple[np.ndarray, float]:
-    """([L] the LP's least busiest-GPU load per layer (dropless), seconds in linprog over all layers)."""
-    num_layers, num_slots = phy2log_LR.shape
-    num_gpus = num_slots // slots_per_gpu
-    best_L = np.empty(num_layers)
-    spent_s = 0.0
-    a_ub = np.zeros((num_gpus, num_slots + 1))
-    a_ub[np.arange(num_slots) // slots_per_gpu, np.arange(num_slots)] = 1.0
-    a_ub[:, -1] = -1.0
-    cost = np.zeros(num_slots + 1)
-    cost[-1] = 1.0
-    for layer in range(num_layers):
-        a_eq = np.zeros((load_LE.shape[1], num_slots + 1))
-        a_eq[phy2log_LR[layer], np.arange(num_slots)] = 1.0
-        start = time.perf_counter()
-        result = linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=load_LE[layer], method="highs")
-        spent_s += time.perf_counter() - start
-        best_L[layer] = result.fun
-    return best_L, spent_s
+    """([L] the LP's least busiest-GPU load per layer (dropless), seconds over all layers' LPs)."""
+    start = time.perf_counter()
+    best_L = np.array([lp_min_max(load_E, phy2log_R, slots_per_gpu) for load_E, phy2log_R in zip(load_LE, phy2log_LR,
+                                                                                                   strict=True)])
+    return best_L, time.perf_counter() - start
 
 
 def scipy_floor_ms(repeats: int) -> float:
@@ -161,25 +148,6 @@ def bench_shape(shape: str, cluster: Cluster, pairs: list[tuple[np.ndarray, np.n
                      "imbalance_live": round(float(np.mean(live_imb)), 3)})
         print_table(rows[-1:])   # progress
     return rows
-
-
-def lp_least_remote(load_E: np.ndarray, source_EG: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int,
-                    peak: int) -> float:
-    """The fewest tokens any real split with every GPU <= peak sends off their GPU (holding h = (e, g) carries x_h,
-    l_h <= min(x_h, source[e, g]) of it local; max sum l_h)."""
-    num_gpus = phy2log_R.size // slots_per_gpu
-    hold = sorted({(int(e), p // slots_per_gpu) for p, e in enumerate(phy2log_R)})
-    num_h = len(hold)
-    a_ub = np.zeros((num_gpus + num_h, 2 * num_h))
-    a_eq = np.zeros((load_E.size, 2 * num_h))
-    for h, (e, g) in enumerate(hold):
-        a_ub[g, h] = 1.0
-        a_ub[num_gpus + h, [h, num_h + h]] = [-1.0, 1.0]
-        a_eq[e, h] = 1.0
-    result = linprog(np.r_[np.zeros(num_h), -np.ones(num_h)], A_ub=a_ub,
-                     b_ub=np.r_[np.full(num_gpus, float(peak)), np.zeros(num_h)], A_eq=a_eq, b_eq=load_E,
-                     bounds=[(0.0, None)] * num_h + [(0.0, float(source_EG[e, g])) for e, g in hold], method="highs")
-    return float(load_E.sum() + result.fun)
 
 
 def bench_traffic(trace_name: str, cluster: Cluster, *, every: int) -> list[dict]:

@@ -165,7 +165,7 @@ def test_symi_exec_never_loads_simpy():
 # symi_sim's layers (symi_sim/__init__.py) and symi_exec: what each may import of the project, itself included.
 CORE = ("symi_sim.checks", "symi_sim.outputs", "symi_sim.config_files", "symi_sim.cluster", "symi_sim.models",
         "symi_sim.placement", "symi_sim.placement_formats", "symi_sim.routing", "symi_sim.live_shares",
-        "symi_sim.live_bounds", "symi_sim.policies")
+        "symi_sim.live_bounds", "symi_sim.live_reference", "symi_sim.policies")
 LAYERS = {
     "core": CORE,
     "traces": ("symi_sim.traces",),

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.optimize import linprog
 
 import symi_sim.live_shares as live_shares
+from symi_sim.live_reference import lp_least_remote, lp_max_served, lp_min_max
 from symi_sim.live_shares import live_split
 from symi_sim.placement import Placement
 from symi_sim.routing import remote_tokens_L, route
@@ -21,48 +21,6 @@ from symi_sim.routing import remote_tokens_L, route
 def live(phy2log_LR: np.ndarray, num_experts: int) -> Placement:
     even = Placement.even(np.asarray(phy2log_LR), num_experts)
     return Placement(even.phy2log_LR, even.share_LR, num_experts, live_shares=True)
-
-
-def lp_min_max(w_E: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int,
-               slot_cap: int | None = None) -> float:
-    """min T over real splits: sum over e's replicas = w_e, every GPU's load <= T (slot caps: x_p <= C for the
-    experts that fit under their replicas' caps; the others floor(w / n) or one more per replica, the fewest
-    drops, as the rule fixes them)."""
-    num_slots = phy2log_R.size
-    num_gpus = num_slots // slots_per_gpu
-    cnt_E = np.bincount(phy2log_R, minlength=w_E.size)
-    c = np.zeros(num_slots + 1)
-    c[-1] = 1.0
-    a_eq = np.zeros((w_E.size, num_slots + 1))
-    a_eq[phy2log_R, np.arange(num_slots)] = 1.0
-    a_ub = np.zeros((num_gpus, num_slots + 1))
-    a_ub[np.arange(num_slots) // slots_per_gpu, np.arange(num_slots)] = 1.0
-    a_ub[:, -1] = -1.0
-    bounds = [(0.0, None)] * (num_slots + 1)
-    if slot_cap is not None:
-        for p, e in enumerate(phy2log_R):
-            fits = w_E[e] <= cnt_E[e] * slot_cap
-            floor = float(w_E[e] // cnt_E[e])
-            bounds[p] = (0.0, float(slot_cap)) if fits else (floor, floor + 1.0)
-    result = linprog(c, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=w_E, bounds=bounds, method="highs")
-    assert result.status == 0
-    return float(result.fun)
-
-
-def lp_max_served(w_E: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int, budget: int) -> float:
-    """max over real splits of sum_g min(load_g, budget)."""
-    num_slots = phy2log_R.size
-    num_gpus = num_slots // slots_per_gpu
-    c = np.concatenate([np.zeros(num_slots), -np.ones(num_gpus)])
-    a_eq = np.zeros((w_E.size, num_slots + num_gpus))
-    a_eq[phy2log_R, np.arange(num_slots)] = 1.0
-    a_ub = np.zeros((num_gpus, num_slots + num_gpus))
-    a_ub[np.arange(num_slots) // slots_per_gpu, np.arange(num_slots)] = -1.0
-    a_ub[np.arange(num_gpus), num_slots + np.arange(num_gpus)] = 1.0
-    bounds = [(0.0, None)] * num_slots + [(0.0, float(budget))] * num_gpus
-    result = linprog(c, A_ub=a_ub, b_ub=np.zeros(num_gpus), A_eq=a_eq, b_eq=w_E, bounds=bounds, method="highs")
-    assert result.status == 0
-    return -float(result.fun)
 
 
 def random_instance(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
@@ -302,28 +260,6 @@ def test_placement_json_keeps_the_share_mode() -> None:
     assert "shares" not in Placement.even(np.array([[0, 1, 0, 2]]), 3).to_json_dict()
     with pytest.raises(ValueError, match="shares"):
         Placement.from_json_dict({**data, "shares": "sometimes"})
-
-
-def lp_least_remote(w_E: np.ndarray, source_EG: np.ndarray, phy2log_R: np.ndarray, slots_per_gpu: int,
-                    peak: int) -> float:
-    """The fewest tokens any real split with every GPU <= peak sends off their GPU: holdings h = (e, g) carry x_h,
-    of which l_h <= min(x_h, source[e, g]) stay local; max sum l_h."""
-    num_gpus = phy2log_R.size // slots_per_gpu
-    hold = sorted({(int(e), p // slots_per_gpu) for p, e in enumerate(phy2log_R)})
-    num_h = len(hold)
-    c = np.concatenate([np.zeros(num_h), -np.ones(num_h)])
-    a_ub = np.zeros((num_gpus + num_h, 2 * num_h))
-    for h, (_, g) in enumerate(hold):
-        a_ub[g, h] = 1.0
-        a_ub[num_gpus + h, [h, num_h + h]] = [-1.0, 1.0]
-    a_eq = np.zeros((w_E.size, 2 * num_h))
-    for h, (e, _) in enumerate(hold):
-        a_eq[e, h] = 1.0
-    bounds = [(0.0, None)] * num_h + [(0.0, float(source_EG[e, g])) for e, g in hold]
-    result = linprog(c, A_ub=a_ub, b_ub=np.r_[np.full(num_gpus, float(peak)), np.zeros(num_h)], A_eq=a_eq,
-                     b_eq=w_E, bounds=bounds, method="highs")
-    assert result.status == 0
-    return float(w_E.sum() + result.fun)
 
 
 def random_sources(w_E: np.ndarray, num_gpus: int, rng: np.random.Generator) -> np.ndarray:
