@@ -10,18 +10,19 @@ largest bound(N) over all sets is T* itself (max-flow min-cut: the GPUs on the s
 The live split pays one max flow per round of its search for T* (scipy's fixed cost per call dominates these
 sizes), so a bound that is already T* saves rounds. The sets tried, all layers at once:
   - each GPU alone;
-  - the GPUs of each flow expert;
-  - each connected part of the expert-GPU graph (without `prefixes`);
+  - without `prefixes`: the GPUs of each flow expert, and each connected part of the expert-GPU graph;
   - with `prefixes` (the live split asks for them in slot mode): the GPUs in order of an estimate of their loads in
     the optimum (fixed + each expert's tokens over its arcs in proportion to their capacity), every prefix of that
     order, then from the best prefix up to `local_steps` steps that add or remove the one GPU that raises the bound
     most.
-The first three reach T* in every layer of 100 steps spread over the synthetic-drift trace at the paper's shape in
-dropless and gpu mode (benchmarks/bench_live_shares.py). Slot mode's capped arcs make the min cut a set no expert
-spans (a hot expert capped on every GPU puts tokens into any large set): there the first three leave one layer in
-two below T*, with the prefixes one in twelve (one in six when ordered by what can land on each GPU, fixed + its
-arcs' capacity, as before). tests/test_live_shares.py holds the whole split to the linear program's optimum: a
-bound above T* would show there as a higher peak.
+Measured on 100 steps spread over the synthetic-drift trace at the paper's shape (benchmarks/bench_live_shares.py):
+without prefixes the bound is T* in every layer in dropless and gpu mode. Slot mode's capped arcs make the min cut a
+set no expert spans (a hot expert capped on every GPU puts tokens into any large set): there the sets without
+prefixes leave one layer in two below T*, the prefixes one in nine (one in five when ordered by what can land on
+each GPU, fixed + its arcs' capacity, as before); adding the experts' sets to the prefixes would leave one in
+twelve, but they cost more time than the rounds that saves (without them a call takes 0.95-0.975x the time,
+alternated in one process), and the connected parts tighten no layer there. tests/test_live_shares.py holds the
+whole split to the linear program's optimum: a bound above T* would show there as a higher peak.
 Every sum runs over arcs (an expert's term changes only at the GPUs it is held on): O(Y log Y) work.
 """
 
@@ -55,11 +56,11 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     # each GPU alone
     must_G = base_L[layer_G] + fixed_G + np.bincount(gpu_Y, weights=_gain(rest_Y, 0.0, cap_Y), minlength=fixed_G.size)
     best_L = must_G.reshape(num_layers, num_gpus).max(axis=1).astype(np.int64)   # sums of integers: exact
-    best_L = np.maximum(best_L, _expert_sets_bound_L(x_Y, gpu_Y, cap_Y, rest_X, layer_X, base_L, fixed_G))
     if not prefixes:
+        best_L = np.maximum(best_L, _expert_sets_bound_L(x_Y, gpu_Y, cap_Y, rest_X, layer_X, base_L, fixed_G))
         return np.maximum(best_L, _component_bound_L(x_Y, gpu_Y, w_X, fixed_G, num_layers))
-    # (the connected parts only with no prefixes: in slot mode the prefixes below reached every bound a part gave,
-    # on every draw of the benchmark's shapes)
+    # with prefixes (slot mode) the experts' sets and the connected parts are skipped: the prefixes below reach every
+    # bound a part gives there, and the sets' cost is more than the rounds they save (module docstring)
 
     # prefixes of the GPUs by an estimate of their loads in the optimum: fixed + each expert's tokens over its arcs in
     # proportion to their capacity (the min cut's GPUs are the busiest there); an expert's term changes at each GPU of
