@@ -67,7 +67,8 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     # it, in the GPUs' order
     share_Y = cap_Y / np.bincount(x_Y, weights=cap_Y, minlength=w_X.size)[x_Y]
     score_G = fixed_G + np.bincount(gpu_Y, weights=w_X[x_Y] * share_Y, minlength=fixed_G.size)
-    # per layer, the GPUs by descending score (whole tokens below 2^32: one int64 key, ties to the lower GPU)
+    # per layer, the GPUs by descending score (truncated to whole tokens, below 2^32: one int64 key, ties to the
+    # lower GPU)
     order_G = np.argsort(layer_G * 2 ** 32 - score_G.astype(np.int64), kind="stable")
     rank_G = np.empty(fixed_G.size, dtype=np.int64)
     rank_G[order_G] = np.arange(fixed_G.size)                      # position over all layers: layer * G + rank

@@ -69,7 +69,9 @@ def test_never_above_the_best_set_and_often_equal() -> None:
         fixed_LG = rng.integers(0, 300, (num_layers, num_gpus))
         got, cheap = call(arcs, w, fixed_LG), call(arcs, w, fixed_LG, prefixes=False)
         want = brute_force_L(arcs, w, fixed_LG)
-        assert (cheap <= got).all() and (got <= want).all(), (arcs, w, fixed_LG, got, want)   # never above T*
+        # never above T* (with the prefixes, slot mode's, the experts' sets and the parts are not tried: either set
+        # of bounds may be the higher)
+        assert (got <= want).all() and (cheap <= want).all(), (arcs, w, fixed_LG, got, cheap, want)
         equal += int((got == want).sum())
         cheap_equal += int((cheap == want).sum())
         total += num_layers
