@@ -74,11 +74,8 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
     rank_G[order_G] = np.arange(fixed_G.size)                      # position over all layers: layer * G + rank
     by_rank = np.argsort(x_Y * fixed_G.size + rank_G[gpu_Y], kind="stable")   # per expert, its arcs in that order
     cap_sorted = cap_Y[by_rank]
-    x_sorted = x_Y[by_rank]
-    cum = np.cumsum(cap_sorted)
     count_X = np.bincount(x_Y, minlength=w_X.size)
-    first = (np.cumsum(count_X) - count_X)[x_sorted]
-    inside_sorted = cum - cap_sorted - (cum[first] - cap_sorted[first])   # the expert's capacity at GPUs ranked above
+    inside_sorted = sum_before_in_run(cap_sorted, (np.cumsum(count_X) - count_X)[x_Y[by_rank]])   # at GPUs ranked above
     change_R = np.bincount(rank_G[gpu_Y[by_rank]], weights=_gain(rest_Y[by_rank], inside_sorted, cap_sorted),
                            minlength=fixed_G.size)
     prefix_must_LK = np.cumsum((change_R + fixed_G[order_G]).reshape(num_layers, num_gpus), axis=1) + base_L[:, None]
@@ -104,6 +101,13 @@ def lower_bound_L(x_Y: np.ndarray, gpu_Y: np.ndarray, cap_Y: np.ndarray, w_X: np
         must_L = np.where(better_L, step_must_G[gpu_L], must_L)
         size_L = np.where(better_L, step_size_G[gpu_L], size_L)
     return np.maximum(best_L, _ceil_div(must_L, size_L))        # must and size: sums of integers, exact
+
+
+def sum_before_in_run(values_sorted: np.ndarray, first_sorted: np.ndarray) -> np.ndarray:
+    """In an order where each expert's arcs form one run: the sum of the values before each one in its run
+    (first_sorted: where each position's run starts)."""
+    before_sorted = np.cumsum(values_sorted) - values_sorted
+    return before_sorted - before_sorted[first_sorted]
 
 
 def _gain(rest: np.ndarray, inside: np.ndarray | float, step: np.ndarray) -> np.ndarray:

@@ -53,7 +53,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
-from symi_sim.live_bounds import lower_bound_L
+from symi_sim.live_bounds import lower_bound_L, sum_before_in_run
 from symi_sim.placement import Placement, slot_holdings
 from symi_sim.routing import shadow_spread_LG
 
@@ -215,8 +215,7 @@ def _direct_fill(net: _Network, base_Y: np.ndarray, w_X: np.ndarray, cap_Y: np.n
     avail_Y = np.where(left_X[net.x_Y] > 0, np.minimum(cap_Y - base_Y, room_G[net.g_Y]), 0)
     # per expert, the room of its arcs before each one (its arcs are a run in by_x order)
     avail_sorted = avail_Y[net.by_x]
-    before_sorted = np.cumsum(avail_sorted) - avail_sorted
-    before_sorted -= before_sorted[net.first_sorted]
+    before_sorted = sum_before_in_run(avail_sorted, net.first_sorted)
     add_Y = np.empty_like(avail_Y)
     add_Y[net.by_x] = np.clip(left_X[net.x_Y[net.by_x]] - before_sorted, 0, avail_sorted)
     short_X = np.bincount(net.x_Y, weights=add_Y, minlength=w_X.size) < left_X
@@ -263,20 +262,18 @@ class _Network:
     columns of every row ascend because experts come before GPUs and arcs come in (layer, GPU) order."""
 
     def __init__(self, x_Y: np.ndarray, gpu_Y: np.ndarray, layer_Y: np.ndarray, layer_X: np.ndarray, *,
-                 num_layers: int, num_gpus: int, by_x: np.ndarray | None = None) -> None:
+                 num_layers: int, num_gpus: int, by_x: np.ndarray) -> None:
+        """by_x: the arcs by expert, each expert's in GPU order (a stable argsort of x_Y)."""
         self.layer_X, self.layer_Y, self.x_Y, self.gpu_Y = layer_X, layer_Y, x_Y, gpu_Y
         self.num_layers, self.num_gpus = num_layers, num_gpus
         num_x, num_y, num_g = layer_X.size, x_Y.size, num_layers * num_gpus
         self.num_nodes = 2 + num_x + num_g
         self.g_Y = g_Y = layer_Y * num_gpus + gpu_Y       # each arc's GPU, flat over layers
-        if by_x is None:
-            by_x = np.argsort(x_Y, kind="stable")         # per expert, its arcs in GPU order
         self.by_x = by_x
-        count_X = np.bincount(x_Y, minlength=layer_X.size)
+        count_X = np.bincount(x_Y, minlength=num_x)
         self.first_sorted = (np.cumsum(count_X) - count_X)[x_Y[by_x]]   # in by_x order: where its expert's run starts
         by_g = np.argsort(g_Y * num_x + x_Y)              # per GPU, its arcs in expert order
-        row_sizes = np.concatenate([[num_x, num_g], 1 + np.bincount(x_Y, minlength=num_x),
-                                    1 + np.bincount(g_Y, minlength=num_g)])
+        row_sizes = np.concatenate([[num_x, num_g], 1 + count_X, 1 + np.bincount(g_Y, minlength=num_g)])
         self.indptr = np.concatenate([[0], np.cumsum(row_sizes)]).astype(np.int32)
         x_start_X, g_start_G = self.indptr[2:2 + num_x], self.indptr[2 + num_x:-1]
         self.pos_source_X = np.arange(num_x)
