@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow   # trains 2 gloo ranks three times
 ROOT = Path(__file__).resolve().parents[1]
 LIVE = "symi-balanced:shares=live"
 SPREAD = f"{LIVE}:repeats=spread"
+EVEN_ORACLE = "oracle (even shares)"
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,20 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_replay_rows_and_never_worse(run: Path) -> None:
     table = pd.read_csv(run / "replay.csv")
-    # mixtral on two clusters, the recorded trace on one; three settings; six policies
-    assert len(table) == 3 * 3 * 6
-    assert set(table["policy"]) == {"symi", "symi-balanced", LIVE, SPREAD, "eplb", "oracle"}
+    # mixtral on two clusters, the recorded trace on one; three settings; six policies and the even-share oracle
+    assert len(table) == 3 * 3 * 7
+    assert set(table["policy"]) == {"symi", "symi-balanced", LIVE, SPREAD, "eplb", "oracle", EVEN_ORACLE}
     keyed = table.set_index(["trace", "cluster", "setting", "policy"])
+    for (trace, cluster, setting), _ in table.groupby(["trace", "cluster", "setting"]):
+        oracle, even = (keyed.loc[(trace, cluster, setting, p)] for p in ("oracle", EVEN_ORACLE))
+        if setting == "slot":   # planned for slot buffers either way: the same plans
+            assert (even["imbalance"], even["dropped_fraction"]) == (oracle["imbalance"], oracle["dropped_fraction"])
+        else:                   # shares balanced for the GPU budgets can only help under them
+            assert even["imbalance"] >= oracle["imbalance"] - 1e-9
+    summary = json.loads((run / "summary.json").read_text())
+    drops = summary["gpu_drops"]["recorded-tiny-e16-top1 16x1x4"]
+    assert drops["oracle"] == keyed.loc[("recorded-tiny-e16-top1", "16x1x4", "gpu", "oracle"), "dropped_fraction"]
+    assert drops[EVEN_ORACLE] > drops["oracle"]
     for (trace, cluster, setting), _ in table.groupby(["trace", "cluster", "setting"]):
         base, live, spread = (keyed.loc[(trace, cluster, setting, p)] for p in ("symi-balanced", LIVE, SPREAD))
         for better, worse in ((live, base), (spread, live)):
@@ -46,7 +57,7 @@ def test_replay_rows_and_never_worse(run: Path) -> None:
             assert better["dropped_fraction"] <= worse["dropped_fraction"] + 1e-12
         if setting == "slot":   # slot capacity keeps the plan's replicas
             assert spread["imbalance"] == live["imbalance"]
-    assert json.loads((run / "summary.json").read_text())["never_worse"] is True
+    assert summary["never_worse"] is True
     assert (run / "live_shares.png").read_bytes().startswith(b"\x89PNG")
 
 

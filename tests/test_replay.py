@@ -105,3 +105,21 @@ def test_replay_plans_in_the_capacity_mode_it_scores():
     assert with_context(get_policy("static"), capacity_mode="gpu") == get_policy("static")
     assert len(steps_gpu) == len(steps_slot) == 2
     assert steps_gpu["imbalance"].sum() <= steps_slot["imbalance"].sum()
+
+
+def test_replay_can_score_plans_made_for_another_capacity_mode():
+    # the oracle plans each step on its own loads; scored under per-GPU budgets of 40 / 4 = 10 tokens
+    even, _ = replay(TRACE, CLUSTER, ["oracle"], capacity_factor=1.0, capacity_mode="gpu", plan_capacity_mode="slot")
+    balanced, _ = replay(TRACE, CLUSTER, ["oracle"], capacity_factor=1.0, capacity_mode="gpu")
+    even, balanced = even.set_index("step"), balanced.set_index("step")
+    # step 1 [30,10,0,0], planned for slot buffers: counts [5,1,1,1], GPUs [1,0] [0,0] [0,2] [0,3], even shares give
+    # expert 0's slots 6 tokens each: GPUs carry 16, 12, 6, 6 of a budget of 10, so 6 + 2 tokens drop
+    assert even.loc[1, "dropped_tokens"] == 8
+    assert even.loc[1, "imbalance"] == pytest.approx(16 / 10)
+    # step 2 [0,0,20,20]: GPUs [2,3] [2,3] [2,0] [3,1]; 20 in thirds, 7, 7, 6: GPUs 0 and 1 carry 14 each, 4 + 4 drop
+    assert even.loc[2, "dropped_tokens"] == 8
+    # planned for GPU budgets (the default: the mode it is scored in) the same replicas' shares fit every budget
+    assert balanced["dropped_tokens"].tolist() == [0, 0]
+    assert balanced["imbalance"].tolist() == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown plan capacity mode 'node'"):
+        replay(TRACE, CLUSTER, ["oracle"], capacity_mode="gpu", plan_capacity_mode="node")

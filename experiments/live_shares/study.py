@@ -9,9 +9,10 @@ target, and the executor's step time and drops on a skewed training run.
    README's 2 nodes x 4 GPUs x 2 slots; settings "slot" and "gpu" (capacity factor 1.0 in that capacity mode) and
    "dropless" (gpu mode, no capacity); the SYMI policies plan in the capacity mode they are scored in. Policies:
    symi, symi-balanced, symi-balanced:shares=live, the same with repeats=spread (gpu mode: a GPU's repeated slots
-   of one expert go to new holdings), eplb, oracle. Columns: imbalance (max / mean tokens sent per GPU, mean over
-   steps and layers), dropped fraction, and for the live rows the share of the gap between symi-balanced and the
-   oracle they close.
+   of one expert go to new holdings), eplb, oracle; and "oracle (even shares)", the oracle planned for slot buffers
+   (even shares over its replicas) and scored in the setting, the reference the planner table and issue 14 quote
+   for gpu-mode drops. Columns: imbalance (max / mean tokens sent per GPU, mean over steps and layers), dropped
+   fraction, and for the live rows the share of the gap between symi-balanced and the oracle they close.
 2. Simulated time to target (symi_sim.simulator.driver.simulate): synthetic-drift fitted to gpt-small on
    paper-a100-16 with the paper-a100-16-gpt-small calibration, capacity factor 1.0 in slot and gpu modes, static
    and the six policies above.
@@ -64,6 +65,7 @@ STUDY = "live_shares"
 LIVE = "symi-balanced:shares=live"
 SPREAD = f"{LIVE}:repeats=spread"
 POLICIES = ("symi", "symi-balanced", LIVE, SPREAD, "eplb", "oracle")
+EVEN_ORACLE = "oracle (even shares)"
 SETTINGS = {"slot": (1.0, "slot"), "gpu": (1.0, "gpu"), "dropless": (None, "gpu")}
 TRACES = ("olmoe-domains", "mixtral-domains", "synthetic-drift", "recorded-tiny-e16-top1", "recorded-tiny-e16-top2")
 QUICK_TRACES = ("mixtral-domains", "recorded-tiny-e16-top1")
@@ -85,15 +87,17 @@ def replay_rows(traces: tuple[str, ...], max_steps: int | None) -> pd.DataFrame:
             shape = f"{cluster.num_nodes}x{cluster.gpus_per_node}x{cluster.slots_per_gpu}"
             for setting, (factor, mode) in SETTINGS.items():
                 _, summary = replay(trace, cluster, list(POLICIES), capacity_factor=factor, capacity_mode=mode)
-                by = summary.set_index("policy")
-                for policy in POLICIES:
+                _, even = replay(trace, cluster, ["oracle"], capacity_factor=factor, capacity_mode=mode,
+                                 plan_capacity_mode="slot")
+                by = pd.concat([summary, even.assign(policy=EVEN_ORACLE)]).set_index("policy")
+                for policy in (*POLICIES, EVEN_ORACLE):
                     rows.append({"trace": name, "cluster": shape, "setting": setting, "policy": policy,
                                  "imbalance": float(by.loc[policy, "imbalance"]),
                                  "dropped_fraction": float(by.loc[policy, "dropped_fraction"])})
                 base, oracle = (float(by.loc[p, "imbalance"]) for p in ("symi-balanced", "oracle"))
                 gap = base - oracle
                 for live in (LIVE, SPREAD):
-                    rows[-len(POLICIES) + POLICIES.index(live)]["gap_closed"] = (
+                    rows[-len(POLICIES) - 1 + POLICIES.index(live)]["gap_closed"] = (
                         (base - float(by.loc[live, "imbalance"])) / gap if gap > 1e-9 else None)
             say(f"replayed {name} on {shape}")
     return pd.DataFrame(rows, columns=list(REPLAY_COLUMNS))
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> Path:
         summary = {"study": STUDY, "quick": args.quick, "policies": list(POLICIES),
                    "gap_closed_min": float(live["gap_closed"].dropna().min()) if live["gap_closed"].notna().any()
                    else None,
-                   "never_worse": bool(_never_worse(table)), "wall_s": round(time.perf_counter() - t0, 1)}
+                   "never_worse": bool(_never_worse(table)), "gpu_drops": _gpu_drops(table),
+                   "wall_s": round(time.perf_counter() - t0, 1)}
         write_json(tmp / "summary.json", summary)
     say_table(table, REPLAY_COLUMNS[:-1], ".4f")
     say_table(simulated, list(simulated.columns), ".4f")
@@ -220,6 +225,13 @@ def main(argv: list[str] | None = None) -> Path:
                   ".4f")
     say(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def _gpu_drops(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Dropped fraction in gpu mode at factor 1.0 of the live rows and both oracles, per "trace cluster"."""
+    gpu = table[(table["setting"] == "gpu") & table["policy"].isin([LIVE, SPREAD, "oracle", EVEN_ORACLE])]
+    return {f"{trace} {cluster}": dict(zip(group["policy"], group["dropped_fraction"].astype(float), strict=True))
+            for (trace, cluster), group in gpu.groupby(["trace", "cluster"], sort=False)}
 
 
 def _never_worse(table: pd.DataFrame) -> bool:

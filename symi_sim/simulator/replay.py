@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from symi_sim.checks import check_positive_int
+from symi_sim.checks import check_choice, check_positive_int
 from symi_sim.cluster import Cluster
 from symi_sim.figures.registry import save_figure
 from symi_sim.outputs import atomic_dir, write_json
 from symi_sim.placement import Placement
 from symi_sim.policies import Policy, get_policy, with_context
-from symi_sim.routing import check_capacity_factor, route
+from symi_sim.routing import CAPACITY_MODES, check_capacity_factor, route
 from symi_sim.traces.format import LoadTrace
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,12 @@ def plan_step(trace: LoadTrace, cluster: Cluster, policy: Policy, *, step: int, 
 
 
 def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capacity_factor: float | None = 1.0,
-           capacity_mode: str = "slot", window: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+           capacity_mode: str = "slot", window: int = 1,
+           plan_capacity_mode: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Plan every step from the ones before it and score it on its own loads.
 
+    The policies plan for the capacity mode they are scored in, unless plan_capacity_mode names another (e.g. plans
+    made for slot buffers, with even shares, scored under per-GPU budgets).
     Returns (steps, summary): one row per (policy, step) and one row per policy with mean GPU imbalance
     (max/mean tokens per GPU, averaged over layers and steps), dropped fraction at the capacity factor,
     plan time median/p99 (ms, over the steps that replanned) and replica moves per step, beside the trace's experts
@@ -104,7 +107,9 @@ def replay(trace: LoadTrace, cluster: Cluster, policies: Sequence[str], *, capac
     cluster.check_experts(trace.num_experts)
     check_replayable(trace.num_steps, "plan --replay")
     check_capacity_factor(capacity_factor)
-    resolved = [with_context(get_policy(name), capacity_mode=capacity_mode, capacity_factor=capacity_factor)
+    plan_mode = capacity_mode if plan_capacity_mode is None else check_choice(plan_capacity_mode,
+                                                                              "plan capacity mode", CAPACITY_MODES)
+    resolved = [with_context(get_policy(name), capacity_mode=plan_mode, capacity_factor=capacity_factor)
                 for name in policies]
     rows = []
     for name, policy in zip(policies, resolved, strict=True):
