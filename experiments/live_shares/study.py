@@ -90,15 +90,16 @@ def replay_rows(traces: tuple[str, ...], max_steps: int | None) -> pd.DataFrame:
                 _, even = replay(trace, cluster, ["oracle"], capacity_factor=factor, capacity_mode=mode,
                                  plan_capacity_mode="slot")
                 by = pd.concat([summary, even.assign(policy=EVEN_ORACLE)]).set_index("policy")
-                for policy in (*POLICIES, EVEN_ORACLE):
-                    rows.append({"trace": name, "cluster": shape, "setting": setting, "policy": policy,
-                                 "imbalance": float(by.loc[policy, "imbalance"]),
-                                 "dropped_fraction": float(by.loc[policy, "dropped_fraction"])})
-                base, oracle = (float(by.loc[p, "imbalance"]) for p in ("symi-balanced", "oracle"))
+                setting_rows = {policy: {"trace": name, "cluster": shape, "setting": setting, "policy": policy,
+                                         "imbalance": float(by.loc[policy, "imbalance"]),
+                                         "dropped_fraction": float(by.loc[policy, "dropped_fraction"])}
+                                for policy in (*POLICIES, EVEN_ORACLE)}
+                base, oracle = (setting_rows[p]["imbalance"] for p in ("symi-balanced", "oracle"))
                 gap = base - oracle
                 for live in (LIVE, SPREAD):
-                    rows[-len(POLICIES) - 1 + POLICIES.index(live)]["gap_closed"] = (
-                        (base - float(by.loc[live, "imbalance"])) / gap if gap > 1e-9 else None)
+                    setting_rows[live]["gap_closed"] = (
+                        (base - setting_rows[live]["imbalance"]) / gap if gap > 1e-9 else None)
+                rows.extend(setting_rows.values())
             say(f"replayed {name} on {shape}")
     return pd.DataFrame(rows, columns=list(REPLAY_COLUMNS))
 
