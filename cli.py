@@ -362,13 +362,17 @@ def _plan_format(fmt: str | None, out: str | None) -> str:
 @click.option("--policies", default=None,
               help=f"--replay: comma-separated policies (default: all). {POLICY_NAMES_HELP}")
 @_capacity_options
+@click.option("--plan-capacity-mode", type=click.Choice(["slot", "gpu"]), default=None,
+              help="--replay: the capacity mode the policies plan for (default: --capacity-mode, the one scored); "
+                   "e.g. slot plans (even shares) scored under --capacity-mode gpu budgets.")
 @click.option("--out", "out", default=None,
               help="A single plan's file (default runs/plan-<timestamp> with the format's extension), or the --replay "
                    "run directory (default runs/plan-replay-<timestamp>).")
 @_force_option
 def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, policy: str, step: int | None,
          options: tuple[str, ...], fmt: str | None, first_moe_layer: int, replay: bool, policies: str | None,
-         capacity_factor: float | None, capacity_mode: str, out: str | None, force: bool) -> None:
+         capacity_factor: float | None, capacity_mode: str, plan_capacity_mode: str | None, out: str | None,
+         force: bool) -> None:
     """Emit a placement for one step, or replay a whole trace and compare policies."""
     from symi_sim.cluster import load_cluster
     from symi_sim.placement_formats import FORMAT_SUFFIXES, LAYER_ID_FORMATS, load_hint, write_placement
@@ -387,6 +391,7 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, pol
         check_output_path(out_dir, what="--out", is_dir=True, force=force)
     else:
         _refuse_given(ctx, ["policies"], "goes with --replay; a single plan takes one --policy")
+        _refuse_given(ctx, ["plan_capacity_mode"], "goes with --replay; a single plan is made for --capacity-mode")
         if step is None:
             raise ValueError("a single plan needs --step (or use --replay)")
         fmt = _plan_format(fmt, out)
@@ -401,10 +406,12 @@ def plan(trace_path: str, cluster_spec: str, slots: int | None, window: int, pol
     cluster.check_experts(trace.num_experts)
     if replay:
         steps, summary = replay_trace(trace, cluster, names, capacity_factor=capacity_factor,
-                                      capacity_mode=capacity_mode, window=window)
+                                      capacity_mode=capacity_mode, window=window,
+                                      plan_capacity_mode=plan_capacity_mode)
         config = {"command": "plan --replay", "trace": trace_path, "trace_model": trace.model,
                   "cluster": cluster.to_dict(), "policies": names, "capacity_factor": capacity_factor,
-                  "capacity_mode": capacity_mode, "window": window}
+                  "capacity_mode": capacity_mode, "plan_capacity_mode": plan_capacity_mode or capacity_mode,
+                  "window": window}
         write_replay(out_dir, steps, summary, config, replace=force)
         click.echo(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
         click.echo(f"wrote {out_dir}")

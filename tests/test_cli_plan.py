@@ -181,3 +181,26 @@ def test_plan_formats_bad_input(tmp_path, trace_path, cluster_path, args, messag
     assert "Error:" in result.output and message in result.output, result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.parquet", "toy.toml"]
+
+
+def test_plan_replay_scores_plans_made_for_another_capacity_mode(tmp_path, trace_path, cluster_path):
+    def oracle_drops(*extra):
+        out = tmp_path / f"run{len(extra)}"
+        result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                           "--replay", "--policies", "oracle", "--capacity-mode", "gpu", *extra,
+                                           "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "config.json").read_text())
+        return json.loads((out / "summary.json").read_text())[0]["dropped_fraction"], config["plan_capacity_mode"]
+
+    # GPU budgets of 40 / 4 = 10 tokens. Planned for them, the oracle's shares fit every step. Planned for slot
+    # buffers (even shares): layer 0 drops 8 tokens at each step (tests/test_replay.py works them out); layer 1, step
+    # 1 [0,0,0,40]: counts [1,1,1,5], GPU 0 holds two of expert 3's slots, 8 tokens each: 16, so 6 drop; step 2
+    # [10,10,10,10]: counts [2,2,2,2], every GPU two slots of 5 tokens, none drop. 8 + 6 + 8 of 160 assignments
+    assert oracle_drops() == (0.0, "gpu")
+    assert oracle_drops("--plan-capacity-mode", "slot") == (pytest.approx(22 / 160), "slot")
+    result = CliRunner().invoke(symi, ["plan", "--trace", str(trace_path), "--cluster", str(cluster_path),
+                                       "--policy", "oracle", "--step", "1", "--plan-capacity-mode", "slot",
+                                       "--out", str(tmp_path / "one.json")])
+    assert result.exit_code != 0 and "--plan-capacity-mode goes with --replay" in result.output
+    assert not (tmp_path / "one.json").exists()
