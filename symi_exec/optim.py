@@ -56,6 +56,9 @@ from symi_exec.comm import Comm, ExchangeSide, Segment, SegmentTable, exchange, 
 from symi_exec.waits import wait_for_ranks
 from symi_sim.placement import Placement
 
+SQ_NORM_CHUNK = 1 << 22   # elements a gradient norm sums at once (global_sq_norm): two 32 MiB float64 temporaries,
+#                          few enough chunks that a GPU launches a handful of kernels per large gradient
+
 
 def shard_bounds(numel: int, num_shards: int, shard: int) -> tuple[int, int]:
     """[start, stop) of contiguous shard `shard` of `numel` elements split `num_shards` ways (first ones larger)."""
@@ -621,10 +624,14 @@ class ShardedExpertOptimizer(ExpertOptimizer):
 
 
 def global_sq_norm(grads: Iterable[torch.Tensor], comm: Comm) -> torch.Tensor:
-    """Sum over all ranks of this rank's squared gradient norms (float64; one all-reduce of one number)."""
+    """Sum over all ranks of this rank's squared gradient norms (float64; one all-reduce of one number).
+
+    Summed SQ_NORM_CHUNK elements at a time: the float64 copy and its square are temporaries of a chunk, not of a
+    whole gradient (which would be twice and four times its float32 bytes at the peak)."""
     sq = torch.zeros((), dtype=torch.float64, device=comm.device)
     for grad in grads:
-        sq += (grad.double() ** 2).sum()
+        for chunk in grad.reshape(-1).split(SQ_NORM_CHUNK):
+            sq += chunk.double().square().sum()
     if comm.world_size > 1:
         dist.all_reduce(sq)
     return sq

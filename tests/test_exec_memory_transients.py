@@ -8,6 +8,9 @@ Legend: L MoE layers, E experts, P parameters of one expert (flat), S slots per 
 from __future__ import annotations
 
 import gc
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +92,40 @@ def test_recovered_state_keeps_no_checkpoint_file_mapped(tmp_path: Path) -> None
         gc.collect()
         assert not rank_files & mapped_files(), rank
         assert isinstance(kept[0]["torch"], torch.Tensor) and kept[0]["torch"].numel() > 0
+
+
+def test_grad_norm_sums_in_chunks_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The squared norm over gradients longer than a chunk (float32 and float64, contiguous or not) is the exact
+    sum of squares to float64 rounding, with chunks of 5 elements as with one chunk."""
+    from symi_exec import optim
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(23, generator=gen), torch.randn(4, 6, generator=gen, dtype=torch.float64).t(),
+             torch.zeros(0), torch.randn(3, generator=gen)]
+    exact = math.fsum(float(v) ** 2 for g in grads for v in g.double().reshape(-1))
+    one = optim.global_sq_norm(grads, Comm(0, 1, torch.device("cpu")))
+    monkeypatch.setattr(optim, "SQ_NORM_CHUNK", 5)
+    chunked = optim.global_sq_norm(grads, Comm(0, 1, torch.device("cpu")))
+    assert one.dtype == chunked.dtype == torch.float64
+    assert float(one) == pytest.approx(exact, rel=1e-14)
+    assert float(chunked) == pytest.approx(exact, rel=1e-14)
+
+
+def test_grad_norm_holds_no_float64_copy_of_a_gradient(tmp_path: Path) -> None:
+    """A 64 MiB float32 gradient: its norm raises the process's peak memory by about 64 MiB (a chunk's float64 copy
+    and its square), not the 256 MiB of a whole float64 copy and its square (measured in a fresh process: the peak
+    resident set; 258 MiB before the chunks)."""
+    script = tmp_path / "peak.py"
+    script.write_text(
+        "import resource, torch\n"
+        "from symi_exec.comm import Comm\n"
+        "from symi_exec.optim import global_sq_norm\n"
+        "grad = torch.ones(1 << 24)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "sq = global_sq_norm([grad], Comm(0, 1, torch.device('cpu')))\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(float(sq), (after - before) / 1024)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert float(out[0]) == 1 << 24
+    assert float(out[1]) < 128   # MiB: a chunk and its square, 64; a whole float64 copy and its square would add 256
